@@ -1,0 +1,45 @@
+"""Shared fixtures: random checkpoints built once per session, devices, and a served engine."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from tpfleet.model.make_model import make_model
+
+HAS_CUDA = torch.cuda.is_available()
+NUM_GPUS = torch.cuda.device_count() if HAS_CUDA else 0
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+# cpu runs float32 (token-exact against transformers); cuda runs where a GPU exists.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return make_model("tiny", tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tied_model(tmp_path_factory):
+    return make_model("tiny", tmp_path_factory.mktemp("tied"), seed=1, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model):
+    """One TP=2 CPU server for the HTTP tests, in its own process, as users run it."""
+    from tpfleet.demo import start_server
+
+    proc, url = start_server(tiny_model, tp=2, extra_args=["--kv-cache-tokens", "8192"])
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0

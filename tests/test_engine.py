@@ -1,0 +1,162 @@
+"""Engine behaviour end to end on CPU: prefix cache, preemption, seeds, stop conditions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tpfleet.config import EngineConfig
+from tpfleet.engine.llm_engine import LLMEngine
+from tpfleet.engine.sequence import InvalidRequest, SamplingParams
+
+LONG = ("Each block of the cache holds the keys and values of sixteen tokens, and a table maps every "
+        "sequence to its blocks. ") * 3
+
+
+@pytest.fixture
+def engine(tiny_model):
+    e = LLMEngine(EngineConfig(model=str(tiny_model), kv_cache_tokens=4096))
+    yield e
+    e.shutdown()
+
+
+def run(engine, prompts, params):
+    seqs = [engine.add_request(p, params) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    return seqs
+
+
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def test_prefix_cache_hit_gives_identical_output(engine):
+    ids = engine.tokenizer(LONG).input_ids
+    [miss] = run(engine, [ids], GREEDY)
+    [hit] = run(engine, [ids], GREEDY)
+    assert miss.num_cached_tokens == 0
+    assert hit.num_cached_tokens >= len(ids) - engine.cfg.block_size
+    assert hit.completion_ids == miss.completion_ids
+    # A prompt that shares only a prefix reuses exactly the shared full blocks.
+    other = ids[:40] + engine.tokenizer(" something else entirely").input_ids
+    [partial] = run(engine, [other], GREEDY)
+    assert partial.num_cached_tokens == 40 // engine.cfg.block_size * engine.cfg.block_size
+
+
+def test_preemption_recomputes_to_the_same_tokens(tiny_model):
+    prompts_text = [LONG[:150], LONG[40:200], LONG[10:120], LONG[70:230]]
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    roomy = LLMEngine(EngineConfig(model=str(tiny_model), kv_cache_tokens=8192))
+    try:
+        prompts = [roomy.tokenizer(t).input_ids for t in prompts_text]
+        expected = [s.completion_ids for s in run(roomy, prompts, params)]
+    finally:
+        roomy.shutdown()
+    # Room for about two of the four sequences at full length: the scheduler must preempt.
+    tight = LLMEngine(EngineConfig(model=str(tiny_model), kv_cache_tokens=192, block_size=16,
+                                   enable_prefix_caching=False))
+    try:
+        seqs = run(tight, prompts, params)
+        assert tight.scheduler.num_preemptions > 0
+        assert [s.completion_ids for s in seqs] == expected
+        assert tight.block_manager.num_free_blocks == tight.block_manager.num_blocks
+    finally:
+        tight.shutdown()
+
+
+def test_same_seed_same_output_and_other_seed_differs(engine):
+    ids = engine.tokenizer("Once upon a time").input_ids
+    p = dict(max_new_tokens=24, temperature=1.0, top_p=0.95, ignore_eos=True)
+    [a] = run(engine, [ids], SamplingParams(seed=123, **p))
+    [b] = run(engine, [ids], SamplingParams(seed=123, **p))
+    [c] = run(engine, [ids], SamplingParams(seed=124, **p))
+    assert a.completion_ids == b.completion_ids
+    assert a.completion_ids != c.completion_ids
+
+
+def test_seeded_output_does_not_depend_on_batch_neighbours(engine):
+    ids = engine.tokenizer("Once upon a time").input_ids
+    p = SamplingParams(max_new_tokens=16, temperature=1.0, seed=5, ignore_eos=True)
+    [alone] = run(engine, [ids], p)
+    together = run(engine, [ids, engine.tokenizer("Red, orange").input_ids], p)
+    assert together[0].completion_ids == alone.completion_ids
+
+
+def test_max_new_tokens_and_finish_reason(engine):
+    [s] = run(engine, [[5, 6, 7]], SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True))
+    assert s.num_completion_tokens == 3
+    assert s.finish_reason == {"type": "length", "length": 3}
+
+
+def test_stop_token_id_ends_generation(engine):
+    [free] = run(engine, [[5, 6, 7]], GREEDY)
+    stop_at = free.completion_ids[3]
+    [s] = run(engine, [[5, 6, 7]], SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True,
+                                                     stop_token_ids=[stop_at]))
+    first = free.completion_ids.index(stop_at)
+    assert s.completion_ids == free.completion_ids[:first + 1]
+    assert s.finish_reason == {"type": "stop", "matched": stop_at}
+
+
+def test_eos_from_generation_config_stops_unless_ignored(engine, tiny_model, tmp_path):
+    [free] = run(engine, [[5, 6, 7]], GREEDY)
+    eos = free.completion_ids[2]
+    # The same checkpoint, but its generation_config names the 3rd greedy token as EOS.
+    for f in tiny_model.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "generation_config.json").unlink()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
+    e = LLMEngine(EngineConfig(model=str(tmp_path)))
+    try:
+        [stopped] = run(e, [[5, 6, 7]], SamplingParams(max_new_tokens=10, temperature=0.0))
+        [ignored] = run(e, [[5, 6, 7]], GREEDY)
+    finally:
+        e.shutdown()
+    first = free.completion_ids.index(eos)
+    assert stopped.completion_ids == free.completion_ids[:first + 1]
+    assert stopped.finish_reason == {"type": "stop", "matched": eos}
+    assert ignored.completion_ids == free.completion_ids
+
+
+def test_stop_string_truncates_text(engine):
+    [free] = run(engine, [engine.tokenizer("Hello there").input_ids], GREEDY)
+    text = free.output_text
+    stop = text[5:8]
+    assert stop and stop in text
+    [s] = run(engine, [engine.tokenizer("Hello there").input_ids],
+              SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True, stop=[stop]))
+    assert s.output_text == text[:text.index(stop)]
+    assert s.finish_reason == {"type": "stop", "matched": stop}
+
+
+def test_abort_frees_blocks(engine):
+    s = engine.add_request(engine.tokenizer(LONG).input_ids, GREEDY)
+    engine.step()
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    assert engine.abort(s.rid) is s
+    assert s.finish_reason["type"] == "abort"
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert not engine.has_work()
+
+
+@pytest.mark.parametrize("prompt,params,field", [
+    ([], GREEDY, "input_ids"),
+    ([1, 2, 100000], GREEDY, "input_ids"),
+    ([1, -1], GREEDY, "input_ids"),
+    (list(range(1, 4097)), GREEDY, "input_ids"),
+    ([1], SamplingParams(max_new_tokens=0), "sampling_params.max_new_tokens"),
+    ([1], SamplingParams(max_new_tokens=10**9), "sampling_params.max_new_tokens"),
+    ([1], SamplingParams(temperature=-0.5), "sampling_params.temperature"),
+    ([1], SamplingParams(top_p=1.5), "sampling_params.top_p"),
+    ([1], SamplingParams(top_k=0), "sampling_params.top_k"),
+    ([1], SamplingParams(min_p=2.0), "sampling_params.min_p"),
+    ([1], SamplingParams(seed=-1), "sampling_params.seed"),
+    ([1], SamplingParams(stop_token_ids=[10**7]), "sampling_params.stop_token_ids"),
+    ([1], SamplingParams(stop=[""]), "sampling_params.stop"),
+])
+def test_bad_requests_name_the_field(engine, prompt, params, field):
+    with pytest.raises(InvalidRequest) as e:
+        engine.add_request(prompt, params)
+    assert e.value.field == field
+    assert not engine.has_work()

@@ -1,0 +1,128 @@
+"""The engine computes what transformers computes, on the same random Qwen3 checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import DEVICES, NUM_GPUS
+from tpfleet.config import EngineConfig
+from tpfleet.engine.llm_engine import LLMEngine
+from tpfleet.engine.sequence import SamplingParams
+
+PROMPTS = [
+    "Hello, world! How are you today?",
+    "The river flows from the mountains to the ocean, carrying stones, leaves and stories from one valley "
+    "to the next. Once upon a time there was a small village by the sea.",
+    "def add(a, b):",
+]
+
+
+def hf_model(path, device="cpu", dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    dev = next(model.parameters()).device
+    out = model.generate(torch.tensor([ids], device=dev), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def run_greedy(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[list[int]]:
+    params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+    seqs = [engine.add_request(p, params) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    return [s.completion_ids for s in seqs]
+
+
+def record_logits(engine: LLMEngine) -> list[torch.Tensor]:
+    """Keep every batch of logits the driver computes (the real forward, just observed)."""
+    seen: list[torch.Tensor] = []
+    run = engine.runner.run
+
+    def observed(inp):
+        logits = run(inp)
+        if logits is not None:
+            seen.append(logits.float().cpu())
+        return logits
+
+    engine.runner.run = observed
+    return seen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logits_match_transformers_prefill_and_decode(tiny_model, device):
+    dtype = "float32"
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), device=device, dtype=dtype))
+    try:
+        seen = record_logits(engine)
+        ids = engine.tokenizer(PROMPTS[1]).input_ids
+        [gen] = run_greedy(engine, [ids], 6)
+    finally:
+        engine.shutdown()
+    ref = hf_model(tiny_model, device)
+    with torch.no_grad():
+        full = ref(torch.tensor([ids + gen], device=device)).logits[0].float().cpu()
+    ours = torch.cat(seen)  # one row per step: the prefill's last token, then each decode
+    expected = full[len(ids) - 1: len(ids) - 1 + len(gen)]
+    assert ours.shape == expected.shape
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_greedy_tokens_match_transformers_generate(tiny_model, tp):
+    # A 24-token budget splits the long prompt into chunks: chunked prefill is on the path.
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), tp_size=tp, max_num_batched_tokens=24))
+    try:
+        prompts = [engine.tokenizer(p).input_ids for p in PROMPTS]
+        ours = run_greedy(engine, prompts, 16)
+    finally:
+        engine.shutdown()
+    ref = hf_model(tiny_model)
+    assert ours == [hf_greedy(ref, p, 16) for p in prompts]
+
+
+def test_tied_embeddings_match_transformers(tied_model):
+    engine = LLMEngine(EngineConfig(model=str(tied_model), tp_size=2))
+    try:
+        ids = engine.tokenizer(PROMPTS[0]).input_ids
+        [ours] = run_greedy(engine, [ids], 12)
+    finally:
+        engine.shutdown()
+    assert ours == hf_greedy(hf_model(tied_model), ids, 12)
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_stays_close_to_float32_reference(tiny_model):
+    """bf16 rounds differently from any reference, so compare logits within bf16's error, not tokens."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), device="cuda", dtype="bfloat16"))
+    try:
+        seen = record_logits(engine)
+        ids = engine.tokenizer(PROMPTS[1]).input_ids
+        [gen] = run_greedy(engine, [ids], 6)
+    finally:
+        engine.shutdown()
+    ref = hf_model(tiny_model, "cuda")
+    with torch.no_grad():
+        full = ref(torch.tensor([ids + gen], device="cuda")).logits[0].float().cpu()
+    ours = torch.cat(seen)
+    expected = full[len(ids) - 1: len(ids) - 1 + len(gen)]
+    rel = (ours - expected).norm() / expected.norm()
+    assert rel < 3e-2, f"relative error {rel:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 GPUs")
+def test_tp2_on_gpu_matches_tp1(tiny_model):
+    outs = []
+    for tp in (1, 2):
+        engine = LLMEngine(EngineConfig(model=str(tiny_model), tp_size=tp, device="cuda", dtype="float32"))
+        try:
+            prompts = [engine.tokenizer(p).input_ids for p in PROMPTS]
+            outs.append(run_greedy(engine, prompts, 12))
+        finally:
+            engine.shutdown()
+    assert outs[0] == outs[1]

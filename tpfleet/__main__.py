@@ -1,0 +1,5 @@
+import sys
+
+from tpfleet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,41 @@
+"""The attention interface: what a paged-attention kernel gets for one forward pass.
+
+A batch mixes decode tokens and prefill chunks. The runner orders it decodes first, so a kernel can
+treat `[:num_decodes]` as one query per sequence and the rest as variable-length chunks.
+Key/value for the new tokens are written at `slot_mapping` (slot = block id * block_size + offset);
+each sequence then attends to the `context_lens[i]` tokens its `block_tables[i]` points to.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64, device
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, device; padding entries are 0
+    context_lens: torch.Tensor  # [num_seqs] int32, device: tokens in the cache after this step
+    query_lens: list[int]  # host: new tokens per sequence
+    context_lens_host: list[int]
+    num_decodes: int  # the first num_decodes sequences have exactly one query token
+    block_size: int
+
+
+class AttentionBackend(ABC):
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim];
+        caches: [num_blocks, block_size, kv_heads, head_dim]. Returns [tokens, heads, head_dim]."""
+
+
+def get_backend(name: str) -> AttentionBackend:
+    if name == "torch":
+        from tpfleet.attention.torch_ref import TorchReferenceBackend
+
+        return TorchReferenceBackend()
+    raise ValueError(f"unknown attention backend {name!r}; available: 'torch'")

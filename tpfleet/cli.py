@@ -1,0 +1,94 @@
+"""The `tpfleet` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Multicast (NVLS) must stay off on shared multi-GPU hosts; children inherit these.
+for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_k, _v)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face Qwen3 checkpoint directory")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1, 2, 4 or 8)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device-ids", default="", help="comma-separated local CUDA indices, one per rank")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens")
+    p.add_argument("--mem-fraction-static", type=float, default=0.85)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="per-step budget = prefill chunk")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--disable-prefix-caching", action="store_true")
+
+
+def engine_config(a: argparse.Namespace):
+    from tpfleet.config import EngineConfig
+
+    return EngineConfig(
+        model=a.model, tp_size=a.tp, device=a.device,
+        device_ids=[int(x) for x in a.device_ids.split(",") if x.strip()], dtype=a.dtype,
+        context_length=a.context_length, kv_cache_tokens=a.kv_cache_tokens,
+        mem_fraction_static=a.mem_fraction_static, max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
+        enable_prefix_caching=not a.disable_prefix_caching,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tpfleet", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    mm = sub.add_parser("make-model", help="write a random Qwen3 checkpoint (no network)")
+    mm.add_argument("--preset", default="tiny", choices=["tiny", "small", "8b-shape"])
+    mm.add_argument("--out", required=True)
+    mm.add_argument("--seed", type=int, default=0)
+    mm.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is faster)")
+
+    sv = sub.add_parser("serve", help="serve one TP engine over HTTP")
+    _engine_args(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=0, help="0: the kernel picks a free port (printed when ready)")
+    sv.add_argument("--served-model-name", default=None)
+
+    dm = sub.add_parser("demo", help="build the tiny model, serve it with TP=2 on CPU, send requests, stop")
+    dm.add_argument("--tp", type=int, default=2)
+    dm.add_argument("--workdir", default=None, help="where to build the model (default: a fresh temp dir)")
+
+    bd = sub.add_parser("bench-decode", help="smoke benchmark: decode tokens/s at given batch sizes")
+    _engine_args(bd)
+    bd.add_argument("--batch-sizes", default="1,64")
+    bd.add_argument("--input-len", type=int, default=128)
+    bd.add_argument("--output-len", type=int, default=128)
+    bd.add_argument("--json", default=None, help="also write the results here")
+
+    a = parser.parse_args(argv)
+    if a.cmd == "make-model":
+        from tpfleet.model.make_model import make_model
+
+        out = make_model(a.preset, a.out, a.seed, a.device)
+        print(f"wrote {a.preset} Qwen3 checkpoint to {out}")
+    elif a.cmd == "serve":
+        from tpfleet.server.launch import serve
+
+        try:
+            serve(engine_config(a), a.host, a.port, a.served_model_name)
+        except KeyboardInterrupt:
+            pass
+    elif a.cmd == "demo":
+        from tpfleet.demo import run_demo
+
+        return run_demo(a.tp, a.workdir)
+    elif a.cmd == "bench-decode":
+        from tpfleet.bench_decode import bench_decode
+
+        bench_decode(engine_config(a), [int(b) for b in a.batch_sizes.split(",")], a.input_len, a.output_len, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

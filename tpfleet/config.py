@@ -1,0 +1,41 @@
+"""Engine settings shared by every rank (they travel to worker processes as one picklable object)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    tp_size: int = 1
+    device: str = "cpu"  # "cpu" or "cuda"
+    device_ids: list[int] = field(default_factory=list)  # local CUDA indices, one per rank; default 0..tp-1
+    dtype: str = "auto"  # "auto" takes the checkpoint's dtype
+    context_length: int | None = None  # default: the model's max_position_embeddings
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # per-step token budget, hence also the prefill chunk size
+    kv_cache_tokens: int | None = None  # KV pool size; default: 65536 on CPU, mem_fraction_static on GPU
+    mem_fraction_static: float = 0.85  # share of GPU memory for weights plus KV cache
+    enable_prefix_caching: bool = True
+    attention_backend: str = "torch"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tp_size not in (1, 2, 4, 8):
+            raise ValueError(f"tp_size must be 1, 2, 4 or 8, got {self.tp_size}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device_ids and len(self.device_ids) != self.tp_size:
+            raise ValueError(f"device_ids has {len(self.device_ids)} entries for tp_size {self.tp_size}")
+        if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+
+    def rank_device(self, rank: int) -> str:
+        if self.device == "cpu":
+            return "cpu"
+        return f"cuda:{self.device_ids[rank] if self.device_ids else rank}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)

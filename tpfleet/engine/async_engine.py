@@ -1,0 +1,208 @@
+"""Runs `LLMEngine.step()` on one thread and streams results to asyncio callers.
+
+Every mutation of engine state happens on the engine thread: callers post closures to an inbox,
+so the scheduler needs no locks. Outputs travel back with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from tpfleet.engine.llm_engine import LLMEngine
+from tpfleet.engine.sequence import InvalidRequest, SamplingParams, Sequence
+from tpfleet.server.metrics import Metrics
+
+log = logging.getLogger("tpfleet.engine")
+
+
+@dataclass
+class RequestOutput:
+    rid: str
+    output_ids: list[int]  # all generated so far
+    text: str  # all text so far
+    delta: str  # text new in this output
+    finished: bool
+    finish_reason: dict | None
+    prompt_tokens: int
+    cached_tokens: int
+    e2e_latency: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.output_ids)
+
+
+class EngineDead(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None):
+        self.engine = engine
+        self.metrics = metrics or Metrics()
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._last_token_time: dict[str, float] = {}
+        self._running = True
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="tpfleet-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    # --- engine thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while self._running:
+                while True:
+                    try:
+                        self._inbox.get_nowait()()
+                    except queue.Empty:
+                        break
+                if self.engine.has_work():
+                    t0 = time.perf_counter()
+                    outputs = self.engine.step()
+                    self._publish(outputs, t0)
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+        except Exception:
+            self.error = traceback.format_exc()
+            log.critical("engine loop failed; failing every request:\n%s", self.error)
+            for rid, (loop, q) in list(self._streams.items()):
+                loop.call_soon_threadsafe(q.put_nowait, EngineDead(self.error.splitlines()[-1]))
+            self._streams.clear()
+
+    def _publish(self, outputs, t0: float) -> None:
+        now = time.perf_counter()
+        m = self.metrics
+        sched = self.engine.scheduler
+        m.running.set(len(sched.running))
+        m.queued.set(len(sched.waiting))
+        m.kv_usage.set(self.engine.block_manager.usage)
+        m.preemptions.set(sched.num_preemptions)
+        for out in outputs:
+            seq: Sequence = out.seq
+            m.generation_tokens.inc()
+            last = self._last_token_time.get(seq.rid)
+            if last is None:
+                seq.first_token_time = now
+                m.ttft.observe(now - seq.arrival_time)
+                m.prompt_tokens.inc(seq.num_prompt_tokens)
+                m.cached_tokens.inc(seq.num_cached_tokens)
+            else:
+                m.tpot.observe(now - last)
+            self._last_token_time[seq.rid] = now
+            if seq.is_finished:
+                self._last_token_time.pop(seq.rid, None)
+                m.requests.labels(seq.finish_reason["type"]).inc()
+                m.e2e.observe(now - seq.arrival_time)
+            target = self._streams.get(seq.rid)
+            if target is None:
+                continue
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, self._output(seq, out.new_text, now))
+            if seq.is_finished:
+                del self._streams[seq.rid]
+
+    @staticmethod
+    def _output(seq: Sequence, delta: str, now: float) -> RequestOutput:
+        return RequestOutput(seq.rid, seq.completion_ids, seq.output_text, delta, seq.is_finished,
+                             seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens,
+                             now - seq.arrival_time)
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        self._inbox.put(fn)
+        self._wake.set()
+
+    # --- caller side --------------------------------------------------------------------------
+
+    async def run_on_engine(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on the engine thread, between steps, and return its result."""
+        if not self.alive:
+            raise EngineDead(self.error or "engine stopped")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def job():
+            try:
+                result = fn()
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+
+        self._post(job)
+        return await fut
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
+                 field: str = "input_ids") -> AsyncIterator[RequestOutput]:
+        """Validate now (raising InvalidRequest), then return a stream with an output per new token;
+        the last has finished=True. A caller that stops reading early aborts the request."""
+        if not self.alive:
+            raise EngineDead(self.error or "engine stopped")
+        self.engine.validate(prompt_ids, params, field)
+        rid = rid or uuid.uuid4().hex
+        if rid in self._streams:
+            raise InvalidRequest("rid", f"request id {rid!r} is already in use")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = (loop, q)
+
+        def add():
+            try:
+                self.engine.add_request(prompt_ids, params, rid)
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                self._streams.pop(rid, None)
+                loop.call_soon_threadsafe(q.put_nowait, e)
+
+        self._post(add)
+        return self._stream(rid, q)
+
+    async def _stream(self, rid: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, rid: str) -> None:
+        self._post(lambda: self._abort_now(rid))
+
+    def abort_all(self) -> None:
+        self._post(lambda: [self._abort_now(rid) for rid in list(self.engine.seqs)])
+
+    def _abort_now(self, rid: str) -> None:
+        """On the engine thread: free the request, and tell its caller if it is still listening."""
+        self._last_token_time.pop(rid, None)
+        seq = self.engine.abort(rid)
+        if seq is None:
+            return
+        self.metrics.requests.labels("abort").inc()
+        target = self._streams.pop(rid, None)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, self._output(seq, "", time.perf_counter()))
+
+    def shutdown(self) -> None:
+        self._running = False
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.engine.shutdown()

@@ -1,0 +1,117 @@
+"""Paged KV-cache bookkeeping with prefix caching.
+
+The cache is a pool of fixed-size blocks. A sequence's `block_table` lists the blocks that hold
+its tokens in order. Every full block is registered under a hash chained over all tokens before
+it, so a later request with the same prefix reuses those blocks instead of recomputing them.
+Freed blocks keep their contents and hash until the pool hands them out again (least recently
+freed first), which is what makes the cache outlive the requests that filled it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from tpfleet.engine.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] = ()
+
+
+def chain_hash(prev: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((prev, token_ids))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}  # chain hash -> block id
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_ids)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Take every cached full block of `seq`'s leading tokens; returns the number of tokens reused.
+        The last token is always left to compute, because sampling needs its logits."""
+        assert not seq.block_table
+        if not self.enable_prefix_caching:
+            return 0
+        h = None
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = chain_hash(h, tokens)
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_ids[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        seq.num_hashed_blocks = len(seq.block_table)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * self.block_size
+        return seq.num_cached_tokens
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Make room for `num_new_tokens` more tokens of `seq`; all or nothing."""
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        if need > self.num_free_blocks:
+            return False
+        for _ in range(need):
+            block_id, _ = self.free_ids.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.token_ids, block.ref_count = None, (), 1
+            seq.block_table.append(block_id)
+        return True
+
+    def commit_full_blocks(self, seq: Sequence) -> None:
+        """Register blocks that became full of computed tokens, so later requests can share them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):
+            prev = self.blocks[seq.block_table[i - 1]].hash if i else None
+            block = self.blocks[seq.block_table[i]]
+            block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            block.hash = chain_hash(prev, block.token_ids)
+            self.cached.setdefault(block.hash, block.id)
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, seq.num_computed_tokens // bs)
+
+    def free(self, seq: Sequence) -> None:
+        # Tail blocks go to the front of the eviction order: a shared prefix outlives its suffixes.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_ids[block_id] = None
+        seq.block_table = []
+        seq.num_computed_tokens = seq.num_hashed_blocks = 0
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix. Only allowed while no block is in use."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        self.cached.clear()
+        for block in self.blocks:
+            block.hash, block.token_ids = None, ()
+        return True

@@ -1,0 +1,181 @@
+"""The driver: owns the scheduler and rank 0, starts ranks 1..N-1, and turns logits into text.
+
+`step()` is synchronous and single-threaded; `AsyncEngine` runs it on a thread for the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import uuid
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+
+from transformers import AutoTokenizer
+
+from tpfleet.comm.group import create_store
+from tpfleet.config import EngineConfig
+from tpfleet.engine.block_manager import BlockManager
+from tpfleet.engine.detokenizer import IncrementalDetokenizer
+from tpfleet.engine.model_runner import ModelInput, ModelRunner
+from tpfleet.engine.sampler import sample
+from tpfleet.engine.scheduler import Scheduler
+from tpfleet.engine.sequence import InvalidRequest, SamplingParams, Sequence
+from tpfleet.engine.worker import worker_main
+
+log = logging.getLogger("tpfleet.engine")
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    new_token_id: int
+    new_text: str
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        self._stopping = False
+        self.workers: list[tuple[mp.Process, mp.connection.Connection]] = []
+        store = create_store(cfg.tp_size) if cfg.tp_size > 1 else None
+        ctx = mp.get_context("spawn")
+        for rank in range(1, cfg.tp_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(cfg, rank, store.port, child),
+                               name=f"tpfleet-rank{rank}", daemon=True)
+            proc.start()
+            child.close()
+            self.workers.append((proc, parent))
+        if self.workers:
+            threading.Thread(target=self._watch_workers, name="tpfleet-watchdog", daemon=True).start()
+
+        self.runner = ModelRunner(cfg, 0, store.port if store else 0, store)
+        for rank, (proc, conn) in enumerate(self.workers, start=1):
+            status, info = conn.recv()
+            if status != "ready":
+                raise RuntimeError(f"rank {rank} failed to start:\n{info}")
+        self.model_config = self.runner.model_config
+        self.context_length = min(cfg.context_length or self.model_config.max_position_embeddings,
+                                  self.model_config.max_position_embeddings)
+        self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.max_seq_len = min(self.context_length, self.runner.num_blocks * cfg.block_size)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.detoks: dict[str, IncrementalDetokenizer] = {}
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams, field: str = "input_ids") -> None:
+        """Raise InvalidRequest naming the field at fault. Reads only constants: safe from any thread."""
+        vocab = self.model_config.vocab_size
+        if not prompt_ids:
+            raise InvalidRequest(field, "the prompt is empty")
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(field, f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise InvalidRequest(field, f"the prompt has {len(prompt_ids)} tokens; the context holds at most "
+                                        f"{self.max_seq_len} including at least one generated token")
+        params.verify(vocab)
+        if params.max_new_tokens > self.context_length:
+            raise InvalidRequest("sampling_params.max_new_tokens",
+                                 f"{params.max_new_tokens} exceeds the context length {self.context_length}")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None) -> Sequence:
+        self.validate(prompt_ids, params)
+        rid = rid or uuid.uuid4().hex
+        if rid in self.seqs:
+            raise InvalidRequest("rid", f"request id {rid!r} is already in use")
+        seq = Sequence(rid, prompt_ids, params, self.model_config.eos_token_ids, self.max_seq_len,
+                       self.runner.device)
+        self.seqs[rid] = seq
+        self.detoks[rid] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, rid: str) -> Sequence | None:
+        seq = self.seqs.pop(rid, None)
+        if seq is not None:
+            self.detoks.pop(rid)
+            self.scheduler.finish(seq, {"type": "abort", "message": "aborted"})
+        return seq
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def flush_cache(self) -> bool:
+        return self.block_manager.reset_prefix_cache()
+
+    # --- one engine step ------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        inp = ModelInput.build(batch, self.cfg.block_size)
+        for _, conn in self.workers:
+            conn.send(("run", (inp,)))
+        logits = self.runner.run(inp)
+        sampled = [s for s in batch if s.samples]
+        token_ids = sample(logits, [s.seq for s in sampled]) if sampled else []
+        for s in batch:
+            s.seq.num_computed_tokens += s.num_tokens
+            self.block_manager.commit_full_blocks(s.seq)
+        return [self._append_token(s.seq, t) for s, t in zip(sampled, token_ids)]
+
+    def _append_token(self, seq: Sequence, token_id: int) -> StepOutput:
+        seq.token_ids.append(token_id)
+        detok = self.detoks[seq.rid]
+        reason = None
+        if token_id in seq.stop_ids:
+            reason = {"type": "stop", "matched": token_id}
+        else:
+            detok.add(token_id)
+            if detok.matched_stop is not None:
+                reason = {"type": "stop", "matched": detok.matched_stop}
+            elif seq.num_completion_tokens >= seq.params.max_new_tokens or seq.num_tokens >= seq.max_len:
+                reason = {"type": "length", "length": seq.num_completion_tokens}
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self.seqs[seq.rid], self.detoks[seq.rid]
+        new_text = detok.take(final=reason is not None)
+        seq.output_text += new_text
+        return StepOutput(seq, token_id, new_text)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def _watch_workers(self) -> None:
+        """A dead rank would leave the others blocked in a collective forever: end the engine at once."""
+        sentinels = {proc.sentinel: (rank, proc) for rank, (proc, _) in enumerate(self.workers, start=1)}
+        ready = wait(list(sentinels))
+        if self._stopping:
+            return
+        rank, proc = sentinels[ready[0]]
+        code = proc.exitcode
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        log.critical("rank %d (pid %d) died with %s; stopping the engine", rank, proc.pid, how)
+        for p, _ in self.workers:
+            if p.is_alive():
+                p.kill()
+        os._exit(70)
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        for proc, conn in self.workers:
+            try:
+                conn.send(("exit", ()))
+            except (BrokenPipeError, OSError):
+                pass
+        self.runner.shutdown()
+        for proc, conn in self.workers:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            conn.close()
+        self.workers = []

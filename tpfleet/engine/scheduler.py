@@ -1,0 +1,98 @@
+"""Continuous batching with chunked prefill and preemption by recomputation.
+
+Each step has a token budget. Running sequences are served first, oldest first: one token for a
+decode, or the next chunk of an unfinished prefill. New requests are then admitted from the
+waiting queue while budget, sequence slots and KV blocks last; a long prompt is split into
+chunks across steps so it never stalls the decodes behind it. When KV blocks run out, the newest
+running sequence is preempted: its blocks are freed and it goes back to the front of the queue,
+to be recomputed (cheaply, often from the prefix cache) once memory is available.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from tpfleet.engine.block_manager import BlockManager
+from tpfleet.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # new tokens computed this step
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the sequence, so its last logits are sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.bm.allocate_slots(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                batch.append(ScheduledSeq(seq, n))
+                budget -= n
+                i += 1
+
+        # After a preemption the pool is short: admitting new work would only thrash.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            self.bm.match_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.bm.allocate_slots(seq, n):
+                self.bm.free(seq)  # hold nothing while waiting
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.append(ScheduledSeq(seq, n))
+            budget -= n
+
+        batch.sort(key=lambda s: s.num_tokens != 1)  # single-token queries first: see AttentionMetadata
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: dict) -> None:
+        """End `seq` (done, or aborted) wherever it is, and return its blocks to the pool."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.bm.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,45 @@
+"""Ranks 1..N-1: each runs in its own process and executes what the driver sends over a pipe.
+
+A pipe is anonymous, so nothing here has a name that another engine could collide with. The
+worker dies with its parent (PR_SET_PDEATHSIG), ignores Ctrl-C (the driver decides when to stop),
+and exits when the pipe closes, so it can never outlive the engine that started it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import sys
+import traceback
+from multiprocessing.connection import Connection
+
+from tpfleet.config import EngineConfig
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def worker_main(cfg: EngineConfig, rank: int, store_port: int, conn: Connection) -> None:
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from tpfleet.engine.model_runner import ModelRunner
+
+    try:
+        runner = ModelRunner(cfg, rank, store_port)
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+    conn.send(("ready", runner.num_blocks))
+    while True:
+        try:
+            method, args = conn.recv()
+        except EOFError:
+            break
+        if method == "exit":
+            break
+        getattr(runner, method)(*args)
+    runner.shutdown()

@@ -1,0 +1,163 @@
+"""The HTTP API: SGLang-compatible native endpoints plus the OpenAI routes from openai_api.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from tpfleet import __version__
+from tpfleet.engine.async_engine import AsyncEngine, EngineDead, RequestOutput
+from tpfleet.engine.sequence import InvalidRequest, SamplingParams
+from tpfleet.server.http_utils import (
+    JSONBodyMiddleware,
+    error_response,
+    last_output,
+    merge,
+    sse,
+    unless_disconnected,
+    validation_error_response,
+)
+from tpfleet.server.openai_api import openai_router
+from tpfleet.server.protocol import AbortRequest, GenerateRequest
+
+
+def meta_info(out: RequestOutput) -> dict:
+    return {
+        "id": out.rid,
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
+        "cached_tokens": out.cached_tokens,
+        "finish_reason": out.finish_reason,
+        "e2e_latency": round(out.e2e_latency, 6),
+    }
+
+
+def create_app(aengine: AsyncEngine, server_args: dict) -> FastAPI:
+    """The app owns the engine: its shutdown stops every rank, whatever stopped the server."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(aengine.shutdown)
+
+    app = FastAPI(title="tpfleet", version=__version__, lifespan=lifespan)
+    app.state.aengine = aengine
+    app.state.served_model_name = server_args.get("served_model_name") or server_args["model"]
+    engine = aengine.engine
+    tokenizer = engine.tokenizer
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(request: Request, exc: RequestValidationError):
+        return validation_error_response(exc)
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid(request: Request, exc: InvalidRequest):
+        return error_response(400, str(exc), exc.field)
+
+    @app.exception_handler(EngineDead)
+    async def _dead(request: Request, exc: EngineDead):
+        return error_response(503, f"engine is not running: {exc}")
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200 if aengine.alive else 503)
+
+    @app.get("/health_generate")
+    async def health_generate():
+        params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+        try:
+            stream = aengine.generate([0], params, rid=f"health-{time.monotonic_ns()}")
+            await asyncio.wait_for(last_output(stream), timeout=30)
+        except (EngineDead, asyncio.TimeoutError) as e:
+            return error_response(503, f"generation failed: {e!r}")
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def get_model_info():
+        mc = engine.model_config
+        return {"model_path": server_args["model"], "tokenizer_path": server_args["model"], "is_generation": True,
+                "max_context_length": engine.context_length, "vocab_size": mc.vocab_size,
+                "served_model_name": app.state.served_model_name}
+
+    @app.get("/get_server_info")
+    async def get_server_info():
+        sched = engine.scheduler
+        return {**server_args, "version": __version__, "num_running_reqs": len(sched.running),
+                "num_waiting_reqs": len(sched.waiting), "kv_cache_usage": engine.block_manager.usage,
+                "num_kv_blocks": engine.block_manager.num_blocks, "max_total_num_tokens":
+                engine.block_manager.num_blocks * engine.cfg.block_size, "num_preemptions": sched.num_preemptions,
+                "engine_alive": aengine.alive}
+
+    @app.post("/flush_cache")
+    async def flush_cache():
+        if await aengine.run_on_engine(engine.flush_cache):
+            return PlainTextResponse("Cache flushed.\n")
+        return error_response(400, "cannot flush the cache while requests are running")
+
+    @app.post("/abort_request")
+    async def abort_request(req: AbortRequest):
+        if req.abort_all:
+            aengine.abort_all()
+        elif req.rid:
+            aengine.abort(req.rid)
+        else:
+            raise InvalidRequest("rid", "give a request id, or abort_all: true")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(aengine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/generate")
+    async def generate(req: GenerateRequest, request: Request):
+        prompts, field, batched = _prompts(req, tokenizer)
+        params = _per_prompt(req.sampling_params, len(prompts), "sampling_params")
+        rids = _per_prompt(req.rid, len(prompts), "rid") if req.rid is not None else [None] * len(prompts)
+        if req.rid is not None and len(set(rids)) != len(rids):
+            raise InvalidRequest("rid", "request ids in one batch must be distinct")
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            engine.validate(ids, p.to_params(), f"{field}[{i}]" if batched else field)
+        streams = [aengine.generate(ids, p.to_params(), rid) for ids, p, rid in zip(prompts, params, rids)]
+
+        if req.stream:
+            async def events():
+                async for i, out in merge(streams):
+                    chunk = {"text": out.text, "output_ids": out.output_ids, "meta_info": meta_info(out)}
+                    yield sse({**chunk, "index": i} if batched else chunk)
+                yield sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        outs = await unless_disconnected(request, asyncio.gather(*(last_output(s) for s in streams)))
+        results = [{"text": o.text, "output_ids": o.output_ids, "meta_info": meta_info(o)} for o in outs]
+        return JSONResponse(results if batched else results[0])
+
+    app.include_router(openai_router())
+    app.add_middleware(JSONBodyMiddleware)
+    return app
+
+
+def _prompts(req: GenerateRequest, tokenizer) -> tuple[list[list[int]], str, bool]:
+    if (req.text is None) == (req.input_ids is None):
+        raise InvalidRequest("text", "give exactly one of text and input_ids")
+    if req.text is not None:
+        batched = isinstance(req.text, list)
+        texts = req.text if batched else [req.text]
+        if batched and not texts:
+            raise InvalidRequest("text", "the batch is empty")
+        return [tokenizer(t).input_ids for t in texts], "text", batched
+    batched = bool(req.input_ids) and isinstance(req.input_ids[0], list)
+    return (req.input_ids if batched else [req.input_ids]), "input_ids", batched
+
+
+def _per_prompt(value, n: int, field: str) -> list:
+    if isinstance(value, list):
+        if len(value) != n:
+            raise InvalidRequest(field, f"has {len(value)} entries for {n} prompts")
+        return value
+    return [value] * n

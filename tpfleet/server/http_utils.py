@@ -1,0 +1,105 @@
+"""Pieces both APIs share: JSON errors that name the field, SSE framing, and disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from tpfleet.engine.async_engine import RequestOutput
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status == 400 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+
+
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    """Pydantic's first complaint, as `param: message`. Union members' type tags are dropped from the path."""
+    err = exc.errors()[0]
+    if err.get("type") == "json_invalid":
+        return error_response(400, f"malformed JSON body: {err.get('msg')}", "body")
+    parts = [str(p) for p in err.get("loc", ()) if p != "body"]
+    path = []
+    for p in parts:
+        if p.isdigit():
+            path.append(f"[{p}]")
+        elif p[:1].isupper() or p in ("str", "int", "float", "bool", "list[int]", "list[str]", "list[list[int]]"):
+            continue
+        else:
+            path.append(("." if path else "") + p)
+    param = "".join(path) or "body"
+    return error_response(400, f"{param}: {err.get('msg')}", param)
+
+
+class JSONBodyMiddleware:
+    """Treat every POST body as JSON, as SGLang does: `curl -d '{...}'` sends a form content type."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several request streams as outputs arrive, tagging each with its batch index."""
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, it: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in it:
+                await q.put((i, out))
+        except Exception as e:  # noqa: BLE001 - re-raised in the consumer
+            await q.put(e)
+        finally:
+            await q.put(done)
+
+    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await q.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def last_output(it: AsyncIterator[RequestOutput]) -> RequestOutput:
+    out = None
+    async for out in it:
+        pass
+    return out
+
+
+async def unless_disconnected(request: Request, work: Awaitable):
+    """Await `work`, but cancel it (which aborts its requests) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise asyncio.CancelledError("client disconnected")

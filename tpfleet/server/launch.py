@@ -1,0 +1,68 @@
+"""Start an engine and serve it over HTTP until SIGINT or SIGTERM.
+
+The listening socket is bound before the engine starts, on the requested port or on one the kernel
+picks (port 0), and handed to uvicorn as is: no probe-then-bind race with other processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+import time
+
+import uvicorn
+
+from tpfleet.config import EngineConfig
+from tpfleet.engine.async_engine import AsyncEngine
+from tpfleet.engine.llm_engine import LLMEngine
+from tpfleet.server.app import create_app
+
+READY_PREFIX = "tpfleet ready:"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 0, served_model_name: str | None = None,
+          log_level: str = "warning") -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sock = bind_socket(host, port)
+    t0 = time.perf_counter()
+    engine = LLMEngine(cfg)
+    aengine = AsyncEngine(engine)
+    args = {**cfg.to_dict(), "host": host, "port": sock.getsockname()[1], "served_model_name": served_model_name}
+    app = create_app(aengine, args)
+    print(f"{READY_PREFIX} {url_of(sock)} (model {cfg.model}, tp {cfg.tp_size}, device {cfg.device}, "
+          f"{engine.block_manager.num_blocks * cfg.block_size} KV tokens, started in {time.perf_counter() - t0:.1f}s)",
+          flush=True)
+    # uvicorn re-raises SIGTERM once it has shut down gracefully; make that a clean exit, not a kill.
+    signal.signal(signal.SIGTERM, _interrupt)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if aengine.alive or engine.workers:
+            aengine.shutdown()  # the lifespan normally did this; here for a server that never started
+        sys.stdout.flush()
