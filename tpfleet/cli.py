@@ -24,6 +24,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="per-step budget = prefill chunk")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--disable-prefix-caching", action="store_true")
+    p.add_argument("--disable-custom-all-reduce", action="store_true", help="use NCCL / symmetric memory only")
+    p.add_argument("--disable-symm-mem", action="store_true", help="never use PyTorch symmetric memory")
 
 
 def engine_config(a: argparse.Namespace):
@@ -36,6 +38,7 @@ def engine_config(a: argparse.Namespace):
         mem_fraction_static=a.mem_fraction_static, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
         enable_prefix_caching=not a.disable_prefix_caching,
+        enable_custom_all_reduce=not a.disable_custom_all_reduce, enable_symm_mem=not a.disable_symm_mem,
     )
 
 
@@ -59,12 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     dm.add_argument("--tp", type=int, default=2)
     dm.add_argument("--workdir", default=None, help="where to build the model (default: a fresh temp dir)")
 
-    bd = sub.add_parser("bench-decode", help="smoke benchmark: decode tokens/s at given batch sizes")
+    bench = sub.add_parser("bench", help="benchmarks (GPU)").add_subparsers(dest="what", required=True)
+    bd = bench.add_parser("decode", help="smoke benchmark: decode tokens/s at given batch sizes")
     _engine_args(bd)
     bd.add_argument("--batch-sizes", default="1,64")
     bd.add_argument("--input-len", type=int, default=128)
     bd.add_argument("--output-len", type=int, default=128)
     bd.add_argument("--json", default=None, help="also write the results here")
+    ba = bench.add_parser("allreduce", help="all-reduce latency of every backend and the dispatcher")
+    ba.add_argument("--nproc", type=int, default=2, help="GPUs (one process each)")
+    ba.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ba.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
 
     a = parser.parse_args(argv)
     if a.cmd == "make-model":
@@ -83,10 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         from tpfleet.demo import run_demo
 
         return run_demo(a.tp, a.workdir)
-    elif a.cmd == "bench-decode":
+    elif a.cmd == "bench" and a.what == "decode":
         from tpfleet.bench_decode import bench_decode
 
         bench_decode(engine_config(a), [int(b) for b in a.batch_sizes.split(",")], a.input_len, a.output_len, a.json)
+    elif a.cmd == "bench" and a.what == "allreduce":
+        import torch
+
+        from tpfleet.comm.bench import bench_allreduce
+
+        bench_allreduce(a.nproc, a.out, getattr(torch, a.dtype))
     return 0
 
 

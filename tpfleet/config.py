@@ -20,6 +20,8 @@ class EngineConfig:
     mem_fraction_static: float = 0.85  # share of GPU memory for weights plus KV cache
     enable_prefix_caching: bool = True
     attention_backend: str = "torch"
+    enable_custom_all_reduce: bool = True
+    enable_symm_mem: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -8,27 +8,45 @@ start-up arguments. The same group object is later the place where faster all-re
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from tpfleet.comm.communicator import Communicator
+
 
 class TPGroup:
-    def __init__(self, rank: int, world_size: int, device: torch.device, pg: dist.ProcessGroup | None):
+    def __init__(self, rank: int, world_size: int, device: torch.device, pg: dist.ProcessGroup | None,
+                 comm: "Communicator | None" = None):
         self.rank = rank
         self.world_size = world_size
         self.device = device
         self.pg = pg
+        self.comm = comm  # GPU groups: custom all-reduce, symmetric memory and NCCL, picked by size
 
     @property
     def is_driver(self) -> bool:
         return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum `x` over the group, in place."""
-        if self.world_size > 1:
-            dist.all_reduce(x, group=self.pg)
+        """Sum `x` over the group. Returns the sum, which may or may not be `x` itself."""
+        if self.world_size == 1:
+            return x
+        if self.comm is not None:
+            return self.comm.all_reduce(x)
+        dist.all_reduce(x, group=self.pg)
         return x
+
+    def input_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """Where to write a tensor that will be all-reduced next (zero copy), or None for anywhere."""
+        return self.comm.input_buffer(shape, dtype) if self.comm is not None else None
+
+    def check(self) -> None:
+        """Raise if a collective timed out; cheap enough to call after every step."""
+        if self.comm is not None:
+            self.comm.check()
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
         """Concatenate every rank's `x` along the last dimension on rank 0; other ranks get None."""
@@ -44,6 +62,9 @@ class TPGroup:
             dist.barrier(group=self.pg)
 
     def destroy(self) -> None:
+        if self.comm is not None:
+            self.comm.close()
+            self.comm = None
         if self.pg is not None and dist.is_initialized():
             dist.destroy_process_group()
             self.pg = None
@@ -55,7 +76,8 @@ def create_store(world_size: int, host: str = "127.0.0.1") -> dist.TCPStore:
 
 
 def init_tp_group(rank: int, world_size: int, device: torch.device, store_host: str, store_port: int,
-                  store: dist.TCPStore | None = None) -> TPGroup:
+                  store: dist.TCPStore | None = None, dtype: torch.dtype = torch.bfloat16,
+                  enable_custom: bool = True, enable_symm_mem: bool = True) -> TPGroup:
     if world_size == 1:
         return TPGroup(0, 1, device, None)
     if store is None:
@@ -63,4 +85,10 @@ def init_tp_group(rank: int, world_size: int, device: torch.device, store_host: 
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=300), device_id=device if device.type == "cuda" else None)
-    return TPGroup(rank, world_size, device, dist.group.WORLD)
+    comm = None
+    if device.type == "cuda":
+        from tpfleet.comm.communicator import Communicator
+
+        comm = Communicator(dist.group.WORLD, device, dtype, enable_custom=enable_custom,
+                            enable_symm_mem=enable_symm_mem)
+    return TPGroup(rank, world_size, device, dist.group.WORLD, comm)

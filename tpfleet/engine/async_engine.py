@@ -53,6 +53,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._last_token_time: dict[str, float] = {}
         self._running = True
+        self._stopped = False
         self.error: str | None = None
         self._thread = threading.Thread(target=self._loop, name="tpfleet-engine", daemon=True)
         self._thread.start()
@@ -202,6 +203,10 @@ class AsyncEngine:
             loop.call_soon_threadsafe(q.put_nowait, self._output(seq, "", time.perf_counter()))
 
     def shutdown(self) -> None:
+        """Stop the loop and every rank. Safe to call more than once."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._running = False
         self._wake.set()
         self._thread.join(timeout=30)

@@ -64,9 +64,10 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.tp_size))
-        self.tp: TPGroup = init_tp_group(rank, cfg.tp_size, self.device, "127.0.0.1", store_port, store)
         self.model_config = ModelConfig.from_dir(cfg.model)
         self.dtype = self.model_config.dtype if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
+        self.tp: TPGroup = init_tp_group(rank, cfg.tp_size, self.device, "127.0.0.1", store_port, store, self.dtype,
+                                         cfg.enable_custom_all_reduce, cfg.enable_symm_mem)
         self.timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
@@ -96,6 +97,7 @@ class ModelRunner:
             n = -(-tokens // self.cfg.block_size)
         else:
             free, total = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             budget = free - (1.0 - self.cfg.mem_fraction_static) * total
             n = int(budget // self._bytes_per_block())
         if self.tp.world_size > 1:
@@ -136,9 +138,12 @@ class ModelRunner:
             block_size=self.cfg.block_size,
         )
         hidden = self.model(t(inp.input_ids), t(inp.positions), meta)
-        if not inp.logits_indices:
-            return None
-        return self.model.compute_logits(hidden[t(inp.logits_indices)])
+        logits = self.model.compute_logits(hidden[t(inp.logits_indices)]) if inp.logits_indices else None
+        self.tp.check()
+        return logits
 
     def shutdown(self) -> None:
         self.tp.destroy()
+        del self.model, self.kv_cache
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -97,7 +97,9 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.input_buffer((x.shape[0], self.weight.shape[0]), x.dtype) if x.dim() == 2 else None
+        y = F.linear(x, self.weight) if out is None else torch.matmul(x, self.weight.t(), out=out)
+        y = self.tp.all_reduce(y)
         return y + self.bias if self.bias is not None else y
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -37,11 +38,14 @@ def meta_info(out: RequestOutput) -> dict:
     }
 
 
-def create_app(aengine: AsyncEngine, server_args: dict) -> FastAPI:
-    """The app owns the engine: its shutdown stops every rank, whatever stopped the server."""
+def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The app owns the engine: its shutdown stops every rank, whatever stopped the server.
+    `on_ready` runs once the server accepts requests."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if on_ready is not None:
+            on_ready()
         yield
         await asyncio.to_thread(aengine.shutdown)
 

@@ -52,17 +52,19 @@ def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 0, served_mode
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     aengine = AsyncEngine(engine)
-    args = {**cfg.to_dict(), "host": host, "port": sock.getsockname()[1], "served_model_name": served_model_name}
-    app = create_app(aengine, args)
-    print(f"{READY_PREFIX} {url_of(sock)} (model {cfg.model}, tp {cfg.tp_size}, device {cfg.device}, "
-          f"{engine.block_manager.num_blocks * cfg.block_size} KV tokens, started in {time.perf_counter() - t0:.1f}s)",
-          flush=True)
-    # uvicorn re-raises SIGTERM once it has shut down gracefully; make that a clean exit, not a kill.
-    signal.signal(signal.SIGTERM, _interrupt)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
     try:
-        server.run(sockets=[sock])
+        args = {**cfg.to_dict(), "host": host, "port": sock.getsockname()[1],
+                "served_model_name": served_model_name}
+
+        def ready() -> None:
+            print(f"{READY_PREFIX} {url_of(sock)} (model {cfg.model}, tp {cfg.tp_size}, device {cfg.device}, "
+                  f"{engine.block_manager.num_blocks * cfg.block_size} KV tokens, "
+                  f"started in {time.perf_counter() - t0:.1f}s)", flush=True)
+
+        app = create_app(aengine, args, on_ready=ready)
+        # uvicorn re-raises SIGTERM once it has shut down gracefully; make that a clean exit, not a kill.
+        signal.signal(signal.SIGTERM, _interrupt)
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
     finally:
-        if aengine.alive or engine.workers:
-            aengine.shutdown()  # the lifespan normally did this; here for a server that never started
+        aengine.shutdown()  # idempotent: normally the app's lifespan already did it
         sys.stdout.flush()

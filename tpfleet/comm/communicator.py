@@ -1,0 +1,136 @@
+"""The GPU communicator of a TP group: every backend that works here, and the dispatcher over them.
+
+Availability is agreed by all ranks before use: if the custom kernels cannot be built or fail their
+self-test on any rank, no rank uses them (a rank calling a different backend than its peers would
+deadlock). Each fallback is logged once, with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from tpfleet.comm.backends import Backend, CustomBackend, ProcessGroupBackend, SymmMemBackend, SymmMemBuffer
+from tpfleet.comm.custom_ar import CommError, CustomAllReduce, load_library
+from tpfleet.comm.dispatch import DispatchTable, load_or_tune
+from tpfleet.devices import DeviceError
+from tpfleet.jit import JitUnavailable
+
+log = logging.getLogger("tpfleet.comm")
+
+
+class Communicator:
+    def __init__(self, pg: dist.ProcessGroup, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                 enable_custom: bool = True, enable_symm_mem: bool = True, table: DispatchTable | None = None,
+                 timeout_s: float = 30.0, symm_mem_bytes: int = 64 << 20):
+        self.pg = pg
+        self.device = device
+        self.rank, self.world = dist.get_rank(pg), dist.get_world_size(pg)
+        self.backends: dict[str, Backend] = {"nccl": ProcessGroupBackend(pg, "nccl")}
+        self.disabled: dict[str, str] = {}
+        self.custom: CustomAllReduce | None = None
+        self.symm: SymmMemBuffer | None = None
+        if enable_custom:
+            self._add_custom(timeout_s)
+        if enable_symm_mem:
+            self._add_symm_mem(symm_mem_bytes)
+        self.table = table or load_or_tune(self.backends, pg, device, dtype)
+
+    def _agree(self, ok: bool, reason: str) -> str | None:
+        """None if every rank is ok, else the first failing rank's reason."""
+        votes = [None] * self.world
+        dist.all_gather_object(votes, None if ok else f"rank {self.rank}: {reason}", group=self.pg)
+        return next((v for v in votes if v), None)
+
+    def _disable(self, name: str, reason: str) -> None:
+        self.disabled[name] = reason
+        if self.rank == 0:
+            log.warning("%s all-reduce disabled, falling back: %s", name, reason)
+
+    def _add_custom(self, timeout_s: float) -> None:
+        reason = ""
+        try:
+            load_library(self.device)
+        except (JitUnavailable, OSError) as e:
+            reason = str(e)
+        failed = self._agree(not reason, reason)
+        if failed:
+            return self._disable("custom", failed)
+        try:
+            car = CustomAllReduce(self.pg, self.device, timeout_s=timeout_s)
+        except DeviceError:
+            raise  # two ranks on one GPU is a launch bug, not something to paper over
+        except CommError as e:
+            return self._disable("custom", str(e))
+        mismatch = self._self_test(car)
+        failed = self._agree(mismatch is None, mismatch or "")
+        if failed:
+            car.close()
+            return self._disable("custom", f"self-test failed: {failed}")
+        self.custom = car
+        for two_shot in (False, True):
+            b = CustomBackend(car, two_shot)
+            self.backends[b.name] = b
+
+    def _self_test(self, car: CustomAllReduce) -> str | None:
+        """A few all-reduces of small integers, whose sums every dtype represents exactly."""
+        gen = torch.Generator(device=self.device).manual_seed(1234 + self.rank)
+        for numel, two_shot in ((4096, False), (64 * 1024, True), (4096, True)):
+            x = torch.randint(-8, 8, (numel,), generator=gen, device=self.device).to(torch.bfloat16)
+            parts = [torch.empty_like(x) for _ in range(self.world)]
+            dist.all_gather(parts, x, group=self.pg)
+            expected = torch.stack(parts).double().sum(0).to(torch.bfloat16)
+            got = car.all_reduce(x, two_shot=two_shot)
+            torch.cuda.synchronize(self.device)
+            if not torch.equal(got, expected):
+                bad = (got != expected).sum().item()
+                return f"{bad} of {numel} elements wrong ({'two' if two_shot else 'one'}-shot)"
+        return None
+
+    def _add_symm_mem(self, max_bytes: int) -> None:
+        reason = ""
+        try:
+            self.symm = SymmMemBuffer(self.pg, self.device, max_bytes)
+        except Exception as e:  # noqa: BLE001 - any failure here means: not on this machine
+            reason = f"{type(e).__name__}: {e}"
+        failed = self._agree(not reason, reason)
+        if failed:
+            self.symm = None
+            return self._disable("symm_mem", failed)
+        for two_shot in (False, True):
+            b = SymmMemBackend(self.symm, two_shot)
+            self.backends[b.name] = b
+
+    def input_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """Where a producer (a row-parallel GEMM) should write a tensor it will all-reduce next, or
+        None for anywhere. Only symmetric memory needs its input in its own buffer; the custom
+        kernels and NCCL read inputs wherever they are."""
+        if self.symm is None:
+            return None
+        numel = 1
+        for d in shape:
+            numel *= d
+        mode = "graph" if torch.cuda.is_current_stream_capturing() else "eager"
+        if self.table.pick(numel * dtype.itemsize, mode).startswith("symm_mem") \
+                and numel * dtype.itemsize <= self.symm.max_bytes:
+            return self.symm.view(shape, dtype)
+        return None
+
+    def pick(self, x: torch.Tensor) -> Backend:
+        mode = "graph" if torch.cuda.is_current_stream_capturing() else "eager"
+        b = self.backends.get(self.table.pick(x.numel() * x.element_size(), mode))
+        return b if b is not None and b.supports(x) else self.backends["nccl"]
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pick(x).all_reduce(x)
+
+    def check(self) -> None:
+        if self.custom is not None:
+            self.custom.check()
+
+    def close(self) -> None:
+        if self.custom is not None:
+            self.custom.close()
+            self.custom = None

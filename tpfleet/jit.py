@@ -1,0 +1,109 @@
+"""Just-in-time builds of tpfleet's CUDA libraries, cached on disk.
+
+A build is keyed by the source's hash, the GPU architecture, the compiler's version and the flags,
+so a cache entry is reused only when it would be rebuilt identically. Concurrent builders (the
+ranks of one engine, or several engines) serialise on a file lock and the library appears under its
+final name atomically. Every lookup is counted, so start-up can report hits, misses and the
+seconds spent compiling.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("tpfleet.jit")
+
+
+class JitUnavailable(RuntimeError):
+    """No toolchain, or the build failed: callers fall back to a path that needs no compilation."""
+
+
+def cache_root() -> Path:
+    root = os.environ.get("TPFLEET_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tpfleet"
+    return Path(root)
+
+
+@dataclass
+class JitStats:
+    hits: int = 0
+    misses: int = 0
+    compile_s: float = 0.0
+    entries: list[str] = field(default_factory=list)
+
+
+STATS = JitStats()
+
+
+def find_nvcc() -> str | None:
+    """CUDA_HOME (or CUDA_PATH) when set, and only there; otherwise PATH, then /usr/local/cuda."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        nvcc = Path(home) / "bin" / "nvcc"
+        return str(nvcc) if nvcc.is_file() else None
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.is_file() else None
+
+
+def nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    name: str
+    source: Path
+    arch: str  # e.g. "90" for sm_90
+    flags: tuple[str, ...] = ("-O3",)
+
+    def key(self, compiler_version: str) -> str:
+        h = hashlib.sha256()
+        for part in (self.source.read_bytes(), self.arch.encode(), compiler_version.encode(), " ".join(self.flags).encode()):
+            h.update(part)
+            h.update(b"\0")
+        return h.hexdigest()[:16]
+
+
+def build_library(spec: BuildSpec) -> Path:
+    """The path of the compiled shared library, building it first if no valid cache entry exists."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise JitUnavailable("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    key = spec.key(nvcc_version(nvcc))
+    entry = cache_root() / "jit" / f"{spec.name}-sm{spec.arch}-{key}"
+    lib = entry / f"{spec.name}.so"
+    STATS.entries.append(str(entry))
+    if lib.is_file():
+        STATS.hits += 1
+        return lib
+    entry.mkdir(parents=True, exist_ok=True)
+    with open(entry / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if lib.is_file():  # another process built it while we waited
+            STATS.hits += 1
+            return lib
+        STATS.misses += 1
+        t0 = time.perf_counter()
+        tmp = entry / f".{spec.name}.{os.getpid()}.so"
+        cmd = [nvcc, *spec.flags, "-shared", "-Xcompiler", "-fPIC",
+               f"-gencode=arch=compute_{spec.arch},code=sm_{spec.arch}", "-o", str(tmp), str(spec.source)]
+        log.info("compiling %s for sm_%s (cache miss: %s)", spec.name, spec.arch, entry)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise JitUnavailable(f"nvcc failed for {spec.source.name}:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, lib)
+        STATS.compile_s += time.perf_counter() - t0
+        log.info("compiled %s in %.1fs", spec.name, time.perf_counter() - t0)
+    return lib
