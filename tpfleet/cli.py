@@ -16,6 +16,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1, 2, 4 or 8)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--device-ids", default="", help="comma-separated local CUDA indices, one per rank")
+    p.add_argument("--gpu-uuids", default="", help="the UUID each rank's device must have (set by the fleet)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens")
@@ -34,6 +35,7 @@ def engine_config(a: argparse.Namespace):
     return EngineConfig(
         model=a.model, tp_size=a.tp, device=a.device,
         device_ids=[int(x) for x in a.device_ids.split(",") if x.strip()], dtype=a.dtype,
+        gpu_uuids=[x.strip() for x in a.gpu_uuids.split(",") if x.strip()],
         context_length=a.context_length, kv_cache_tokens=a.kv_cache_tokens,
         mem_fraction_static=a.mem_fraction_static, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
@@ -57,6 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=0, help="0: the kernel picks a free port (printed when ready)")
     sv.add_argument("--served-model-name", default=None)
+
+    ln = sub.add_parser("launch", help="start a fleet of engines and serve a router in front of them")
+    ln.add_argument("--model", required=True)
+    ln.add_argument("--engines", type=int, default=1)
+    ln.add_argument("--tp", type=int, default=1)
+    ln.add_argument("--gpus", default="", help="indices (of this process's visible GPUs) or UUIDs")
+    ln.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ln.add_argument("--backend", choices=["local", "ray"], default="local")
+    ln.add_argument("--max-concurrent-starts", type=int, default=1)
+    ln.add_argument("--startup-timeout", type=float, default=600.0)
+    ln.add_argument("--restart-budget", type=int, default=3)
+    ln.add_argument("--reap-stale", action="store_true", help="kill processes already holding the GPUs")
+    ln.add_argument("--log-dir", default=None)
+    ln.add_argument("--host", default="127.0.0.1", help="router address")
+    ln.add_argument("--port", type=int, default=0, help="router port (0: the kernel picks)")
+    ln.add_argument("--engine-arg", action="append", default=[], help="extra `tpfleet serve` argument (repeat)")
 
     dm = sub.add_parser("demo", help="build the tiny model, serve it with TP=2 on CPU, send requests, stop")
     dm.add_argument("--tp", type=int, default=2)
@@ -87,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
             serve(engine_config(a), a.host, a.port, a.served_model_name)
         except KeyboardInterrupt:
             pass
+    elif a.cmd == "launch":
+        from tpfleet.fleet.fleet import FleetConfig
+        from tpfleet.fleet.launch import launch
+
+        return launch(FleetConfig(
+            model=a.model, engines=a.engines, tp=a.tp, device=a.device, backend=a.backend,
+            gpus=[g for g in a.gpus.split(",") if g.strip()] or None, max_concurrent_starts=a.max_concurrent_starts,
+            startup_timeout_s=a.startup_timeout, engine_args=a.engine_arg, log_dir=a.log_dir,
+            reap_stale=a.reap_stale, restart_budget=a.restart_budget), a.host, a.port)
     elif a.cmd == "demo":
         from tpfleet.demo import run_demo
 

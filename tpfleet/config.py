@@ -11,6 +11,7 @@ class EngineConfig:
     tp_size: int = 1
     device: str = "cpu"  # "cpu" or "cuda"
     device_ids: list[int] = field(default_factory=list)  # local CUDA indices, one per rank; default 0..tp-1
+    gpu_uuids: list[str] = field(default_factory=list)  # what each rank's device must be (from the placement plan)
     dtype: str = "auto"  # "auto" takes the checkpoint's dtype
     context_length: int | None = None  # default: the model's max_position_embeddings
     block_size: int = 16
@@ -29,8 +30,9 @@ class EngineConfig:
             raise ValueError(f"tp_size must be 1, 2, 4 or 8, got {self.tp_size}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.device_ids and len(self.device_ids) != self.tp_size:
-            raise ValueError(f"device_ids has {len(self.device_ids)} entries for tp_size {self.tp_size}")
+        for name in ("device_ids", "gpu_uuids"):
+            if getattr(self, name) and len(getattr(self, name)) != self.tp_size:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for tp_size {self.tp_size}")
         if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
 

@@ -40,7 +40,11 @@ class RequestOutput:
         return len(self.output_ids)
 
 
-class EngineDead(RuntimeError):
+class EngineUnavailable(RuntimeError):
+    """The engine cannot take requests now (HTTP 503)."""
+
+
+class EngineDead(EngineUnavailable):
     pass
 
 
@@ -153,6 +157,9 @@ class AsyncEngine:
         the last has finished=True. A caller that stops reading early aborts the request."""
         if not self.alive:
             raise EngineDead(self.error or "engine stopped")
+        if self.engine.released:
+            raise EngineUnavailable(f"memory released ({sorted(self.engine.released)}): "
+                                    f"POST /resume_memory_occupation first")
         self.engine.validate(prompt_ids, params, field)
         rid = rid or uuid.uuid4().hex
         if rid in self._streams:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -25,8 +26,10 @@ from tpfleet.engine.sampler import sample
 from tpfleet.engine.scheduler import Scheduler
 from tpfleet.engine.sequence import InvalidRequest, SamplingParams, Sequence
 from tpfleet.engine.worker import worker_main
+from tpfleet.phases import report_phase
 
 log = logging.getLogger("tpfleet.engine")
+RANK_EXIT_PREFIX = "tpfleet rank-exit:"  # parsed by the fleet's diagnostics
 
 
 @dataclass
@@ -51,6 +54,7 @@ class LLMEngine:
             proc.start()
             child.close()
             self.workers.append((proc, parent))
+        report_phase("ranks_started", pids=[os.getpid()] + [p.pid for p, _ in self.workers])
         if self.workers:
             threading.Thread(target=self._watch_workers, name="tpfleet-watchdog", daemon=True).start()
 
@@ -67,6 +71,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
+        self.released: set[str] = set()  # memory given back to a colocated trainer
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -107,6 +112,42 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    # --- every rank at once: memory and weights, for colocation with a trainer -------------------
+
+    def call_all(self, method: str, *args) -> list:
+        """Run a ModelRunner method on every rank; results in rank order. A rank's failure raises."""
+        for _, conn in self.workers:
+            conn.send((method, args))
+        results = [getattr(self.runner, method)(*args)]
+        errors = []
+        for rank, (_, conn) in enumerate(self.workers, start=1):
+            status, value = conn.recv()
+            if status == "ok":
+                results.append(value)
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+        if errors:
+            raise RuntimeError(f"{method} failed on " + "\n".join(errors))
+        return results
+
+    def release_memory(self, tags: list[str]) -> list[dict]:
+        if self.scheduler.has_work():
+            raise InvalidRequest("tags", "requests are in flight: finish or abort them before releasing memory")
+        out = self.call_all("release_memory", tags)
+        self.released |= set(tags)
+        return out
+
+    def resume_memory(self, tags: list[str]) -> list[dict]:
+        out = self.call_all("resume_memory", tags)
+        self.released -= set(tags)
+        self.block_manager.reset_prefix_cache()  # the KV contents did not survive
+        return out
+
+    def update_weights(self, method: str, arg) -> list[dict]:
+        out = self.call_all(method, arg)
+        self.block_manager.reset_prefix_cache()  # cached prefixes were computed by the old weights
+        return out
 
     def flush_cache(self) -> bool:
         return self.block_manager.reset_prefix_cache()
@@ -156,8 +197,10 @@ class LLMEngine:
         if self._stopping:
             return
         rank, proc = sentinels[ready[0]]
+        proc.join(timeout=1)
         code = proc.exitcode
         how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        print(f"{RANK_EXIT_PREFIX} {json.dumps({'rank': rank, 'pid': proc.pid, 'exitcode': code})}", flush=True)
         log.critical("rank %d (pid %d) died with %s; stopping the engine", rank, proc.pid, how)
         for p, _ in self.workers:
             if p.is_alive():

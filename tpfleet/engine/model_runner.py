@@ -17,12 +17,23 @@ import torch.distributed as dist
 from tpfleet.attention.backend import AttentionMetadata, get_backend
 from tpfleet.comm.group import TPGroup, init_tp_group
 from tpfleet.config import EngineConfig
+from tpfleet.devices import DeviceError, local_uuid
 from tpfleet.engine.scheduler import ScheduledSeq
 from tpfleet.model.config import ModelConfig, parse_dtype
-from tpfleet.model.loader import load_weights
+from tpfleet.engine.weight_sync import deserialize_named_tensors
+from tpfleet.model.loader import load_named_tensors, load_weights
 from tpfleet.model.qwen3 import Qwen3ForCausalLM
+from tpfleet.phases import report_phase
 
 CPU_DEFAULT_KV_TOKENS = 65536
+
+
+def check_device(rank: int, device: torch.device, expected_uuid: str) -> None:
+    """Fail fast when the device this rank opened is not the one the placement plan assigned."""
+    actual = local_uuid(device.index)
+    if actual != expected_uuid:
+        raise DeviceError(f"rank {rank} opened {device} = {actual}, but the placement plan assigned "
+                          f"{expected_uuid} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
 
 
 @dataclass
@@ -62,6 +73,8 @@ class ModelRunner:
         self.device = torch.device(cfg.rank_device(rank))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            if cfg.gpu_uuids:
+                check_device(rank, self.device, cfg.gpu_uuids[rank])
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.tp_size))
         self.model_config = ModelConfig.from_dir(cfg.model)
@@ -79,9 +92,13 @@ class ModelRunner:
         torch.set_default_dtype(prev)
         load_weights(self.model, cfg.model, show_progress=rank == 0)
         self.timings["load_weights_s"] = time.perf_counter() - t0
+        if rank == 0:
+            report_phase("weights_loaded", seconds=round(self.timings["load_weights_s"], 2))
 
         self.num_blocks = self._agree_on_num_blocks()
         self._allocate_kv_cache()
+        if rank == 0:
+            report_phase("kv_cache_allocated", blocks=self.num_blocks, tokens=self.num_blocks * cfg.block_size)
 
     # --- KV cache -----------------------------------------------------------------------------
 
@@ -142,8 +159,52 @@ class ModelRunner:
         self.tp.check()
         return logits
 
+    # --- colocation with a trainer -------------------------------------------------------------------
+
+    def _device_free(self) -> int:
+        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+
+    def release_memory(self, tags: list[str]) -> dict:
+        """Drop the KV cache and/or move weights to host memory; report what was actually freed."""
+        free_before = self._device_free()
+        released = 0
+        if "kv_cache" in tags and self.kv_cache is not None:
+            released += self.kv_cache.numel() * self.kv_cache.element_size()
+            self.kv_cache = None
+            for layer in self.model.layers:
+                layer.self_attn.k_cache = layer.self_attn.v_cache = torch.empty(0)
+        if "weights" in tags and self.device.type == "cuda":
+            released += sum(p.numel() * p.element_size() for p in self.model.parameters())
+            self.model.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        return {"rank": self.rank, "released_tensor_bytes": released,
+                "device_freed_bytes": self._device_free() - free_before}
+
+    def resume_memory(self, tags: list[str]) -> dict:
+        free_before = self._device_free()
+        if "weights" in tags and self.device.type == "cuda":
+            self.model.to(self.device)
+        if "kv_cache" in tags and self.kv_cache is None:
+            self._allocate_kv_cache()
+        return {"rank": self.rank, "device_taken_bytes": free_before - self._device_free()}
+
+    def update_weights_from_disk(self, model_dir: str) -> dict:
+        t0 = time.perf_counter()
+        load_weights(self.model, model_dir, show_progress=False)
+        return {"rank": self.rank, "seconds": time.perf_counter() - t0}
+
+    def update_weights_from_tensor(self, payloads: list[str]) -> dict:
+        """`payloads` has one entry for all ranks, or one per rank (each made on that rank's GPU)."""
+        named = deserialize_named_tensors(payloads[self.rank if len(payloads) > 1 else 0])
+        loaded = load_named_tensors(self.model, named)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the sender may free its tensors once we answer
+        return {"rank": self.rank, "tensors": len(named), "params": len(loaded)}
+
     def shutdown(self) -> None:
         self.tp.destroy()
-        del self.model, self.kv_cache
+        self.model = self.kv_cache = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -41,5 +41,11 @@ def worker_main(cfg: EngineConfig, rank: int, store_port: int, conn: Connection)
             break
         if method == "exit":
             break
-        getattr(runner, method)(*args)
+        if method == "run":  # the hot path: no reply, the collectives keep ranks in step
+            runner.run(*args)
+            continue
+        try:
+            conn.send(("ok", getattr(runner, method)(*args)))
+        except Exception:  # noqa: BLE001 - reported to the driver, which decides
+            conn.send(("error", traceback.format_exc()))
     runner.shutdown()

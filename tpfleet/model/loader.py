@@ -22,40 +22,51 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool) -> None:
-    """Every parameter must be filled exactly once; a missing or unknown tensor is an error, not a warning."""
-    model_dir = Path(model_dir)
+def load_named_tensors(model: nn.Module, named, where: str = "update") -> set[str]:
+    """Give each checkpoint-named tensor to the parameter (and shard) it belongs to. Returns what
+    was filled, as 'param' or 'param:shard'. Full tensors go in; each rank keeps its own shard."""
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model.cfg, "tie_word_embeddings", False)
     loaded: set[str] = set()
-    files = checkpoint_files(model_dir)
-    total = sum(len(safe_open(str(f), "pt").keys()) for f in files)
-    bar = tqdm(total=total, desc="Loading weights", unit="tensor", disable=not show_progress)
+    for ckpt_name, tensor in named:
+        name = ckpt_name.removeprefix("model.")
+        if tied and name == "lm_head.weight":
+            continue
+        shard_id = None
+        for hf, (ours, sid) in model.packed_modules.items():
+            if f".{hf}." in name:
+                name, shard_id = name.replace(f".{hf}.", f".{ours}."), sid
+                break
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"{where}: tensor {ckpt_name!r} has no place in the model")
+        with torch.no_grad():
+            if shard_id is None:
+                param.weight_loader(param, tensor)
+            else:
+                param.weight_loader(param, tensor, shard_id)
+        loaded.add(name if shard_id is None else f"{name}:{shard_id}")
+    return loaded
+
+
+def _checkpoint_tensors(files: list[Path], bar):
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for ckpt_name in f.keys():
+            for name in f.keys():
                 bar.update(1)
-                name = ckpt_name.removeprefix("model.")
-                if tied and name == "lm_head.weight":
-                    continue
-                shard_id = None
-                for hf, (ours, sid) in model.packed_modules.items():
-                    if f".{hf}." in name:
-                        name, shard_id = name.replace(f".{hf}.", f".{ours}."), sid
-                        break
-                param = params.get(name)
-                if param is None:
-                    raise ValueError(f"{path.name}: tensor {ckpt_name!r} has no place in the model")
-                tensor = f.get_tensor(ckpt_name)
-                with torch.no_grad():
-                    if shard_id is None:
-                        param.weight_loader(param, tensor)
-                    else:
-                        param.weight_loader(param, tensor, shard_id)
-                loaded.add(name if shard_id is None else f"{name}:{shard_id}")
-    bar.close()
+                yield name, f.get_tensor(name)
+
+
+def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool) -> None:
+    """Every parameter must be filled; a missing or unknown tensor is an error, not a warning."""
+    model_dir = Path(model_dir)
+    files = checkpoint_files(model_dir)
+    total = sum(len(safe_open(str(f), "pt").keys()) for f in files)
+    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not show_progress) as bar:
+        loaded = load_named_tensors(model, _checkpoint_tensors(files, bar), str(model_dir))
+    tied = getattr(model.cfg, "tie_word_embeddings", False)
     expected = set()
-    for name in params:
+    for name, _ in model.named_parameters(remove_duplicate=False):
         if tied and name == "lm_head.weight":
             continue
         shards = {sid for (ours, sid) in model.packed_modules.values() if f".{ours}." in name}

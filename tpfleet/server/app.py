@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from tpfleet import __version__
-from tpfleet.engine.async_engine import AsyncEngine, EngineDead, RequestOutput
+from tpfleet.engine.async_engine import AsyncEngine, EngineUnavailable, RequestOutput
 from tpfleet.engine.sequence import InvalidRequest, SamplingParams
 from tpfleet.server.http_utils import (
     JSONBodyMiddleware,
@@ -24,7 +24,13 @@ from tpfleet.server.http_utils import (
     validation_error_response,
 )
 from tpfleet.server.openai_api import openai_router
-from tpfleet.server.protocol import AbortRequest, GenerateRequest
+from tpfleet.server.protocol import (
+    AbortRequest,
+    GenerateRequest,
+    MemoryOccupationRequest,
+    UpdateWeightsFromDiskRequest,
+    UpdateWeightsFromTensorRequest,
+)
 
 
 def meta_info(out: RequestOutput) -> dict:
@@ -63,9 +69,9 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
     async def _invalid(request: Request, exc: InvalidRequest):
         return error_response(400, str(exc), exc.field)
 
-    @app.exception_handler(EngineDead)
-    async def _dead(request: Request, exc: EngineDead):
-        return error_response(503, f"engine is not running: {exc}")
+    @app.exception_handler(EngineUnavailable)
+    async def _unavailable(request: Request, exc: EngineUnavailable):
+        return error_response(503, f"engine unavailable: {exc}")
 
     @app.get("/health")
     async def health():
@@ -77,7 +83,7 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
         try:
             stream = aengine.generate([0], params, rid=f"health-{time.monotonic_ns()}")
             await asyncio.wait_for(last_output(stream), timeout=30)
-        except (EngineDead, asyncio.TimeoutError) as e:
+        except (EngineUnavailable, asyncio.TimeoutError) as e:
             return error_response(503, f"generation failed: {e!r}")
         return Response(status_code=200)
 
@@ -112,6 +118,41 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
         else:
             raise InvalidRequest("rid", "give a request id, or abort_all: true")
         return Response(status_code=200)
+
+    # --- colocation with a trainer: give GPU memory back, take it again, load new weights ---------
+
+    @app.post("/release_memory_occupation")
+    async def release_memory(req: MemoryOccupationRequest):
+        ranks = await aengine.run_on_engine(lambda: engine.release_memory(req.tags))
+        return {"success": True, "released": req.tags, "ranks": ranks,
+                "released_tensor_bytes": sum(r["released_tensor_bytes"] for r in ranks),
+                "freed_bytes": sum(r["device_freed_bytes"] for r in ranks)}
+
+    @app.post("/resume_memory_occupation")
+    async def resume_memory(req: MemoryOccupationRequest):
+        ranks = await aengine.run_on_engine(lambda: engine.resume_memory(req.tags))
+        return {"success": True, "resumed": req.tags, "ranks": ranks}
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(req: UpdateWeightsFromDiskRequest):
+        try:
+            ranks = await aengine.run_on_engine(lambda: engine.update_weights("update_weights_from_disk",
+                                                                               req.model_path))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise InvalidRequest("model_path", str(e).splitlines()[-1]) from None
+        return {"success": True, "message": f"loaded {req.model_path}", "ranks": ranks}
+
+    @app.post("/update_weights_from_tensor")
+    async def update_weights_from_tensor(req: UpdateWeightsFromTensorRequest):
+        n = len(req.serialized_named_tensors)
+        if n not in (1, engine.cfg.tp_size):
+            raise InvalidRequest("serialized_named_tensors", f"give 1 or {engine.cfg.tp_size} payloads, not {n}")
+        try:
+            ranks = await aengine.run_on_engine(lambda: engine.update_weights("update_weights_from_tensor",
+                                                                               req.serialized_named_tensors))
+        except (ValueError, RuntimeError) as e:
+            raise InvalidRequest("serialized_named_tensors", str(e).splitlines()[-1]) from None
+        return {"success": True, "message": f"{ranks[0]['tensors']} tensors loaded", "ranks": ranks}
 
     @app.get("/metrics")
     async def metrics():

@@ -7,6 +7,7 @@ picks (port 0), and handed to uvicorn as is: no probe-then-bind race with other 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -17,6 +18,7 @@ import uvicorn
 from tpfleet.config import EngineConfig
 from tpfleet.engine.async_engine import AsyncEngine
 from tpfleet.engine.llm_engine import LLMEngine
+from tpfleet.phases import report_phase
 from tpfleet.server.app import create_app
 
 READY_PREFIX = "tpfleet ready:"
@@ -48,6 +50,7 @@ def _interrupt(signum, frame):
 def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 0, served_model_name: str | None = None,
           log_level: str = "warning") -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    report_phase("starting", pid=os.getpid())
     sock = bind_socket(host, port)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
@@ -57,6 +60,7 @@ def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 0, served_mode
                 "served_model_name": served_model_name}
 
         def ready() -> None:
+            report_phase("ready", url=url_of(sock))
             print(f"{READY_PREFIX} {url_of(sock)} (model {cfg.model}, tp {cfg.tp_size}, device {cfg.device}, "
                   f"{engine.block_manager.num_blocks * cfg.block_size} KV tokens, "
                   f"started in {time.perf_counter() - t0:.1f}s)", flush=True)

@@ -86,3 +86,18 @@ class ChatCompletionRequest(OpenAISampling):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
+
+
+class MemoryOccupationRequest(Strict):
+    tags: list[Literal["kv_cache", "weights"]] = Field(default_factory=lambda: ["kv_cache", "weights"])
+
+
+class UpdateWeightsFromDiskRequest(Strict):
+    model_path: str
+    load_format: str | None = None
+
+
+class UpdateWeightsFromTensorRequest(Strict):
+    serialized_named_tensors: list[str]  # one for every rank, or one per rank
+    load_format: str | None = None
+    flush_cache: bool = True

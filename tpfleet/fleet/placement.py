@@ -1,0 +1,103 @@
+"""One placement plan, computed in one place: which physical GPU each rank of each engine uses.
+
+Everything downstream takes its GPU facts from the plan. An engine process is started with
+CUDA_VISIBLE_DEVICES set to its GPUs' UUIDs in rank order, so rank r opens local index r, whatever
+the launcher's own CUDA_VISIBLE_DEVICES or Ray's masking was; and rank r checks at start that the
+device it opened has the UUID the plan says. A physical id is never passed where a local index is
+expected: the plan records both, and only the engine's own environment turns one into the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from tpfleet.devices import DeviceError, PhysicalGPU
+
+
+@dataclass(frozen=True)
+class RankPlacement:
+    engine: int
+    rank: int
+    gpu_uuid: str
+    physical_index: int  # the driver's index on its host (nvidia-smi), for people, never for CUDA calls
+    local_index: int  # the CUDA index of this GPU inside the engine's process
+    host: str
+
+
+@dataclass(frozen=True)
+class EnginePlacement:
+    engine: int
+    host: str
+    ranks: tuple[RankPlacement, ...]
+
+    @property
+    def uuids(self) -> list[str]:
+        return [r.gpu_uuid for r in self.ranks]
+
+    @property
+    def cuda_visible_devices(self) -> str:
+        """What the engine process gets: UUIDs, so no remapping can change what an index means."""
+        return ",".join(self.uuids)
+
+    def describe(self) -> str:
+        return ",".join(f"{r.physical_index}" for r in self.ranks) if self.ranks else "cpu"
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    engines: tuple[EnginePlacement, ...]
+
+    def to_dict(self) -> dict:
+        return {"engines": [asdict(e) for e in self.engines]}
+
+    def table(self) -> str:
+        rows = ["engine  rank  host          physical  local  uuid"]
+        for e in self.engines:
+            for r in e.ranks:
+                rows.append(f"{r.engine:>6}  {r.rank:>4}  {r.host:<12}  {r.physical_index:>8}  {r.local_index:>5}  "
+                            f"{r.gpu_uuid}")
+        return "\n".join(rows)
+
+
+def select_gpus(requested: list[str] | None, visible: list[PhysicalGPU]) -> list[PhysicalGPU]:
+    """The GPUs a fleet may use. `requested` entries are indices into the launcher's visible list
+    (what a user means by --gpus 0,1 under their own CUDA_VISIBLE_DEVICES) or UUIDs (prefixes too)."""
+    if not requested:
+        return list(visible)
+    chosen = []
+    for entry in requested:
+        entry = entry.strip()
+        if entry.isdigit():
+            i = int(entry)
+            if i >= len(visible):
+                raise DeviceError(f"--gpus entry {i} is out of range: this process sees {len(visible)} GPUs "
+                                  f"({[g.uuid for g in visible]})")
+            gpu = visible[i]
+        else:
+            matches = [g for g in visible if g.uuid.startswith(entry)]
+            if len(matches) != 1:
+                raise DeviceError(f"--gpus entry {entry!r} matches {len(matches)} visible GPUs")
+            gpu = matches[0]
+        if gpu in chosen:
+            raise DeviceError(f"--gpus names {gpu.uuid} twice")
+        chosen.append(gpu)
+    return chosen
+
+
+def plan_placement(gpus: list[PhysicalGPU], num_engines: int, tp: int, host: str = "localhost") -> PlacementPlan:
+    """Engines take consecutive groups of `tp` GPUs, in the order given."""
+    need = num_engines * tp
+    if need > len(gpus):
+        raise DeviceError(f"{num_engines} engines x TP {tp} need {need} GPUs; only {len(gpus)} are available "
+                          f"({[g.uuid for g in gpus]})")
+    engines = []
+    for e in range(num_engines):
+        group = gpus[e * tp:(e + 1) * tp]
+        ranks = tuple(RankPlacement(e, r, g.uuid, g.index, r, host) for r, g in enumerate(group))
+        engines.append(EnginePlacement(e, host, ranks))
+    return PlacementPlan(tuple(engines))
+
+
+def cpu_plan(num_engines: int, host: str = "localhost") -> PlacementPlan:
+    """CPU engines: nothing to place, but the same shape of plan for the same code paths."""
+    return PlacementPlan(tuple(EnginePlacement(e, host, ()) for e in range(num_engines)))

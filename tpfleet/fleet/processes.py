@@ -1,0 +1,71 @@
+"""Finding and ending every process of an engine, including ones reparented away from it.
+
+An engine runs in its own session, and every process it starts inherits TPFLEET_ENGINE_ID, so
+membership is decided by session id or by that marker; a child that called setsid or was
+reparented to init is still found.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+
+import psutil
+
+MARKER_ENV = "TPFLEET_ENGINE_ID"
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """For Popen(preexec_fn=...): the engine gets `sig` if the launcher dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+
+def members(sid: int, marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid == os.getpid():
+                continue
+            if os.getsid(p.pid) == sid or p.environ().get(MARKER_ENV) == marker:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def signal_all(procs: list[psutil.Process], sig: int) -> None:
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def terminate(sid: int, marker: str, grace_s: float = 10.0) -> list[str]:
+    """SIGTERM every member, wait up to `grace_s`, SIGKILL what is left, and verify.
+    Returns descriptions of processes that survived even SIGKILL (empty when all went)."""
+    procs = members(sid, marker)
+    signal_all(procs, signal.SIGTERM)
+    signal_all(procs, signal.SIGCONT)  # a stopped process cannot act on SIGTERM until continued
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    late = members(sid, marker)  # may include children started while we waited
+    signal_all(late, signal.SIGKILL)
+    psutil.wait_procs(late, timeout=5)
+    deadline = time.monotonic() + 5
+    left = members(sid, marker)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = members(sid, marker)
+    return [f"pid {p.pid} ({_name(p)})" for p in left]
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())[:120] or p.name()
+    except psutil.Error:
+        return "?"
