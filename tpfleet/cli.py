@@ -25,6 +25,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="per-step budget = prefill chunk")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--disable-prefix-caching", action="store_true")
+    p.add_argument("--graph-mode", choices=["auto", "eager", "full", "piecewise"], default="auto",
+                   help="CUDA graphs: none, full decode graphs, or full plus piecewise (auto: full on GPU)")
+    p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
     p.add_argument("--disable-custom-all-reduce", action="store_true", help="use NCCL / symmetric memory only")
     p.add_argument("--disable-symm-mem", action="store_true", help="never use PyTorch symmetric memory")
 
@@ -41,6 +44,7 @@ def engine_config(a: argparse.Namespace):
         max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
         enable_prefix_caching=not a.disable_prefix_caching,
         enable_custom_all_reduce=not a.disable_custom_all_reduce, enable_symm_mem=not a.disable_symm_mem,
+        graph_mode=a.graph_mode, attention_backend=a.attention_backend,
     )
 
 
@@ -87,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     bd.add_argument("--input-len", type=int, default=128)
     bd.add_argument("--output-len", type=int, default=128)
     bd.add_argument("--json", default=None, help="also write the results here")
+    be = bench.add_parser("engine", help="decode latency, offline throughput, vs transformers and the floor")
+    _engine_args(be)
+    be.add_argument("--num-seqs", type=int, default=256)
+    be.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    be.add_argument("--out", default="bench-out")
     ba = bench.add_parser("allreduce", help="all-reduce latency of every backend and the dispatcher")
     ba.add_argument("--nproc", type=int, default=2, help="GPUs (one process each)")
     ba.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -122,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         from tpfleet.bench_decode import bench_decode
 
         bench_decode(engine_config(a), [int(b) for b in a.batch_sizes.split(",")], a.input_len, a.output_len, a.json)
+    elif a.cmd == "bench" and a.what == "engine":
+        from tpfleet.bench_engine import bench_engine
+
+        bench_engine(engine_config(a), a.out, a.num_seqs, with_hf=not a.no_hf)
     elif a.cmd == "bench" and a.what == "allreduce":
         import torch
 

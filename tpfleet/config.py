@@ -20,7 +20,8 @@ class EngineConfig:
     kv_cache_tokens: int | None = None  # KV pool size; default: 65536 on CPU, mem_fraction_static on GPU
     mem_fraction_static: float = 0.85  # share of GPU memory for weights plus KV cache
     enable_prefix_caching: bool = True
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # "torch" (reference), "triton", or "auto": triton on GPUs, torch on CPUs
+    graph_mode: str = "auto"  # "eager", "full" (decode graphs), "piecewise" (full plus piecewise); auto: full on GPU
     enable_custom_all_reduce: bool = True
     enable_symm_mem: bool = True
     seed: int = 0
@@ -33,8 +34,24 @@ class EngineConfig:
         for name in ("device_ids", "gpu_uuids"):
             if getattr(self, name) and len(getattr(self, name)) != self.tp_size:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for tp_size {self.tp_size}")
+        if self.graph_mode not in ("auto", "eager", "full", "piecewise"):
+            raise ValueError(f"graph_mode must be auto, eager, full or piecewise, got {self.graph_mode!r}")
+        if self.device == "cpu" and self.graph_mode in ("full", "piecewise"):
+            raise ValueError("CUDA graphs need device='cuda'")
         if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+
+    @property
+    def resolved_attention_backend(self) -> str:
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if self.device == "cuda" else "torch"
+
+    @property
+    def resolved_graph_mode(self) -> str:
+        if self.graph_mode != "auto":
+            return self.graph_mode
+        return "full" if self.device == "cuda" else "eager"
 
     def rank_device(self, rank: int) -> str:
         if self.device == "cpu":

@@ -23,6 +23,8 @@ class AttentionMetadata:
     context_lens_host: list[int]
     num_decodes: int  # the first num_decodes sequences have exactly one query token
     block_size: int
+    query_start: torch.Tensor | None = None  # [num_seqs] int32, device: first row of each sequence's queries
+    query_lens_dev: torch.Tensor | None = None  # [num_seqs] int32, device
 
 
 class AttentionBackend(ABC):
@@ -38,4 +40,8 @@ def get_backend(name: str) -> AttentionBackend:
         from tpfleet.attention.torch_ref import TorchReferenceBackend
 
         return TorchReferenceBackend()
-    raise ValueError(f"unknown attention backend {name!r}; available: 'torch'")
+    if name == "triton":
+        from tpfleet.attention.triton_backend import TritonBackend
+
+        return TritonBackend()
+    raise ValueError(f"unknown attention backend {name!r}; available: 'torch', 'triton'")

@@ -18,6 +18,7 @@ from tpfleet.attention.backend import AttentionMetadata, get_backend
 from tpfleet.comm.group import TPGroup, init_tp_group
 from tpfleet.config import EngineConfig
 from tpfleet.devices import DeviceError, local_uuid
+from tpfleet.engine.cuda_graphs import capture as capture_graphs
 from tpfleet.engine.scheduler import ScheduledSeq
 from tpfleet.model.config import ModelConfig, parse_dtype
 from tpfleet.engine.weight_sync import deserialize_named_tensors
@@ -88,7 +89,7 @@ class ModelRunner:
         prev = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         with torch.device(self.device):
-            self.model = Qwen3ForCausalLM(self.model_config, self.tp, get_backend(cfg.attention_backend))
+            self.model = Qwen3ForCausalLM(self.model_config, self.tp, get_backend(cfg.resolved_attention_backend))
         torch.set_default_dtype(prev)
         load_weights(self.model, cfg.model, show_progress=rank == 0)
         self.timings["load_weights_s"] = time.perf_counter() - t0
@@ -99,6 +100,23 @@ class ModelRunner:
         self._allocate_kv_cache()
         if rank == 0:
             report_phase("kv_cache_allocated", blocks=self.num_blocks, tokens=self.num_blocks * cfg.block_size)
+        self.decode_graphs = self.piecewise_graphs = None
+        if cfg.resolved_graph_mode != "eager":
+            if cfg.resolved_attention_backend != "triton":
+                raise ValueError("CUDA graphs need the graph-safe 'triton' attention backend")
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        cfg = self.cfg
+        context = min(cfg.context_length or self.model_config.max_position_embeddings,
+                      self.model_config.max_position_embeddings)
+        self.decode_graphs = self.piecewise_graphs = None
+        self.decode_graphs, self.piecewise_graphs, stats = capture_graphs(
+            self.model, self.device, cfg.block_size, min(cfg.max_num_seqs, 512), -(-context // cfg.block_size),
+            cfg.max_num_batched_tokens, cfg.resolved_graph_mode, show_progress=self.rank == 0)
+        self.timings["graph_capture_s"] = stats["seconds"]
+        if self.rank == 0:
+            report_phase("graphs_captured", **stats)
 
     # --- KV cache -----------------------------------------------------------------------------
 
@@ -145,6 +163,9 @@ class ModelRunner:
 
         width = max(len(b) for b in inp.block_tables)
         tables = [b + [0] * (width - len(b)) for b in inp.block_tables]
+        starts = [0]
+        for n in inp.query_lens[:-1]:
+            starts.append(starts[-1] + n)
         meta = AttentionMetadata(
             slot_mapping=t(inp.slot_mapping),
             block_tables=t(tables, torch.int32),
@@ -153,8 +174,17 @@ class ModelRunner:
             context_lens_host=inp.context_lens,
             num_decodes=inp.num_decodes,
             block_size=self.cfg.block_size,
+            query_start=t(starts, torch.int32),
+            query_lens_dev=t(inp.query_lens, torch.int32),
         )
-        hidden = self.model(t(inp.input_ids), t(inp.positions), meta)
+        ids, positions = t(inp.input_ids), t(inp.positions)
+        num_seqs = len(inp.query_lens)
+        if self.decode_graphs is not None and inp.num_decodes == num_seqs and self.decode_graphs.can_run(num_seqs):
+            hidden = self.decode_graphs.run(ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens)
+        elif self.piecewise_graphs is not None and self.piecewise_graphs.can_run(len(inp.input_ids)):
+            hidden = self.piecewise_graphs.run(ids, positions, meta)
+        else:
+            hidden = self.model(ids, positions, meta)
         logits = self.model.compute_logits(hidden[t(inp.logits_indices)]) if inp.logits_indices else None
         self.tp.check()
         return logits
@@ -188,6 +218,8 @@ class ModelRunner:
             self.model.to(self.device)
         if "kv_cache" in tags and self.kv_cache is None:
             self._allocate_kv_cache()
+        if self.decode_graphs is not None:
+            self._capture_graphs()  # the graphs point at the old addresses of weights and KV cache
         return {"rank": self.rank, "device_taken_bytes": free_before - self._device_free()}
 
     def update_weights_from_disk(self, model_dir: str) -> dict:
@@ -204,6 +236,7 @@ class ModelRunner:
         return {"rank": self.rank, "tensors": len(named), "params": len(loaded)}
 
     def shutdown(self) -> None:
+        self.decode_graphs = self.piecewise_graphs = None
         self.tp.destroy()
         self.model = self.kv_cache = None
         if self.device.type == "cuda":

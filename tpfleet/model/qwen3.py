@@ -37,15 +37,17 @@ class Qwen3Attention(nn.Module):
         self.scale = d ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner once the KV pool exists
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def project(self, positions: torch.Tensor, x: torch.Tensor):
+        """q, k, v for the new tokens: [tokens, heads, head_dim], normed and rotated."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
         k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
         q, k = self.rotary(positions, q, k)
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(o.flatten(1))
+        return q, k, v.reshape(-1, self.num_kv_heads, self.head_dim)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
 
 
 class Qwen3MLP(nn.Module):
@@ -66,10 +68,16 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = Qwen3MLP(cfg, tp)
 
-    def forward(self, positions, x, residual, meta):
+    # A layer is pre -> attention -> post. Piecewise CUDA graphs capture post(i-1)+pre(i) as one
+    # segment and run attention, whose shapes vary with the batch, eagerly in between.
+
+    def pre(self, positions, x, residual):
         x, residual = self.input_layernorm(x, residual) if residual is not None else (self.input_layernorm(x), x)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        q, k, v = self.self_attn.project(positions, x)
+        return q, k, v, residual
+
+    def post(self, o, residual):
+        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(o.flatten(1)), residual)
         return self.mlp(x), residual
 
 
@@ -98,7 +106,8 @@ class Qwen3ForCausalLM(nn.Module):
         """Final hidden states for every token; `compute_logits` picks the rows that are sampled."""
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+            q, k, v, residual = layer.pre(positions, x, residual)
+            x, residual = layer.post(layer.self_attn.attend(q, k, v, meta), residual)
         x, _ = self.norm(x, residual)
         return x
 

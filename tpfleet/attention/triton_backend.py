@@ -1,0 +1,23 @@
+"""The GPU attention backend: Triton kernels, graph-safe on the decode path."""
+
+from __future__ import annotations
+
+import torch
+
+from tpfleet.attention.backend import AttentionBackend, AttentionMetadata
+from tpfleet.attention.triton_kernels import decode_attention, extend_attention, store_kv
+
+
+class TritonBackend(AttentionBackend):
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        nd = meta.num_decodes
+        out = torch.empty_like(q)
+        if nd:
+            decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], scale,
+                             out=out[:nd])
+        if nd < len(meta.query_lens):
+            extend_attention(q[nd:], k_cache, v_cache, out[nd:], meta.block_tables[nd:], meta.context_lens[nd:],
+                             meta.query_start[nd:] - meta.query_start[nd], meta.query_lens_dev[nd:],
+                             max(meta.query_lens[nd:]), scale)
+        return out

@@ -1,0 +1,174 @@
+"""Paged attention in Triton: KV store, split-KV decode with GQA, and prefill/extend over a cached prefix.
+
+Everything a kernel needs about lengths it reads from device memory, and grids depend only on the
+batch shape, so the decode path can be captured in a CUDA graph and replayed for any contexts.
+Keys and values live in pages of `block_size` tokens; token j of sequence b sits in page
+block_tables[b, j // block_size] at offset j % block_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DECODE_SPLITS = 16  # KV splits per (sequence, kv head): parallelism for small batches and long contexts
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """fp32 operands stay fp32 (no silent TF32): the fp32 engine must match its reference exactly."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _store_kv_kernel(k, v, k_cache, v_cache, slot_mapping, ROW: tl.constexpr, ROW_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_mapping + t)
+    if slot >= 0:  # padded tokens of a graph bucket have slot -1: nothing to store
+        offs = tl.arange(0, ROW_PAD)
+        m = offs < ROW
+        tl.store(k_cache + slot * ROW + offs, tl.load(k + t * ROW + offs, mask=m), mask=m)
+        tl.store(v_cache + slot * ROW + offs, tl.load(v + t * ROW + offs, mask=m), mask=m)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    row = k.shape[1] * k.shape[2]
+    _store_kv_kernel[(k.shape[0],)](k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping,
+                                    ROW=row, ROW_PAD=triton.next_power_of_2(row))
+
+
+@triton.jit
+def _decode_partial_kernel(q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, scale,
+                           stride_bt, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                           SPLITS: tl.constexpr, IEEE: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(context_lens + b)
+    per_split = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, ctx)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + g
+    qv = tl.load(q + (b * KV_HEADS * GROUP + heads)[:, None] * HEAD_DIM + d[None, :], mask=(g < GROUP)[:, None],
+                 other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for s in range(start, end, BLOCK_N):
+        tok = s + n
+        valid = tok < end
+        page = tl.load(block_tables + b * stride_bt + tok // PAGE, mask=valid, other=0)
+        row = (page * PAGE + tok % PAGE) * KV_HEADS + kvh
+        kt = tl.load(k_cache + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+        vt = tl.load(v_cache + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+        qk = _dot(qv, tl.trans(kt), IEEE).to(tl.float32) * scale
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE).to(tl.float32)
+        m_i = m_new
+    out_row = (b * KV_HEADS * GROUP + heads) * SPLITS + split
+    has = l_i > 0
+    tl.store(part_out + out_row[:, None] * HEAD_DIM + d[None, :], acc / tl.where(has, l_i, 1.0)[:, None],
+             mask=(g < GROUP)[:, None])
+    tl.store(part_lse + out_row, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")),
+             mask=g < GROUP)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_out, part_lse, out, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    row = tl.program_id(0)  # b * heads + h
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse + row * SPLITS + s)
+    m = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(m > float("-inf"), m, 0.0)), 0.0)
+    o = tl.load(part_out + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :])
+    total = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out + row * HEAD_DIM + d, res.to(out.dtype.element_ty))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [batch, heads, head_dim], one query per sequence. A sequence of context 0 gets zeros."""
+    batch, heads, head_dim = q.shape
+    kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    group = heads // kv_heads
+    part_out = torch.empty(batch, heads, DECODE_SPLITS, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, heads, DECODE_SPLITS, dtype=torch.float32, device=q.device)
+    _decode_partial_kernel[(batch, kv_heads, DECODE_SPLITS)](
+        q.contiguous(), k_cache, v_cache, block_tables, context_lens, part_out, part_lse, scale,
+        block_tables.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
+        HEAD_DIM=head_dim, PAGE=page, BLOCK_N=64, SPLITS=DECODE_SPLITS, IEEE=q.dtype == torch.float32)
+    out = torch.empty_like(q) if out is None else out
+    _decode_reduce_kernel[(batch * heads,)](part_out, part_lse, out, HEAD_DIM=head_dim, SPLITS=DECODE_SPLITS)
+    return out
+
+
+@triton.jit
+def _extend_kernel(q, k_cache, v_cache, out, block_tables, context_lens, query_start, query_lens, scale, stride_bt,
+                   HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    tile = tl.program_id(2)
+    q_len = tl.load(query_lens + seq)
+    if tile * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(context_lens + seq)
+    q0 = tl.load(query_start + seq)
+    kvh = h // (HEADS // KV_HEADS)
+    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    q_ok = m < q_len
+    q_pos = ctx - q_len + m  # absolute positions of these queries
+    qv = tl.load(q + ((q0 + m) * HEADS + h)[:, None] * HEAD_DIM + d[None, :], mask=q_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    kv_end = tl.minimum(ctx, ctx - q_len + (tile + 1) * BLOCK_M)  # causal: nothing past the tile's last query
+    for s in range(0, kv_end, BLOCK_N):
+        tok = s + n
+        valid = tok < kv_end
+        page = tl.load(block_tables + seq * stride_bt + tok // PAGE, mask=valid, other=0)
+        row = (page * PAGE + tok % PAGE) * KV_HEADS + kvh
+        kt = tl.load(k_cache + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+        vt = tl.load(v_cache + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+        qk = _dot(qv, tl.trans(kt), IEEE).to(tl.float32) * scale
+        qk = tl.where(valid[None, :] & (tok[None, :] <= q_pos[:, None]), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE).to(tl.float32)
+        m_i = m_new
+    res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out + ((q0 + m) * HEADS + h)[:, None] * HEAD_DIM + d[None, :], res.to(out.dtype.element_ty),
+             mask=q_ok[:, None])
+
+
+def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, query_start: torch.Tensor,
+                     query_lens: torch.Tensor, max_query_len: int, scale: float) -> None:
+    """Causal attention of each sequence's new tokens (rows query_start[i] ..) over its whole context,
+    prefix included. Keys and values of the new tokens must already be in the cache."""
+    num_seqs = query_lens.shape[0]
+    heads, head_dim = q.shape[1], q.shape[2]
+    block_m = 64 if max_query_len > 32 else 16
+    grid = (num_seqs, heads, triton.cdiv(max_query_len, block_m))
+    _extend_kernel[grid](q, k_cache, v_cache, out, block_tables, context_lens, query_start, query_lens, scale,
+                         block_tables.stride(0), HEADS=heads, KV_HEADS=k_cache.shape[2], HEAD_DIM=head_dim,
+                         PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=64, IEEE=q.dtype == torch.float32)

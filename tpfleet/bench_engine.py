@@ -1,0 +1,251 @@
+"""`tpfleet bench engine`: decode step latency, offline throughput, and their peers in the same run.
+
+Peers: the memory-bandwidth floor (weights plus KV read per step, over a device-to-device copy
+bandwidth measured here, on this GPU), and transformers' generate on the same checkpoint with a
+static cache. The mixed-batch measurement times one 256-token step (64 decodes plus a 192-token
+prefill chunk) with piecewise graphs and eagerly, same inputs, same process.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from tpfleet.config import EngineConfig
+from tpfleet.engine.llm_engine import LLMEngine
+from tpfleet.engine.model_runner import ModelInput
+from tpfleet.engine.sequence import SamplingParams
+
+DECODE_BATCHES = (1, 8, 64, 256)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times)
+
+
+def _random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+def decode_latency(engine: LLMEngine, bs: int, prompt_len: int = 128, steps: int = 32) -> dict:
+    rng = random.Random(bs)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_new_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    seqs = [engine.add_request(_random_prompt(rng, prompt_len, vocab), params) for _ in range(bs)]
+    while any(s.num_completion_tokens == 0 for s in seqs):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.step()  # sampling's .tolist() synchronises
+        times.append(time.perf_counter() - t)
+    for s in seqs:
+        engine.abort(s.rid)
+    ctx = prompt_len + steps // 2
+    return {"batch": bs, "step_ms": 1e3 * statistics.median(times), "mean_context": ctx}
+
+
+def floor_ms(engine: LLMEngine, bs: int, ctx: int, bandwidth: float) -> float:
+    """Bytes one rank must read per decode step (its weight shard, its KV heads for every context
+    token), over the measured bandwidth."""
+    runner = engine.runner
+    weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    attn = runner.model.layers[0].self_attn
+    kv = bs * ctx * 2 * attn.num_kv_heads * attn.head_dim * runner.dtype.itemsize * len(runner.model.layers)
+    return 1e3 * (weights + kv) / bandwidth
+
+
+def offline_throughput(engine: LLMEngine, lens: list[tuple[int, int]]) -> dict:
+    rng = random.Random(0)
+    vocab = engine.model_config.vocab_size
+    seqs = []
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for n_in, n_out in lens:
+        seqs.append(engine.add_request(_random_prompt(rng, n_in, vocab),
+                                       SamplingParams(max_new_tokens=n_out, temperature=0.0, ignore_eos=True)))
+    while engine.has_work():
+        engine.step()
+    dt = time.perf_counter() - t
+    out = sum(s.num_completion_tokens for s in seqs)
+    return {"seconds": dt, "output_tokens": out, "output_tok_s": out / dt,
+            "total_tok_s": (out + sum(n for n, _ in lens)) / dt}
+
+
+def mixed_step(engine: LLMEngine, repeats: int = 20) -> dict | None:
+    """One 256-token step (64 decodes + a 192-token chunk), piecewise graphs against eager."""
+    runner = engine.runner
+    if runner.piecewise_graphs is None or engine.cfg.tp_size > 1:  # runs rank 0 alone: TP=1 only
+        return None
+    rng = random.Random(7)
+    vocab = engine.model_config.vocab_size
+    decode = SamplingParams(max_new_tokens=1000, temperature=0.0, ignore_eos=True)
+    seqs = [engine.add_request(_random_prompt(rng, 64, vocab), decode) for _ in range(64)]
+    while any(s.num_completion_tokens == 0 for s in seqs):
+        engine.step()
+    seqs.append(engine.add_request(_random_prompt(rng, 192, vocab), decode))
+    batch = engine.scheduler.schedule()
+    inp = ModelInput.build(batch, engine.cfg.block_size)
+    assert len(inp.input_ids) == 256, len(inp.input_ids)
+    result = {}
+    graphs = runner.piecewise_graphs
+    for mode in ("piecewise", "eager"):
+        runner.piecewise_graphs = graphs if mode == "piecewise" else None
+        times = []
+        for _ in range(repeats + 3):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            runner.run(inp)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        result[f"{mode}_ms"] = 1e3 * statistics.median(times[3:])
+    runner.piecewise_graphs = graphs
+    for s in seqs:
+        engine.abort(s.rid)
+    result["speedup"] = result["eager_ms"] / result["piecewise_ms"]
+    return result
+
+
+def hf_baseline(model_dir: str, lens: list[tuple[int, int]], batches: tuple[int, ...], device: str,
+                chunk: int = 64) -> dict:
+    """transformers' generate, bf16, static cache: decode step latency and the offline workload
+    (sequences sorted by output length and run `chunk` at a time, counting only wanted tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    vocab = model.config.vocab_size
+    rng = random.Random(0)
+
+    def generate(prompts: list[list[int]], new: int) -> float:
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           cache_implementation="static")
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    out = {"decode": []}
+    for bs in batches:
+        prompts = [_random_prompt(rng, 128, vocab) for _ in range(bs)]
+        generate(prompts, 2)  # warm-up
+        t_short, t_long = generate(prompts, 1), generate(prompts, 33)
+        out["decode"].append({"batch": bs, "step_ms": 1e3 * (t_long - t_short) / 32})
+    rng = random.Random(0)
+    prompts = [(_random_prompt(rng, n_in, vocab), n_out) for n_in, n_out in lens]
+    prompts.sort(key=lambda p: p[1])
+    t = 0.0
+    for i in range(0, len(prompts), chunk):
+        part = prompts[i:i + chunk]
+        t += generate([p for p, _ in part], max(n for _, n in part))
+    wanted = sum(n for _, n in lens)
+    out["offline"] = {"seconds": t, "output_tokens": wanted, "output_tok_s": wanted / t, "chunk": chunk}
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: bool = True) -> dict:
+    rng = random.Random(0)
+    lens = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(num_seqs)]
+    engine = LLMEngine(cfg)
+    device = engine.runner.device
+    result = {"config": cfg.to_dict(), "num_seqs": num_seqs, "gpu": torch.cuda.get_device_name(device),
+              "torch": torch.__version__,
+              "graph_capture_s": engine.runner.timings.get("graph_capture_s")}
+    try:
+        bw = copy_bandwidth(device)
+        result["copy_bandwidth_gbs"] = bw / 1e9
+        result["decode"] = []
+        for bs in DECODE_BATCHES:
+            row = decode_latency(engine, bs)
+            row["floor_ms"] = floor_ms(engine, bs, row["mean_context"], bw)
+            row["over_floor"] = row["step_ms"] / row["floor_ms"]
+            result["decode"].append(row)
+            engine.flush_cache()
+        result["mixed_256"] = mixed_step(engine)
+        engine.flush_cache()
+        result["offline"] = offline_throughput(engine, lens)
+    finally:
+        engine.shutdown()
+    if with_hf and cfg.tp_size == 1:
+        result["transformers"] = hf_baseline(cfg.model, lens, DECODE_BATCHES, str(device))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    name = f"engine_tp{cfg.tp_size}_{cfg.resolved_graph_mode}"
+    (Path(out_dir) / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(format_result(result))
+    _plot(result, Path(out_dir) / f"{name}.png")
+    return result
+
+
+def format_result(r: dict) -> str:
+    c = r["config"]
+    lines = [f"engine bench: {r['gpu']}, TP={c['tp_size']}, graph mode {c['graph_mode']}, "
+             f"copy bandwidth {r['copy_bandwidth_gbs']:.0f} GB/s, graph capture {r['graph_capture_s']} s"]
+    hf = {d["batch"]: d["step_ms"] for d in r.get("transformers", {}).get("decode", [])}
+    lines.append(f"{'batch':>6} {'step ms':>9} {'floor ms':>9} {'x floor':>8} {'HF ms':>9}")
+    for d in r["decode"]:
+        h = f"{hf[d['batch']]:9.2f}" if d["batch"] in hf else f"{'-':>9}"
+        lines.append(f"{d['batch']:>6} {d['step_ms']:9.2f} {d['floor_ms']:9.2f} {d['over_floor']:8.2f} {h}")
+    m = r.get("mixed_256")
+    if m:
+        lines.append(f"mixed 256-token step: piecewise {m['piecewise_ms']:.2f} ms, eager {m['eager_ms']:.2f} ms "
+                     f"({100 * (1 - m['piecewise_ms'] / m['eager_ms']):.0f}% less)")
+    o = r["offline"]
+    lines.append(f"offline ({r['num_seqs']} seqs): {o['output_tok_s']:.0f} output tok/s, "
+                 f"{o['total_tok_s']:.0f} total tok/s, {o['seconds']:.1f} s")
+    if "transformers" in r:
+        t = r["transformers"]["offline"]
+        lines.append(f"transformers offline: {t['output_tok_s']:.0f} output tok/s ({t['seconds']:.1f} s); "
+                     f"engine / transformers = {o['output_tok_s'] / t['output_tok_s']:.1f}x")
+    return "\n".join(lines)
+
+
+def _plot(r: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    b = [d["batch"] for d in r["decode"]]
+    ax.plot(b, [d["step_ms"] for d in r["decode"]], marker="o", label="tpfleet")
+    ax.plot(b, [d["floor_ms"] for d in r["decode"]], ls="--", label="bandwidth floor")
+    if "transformers" in r:
+        ax.plot([d["batch"] for d in r["transformers"]["decode"]], [d["step_ms"] for d in r["transformers"]["decode"]],
+                marker="s", label="transformers (static cache)")
+    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode step (ms)",
+           title=f"{r['gpu']}, TP={r['config']['tp_size']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

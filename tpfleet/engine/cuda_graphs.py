@@ -1,0 +1,157 @@
+"""CUDA graphs: launch a whole decode step, or most of a prefill step, with one call each.
+
+Full graphs cover decode batches: one graph per batch-size bucket, all reading fixed input
+buffers. A batch is padded up to its bucket with rows that write no KV (slot -1) and attend to
+nothing (context 0). Capture runs largest bucket first, into one memory pool shared by all.
+
+Piecewise graphs cover prefill and mixed batches, whose attention shapes vary too much to capture:
+per token-count bucket, each stretch between two attentions (o_proj, MLP, the all-reduces, the next
+layer's norm and qkv projection) is one graph, and attention runs eagerly between them.
+
+Both kinds contain the tensor-parallel all-reduces; tpfleet.comm's kernels are graph-safe as is.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from tpfleet.attention.backend import AttentionMetadata
+
+DECODE_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+TOKEN_BUCKETS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+def _bucket(n: int, buckets: list[int]) -> int | None:
+    return next((b for b in buckets if b >= n), None)
+
+
+class DecodeGraphs:
+    def __init__(self, model, device: torch.device, block_size: int, max_batch: int, max_blocks: int,
+                 pool, show_progress: bool):
+        self.model = model
+        self.block_size = block_size
+        self.buckets = [b for b in DECODE_BUCKETS if b <= max_batch] or [1]
+        n = self.buckets[-1]
+        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        for bs in tqdm(sorted(self.buckets, reverse=True), desc="Capturing decode graphs", disable=not show_progress):
+            meta = AttentionMetadata(self.slots[:bs], self.tables[:bs], self.context_lens[:bs], [1] * bs, [1] * bs,
+                                     bs, block_size)
+            self.model(self.ids[:bs], self.positions[:bs], meta)  # warm-up: kernels compiled, handles made
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.outputs[bs] = self.model(self.ids[:bs], self.positions[:bs], meta)
+            self.graphs[bs] = g
+
+    def can_run(self, num_seqs: int) -> bool:
+        return num_seqs <= self.buckets[-1]
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+            context_lens: torch.Tensor) -> torch.Tensor:
+        bs = ids.shape[0]
+        b = _bucket(bs, self.buckets)
+        self.ids[:bs].copy_(ids)
+        self.positions[:bs].copy_(positions)
+        self.slots[:bs].copy_(slots)
+        self.slots[bs:b].fill_(-1)
+        self.tables[:bs, : tables.shape[1]].copy_(tables)
+        self.context_lens[:bs].copy_(context_lens)
+        self.context_lens[bs:b].fill_(0)
+        self.graphs[b].replay()
+        return self.outputs[b][:bs]
+
+
+class PiecewiseGraphs:
+    def __init__(self, model, device: torch.device, max_tokens: int, pool, show_progress: bool):
+        self.model = model
+        self.buckets = [b for b in TOKEN_BUCKETS if b <= max_tokens]
+        attn = model.layers[0].self_attn
+        dtype = next(model.parameters()).dtype
+        n = self.buckets[-1] if self.buckets else 0
+        # Every segment reads and writes these fixed buffers (sliced per bucket), so a graph never
+        # depends on a tensor that another capture or a warm-up made.
+        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.o = torch.zeros(n, attn.num_heads, attn.head_dim, dtype=dtype, device=device)
+        self.q = torch.zeros(n, attn.num_heads, attn.head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(n, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.res = torch.zeros(n, model.cfg.hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.hidden: dict[int, torch.Tensor] = {}
+        for t in tqdm(sorted(self.buckets, reverse=True), desc="Capturing piecewise graphs",
+                      disable=not show_progress):
+            graphs = []
+            for seg in self._segments(t):
+                seg()  # warm-up outside the graph
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    out = seg()
+                graphs.append(g)
+            self.graphs[t] = graphs
+            self.hidden[t] = out
+
+    def _segments(self, t: int):
+        """The stretches between attentions, for bucket t: post(i-1) + pre(i)."""
+        layers = self.model.layers
+        ids, pos, o, res = self.ids[:t], self.positions[:t], self.o[:t], self.res[:t]
+
+        def emit(q, k, v, r):
+            self.q[:t].copy_(q)
+            self.k[:t].copy_(k)
+            self.v[:t].copy_(v)
+            res.copy_(r)
+
+        def first():
+            emit(*layers[0].pre(pos, self.model.embed_tokens(ids), None))
+
+        def middle(i):
+            def seg():
+                emit(*layers[i].pre(pos, *layers[i - 1].post(o, res)))
+            return seg
+
+        def last():
+            return self.model.norm(*layers[-1].post(o, res))[0]
+
+        return [first] + [middle(i) for i in range(1, len(layers))] + [last]
+
+    def can_run(self, num_tokens: int) -> bool:
+        return bool(self.buckets) and num_tokens <= self.buckets[-1]
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        n = ids.shape[0]
+        t = _bucket(n, self.buckets)
+        self.ids[:n].copy_(ids)
+        self.positions[:n].copy_(positions)
+        self.ids[n:t].zero_()
+        self.positions[n:t].zero_()
+        graphs = self.graphs[t]
+        for i, layer in enumerate(self.model.layers):
+            graphs[i].replay()
+            self.o[:n].copy_(layer.self_attn.attend(self.q[:n], self.k[:n], self.v[:n], meta))
+        graphs[-1].replay()
+        return self.hidden[t][:n]
+
+
+def capture(model, device, block_size: int, max_batch: int, max_blocks: int, max_tokens: int, mode: str,
+            show_progress: bool) -> tuple[DecodeGraphs | None, PiecewiseGraphs | None, dict]:
+    """Capture the graphs `mode` asks for ('full' or 'piecewise', which is full plus piecewise)."""
+    torch.cuda.synchronize(device)
+    free_before = torch.cuda.mem_get_info(device)[0]
+    t0 = time.perf_counter()
+    pool = torch.cuda.graph_pool_handle()
+    decode = DecodeGraphs(model, device, block_size, max_batch, max_blocks, pool, show_progress)
+    piecewise = PiecewiseGraphs(model, device, max_tokens, pool, show_progress) if mode == "piecewise" else None
+    torch.cuda.synchronize(device)
+    stats = {"seconds": round(time.perf_counter() - t0, 2),
+             "memory_bytes": free_before - torch.cuda.mem_get_info(device)[0],
+             "decode_buckets": decode.buckets, "token_buckets": piecewise.buckets if piecewise else []}
+    return decode, piecewise, stats
