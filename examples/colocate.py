@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tpfleet.engine.weight_sync import serialize_named_tensors
 from tpfleet.fleet import Fleet, FleetConfig
+from tpfleet.model.config import ModelConfig
 from tpfleet.model.make_model import make_model
 
 
@@ -31,7 +32,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     a = ap.parse_args()
     model = a.model or str(make_model("tiny", tempfile.mkdtemp(prefix="tpfleet-colocate-")))
-    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    # Trainer and engine both use the checkpoint's dtype (float32 for the tiny model), so the greedy
+    # check below compares like with like; in bf16 two correct implementations drift apart.
+    dtype = ModelConfig.from_dir(model).dtype
     engine_args = ["--dtype", str(dtype).removeprefix("torch.")]
     engine_args += ["--mem-fraction-static", "0.3"] if a.device == "cuda" else ["--kv-cache-tokens", "8192"]
 

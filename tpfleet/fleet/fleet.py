@@ -10,6 +10,7 @@ placement plan, the start-up supervision and the diagnostics.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import tempfile
 import threading
@@ -49,6 +50,7 @@ class FleetConfig:
     host: str = "127.0.0.1"
     ray_address: str | None = None
     ray_logical_gpus: bool = False  # CPU engines that still claim GPUs from Ray (tests, dry runs)
+    colocated_pids: list[int] = field(default_factory=list)  # processes sharing the GPUs on purpose (trainers)
 
     def serve_args(self) -> list[str]:
         return ["--model", self.model, "--tp", str(self.tp), "--device", self.device, *self.engine_args]
@@ -106,7 +108,8 @@ class Fleet:
     def _check_gpus(self, uuids: list[str]) -> None:
         from tpfleet.fleet.gpu_state import memory_info, processes_on
 
-        stale = processes_on(uuids)
+        own = {os.getpid(), *self.cfg.colocated_pids}  # a colocated trainer is meant to be there
+        stale = [p for p in processes_on(uuids) if p.pid not in own]
         if stale and not self.cfg.reap_stale:
             listing = "; ".join(f"pid {p.pid} on {p.uuid} holds {p.used_bytes / 2**30:.1f} GiB ({p.name})"
                                 for p in stale)
