@@ -11,6 +11,13 @@ for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "
     os.environ.setdefault(_k, _v)
 
 
+def _default_triton_cache() -> None:
+    """Triton's kernels live beside tpfleet's own JIT cache, so warm-up and engines share one."""
+    from tpfleet.jit import cache_root
+
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_root() / "triton"))
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face Qwen3 checkpoint directory")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1, 2, 4 or 8)")
@@ -101,7 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     ba.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ba.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
 
+    wu = sub.add_parser("warmup", help="build the JIT caches engine configs need; a no-op when still valid")
+    wu.add_argument("--model", required=True)
+    wu.add_argument("--tp", default="1", help="comma-separated TP sizes: one config each")
+    wu.add_argument("--graph-mode", default="auto", help="comma-separated graph modes: one config each")
+    wu.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    wu.add_argument("--kv-cache-tokens", type=int, default=None)
+    wu.add_argument("--timeout", type=float, default=900.0, help="seconds per config")
+
+    dr = sub.add_parser("doctor", help="check the launch environment; non-zero exit if a launch would break")
+    dr.add_argument("--gpus", default="", help="limit to these GPUs (indices or UUID prefixes)")
+    dr.add_argument("--compare-ray", action="store_true", help="diff a plain process's environment with a Ray actor's")
+    dr.add_argument("--json", action="store_true")
+
     a = parser.parse_args(argv)
+    _default_triton_cache()
     if a.cmd == "make-model":
         from tpfleet.model.make_model import make_model
 
@@ -123,6 +144,16 @@ def main(argv: list[str] | None = None) -> int:
             gpus=[g for g in a.gpus.split(",") if g.strip()] or None, max_concurrent_starts=a.max_concurrent_starts,
             startup_timeout_s=a.startup_timeout, engine_args=a.engine_arg, log_dir=a.log_dir,
             reap_stale=a.reap_stale, restart_budget=a.restart_budget), a.host, a.port)
+    elif a.cmd == "warmup":
+        from tpfleet.warmup.cli import warmup_command
+
+        extra = {"kv_cache_tokens": a.kv_cache_tokens} if a.kv_cache_tokens else {}
+        return warmup_command(a.model, [int(t) for t in a.tp.split(",")], a.graph_mode.split(","), a.device, extra,
+                              a.timeout)
+    elif a.cmd == "doctor":
+        from tpfleet.doctor.cli import doctor_command
+
+        return doctor_command([g for g in a.gpus.split(",") if g] or None, a.compare_ray, a.json)
     elif a.cmd == "demo":
         from tpfleet.demo import run_demo
 

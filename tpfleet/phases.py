@@ -8,7 +8,8 @@ import sys
 import time
 
 PHASE_PREFIX = "tpfleet phase:"
-PHASES = ("starting", "ranks_started", "weights_loaded", "kv_cache_allocated", "graphs_captured", "ready")
+PHASES = ("starting", "ranks_started", "weights_loaded", "kv_cache_allocated", "graphs_captured", "jit_caches",
+          "ready")
 
 
 def report_phase(name: str, **info) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ from tpfleet.attention.backend import AttentionMetadata, get_backend
 from tpfleet.comm.group import TPGroup, init_tp_group
 from tpfleet.config import EngineConfig
 from tpfleet.devices import DeviceError, local_uuid
+from tpfleet.jit import STATS as JIT_STATS
 from tpfleet.engine.cuda_graphs import capture as capture_graphs
 from tpfleet.engine.scheduler import ScheduledSeq
 from tpfleet.model.config import ModelConfig, parse_dtype
@@ -27,6 +29,19 @@ from tpfleet.model.qwen3 import Qwen3ForCausalLM
 from tpfleet.phases import report_phase
 
 CPU_DEFAULT_KV_TOKENS = 65536
+
+
+def _triton_entries() -> set[str]:
+    root = os.environ.get("TRITON_CACHE_DIR")
+    return {str(p) for p in Path(root).rglob("*") if p.is_file()} if root and Path(root).is_dir() else set()
+
+
+def jit_report(triton_before: set[str]) -> dict:
+    """What start-up compiled versus found cached: a cold start shows up here."""
+    new = _triton_entries() - triton_before
+    return {"tpfleet_jit": {"hits": JIT_STATS.hits, "misses": JIT_STATS.misses,
+                            "compile_s": round(JIT_STATS.compile_s, 2)},
+            "triton": {"new_cache_files": len(new), "dir": os.environ.get("TRITON_CACHE_DIR")}}
 
 
 def check_device(rank: int, device: torch.device, expected_uuid: str) -> None:
@@ -84,6 +99,7 @@ class ModelRunner:
                                          cfg.enable_custom_all_reduce, cfg.enable_symm_mem)
         self.timings: dict[str, float] = {}
 
+        triton_before = _triton_entries()
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed)
         prev = torch.get_default_dtype()
@@ -105,6 +121,8 @@ class ModelRunner:
             if cfg.resolved_attention_backend != "triton":
                 raise ValueError("CUDA graphs need the graph-safe 'triton' attention backend")
             self._capture_graphs()
+        if rank == 0:
+            report_phase("jit_caches", **jit_report(triton_before))
 
     def _capture_graphs(self) -> None:
         cfg = self.cfg

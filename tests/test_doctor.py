@@ -1,0 +1,88 @@
+"""The doctor's rules on synthetic facts, and the command on this machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tpfleet.devices import PhysicalGPU
+from tpfleet.doctor.rules import Facts, check, exit_code
+
+GPUS = [PhysicalGPU(i, f"GPU-{i:08x}-0000-0000-0000-{i:012x}", "NVIDIA H200") for i in range(4)]
+SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+def codes(env=None, **facts):
+    f = Facts(env={**SAFE, **(env or {})}, gpus=facts.pop("gpus", GPUS), **facts)
+    return {x.code: x for x in check(f)}
+
+
+def test_a_clean_machine_has_no_findings():
+    found = codes(shm_bytes=64 << 30, p2p={(0, 1): "NV18"}, ipc={(0, 1): "ok", (1, 0): "ok"})
+    assert found == {}
+    assert exit_code(list(found.values())) == 0
+
+
+@pytest.mark.parametrize("env,code,level", [
+    ({"NCCL_NVLS_ENABLE": "1"}, "nvls-forced", "error"),
+    ({"TORCH_SYMM_MEM_DISABLE_MULTICAST": ""}, "symm-mem-multicast", "warn"),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128,expandable_segments:True"}, "expandable-segments-ipc", "warn"),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}, "async-allocator-ipc", "warn"),
+    ({"LD_PRELOAD": "/usr/lib/torch_memory_saver_hook.so"}, "allocator-hook-ipc", "warn"),
+    ({"CUDA_VISIBLE_DEVICES": "0,7,1"}, "cvd-invalid-entry", "error"),
+    ({"CUDA_VISIBLE_DEVICES": "1,1"}, "cvd-invalid", "error"),
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, "cvd-empty", "error"),
+    ({"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}, "ray-noset", "warn"),
+    ({"NCCL_P2P_DISABLE": "1"}, "nccl-p2p-disable", "warn"),
+])
+def test_environment_rules(env, code, level):
+    found = codes(env, shm_bytes=64 << 30)
+    assert code in found and found[code].level == level
+    assert found[code].message and found[code].fix
+    assert exit_code(list(found.values())) == (1 if level == "error" else 0)
+
+
+def test_machine_facts_rules():
+    found = codes(shm_bytes=64 << 20, p2p={(0, 1): "none"}, ipc={(0, 1): "RuntimeError: invalid argument"},
+                  gpu_processes=[{"uuid": GPUS[0].uuid, "pid": 42, "name": "python train.py", "used_bytes": 80 << 30}])
+    assert {"small-shm", "no-p2p", "ipc-broken", "gpu-memory-held"} <= set(found)
+    assert "pid 42" in found["gpu-memory-held"].message and "invalid argument" in found["ipc-broken"].message
+    mixed = codes(gpus=[GPUS[0], PhysicalGPU(1, "GPU-x", "NVIDIA A100")], shm_bytes=64 << 30)
+    assert "device-order" in mixed
+    assert "device-order" not in codes({"CUDA_DEVICE_ORDER": "PCI_BUS_ID"},
+                                       gpus=[GPUS[0], PhysicalGPU(1, "GPU-x", "NVIDIA A100")], shm_bytes=64 << 30)
+
+
+def test_ray_differences_are_reported():
+    found = check(Facts(env=SAFE, ray_env_diff={"CUDA_VISIBLE_DEVICES": (None, "3"), "OMP_NUM_THREADS": (None, "1")}))
+    by = {(x.code, x.message.split(":")[0]): x.level for x in found}
+    assert by[("ray-env-differs", "CUDA_VISIBLE_DEVICES")] == "warn"
+    assert by[("ray-env-differs", "OMP_NUM_THREADS")] == "info"
+
+
+def run_doctor(*args, env=None, unset=()):
+    import os
+
+    child_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
+    return subprocess.run([sys.executable, "-m", "tpfleet.cli", "doctor", *args], capture_output=True, text=True,
+                          env=child_env, timeout=300)
+
+
+def test_doctor_command_exit_status_and_json():
+    ok = run_doctor("--json", env={"NCCL_NVLS_ENABLE": "0"})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert isinstance(json.loads(ok.stdout)["findings"], list)
+    bad = run_doctor(env={"NCCL_NVLS_ENABLE": "1"})
+    assert bad.returncode == 1 and "[error] nvls-forced" in bad.stdout and "fix:" in bad.stdout
+
+
+def test_compare_ray_runs_a_real_actor():
+    pytest.importorskip("ray")
+    r = run_doctor("--compare-ray", "--json", unset=("OMP_NUM_THREADS",))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    diff = json.loads(r.stdout)["ray_env_diff"]
+    # Ray pins its workers' OpenMP threads to their CPU share; a plain process is left alone.
+    assert diff["OMP_NUM_THREADS"] == [None, "1"]

@@ -1,0 +1,64 @@
+"""Text and JSON reports of the doctor's findings."""
+
+from __future__ import annotations
+
+import json
+
+from tpfleet.devices import parse_visible_devices
+from tpfleet.doctor.facts import gather
+from tpfleet.doctor.rules import Facts, check, exit_code
+
+
+def report(f: Facts, findings) -> str:
+    lines = []
+    if f.gpus:
+        lines.append("GPUs:")
+        held = {}
+        for p in f.gpu_processes:
+            held.setdefault(p["uuid"], []).append(f"pid {p['pid']} {p['used_bytes'] / 2**30:.1f} GiB")
+        for g in f.gpus:
+            lines.append(f"  {g.index}  {g.uuid}  {g.name}  processes: {', '.join(held.get(g.uuid, [])) or 'none'}")
+        if f.p2p:
+            idx = [g.index for g in f.gpus]
+            lines.append("P2P / NVLink (and CUDA IPC read test):")
+            lines.append("       " + "".join(f"{j:>10}" for j in idx))
+            for i in idx:
+                cells = []
+                for j in idx:
+                    if i == j:
+                        cells.append(f"{'X':>10}")
+                    else:
+                        link = f.p2p.get((min(i, j), max(i, j)), "?")
+                        ipc = f.ipc.get((i, j))
+                        cells.append(f"{link + ('' if ipc is None else '/ipc-' + ('ok' if ipc == 'ok' else 'FAIL')):>10}")
+                lines.append(f"  {i:>4} " + "".join(cells))
+        cvd = f.env.get("CUDA_VISIBLE_DEVICES")
+        try:
+            mapping = parse_visible_devices(cvd, f.gpus)
+            lines.append(f"CUDA_VISIBLE_DEVICES={cvd!r}: " + ", ".join(f"cuda:{k} -> GPU {g.index} ({g.uuid})"
+                                                                     for k, g in enumerate(mapping)))
+        except Exception as e:  # noqa: BLE001 - reported as a finding too
+            lines.append(f"CUDA_VISIBLE_DEVICES={cvd!r}: {e}")
+    else:
+        lines.append("GPUs: none found (no NVIDIA driver or NVML on this machine)")
+    lines.append("")
+    if not findings:
+        lines.append("no problems found")
+    for x in findings:
+        lines.append(f"[{x.level}] {x.code}: {x.message}")
+        lines.append(f"        fix: {x.fix}")
+    return "\n".join(lines)
+
+
+def doctor_command(gpus: list[str] | None, compare_ray: bool, as_json: bool) -> int:
+    f = gather(gpus_wanted=gpus, compare_ray=compare_ray)
+    findings = check(f)
+    if as_json:
+        print(json.dumps({"gpus": [vars(g) for g in f.gpus], "gpu_processes": f.gpu_processes,
+                          "p2p": {f"{i},{j}": v for (i, j), v in f.p2p.items()},
+                          "ipc": {f"{i},{j}": v for (i, j), v in f.ipc.items()},
+                          "ray_env_diff": {k: list(v) for k, v in (f.ray_env_diff or {}).items()},
+                          "findings": [x.to_dict() for x in findings]}, indent=1))
+    else:
+        print(report(f, findings))
+    return exit_code(findings)

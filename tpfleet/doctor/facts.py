@@ -1,0 +1,128 @@
+"""Gathering what the rules look at: NVML, a real CUDA IPC test per GPU pair, /dev/shm, Ray."""
+
+from __future__ import annotations
+
+import os
+
+from tpfleet.doctor.rules import Facts
+
+
+def gather(env: dict[str, str] | None = None, gpus_wanted: list[str] | None = None, compare_ray: bool = False,
+           test_ipc: bool = True) -> Facts:
+    f = Facts(env=dict(env if env is not None else os.environ))
+    try:
+        f.shm_bytes = os.statvfs("/dev/shm").f_bsize * os.statvfs("/dev/shm").f_blocks
+    except OSError:
+        pass
+    try:
+        from tpfleet.devices import physical_gpus
+
+        f.gpus = physical_gpus()
+    except Exception:  # noqa: BLE001 - no driver, no NVML: a CPU machine
+        f.gpus = []
+    if gpus_wanted:
+        f.gpus = [g for g in f.gpus if str(g.index) in gpus_wanted or any(g.uuid.startswith(w) for w in gpus_wanted)]
+    if f.gpus:
+        _nvml_facts(f)
+        if test_ipc and len(f.gpus) > 1:
+            f.ipc = ipc_matrix([g.index for g in f.gpus])
+    if compare_ray:
+        f.ray_env_diff = ray_env_diff(bool(f.gpus))
+    return f
+
+
+def _nvml_facts(f: Facts) -> None:
+    import pynvml
+
+    from tpfleet.fleet.gpu_state import processes_on
+
+    f.gpu_processes = [vars(p) for p in processes_on([g.uuid for g in f.gpus])]
+    pynvml.nvmlInit()
+    try:
+        handles = {g.index: pynvml.nvmlDeviceGetHandleByIndex(g.index) for g in f.gpus}
+        for i in handles:
+            for j in handles:
+                if i >= j:
+                    continue
+                status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j], pynvml.NVML_P2P_CAPS_INDEX_READ)
+                links = _nvlinks_between(pynvml, handles[i], handles[j])
+                ok = status == pynvml.NVML_P2P_STATUS_OK
+                f.p2p[(i, j)] = f"NV{links}" if links else ("PCIe" if ok else "none")
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _nvlinks_between(pynvml, a, b) -> int:
+    target = pynvml.nvmlDeviceGetPciInfo(b).busId
+    n = 0
+    for link in range(18 * 2):
+        try:
+            if pynvml.nvmlDeviceGetNvLinkState(a, link) and \
+                    pynvml.nvmlDeviceGetNvLinkRemotePciInfo(a, link).busId == target:
+                n += 1
+        except pynvml.NVMLError:
+            break
+    return n
+
+
+def _ipc_reader(q_in, q_out, device: int) -> None:
+    import torch
+
+    torch.cuda.set_device(device)
+    t = q_in.get(timeout=60)
+    try:
+        q_out.put("ok" if bool((t.to(device) == 42).all()) else "read back wrong data")
+    except Exception as e:  # noqa: BLE001 - reported as the finding
+        q_out.put(f"{type(e).__name__}: {e}")
+
+
+def ipc_matrix(indices: list[int]) -> dict[tuple[int, int], str]:
+    """Share a tensor on GPU i with a process working on GPU j, through CUDA IPC, and read it back."""
+    import torch
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = {}
+    for i in indices:
+        t = torch.full((1 << 20,), 42, dtype=torch.int32, device=f"cuda:{i}")
+        for j in indices:
+            if i == j:
+                continue
+            q_in, q_out = ctx.Queue(), ctx.Queue()
+            p = ctx.Process(target=_ipc_reader, args=(q_in, q_out, j))
+            p.start()
+            q_in.put(t)
+            try:
+                out[(i, j)] = q_out.get(timeout=90)
+            except Exception as e:  # noqa: BLE001
+                out[(i, j)] = f"no answer: {e}"
+            p.join(timeout=30)
+    return out
+
+
+WATCHED = ("CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "LD_PRELOAD", "LD_LIBRARY_PATH", "CUDA_DEVICE_ORDER",
+           "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
+           "OMP_NUM_THREADS", "HOME", "PATH")
+
+
+def _actor_env() -> dict:
+    import os as _os
+
+    return {k: _os.environ.get(k) for k in _os.environ if k in WATCHED or k.startswith("NCCL_")}
+
+
+def ray_env_diff(with_gpu: bool) -> dict[str, tuple[str | None, str | None]]:
+    """What a Ray actor (holding one GPU, if any) sees that a plain process does not, and vice versa."""
+    import ray
+
+    owns = not ray.is_initialized()
+    if owns:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        actor_env = ray.get(ray.remote(num_gpus=1 if with_gpu else 0)(_actor_env).remote())
+    finally:
+        if owns:
+            ray.shutdown()
+    plain = {k: os.environ.get(k) for k in os.environ if k in WATCHED or k.startswith("NCCL_")}
+    names = set(plain) | set(actor_env)
+    return {k: (plain.get(k), actor_env.get(k)) for k in names if plain.get(k) != actor_env.get(k)}
