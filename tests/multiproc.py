@@ -54,7 +54,8 @@ def run_ranks(fn, world: int, *args, env: dict[str, str] | None = None, timeout:
             rank, status, value = q.get(timeout=timeout)
             results[rank] = (status, value)
     except queue.Empty:
-        raise TimeoutError(f"ranks {sorted(set(range(world)) - set(results))} did not finish in {timeout}s")
+        missing = sorted(set(range(world)) - set(results))
+        raise TimeoutError(f"ranks {missing} did not finish in {timeout}s") from None
     finally:
         for p in procs:
             p.join(timeout=30)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import HAS_CUDA
+
 from tpfleet.attention.backend import AttentionMetadata
 from tpfleet.attention.torch_ref import TorchReferenceBackend
 

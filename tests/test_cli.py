@@ -36,8 +36,10 @@ def test_make_model_writes_a_sharded_hf_checkpoint(tmp_path):
 
 def test_presets_are_deterministic_per_seed(tmp_path):
     a, b, c = (make_model("tiny", tmp_path / n, seed=s) for n, s in (("a", 0), ("b", 0), ("c", 1)))
-    read = lambda d: safe_open(str(next(d.glob("model-00001-*"))), "pt").get_tensor("model.embed_tokens.weight")
-    assert read(a).equal(read(b)) and not read(a).equal(read(c))
+    def embedding(d):
+        return safe_open(str(next(d.glob("model-00001-*"))), "pt").get_tensor("model.embed_tokens.weight")
+
+    assert embedding(a).equal(embedding(b)) and not embedding(a).equal(embedding(c))
 
 
 def test_demo_runs_and_leaves_no_process(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import NUM_GPUS
 from multiproc import run_ranks
 
@@ -127,7 +126,6 @@ def _uuids_and_sum(rank, world):
 
 
 def test_remapped_visible_devices_resolve_to_the_right_uuids():
-    import os
 
     from tpfleet.devices import local_uuid
 

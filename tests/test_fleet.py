@@ -114,7 +114,7 @@ def test_a_rank_killed_during_startup_is_diagnosed_fast(tiny_model, tmp_path, si
     killed_at = next(ts for ts, _, ev, _ in events if ev == "ranks_started")
     assert time.monotonic() - killed_at < 5 + 3  # diagnosed within 5 s (+ the teardown that follows)
     text = str(e.value)
-    assert f"rank 1" in text and f"killed by {name}" in text
+    assert "rank 1" in text and f"killed by {name}" in text
     assert "engine 0 failed" in text and "phase" in text and "last lines of" in text
     if name == "SIGKILL":
         assert "OOM" in text
@@ -290,7 +290,7 @@ def test_launch_cli_serves_a_router_and_tears_down_on_sigterm(tiny_model, tmp_pa
             url = line.split()[3]
             break
     assert url, "".join(lines)
-    assert any("startup s" in l for l in lines) and any("kv_cache_allocated" in l for l in lines)
+    assert any("startup s" in line for line in lines) and any("kv_cache_allocated" in line for line in lines)
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     proc.send_signal(signal.SIGTERM)

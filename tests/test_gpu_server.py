@@ -7,8 +7,8 @@ import signal
 
 import httpx
 import pytest
-
 from conftest import NUM_GPUS
+
 from tpfleet.demo import process_family, start_server, wait_gone
 
 pytestmark = pytest.mark.gpu
@@ -25,7 +25,7 @@ def test_cuda_bf16_server_generates_streams_and_stops_clean(tiny_model, tp):
         outs = httpx.post(f"{url}/generate", json=body, timeout=60).json()
         assert [o["meta_info"]["completion_tokens"] for o in outs] == [16, 16]
         with httpx.stream("POST", f"{url}/generate", json={**body, "text": body["text"][0], "stream": True}) as r:
-            events = [l[6:] for l in r.iter_lines() if l.startswith("data: ")]
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["output_ids"] == outs[0]["output_ids"]
         assert httpx.get(f"{url}/health_generate", timeout=30).status_code == 200

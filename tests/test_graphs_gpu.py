@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import NUM_GPUS
+
 from tpfleet.config import EngineConfig
 from tpfleet.engine.llm_engine import LLMEngine
 from tpfleet.engine.sequence import SamplingParams

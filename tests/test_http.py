@@ -98,7 +98,7 @@ BAD = [
     ('{"input_ids": [1, 2, 1001]}', "input_ids"),
     ('{"input_ids": [-4]}', "input_ids"),
     ('{"input_ids": [[1, 2], [3, 999999]]}', "input_ids[1]"),
-    ('{"input_ids": %s}' % list(range(1, 5000)), "input_ids"),  # longer than the 4096 context
+    (f'{{"input_ids": {list(range(1, 5000))}}}', "input_ids"),  # longer than the 4096 context
     ('{"text": "hi", "sampling_params": {"max_new_tokens": -1}}', "sampling_params.max_new_tokens"),
     ('{"text": "hi", "sampling_params": {"max_new_tokens": 100000000}}', "sampling_params.max_new_tokens"),
     ('{"text": "hi", "sampling_params": {"max_new_tokens": "many"}}', "sampling_params.max_new_tokens"),
@@ -144,7 +144,7 @@ def test_client_disconnect_mid_stream_aborts_and_frees_blocks(server):
             "sampling_params": {"max_new_tokens": 3000, "temperature": 0, "ignore_eos": True}}
     with httpx.stream("POST", f"{server}/generate", json=body) as r:
         lines = r.iter_lines()
-        assert next(l for l in lines if l.startswith("data: "))
+        assert next(line for line in lines if line.startswith("data: "))
         assert info(server)["num_running_reqs"] == 1
     # 3000 tokens take far longer than this wait: only an abort makes the server idle this soon.
     i = wait_idle(server, timeout=5)
@@ -165,9 +165,9 @@ def test_abort_request_by_rid_ends_the_stream(server):
             "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}
     with httpx.stream("POST", f"{server}/generate", json=body, timeout=30) as r:
         events = r.iter_lines()
-        next(l for l in events if l.startswith("data: "))
+        next(line for line in events if line.startswith("data: "))
         assert httpx.post(f"{server}/abort_request", json={"rid": "abort-me"}).status_code == 200
-        rest = [l[6:] for l in events if l.startswith("data: ")]
+        rest = [line[6:] for line in events if line.startswith("data: ")]
     assert rest[-1] == "[DONE]"
     last = json.loads(rest[-2])
     assert last["meta_info"]["finish_reason"]["type"] == "abort"
@@ -203,3 +203,23 @@ def test_metrics_count_tokens_and_latencies(server):
     for name in ("tpfleet_prompt_tokens_total", "tpfleet_num_running_reqs", "tpfleet_num_queue_reqs",
                  "tpfleet_kv_cache_usage", "tpfleet_time_per_output_token_seconds_bucket"):
         assert name in text
+
+
+def test_colocation_endpoints_refuse_while_busy_release_and_resume(server):
+    body = {"text": "Busy", "rid": "busy-1", "stream": True,
+            "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}
+    with httpx.stream("POST", f"{server}/generate", json=body, timeout=30) as r:
+        lines = r.iter_lines()  # keep it referenced: a discarded iterator closes the stream
+        next(line for line in lines if line.startswith("data: "))
+        busy = httpx.post(f"{server}/release_memory_occupation", json={}, timeout=30)
+        assert busy.status_code == 400 and "in flight" in busy.json()["error"]["message"], busy.text
+        httpx.post(f"{server}/abort_request", json={"rid": "busy-1"})
+    wait_idle(server)
+    rel = httpx.post(f"{server}/release_memory_occupation", json={"tags": ["kv_cache"]}, timeout=30).json()
+    assert rel["success"] and rel["released_tensor_bytes"] > 0 and len(rel["ranks"]) == 2
+    during = httpx.post(f"{server}/generate", json={"text": "hi"})
+    assert during.status_code == 503 and "resume" in during.json()["error"]["message"]
+    assert httpx.post(f"{server}/resume_memory_occupation", json={"tags": ["kv_cache"]}, timeout=30).status_code == 200
+    assert httpx.post(f"{server}/generate", json={"text": "hi", "sampling_params": GREEDY}).status_code == 200
+    bad = httpx.post(f"{server}/update_weights_from_disk", json={"model_path": "/nonexistent/model"}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "model_path"

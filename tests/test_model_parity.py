@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES, NUM_GPUS
 from transformers import AutoModelForCausalLM
 
-from conftest import DEVICES, NUM_GPUS
 from tpfleet.config import EngineConfig
 from tpfleet.engine.llm_engine import LLMEngine
 from tpfleet.engine.sequence import SamplingParams

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
-import time
 
 import psutil
-import pytest
 
 from tpfleet.warmup.markers import MarkerStore, marker_key, sources_hash
 from tpfleet.warmup.runner import RESULT_PREFIX, Job, run_job, run_warmup
@@ -83,7 +80,7 @@ def test_last_log_lines_are_printed_on_every_path(tmp_path):
 
 
 def test_timeout_and_crash_marker_kill_the_whole_process_group(tmp_path):
-    grandchild = f"""
+    grandchild = """
 import subprocess
 p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
 (cache / 'grandchild.pid').write_text(str(p.pid))

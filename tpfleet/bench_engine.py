@@ -167,8 +167,6 @@ def hf_baseline(model_dir: str, lens: list[tuple[int, int]], batches: tuple[int,
         t += generate([p for p, _ in part], max(n for _, n in part))
     wanted = sum(n for _, n in lens)
     out["offline"] = {"seconds": t, "output_tokens": wanted, "output_tok_s": wanted / t, "chunk": chunk}
-    del model
-    torch.cuda.empty_cache()
     return out
 
 

@@ -132,7 +132,8 @@ def _requests(url: str) -> None:
     again = post(f"{url}/generate", {"text": long_prompt, "sampling_params": {"max_new_tokens": 4}})
     print(f"prefix cache: the same {first['meta_info']['prompt_tokens']}-token prompt twice: "
           f"{first['meta_info']['cached_tokens']} then {again['meta_info']['cached_tokens']} tokens served from "
-          f"cache ({first['meta_info']['e2e_latency'] * 1000:.0f} ms, then {again['meta_info']['e2e_latency'] * 1000:.0f} ms)")
+          f"cache ({first['meta_info']['e2e_latency'] * 1000:.0f} ms, "
+          f"then {again['meta_info']['e2e_latency'] * 1000:.0f} ms)")
 
     t = time.perf_counter()
     c = post(f"{url}/v1/chat/completions", {"messages": [{"role": "user", "content": "Write a short poem."}],

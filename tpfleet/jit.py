@@ -27,8 +27,9 @@ class JitUnavailable(RuntimeError):
 
 
 def cache_root() -> Path:
-    root = os.environ.get("TPFLEET_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tpfleet"
-    return Path(root)
+    if os.environ.get("TPFLEET_CACHE_DIR"):
+        return Path(os.environ["TPFLEET_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tpfleet"
 
 
 @dataclass
@@ -69,7 +70,8 @@ class BuildSpec:
 
     def key(self, compiler_version: str) -> str:
         h = hashlib.sha256()
-        for part in (self.source.read_bytes(), self.arch.encode(), compiler_version.encode(), " ".join(self.flags).encode()):
+        parts = (self.source.read_bytes(), self.arch.encode(), compiler_version.encode(), " ".join(self.flags).encode())
+        for part in parts:
             h.update(part)
             h.update(b"\0")
         return h.hexdigest()[:16]

@@ -45,11 +45,11 @@ class DispatchTable:
         return {"rows": {m: [list(r) for r in rows] for m, rows in self.rows.items()}, "default": self.default}
 
     @classmethod
-    def from_json(cls, d: dict) -> "DispatchTable":
+    def from_json(cls, d: dict) -> DispatchTable:
         return cls({m: [(int(b), n) for b, n in rows] for m, rows in d["rows"].items()}, d["default"])
 
     @classmethod
-    def from_timings(cls, timings: dict[str, dict[str, dict[int, float]]], default: str = "nccl") -> "DispatchTable":
+    def from_timings(cls, timings: dict[str, dict[str, dict[int, float]]], default: str = "nccl") -> DispatchTable:
         """timings[mode][backend][size] = seconds. Each size goes to its fastest backend; adjacent
         sizes with the same winner merge into one row."""
         table = cls(default=default)

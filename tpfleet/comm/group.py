@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 class TPGroup:
     def __init__(self, rank: int, world_size: int, device: torch.device, pg: dist.ProcessGroup | None,
-                 comm: "Communicator | None" = None):
+                 comm: Communicator | None = None):
         self.rank = rank
         self.world_size = world_size
         self.device = device

@@ -30,7 +30,9 @@ def report(f: Facts, findings) -> str:
                     else:
                         link = f.p2p.get((min(i, j), max(i, j)), "?")
                         ipc = f.ipc.get((i, j))
-                        cells.append(f"{link + ('' if ipc is None else '/ipc-' + ('ok' if ipc == 'ok' else 'FAIL')):>10}")
+                        if ipc is not None:
+                            link += "/ipc-" + ("ok" if ipc == "ok" else "FAIL")
+                        cells.append(f"{link:>10}")
                 lines.append(f"  {i:>4} " + "".join(cells))
         cvd = f.env.get("CUDA_VISIBLE_DEVICES")
         try:

@@ -48,7 +48,8 @@ def check(f: Facts) -> list[Finding]:
                            "set NCCL_NVLS_ENABLE=0 (tpfleet sets it for its own processes)"))
     if not _truthy(env.get("TORCH_SYMM_MEM_DISABLE_MULTICAST")) and f.gpus:
         out.append(Finding("warn", "symm-mem-multicast", "PyTorch symmetric memory may use NVLink multicast "
-                           "(TORCH_SYMM_MEM_DISABLE_MULTICAST is not set)", "export TORCH_SYMM_MEM_DISABLE_MULTICAST=1"))
+                           "(TORCH_SYMM_MEM_DISABLE_MULTICAST is not set)",
+                           "export TORCH_SYMM_MEM_DISABLE_MULTICAST=1"))
 
     conf = env.get("PYTORCH_CUDA_ALLOC_CONF", "")
     if "expandable_segments:true" in conf.replace(" ", "").lower():

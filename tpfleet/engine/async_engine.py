@@ -141,12 +141,17 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
+        def settle(result=None, error: BaseException | None = None) -> None:
+            if not fut.done():
+                fut.set_result(result) if error is None else fut.set_exception(error)
+
         def job():
             try:
                 result = fn()
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
             except Exception as e:  # noqa: BLE001 - handed to the caller
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+                loop.call_soon_threadsafe(settle, None, e)
+            else:
+                loop.call_soon_threadsafe(settle, result)
 
         self._post(job)
         return await fut

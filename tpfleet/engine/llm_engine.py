@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import traceback
 import uuid
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -116,20 +117,20 @@ class LLMEngine:
     # --- every rank at once: memory and weights, for colocation with a trainer -------------------
 
     def call_all(self, method: str, *args) -> list:
-        """Run a ModelRunner method on every rank; results in rank order. A rank's failure raises."""
+        """Run a ModelRunner method on every rank; results in rank order. Every rank's answer is
+        collected before any failure is raised, so the pipes never hold a stale reply."""
         for _, conn in self.workers:
             conn.send((method, args))
-        results = [getattr(self.runner, method)(*args)]
-        errors = []
-        for rank, (_, conn) in enumerate(self.workers, start=1):
-            status, value = conn.recv()
-            if status == "ok":
-                results.append(value)
-            else:
-                errors.append(f"rank {rank}:\n{value}")
+        try:
+            replies = [("ok", getattr(self.runner, method)(*args))]
+        except Exception:  # noqa: BLE001 - reported with the others below
+            replies = [("error", traceback.format_exc())]
+        replies += [conn.recv() for _, conn in self.workers]
+        errors = [f"rank {r}: {value.strip().splitlines()[-1]}" for r, (status, value) in enumerate(replies)
+                  if status != "ok"]
         if errors:
-            raise RuntimeError(f"{method} failed on " + "\n".join(errors))
-        return results
+            raise RuntimeError(f"{method} failed: " + "; ".join(errors))
+        return [value for _, value in replies]
 
     def release_memory(self, tags: list[str]) -> list[dict]:
         if self.scheduler.has_work():

@@ -19,11 +19,11 @@ from tpfleet.attention.backend import AttentionMetadata, get_backend
 from tpfleet.comm.group import TPGroup, init_tp_group
 from tpfleet.config import EngineConfig
 from tpfleet.devices import DeviceError, local_uuid
-from tpfleet.jit import STATS as JIT_STATS
 from tpfleet.engine.cuda_graphs import capture as capture_graphs
 from tpfleet.engine.scheduler import ScheduledSeq
-from tpfleet.model.config import ModelConfig, parse_dtype
 from tpfleet.engine.weight_sync import deserialize_named_tensors
+from tpfleet.jit import STATS as JIT_STATS
+from tpfleet.model.config import ModelConfig, parse_dtype
 from tpfleet.model.loader import load_named_tensors, load_weights
 from tpfleet.model.qwen3 import Qwen3ForCausalLM
 from tpfleet.phases import report_phase
@@ -64,7 +64,7 @@ class ModelInput:
     logits_indices: list[int]  # token rows whose logits are sampled
 
     @classmethod
-    def build(cls, batch: list[ScheduledSeq], block_size: int) -> "ModelInput":
+    def build(cls, batch: list[ScheduledSeq], block_size: int) -> ModelInput:
         inp = cls([], [], [], [], [], [], 0, [])
         for s in batch:
             seq, start = s.seq, s.seq.num_computed_tokens

@@ -242,7 +242,7 @@ class Fleet:
         self._spawner.shutdown(wait=False)
         return reports
 
-    def __enter__(self) -> "Fleet":
+    def __enter__(self) -> Fleet:
         self.start()
         return self
 

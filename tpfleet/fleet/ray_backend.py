@@ -137,8 +137,10 @@ class RayEngines:
         self.groups = [placement_group([bundle], strategy="STRICT_PACK") for _ in range(cfg.engines)]
         ray.get([g.ready() for g in self.groups], timeout=cfg.startup_timeout_s)
         actor_cls = ray.remote(EngineActor)
-        self.actors = [actor_cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            placement_group=g, placement_group_bundle_index=0)).remote() for g in self.groups]
+        self.actors = [
+            actor_cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=g, placement_group_bundle_index=0)).remote()
+            for g in self.groups]
         facts = ray.get([a.describe.remote() for a in self.actors])
         engines = []
         for e, f in enumerate(facts):
