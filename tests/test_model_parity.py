@@ -53,21 +53,24 @@ def record_logits(engine: LLMEngine) -> list[torch.Tensor]:
     return seen
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_logits_match_transformers_prefill_and_decode(tiny_model, device):
-    dtype = "float32"
-    engine = LLMEngine(EngineConfig(model=str(tiny_model), device=device, dtype=dtype))
+def engine_and_reference_logits(model, device: str, dtype: str):
+    """Logits the engine sampled from (prefill's last token, then each decode step), and transformers'
+    float32 logits at the same positions of the same token sequence."""
+    engine = LLMEngine(EngineConfig(model=str(model), device=device, dtype=dtype))
     try:
         seen = record_logits(engine)
         ids = engine.tokenizer(PROMPTS[1]).input_ids
         [gen] = run_greedy(engine, [ids], 6)
     finally:
         engine.shutdown()
-    ref = hf_model(tiny_model, device)
     with torch.no_grad():
-        full = ref(torch.tensor([ids + gen], device=device)).logits[0].float().cpu()
-    ours = torch.cat(seen)  # one row per step: the prefill's last token, then each decode
-    expected = full[len(ids) - 1: len(ids) - 1 + len(gen)]
+        full = hf_model(model, device)(torch.tensor([ids + gen], device=device)).logits[0].float().cpu()
+    return torch.cat(seen), full[len(ids) - 1: len(ids) - 1 + len(gen)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logits_match_transformers_prefill_and_decode(tiny_model, device):
+    ours, expected = engine_and_reference_logits(tiny_model, device, "float32")
     assert ours.shape == expected.shape
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
@@ -98,18 +101,7 @@ def test_tied_embeddings_match_transformers(tied_model):
 @pytest.mark.gpu
 def test_bf16_on_gpu_stays_close_to_float32_reference(tiny_model):
     """bf16 rounds differently from any reference, so compare logits within bf16's error, not tokens."""
-    engine = LLMEngine(EngineConfig(model=str(tiny_model), device="cuda", dtype="bfloat16"))
-    try:
-        seen = record_logits(engine)
-        ids = engine.tokenizer(PROMPTS[1]).input_ids
-        [gen] = run_greedy(engine, [ids], 6)
-    finally:
-        engine.shutdown()
-    ref = hf_model(tiny_model, "cuda")
-    with torch.no_grad():
-        full = ref(torch.tensor([ids + gen], device="cuda")).logits[0].float().cpu()
-    ours = torch.cat(seen)
-    expected = full[len(ids) - 1: len(ids) - 1 + len(gen)]
+    ours, expected = engine_and_reference_logits(tiny_model, "cuda", "bfloat16")
     rel = (ours - expected).norm() / expected.norm()
     assert rel < 3e-2, f"relative error {rel:.3g}"
 

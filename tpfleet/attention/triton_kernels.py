@@ -24,6 +24,28 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _kv_tile(k_cache, v_cache, table, tok, valid, kvh, d, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+             PAGE: tl.constexpr):
+    """Keys and values of tokens `tok` of one sequence (its block table row `table`), one kv head."""
+    page = tl.load(table + tok // PAGE, mask=valid, other=0)
+    row = (page * PAGE + tok % PAGE) * KV_HEADS + kvh
+    kt = tl.load(k_cache + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+    vt = tl.load(v_cache + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+    return kt, vt
+
+
+@triton.jit
+def _softmax_update(qk, vt, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One step of online softmax: fold a tile of (masked) scores and its values into the running state."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE).to(tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _store_kv_kernel(k, v, k_cache, v_cache, slot_mapping, ROW: tl.constexpr, ROW_PAD: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t)
@@ -66,18 +88,10 @@ def _decode_partial_kernel(q, k_cache, v_cache, block_tables, context_lens, part
     for s in range(start, end, BLOCK_N):
         tok = s + n
         valid = tok < end
-        page = tl.load(block_tables + b * stride_bt + tok // PAGE, mask=valid, other=0)
-        row = (page * PAGE + tok % PAGE) * KV_HEADS + kvh
-        kt = tl.load(k_cache + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
-        vt = tl.load(v_cache + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+        kt, vt = _kv_tile(k_cache, v_cache, block_tables + b * stride_bt, tok, valid, kvh, d, KV_HEADS, HEAD_DIM, PAGE)
         qk = _dot(qv, tl.trans(kt), IEEE).to(tl.float32) * scale
         qk = tl.where(valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE).to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_update(qk, vt, m_i, l_i, acc, IEEE)
     out_row = (b * KV_HEADS * GROUP + heads) * SPLITS + split
     has = l_i > 0
     tl.store(part_out + out_row[:, None] * HEAD_DIM + d[None, :], acc / tl.where(has, l_i, 1.0)[:, None],
@@ -143,18 +157,11 @@ def _extend_kernel(q, k_cache, v_cache, out, block_tables, context_lens, query_s
     for s in range(0, kv_end, BLOCK_N):
         tok = s + n
         valid = tok < kv_end
-        page = tl.load(block_tables + seq * stride_bt + tok // PAGE, mask=valid, other=0)
-        row = (page * PAGE + tok % PAGE) * KV_HEADS + kvh
-        kt = tl.load(k_cache + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
-        vt = tl.load(v_cache + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+        kt, vt = _kv_tile(k_cache, v_cache, block_tables + seq * stride_bt, tok, valid, kvh, d, KV_HEADS, HEAD_DIM,
+                          PAGE)
         qk = _dot(qv, tl.trans(kt), IEEE).to(tl.float32) * scale
         qk = tl.where(valid[None, :] & (tok[None, :] <= q_pos[:, None]), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE).to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_update(qk, vt, m_i, l_i, acc, IEEE)
     res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out + ((q0 + m) * HEADS + h)[:, None] * HEAD_DIM + d[None, :], res.to(out.dtype.element_ty),
              mask=q_ok[:, None])
