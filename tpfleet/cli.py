@@ -92,12 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     dm.add_argument("--workdir", default=None, help="where to build the model (default: a fresh temp dir)")
 
     bench = sub.add_parser("bench", help="benchmarks (GPU)").add_subparsers(dest="what", required=True)
-    bd = bench.add_parser("decode", help="smoke benchmark: decode tokens/s at given batch sizes")
+    bd = bench.add_parser("decode", help="smoke benchmark: decode step time and tokens/s at given batch sizes")
     _engine_args(bd)
     bd.add_argument("--batch-sizes", default="1,64")
     bd.add_argument("--input-len", type=int, default=128)
-    bd.add_argument("--output-len", type=int, default=128)
-    bd.add_argument("--json", default=None, help="also write the results here")
     be = bench.add_parser("engine", help="decode latency, offline throughput, vs transformers and the floor")
     _engine_args(be)
     be.add_argument("--num-seqs", type=int, default=256)
@@ -159,17 +157,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(a.tp, a.workdir)
     elif a.cmd == "bench" and a.what == "decode":
-        from tpfleet.bench_decode import bench_decode
+        from tpfleet.bench.engine import bench_decode
 
-        bench_decode(engine_config(a), [int(b) for b in a.batch_sizes.split(",")], a.input_len, a.output_len, a.json)
+        bench_decode(engine_config(a), [int(b) for b in a.batch_sizes.split(",")], a.input_len)
     elif a.cmd == "bench" and a.what == "engine":
-        from tpfleet.bench_engine import bench_engine
+        from tpfleet.bench.engine import bench_engine
 
         bench_engine(engine_config(a), a.out, a.num_seqs, with_hf=not a.no_hf)
     elif a.cmd == "bench" and a.what == "allreduce":
         import torch
 
-        from tpfleet.comm.bench import bench_allreduce
+        from tpfleet.bench.allreduce import bench_allreduce
 
         bench_allreduce(a.nproc, a.out, getattr(torch, a.dtype))
     return 0

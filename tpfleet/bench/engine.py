@@ -44,6 +44,11 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
+def _sync(engine: LLMEngine) -> None:
+    if engine.runner.device.type == "cuda":
+        torch.cuda.synchronize(engine.runner.device)
+
+
 def _random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(vocab) for _ in range(n)]
 
@@ -57,7 +62,7 @@ def decode_latency(engine: LLMEngine, bs: int, prompt_len: int = 128, steps: int
         engine.step()
     times = []
     for _ in range(steps):
-        torch.cuda.synchronize()
+        _sync(engine)
         t = time.perf_counter()
         engine.step()  # sampling's .tolist() synchronises
         times.append(time.perf_counter() - t)
@@ -65,6 +70,22 @@ def decode_latency(engine: LLMEngine, bs: int, prompt_len: int = 128, steps: int
         engine.abort(s.rid)
     ctx = prompt_len + steps // 2
     return {"batch": bs, "step_ms": 1e3 * statistics.median(times), "mean_context": ctx}
+
+
+def bench_decode(cfg: EngineConfig, batch_sizes: list[int], prompt_len: int = 128) -> list[dict]:
+    """The smoke benchmark: median decode step time at each batch size, nothing else."""
+    engine = LLMEngine(cfg)
+    try:
+        rows = []
+        for bs in batch_sizes:
+            row = decode_latency(engine, bs, prompt_len)
+            row["tokens_per_s"] = bs * 1e3 / row["step_ms"]
+            rows.append(row)
+            print(f"batch {bs:4d}: {row['step_ms']:8.2f} ms/step  {row['tokens_per_s']:10.1f} tokens/s", flush=True)
+            engine.flush_cache()
+        return rows
+    finally:
+        engine.shutdown()
 
 
 def floor_ms(engine: LLMEngine, bs: int, ctx: int, bandwidth: float) -> float:
