@@ -36,7 +36,6 @@ RANK_EXIT_PREFIX = "tpfleet rank-exit:"  # parsed by the fleet's diagnostics
 @dataclass
 class StepOutput:
     seq: Sequence
-    new_token_id: int
     new_text: str
 
 
@@ -65,8 +64,7 @@ class LLMEngine:
             if status != "ready":
                 raise RuntimeError(f"rank {rank} failed to start:\n{info}")
         self.model_config = self.runner.model_config
-        self.context_length = min(cfg.context_length or self.model_config.max_position_embeddings,
-                                  self.model_config.max_position_embeddings)
+        self.context_length = self.runner.context_length
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.max_seq_len = min(self.context_length, self.runner.num_blocks * cfg.block_size)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
@@ -187,7 +185,7 @@ class LLMEngine:
             del self.seqs[seq.rid], self.detoks[seq.rid]
         new_text = detok.take(final=reason is not None)
         seq.output_text += new_text
-        return StepOutput(seq, token_id, new_text)
+        return StepOutput(seq, new_text)
 
     # --- lifecycle --------------------------------------------------------------------------------
 

@@ -94,6 +94,8 @@ class ModelRunner:
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.tp_size))
         self.model_config = ModelConfig.from_dir(cfg.model)
+        max_pos = self.model_config.max_position_embeddings
+        self.context_length = min(cfg.context_length or max_pos, max_pos)
         self.dtype = self.model_config.dtype if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
         self.tp: TPGroup = init_tp_group(rank, cfg.tp_size, self.device, "127.0.0.1", store_port, store, self.dtype,
                                          cfg.enable_custom_all_reduce, cfg.enable_symm_mem)
@@ -126,11 +128,10 @@ class ModelRunner:
 
     def _capture_graphs(self) -> None:
         cfg = self.cfg
-        context = min(cfg.context_length or self.model_config.max_position_embeddings,
-                      self.model_config.max_position_embeddings)
-        self.decode_graphs = self.piecewise_graphs = None
+        self.decode_graphs = self.piecewise_graphs = None  # free the old ones before capturing anew
+        max_blocks = -(-self.context_length // cfg.block_size)
         self.decode_graphs, self.piecewise_graphs, stats = capture_graphs(
-            self.model, self.device, cfg.block_size, min(cfg.max_num_seqs, 512), -(-context // cfg.block_size),
+            self.model, self.device, cfg.block_size, min(cfg.max_num_seqs, 512), max_blocks,
             cfg.max_num_batched_tokens, cfg.resolved_graph_mode, show_progress=self.rank == 0)
         self.timings["graph_capture_s"] = stats["seconds"]
         if self.rank == 0:

@@ -12,8 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from tpfleet import __version__
-from tpfleet.engine.async_engine import AsyncEngine, EngineUnavailable, RequestOutput
 from tpfleet.engine.sequence import InvalidRequest, SamplingParams
+from tpfleet.server.async_engine import AsyncEngine, EngineUnavailable, RequestOutput
 from tpfleet.server.http_utils import (
     JSONBodyMiddleware,
     error_response,

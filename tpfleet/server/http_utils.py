@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from tpfleet.engine.async_engine import RequestOutput
+from tpfleet.server.async_engine import RequestOutput
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:

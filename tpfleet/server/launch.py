@@ -16,10 +16,10 @@ import time
 import uvicorn
 
 from tpfleet.config import EngineConfig
-from tpfleet.engine.async_engine import AsyncEngine
 from tpfleet.engine.llm_engine import LLMEngine
 from tpfleet.phases import report_phase
 from tpfleet.server.app import create_app
+from tpfleet.server.async_engine import AsyncEngine
 
 READY_PREFIX = "tpfleet ready:"
 

@@ -9,8 +9,8 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tpfleet.engine.async_engine import AsyncEngine, RequestOutput
 from tpfleet.engine.sequence import InvalidRequest
+from tpfleet.server.async_engine import AsyncEngine, RequestOutput
 from tpfleet.server.http_utils import last_output, merge, sse, unless_disconnected
 from tpfleet.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAISampling
 

@@ -77,9 +77,7 @@ class AsyncEngine:
                     except queue.Empty:
                         break
                 if self.engine.has_work():
-                    t0 = time.perf_counter()
-                    outputs = self.engine.step()
-                    self._publish(outputs, t0)
+                    self._publish(self.engine.step())
                 else:
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -90,7 +88,7 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(q.put_nowait, EngineDead(self.error.splitlines()[-1]))
             self._streams.clear()
 
-    def _publish(self, outputs, t0: float) -> None:
+    def _publish(self, outputs) -> None:
         now = time.perf_counter()
         m = self.metrics
         sched = self.engine.scheduler
