@@ -58,11 +58,15 @@ class LLMEngine:
         if self.workers:
             threading.Thread(target=self._watch_workers, name="tpfleet-watchdog", daemon=True).start()
 
-        self.runner = ModelRunner(cfg, 0, store.port if store else 0, store)
-        for rank, (proc, conn) in enumerate(self.workers, start=1):
-            status, info = conn.recv()
-            if status != "ready":
-                raise RuntimeError(f"rank {rank} failed to start:\n{info}")
+        try:
+            self.runner = ModelRunner(cfg, 0, store.port if store else 0, store)
+            for rank, (proc, conn) in enumerate(self.workers, start=1):
+                status, info = conn.recv()
+                if status != "ready":
+                    raise RuntimeError(f"rank {rank} failed to start:\n{info}")
+        except BaseException:
+            self._stop_workers()  # rank 0's own error is the story: no watchdog report of the others
+            raise
         self.model_config = self.runner.model_config
         self.context_length = self.runner.context_length
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -205,6 +209,12 @@ class LLMEngine:
             if p.is_alive():
                 p.kill()
         os._exit(70)
+
+    def _stop_workers(self) -> None:
+        self._stopping = True
+        for proc, _ in self.workers:
+            proc.kill()
+            proc.join(timeout=10)
 
     def shutdown(self) -> None:
         self._stopping = True
