@@ -7,20 +7,12 @@ and exits when the pipe closes, so it can never outlive the engine that started 
 
 from __future__ import annotations
 
-import ctypes
 import signal
-import sys
 import traceback
 from multiprocessing.connection import Connection
 
 from tpfleet.config import EngineConfig
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+from tpfleet.lifecycle import die_with_parent
 
 
 def worker_main(cfg: EngineConfig, rank: int, store_port: int, conn: Connection) -> None:

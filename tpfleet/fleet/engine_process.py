@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,11 +25,17 @@ from tpfleet.engine.llm_engine import RANK_EXIT_PREFIX
 from tpfleet.fleet import processes
 from tpfleet.fleet.diagnostics import EngineFailure, cgroup_oom_kills, describe_exit, is_crash_line, oom_evidence
 from tpfleet.fleet.placement import EnginePlacement
+from tpfleet.lifecycle import die_with_parent
 from tpfleet.phases import parse_phase
 from tpfleet.server.launch import READY_PREFIX
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
             "PYTHONUNBUFFERED": "1"}
+
+
+def _engine_dies_with_launcher() -> None:
+    """Popen's preexec_fn: SIGTERM (a clean stop) if the launcher dies, even by SIGKILL."""
+    die_with_parent(signal.SIGTERM)
 
 
 class State(enum.Enum):
@@ -87,7 +94,7 @@ class EngineProcess:
         self._oom_before = cgroup_oom_kills()
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True, preexec_fn=processes.die_with_parent)
+                                     start_new_session=True, preexec_fn=_engine_dies_with_launcher)
         log.close()
         self.phase = "starting"
         self.on_event(self.engine, "spawned", {"pid": self.proc.pid, "log": str(self.log_path)})

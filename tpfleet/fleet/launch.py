@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import uvicorn
 
 from tpfleet.fleet.diagnostics import EngineFailure
 from tpfleet.fleet.fleet import Fleet, FleetConfig, StaleGPUProcesses
 from tpfleet.fleet.router import create_router_app
+from tpfleet.lifecycle import sigterm_as_interrupt
 from tpfleet.server.launch import bind_socket, url_of
 
 ROUTER_READY_PREFIX = "tpfleet router ready:"
@@ -20,13 +20,9 @@ def _progress(engine: int, event: str, info: dict) -> None:
     print(f"[engine {engine}] {event} {json.dumps(detail) if detail else ''}".rstrip(), flush=True)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def launch(cfg: FleetConfig, router_host: str = "127.0.0.1", router_port: int = 0) -> int:
     fleet = Fleet(cfg, on_event=_progress)
-    signal.signal(signal.SIGTERM, _interrupt)
+    sigterm_as_interrupt()
     try:
         try:
             infos = fleet.start()

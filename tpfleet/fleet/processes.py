@@ -7,21 +7,13 @@ reparented to init is still found.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
 import time
 
 import psutil
 
 MARKER_ENV = "TPFLEET_ENGINE_ID"
-
-
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """For Popen(preexec_fn=...): the engine gets `sig` if the launcher dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
 def members(sid: int, marker: str) -> list[psutil.Process]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -17,6 +16,7 @@ import uvicorn
 
 from tpfleet.config import EngineConfig
 from tpfleet.engine.llm_engine import LLMEngine
+from tpfleet.lifecycle import sigterm_as_interrupt
 from tpfleet.phases import report_phase
 from tpfleet.server.app import create_app
 from tpfleet.server.async_engine import AsyncEngine
@@ -43,10 +43,6 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 0, served_model_name: str | None = None,
           log_level: str = "warning") -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -67,7 +63,7 @@ def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 0, served_mode
 
         app = create_app(aengine, args, on_ready=ready)
         # uvicorn re-raises SIGTERM once it has shut down gracefully; make that a clean exit, not a kill.
-        signal.signal(signal.SIGTERM, _interrupt)
+        sigterm_as_interrupt()
         uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
     finally:
         aengine.shutdown()  # idempotent: normally the app's lifespan already did it
