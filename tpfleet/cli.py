@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ln.add_argument("--reap-stale", action="store_true", help="kill processes already holding the GPUs")
     ln.add_argument("--log-dir", default=None)
     ln.add_argument("--host", default="127.0.0.1", help="router address")
+    ln.add_argument("--engine-host", default="127.0.0.1",
+                    help="where engines listen; 'node' for each Ray node's IP when engines span machines")
     ln.add_argument("--port", type=int, default=0, help="router port (0: the kernel picks)")
     ln.add_argument("--engine-arg", action="append", default=[], help="extra `tpfleet serve` argument (repeat)")
 
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             model=a.model, engines=a.engines, tp=a.tp, device=a.device, backend=a.backend,
             gpus=[g for g in a.gpus.split(",") if g.strip()] or None, max_concurrent_starts=a.max_concurrent_starts,
             startup_timeout_s=a.startup_timeout, engine_args=a.engine_arg, log_dir=a.log_dir,
-            reap_stale=a.reap_stale, restart_budget=a.restart_budget), a.host, a.port)
+            reap_stale=a.reap_stale, restart_budget=a.restart_budget, host=a.engine_host), a.host, a.port)
     elif a.cmd == "warmup":
         from tpfleet.warmup.cli import warmup_command
 

@@ -10,7 +10,6 @@ placement plan, the start-up supervision and the diagnostics.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import tempfile
 import threading
@@ -23,13 +22,10 @@ import httpx
 
 from tpfleet.fleet.diagnostics import EngineFailure
 from tpfleet.fleet.engine_process import EngineProcess, State, TeardownReport
+from tpfleet.fleet.gpu_state import claim_gpus
 from tpfleet.fleet.placement import PlacementPlan, cpu_plan, plan_placement, select_gpus
 
 log = logging.getLogger("tpfleet.fleet")
-
-
-class StaleGPUProcesses(RuntimeError):
-    pass
 
 
 @dataclass
@@ -47,7 +43,7 @@ class FleetConfig:
     reap_stale: bool = False
     restart_budget: int = 3
     restart_backoff_s: float = 1.0
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # where engines listen; "node": the node's IP (Ray across machines)
     ray_address: str | None = None
     ray_logical_gpus: bool = False  # CPU engines that still claim GPUs from Ray (tests, dry runs)
     colocated_pids: list[int] = field(default_factory=list)  # processes sharing the GPUs on purpose (trainers)
@@ -105,33 +101,6 @@ class Fleet:
         gpus = select_gpus(cfg.gpus, visible_gpus())
         return plan_placement(gpus, cfg.engines, cfg.tp, socket.gethostname())
 
-    def _check_gpus(self, uuids: list[str]) -> None:
-        from tpfleet.fleet.gpu_state import memory_info, processes_on
-
-        own = {os.getpid(), *self.cfg.colocated_pids}  # a colocated trainer is meant to be there
-        stale = [p for p in processes_on(uuids) if p.pid not in own]
-        if stale and not self.cfg.reap_stale:
-            listing = "; ".join(f"pid {p.pid} on {p.uuid} holds {p.used_bytes / 2**30:.1f} GiB ({p.name})"
-                                for p in stale)
-            raise StaleGPUProcesses(f"GPUs are in use by other processes: {listing}. Stop them, or pass "
-                                    f"--reap-stale to kill them first")
-        if stale:
-            import psutil
-
-            procs = []
-            for p in stale:
-                try:
-                    procs.append(psutil.Process(p.pid))
-                    log.warning("reaping pid %d on %s (%s)", p.pid, p.uuid, p.name)
-                    procs[-1].terminate()
-                except psutil.Error:
-                    pass
-            _, alive = psutil.wait_procs(procs, timeout=10)
-            for p in alive:
-                p.kill()
-            time.sleep(1)
-        self.gpu_baseline = {u: used for u, (used, _) in memory_info(uuids).items()}
-
     # --- start ------------------------------------------------------------------------------------
 
     def _event(self, engine: int, event: str, info: dict) -> None:
@@ -142,15 +111,17 @@ class Fleet:
     def _new_engine(self, e: int):
         if self._ray is not None:
             return self._ray.engine(e)
-        return EngineProcess(e, self.plan.engines[e], self.cfg.serve_args(), self.log_dir, self.cfg.host,
-                             self._event)
+        host = socket.gethostbyname(socket.gethostname()) if self.cfg.host == "node" else self.cfg.host
+        return EngineProcess(e, self.plan.engines[e], self.cfg.serve_args(), self.log_dir, host, self._event)
 
     def start(self) -> list[EngineInfo]:
         cfg = self.cfg
         self.plan = self._make_plan()
         uuids = [u for e in self.plan.engines for u in e.uuids if not u.startswith("logical-")]
-        if uuids:
-            self._check_gpus(uuids)
+        if self._ray is not None:
+            self.gpu_baseline = self._ray.claim_gpus(cfg.reap_stale, set(cfg.colocated_pids))
+        elif uuids:
+            self.gpu_baseline = claim_gpus(uuids, cfg.reap_stale, set(cfg.colocated_pids))
         self.engines = [self._new_engine(e) for e in range(cfg.engines)]
         pending = list(self.engines)
         starting: dict[Future, object] = {}

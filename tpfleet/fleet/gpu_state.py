@@ -6,6 +6,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 
+class StaleGPUProcesses(RuntimeError):
+    pass
+
+
 @dataclass(frozen=True)
 class GPUProcess:
     uuid: str
@@ -49,3 +53,32 @@ def processes_on(uuids: list[str]) -> list[GPUProcess]:
                     name = "?"
                 out.append(GPUProcess(u, p.pid, name, p.usedGpuMemory or 0))
     return out
+
+
+def claim_gpus(uuids: list[str], reap: bool, allowed_pids: set[int]) -> dict[str, int]:
+    """Make sure no stray process holds these GPUs (refuse, or kill them when `reap`), then return
+    their memory in use as the baseline teardown must return to. Runs on the GPUs' own host."""
+    import os
+    import time
+
+    import psutil
+
+    allowed = allowed_pids | {os.getpid()}  # ourselves, and colocated trainers, are meant to be there
+    stale = [p for p in processes_on(uuids) if p.pid not in allowed]
+    if stale and not reap:
+        listing = "; ".join(f"pid {p.pid} on {p.uuid} holds {p.used_bytes / 2**30:.1f} GiB ({p.name})" for p in stale)
+        raise StaleGPUProcesses(f"GPUs are in use by other processes: {listing}. Stop them, or pass "
+                                f"--reap-stale to kill them first")
+    procs = []
+    for p in stale:
+        try:
+            procs.append(psutil.Process(p.pid))
+            procs[-1].terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        p.kill()
+    if stale:
+        time.sleep(1)  # let the driver release their memory before taking the baseline
+    return {u: used for u, (used, _) in memory_info(uuids).items()}

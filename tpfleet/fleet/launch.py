@@ -7,7 +7,8 @@ import json
 import uvicorn
 
 from tpfleet.fleet.diagnostics import EngineFailure
-from tpfleet.fleet.fleet import Fleet, FleetConfig, StaleGPUProcesses
+from tpfleet.fleet.fleet import Fleet, FleetConfig
+from tpfleet.fleet.gpu_state import StaleGPUProcesses
 from tpfleet.fleet.router import create_router_app
 from tpfleet.lifecycle import sigterm_as_interrupt
 from tpfleet.server.launch import bind_socket, url_of

@@ -33,6 +33,15 @@ class EngineActor:
         return {"host": socket.gethostname(), "ip": ray.util.get_node_ip_address(), "gpu_ids": ids,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "uuids": _uuids_of(ids)}
 
+    def claim_gpus(self, uuids: list[str], reap: bool, allowed_pids: set[int]) -> tuple[dict[str, int], str | None]:
+        """The stale-process check and memory baseline, on this actor's node (NVML is per host)."""
+        from tpfleet.fleet.gpu_state import StaleGPUProcesses, claim_gpus
+
+        try:
+            return claim_gpus(uuids, reap, allowed_pids), None
+        except StaleGPUProcesses as e:
+            return {}, f"{socket.gethostname()}: {e}"
+
     def start(self, engine: int, placement: EnginePlacement, serve_args: list[str], log_dir: str, host: str) -> int:
         self.proc = EngineProcess(engine, placement, serve_args, Path(log_dir), host,
                                   lambda e, ev, info: self.events.append((e, ev, info)))
@@ -151,6 +160,20 @@ class RayEngines:
             engines.append(EnginePlacement(e, host, ranks))
         self.facts = facts
         self.plan = PlacementPlan(tuple(engines))
+
+    def claim_gpus(self, reap: bool, allowed_pids: set[int]) -> dict[str, int]:
+        import ray
+
+        from tpfleet.fleet.gpu_state import StaleGPUProcesses
+
+        if self.cfg.device == "cpu":
+            return {}
+        answers = ray.get([a.claim_gpus.remote(e.uuids, reap, allowed_pids)
+                           for a, e in zip(self.actors, self.plan.engines)])
+        errors = [err for _, err in answers if err]
+        if errors:
+            raise StaleGPUProcesses("; ".join(errors))
+        return {u: used for baseline, _ in answers for u, used in baseline.items()}
 
     def engine(self, e: int) -> RayEngine:
         return RayEngine(e, self.actors[e], self.plan.engines[e], self.cfg, self.log_dir, self.on_event)
