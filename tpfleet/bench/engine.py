@@ -214,13 +214,15 @@ def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: 
         result["offline"] = offline_throughput(engine, lens)
     finally:
         engine.shutdown()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(out_dir) / f"engine_tp{cfg.tp_size}_{cfg.resolved_graph_mode}.json"
+    path.write_text(json.dumps(result, indent=1))  # kept even if the slow baseline below is cut off
+    print(format_result(result), flush=True)
     if with_hf and cfg.tp_size == 1:
         result["transformers"] = hf_baseline(cfg.model, lens, DECODE_BATCHES, str(device))
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    name = f"engine_tp{cfg.tp_size}_{cfg.resolved_graph_mode}"
-    (Path(out_dir) / f"{name}.json").write_text(json.dumps(result, indent=1))
-    print(format_result(result))
-    _plot(result, Path(out_dir) / f"{name}.png")
+        path.write_text(json.dumps(result, indent=1))
+        print(format_result(result), flush=True)
+    _plot(result, path.with_suffix(".png"))
     return result
 
 
