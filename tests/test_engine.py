@@ -160,3 +160,16 @@ def test_bad_requests_name_the_field(engine, prompt, params, field):
         engine.add_request(prompt, params)
     assert e.value.field == field
     assert not engine.has_work()
+
+
+def test_config_refuses_impossible_combinations():
+    from tpfleet.config import EngineConfig
+
+    with pytest.raises(ValueError, match="triton"):
+        EngineConfig(model="m", device="cuda", attention_backend="torch")  # default graphs on GPU
+    with pytest.raises(ValueError, match="cuda"):
+        EngineConfig(model="m", device="cpu", graph_mode="full")
+    with pytest.raises(ValueError, match="tp_size"):
+        EngineConfig(model="m", tp_size=3)
+    assert EngineConfig(model="m", device="cuda", attention_backend="torch", graph_mode="eager").resolved_graph_mode \
+        == "eager"

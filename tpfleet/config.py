@@ -38,6 +38,8 @@ class EngineConfig:
             raise ValueError(f"graph_mode must be auto, eager, full or piecewise, got {self.graph_mode!r}")
         if self.device == "cpu" and self.graph_mode in ("full", "piecewise"):
             raise ValueError("CUDA graphs need device='cuda'")
+        if self.resolved_graph_mode != "eager" and self.resolved_attention_backend != "triton":
+            raise ValueError("CUDA graphs need the graph-safe 'triton' attention backend (or graph_mode='eager')")
         if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
 

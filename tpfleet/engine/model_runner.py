@@ -120,8 +120,6 @@ class ModelRunner:
             report_phase("kv_cache_allocated", blocks=self.num_blocks, tokens=self.num_blocks * cfg.block_size)
         self.decode_graphs = self.piecewise_graphs = None
         if cfg.resolved_graph_mode != "eager":
-            if cfg.resolved_attention_backend != "triton":
-                raise ValueError("CUDA graphs need the graph-safe 'triton' attention backend")
             self._capture_graphs()
         if rank == 0:
             report_phase("jit_caches", **jit_report(triton_before))
