@@ -304,3 +304,20 @@ def test_colocation_example_alternates_training_and_rollouts(tmp_path):
     r = subprocess.run([sys.executable, str(example), "--steps", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("matches the trainer's greedy generation") == 2
+
+
+def test_failed_restarts_use_the_budget_and_leave_nothing_running(tiny_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    fleet, events = _fleet(model, tmp_path, engines=1, restart_budget=2, restart_backoff_s=0.1)
+    fleet.start()
+    try:
+        shard = sorted(model.glob("model-*.safetensors"))[0]
+        shard.write_bytes(shard.read_bytes()[:100])  # every restart will now fail to load weights
+        os.kill(fleet.engines[0].proc.pid, signal.SIGKILL)
+        assert wait_for(lambda: fleet.restarts.get(0) == 2 and fleet.engines[0].state.value == "stopped", 120)
+        assert fleet.urls == []
+        last = fleet.engines[0]
+        assert members(last.proc.pid, last.marker) == []  # the failed attempt was cleaned up
+    finally:
+        fleet.stop()

@@ -171,20 +171,25 @@ class Fleet:
                 log.error("%s", failure)
                 self._event(eng.engine, "died", {"reason": failure.reason})
                 eng.stop(gpu_baseline=self._baseline_of(eng))
-                n = self.restarts.get(eng.engine, 0)
-                if n >= self.cfg.restart_budget:
-                    log.error("engine %d is out of restarts (%d); leaving it down", eng.engine, n)
-                    continue
-                if self._stop.wait(self.cfg.restart_backoff_s * 2 ** n):
-                    return
-                self.restarts[eng.engine] = n + 1
-                fresh = self._new_engine(eng.engine)
-                self._spawner.submit(fresh.start).result()
-                try:
-                    fresh.wait_ready(self.cfg.startup_timeout_s)
-                except EngineFailure as f:
-                    log.error("restart of engine %d failed:\n%s", eng.engine, f)
-                self.engines[i] = fresh
+                self._restart(i, eng.engine)
+
+    def _restart(self, i: int, engine: int) -> None:
+        """New engines for a dead one, with exponential backoff, until one is ready or the budget is spent."""
+        while self.restarts.get(engine, 0) < self.cfg.restart_budget:
+            n = self.restarts.get(engine, 0)
+            if self._stop.wait(self.cfg.restart_backoff_s * 2 ** n):
+                return
+            self.restarts[engine] = n + 1
+            fresh = self._new_engine(engine)
+            self.engines[i] = fresh
+            self._spawner.submit(fresh.start).result()
+            try:
+                fresh.wait_ready(self.cfg.startup_timeout_s)
+                return
+            except EngineFailure as f:
+                log.error("restart %d of engine %d failed:\n%s", n + 1, engine, f)
+                fresh.stop(gpu_baseline=self._baseline_of(fresh))
+        log.error("engine %d is out of restarts (%d); leaving it down", engine, self.cfg.restart_budget)
 
     def _baseline_of(self, eng) -> dict[str, int]:
         return {u: self.gpu_baseline[u] for u in eng.placement.uuids if u in self.gpu_baseline}
