@@ -56,7 +56,8 @@ def main() -> int:
             opt.zero_grad(set_to_none=True)
             fleet.broadcast("/resume_memory_occupation")
             named = [(n, p.detach()) for n, p in trainer.state_dict().items()]
-            r = fleet.broadcast("/update_weights_from_tensor", {"serialized_named_tensors": [serialize_named_tensors(named)]})
+            payload = {"serialized_named_tensors": [serialize_named_tensors(named)]}
+            r = fleet.broadcast("/update_weights_from_tensor", payload)
             rollout = httpx.post(f"{url}/generate", json={"input_ids": prompt, "sampling_params": {
                 "max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}, timeout=120).json()
             trainer.eval()
@@ -66,7 +67,8 @@ def main() -> int:
             match = rollout["output_ids"] == mine
             ok &= match
             print(f"step {step}: loss {loss.item():.4f}; engine released {freed['released']}: "
-                  f"{freed['released_tensor_bytes'] / 2**20:.1f} MiB of tensors, {freed['freed_bytes'] / 2**20:.1f} MiB "
+                  f"{freed['released_tensor_bytes'] / 2**20:.1f} MiB of tensors, "
+                  f"{freed['freed_bytes'] / 2**20:.1f} MiB "
                   f"of device memory freed; {r[0]['message']}; rollout {rollout['text']!r}; "
                   f"{'matches' if match else 'DIFFERS from'} the trainer's greedy generation", flush=True)
     print("colocation: all rollouts match the trainer" if ok else "colocation: MISMATCH")

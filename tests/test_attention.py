@@ -77,7 +77,8 @@ def interpreter_main() -> None:
 
 
 def test_triton_matches_reference_in_the_interpreter():
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_attention; test_attention.interpreter_main()"
+    here = str(Path(__file__).parent)
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_attention; test_attention.interpreter_main()"
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]

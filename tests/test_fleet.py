@@ -24,6 +24,7 @@ from tpfleet.phases import PHASES
 
 GPUS = [PhysicalGPU(i, f"GPU-{i:08x}-1111-2222-3333-{i:012x}") for i in range(8)]
 SMALL_KV = ["--kv-cache-tokens", "4096"]
+TWO_TOKENS = {"text": "hi", "sampling_params": {"max_new_tokens": 2}}
 
 
 # --- placement ------------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def test_start_respects_the_concurrency_limit_and_leaves_nothing(tiny_model, tmp
         assert len({i.url for i in infos}) == 3
         assert _max_concurrently_starting(events) == k
         for url in fleet.urls:
-            assert httpx.post(f"{url}/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 2}}).status_code == 200
+            assert httpx.post(f"{url}/generate", json=TWO_TOKENS).status_code == 200
         sessions = [(e.proc.pid, e.marker) for e in fleet.engines]
     finally:
         reports = fleet.stop()
@@ -270,7 +271,7 @@ def test_ray_backend_with_logical_gpus(tiny_model, tmp_path, ray_cluster):
             else:
                 assert f["cuda_visible_devices"] == ",".join(f["gpu_ids"])
         for u in fleet.urls:
-            assert httpx.post(f"{u}/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 2}}).status_code == 200
+            assert httpx.post(f"{u}/generate", json=TWO_TOKENS).status_code == 200
     finally:
         reports = fleet.stop()
     assert all(r.leftover == [] for r in reports)
@@ -279,7 +280,8 @@ def test_ray_backend_with_logical_gpus(tiny_model, tmp_path, ray_cluster):
 # --- the CLI and colocation -----------------------------------------------------------------------
 
 def test_launch_cli_serves_a_router_and_tears_down_on_sigterm(tiny_model, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "tpfleet.cli", "launch", "--model", str(tiny_model), "--engines", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "tpfleet.cli", "launch", "--model", str(tiny_model),
+                             "--engines", "2",
                              "--tp", "1", "--max-concurrent-starts", "2", "--log-dir", str(tmp_path),
                              "--engine-arg=--kv-cache-tokens", "--engine-arg=4096"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
