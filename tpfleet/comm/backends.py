@@ -8,6 +8,7 @@ tensor to a backend that cannot.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -67,10 +68,7 @@ class SymmMemBuffer:
         symm_mem.rendezvous(self.buf, self.group_name)
 
     def view(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
-        return self.buf[: numel * dtype.itemsize].view(dtype).view(shape)
+        return self.buf[: math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
 
     def holds(self, x: torch.Tensor) -> bool:
         return x.data_ptr() == self.buf.data_ptr()

@@ -8,6 +8,7 @@ deadlock). Each fallback is logged once, with its reason.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,11 @@ from tpfleet.devices import DeviceError
 from tpfleet.jit import JitUnavailable
 
 log = logging.getLogger("tpfleet.comm")
+
+
+def _mode() -> str:
+    """Which dispatch table applies: launch overhead differs inside a CUDA graph."""
+    return "graph" if torch.cuda.is_current_stream_capturing() else "eager"
 
 
 class Communicator:
@@ -109,18 +115,13 @@ class Communicator:
         kernels and NCCL read inputs wherever they are."""
         if self.symm is None:
             return None
-        numel = 1
-        for d in shape:
-            numel *= d
-        mode = "graph" if torch.cuda.is_current_stream_capturing() else "eager"
-        if self.table.pick(numel * dtype.itemsize, mode).startswith("symm_mem") \
-                and numel * dtype.itemsize <= self.symm.max_bytes:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self.table.pick(nbytes, _mode()).startswith("symm_mem") and nbytes <= self.symm.max_bytes:
             return self.symm.view(shape, dtype)
         return None
 
     def pick(self, x: torch.Tensor) -> Backend:
-        mode = "graph" if torch.cuda.is_current_stream_capturing() else "eager"
-        b = self.backends.get(self.table.pick(x.numel() * x.element_size(), mode))
+        b = self.backends.get(self.table.pick(x.numel() * x.element_size(), _mode()))
         return b if b is not None and b.supports(x) else self.backends["nccl"]
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:

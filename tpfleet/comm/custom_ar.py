@@ -132,7 +132,6 @@ class CustomAllReduce:
         self._args.slot_bytes = self.slot_bytes
         self._args.timeout_ns = int(timeout_s * 1e9)
         self._args.rank, self._args.world = self.rank, self.world
-        self.calls = 0
 
     # --- set-up helpers ----------------------------------------------------------------------------
 
@@ -222,7 +221,6 @@ class CustomAllReduce:
         code = self.lib.tpf_all_reduce(self.index, ctypes.byref(a), torch.cuda.current_stream(x.device).cuda_stream)
         if code:
             raise CommError(f"custom all-reduce launch failed: {self.lib.tpf_error_string(code).decode()}")
-        self.calls += 1
         return out
 
     def close(self) -> None:
