@@ -32,6 +32,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tpfleet"
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write a cache file so readers see the old version or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @dataclass
 class JitStats:
     hits: int = 0

@@ -15,14 +15,13 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from tpfleet.devices import DeviceError, local_uuid
-from tpfleet.jit import BuildSpec, build_library, cache_root
+from tpfleet.jit import BuildSpec, build_library, cache_root, write_atomic
 
 log = logging.getLogger("tpfleet.comm")
 
@@ -177,10 +176,7 @@ class CustomAllReduce:
             raise CommError(f"IPC reads returned wrong data between {failures}: P2P is not usable here")
         if self.rank == 0:
             known[key] = True
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, cache)
+            write_atomic(cache, json.dumps(known))
 
     # --- use ----------------------------------------------------------------------------------------
 

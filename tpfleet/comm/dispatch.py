@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tpfleet.comm.backends import Backend, SymmMemBackend
-from tpfleet.jit import cache_root
+from tpfleet.jit import cache_root, write_atomic
 
 log = logging.getLogger("tpfleet.comm")
 
@@ -149,10 +149,6 @@ def load_or_tune(backends: dict[str, Backend], pg: dist.ProcessGroup, device: to
         return DispatchTable.from_json(cached[0])
     table = tune(backends, pg, device, dtype)
     if dist.get_rank(pg) == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(table.to_json(), f, indent=1)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(table.to_json(), indent=1))
         log.info("all-reduce dispatch table measured and cached in %s: %s", path, table.to_json()["rows"])
     return table

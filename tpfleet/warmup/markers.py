@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 from tpfleet import __version__
-from tpfleet.jit import cache_root
+from tpfleet.jit import cache_root, write_atomic
 
 KERNEL_SOURCES = ("comm/csrc/custom_all_reduce.cu", "attention/triton_kernels.py")
 
@@ -86,12 +85,9 @@ class MarkerStore:
         return self.root / f"{key}.json"
 
     def write(self, key: str, config_args: dict, versions: dict, entries: list[Path]) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
         body = {"key": key, "config": config_args, "versions": versions, "created": time.time(),
                 "fingerprint": fingerprint(entries)}
-        tmp = self.path(key).with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(body, indent=1))
-        os.replace(tmp, self.path(key))
+        write_atomic(self.path(key), json.dumps(body, indent=1))
         return self.path(key)
 
     def check(self, key: str) -> tuple[bool, str]:
