@@ -161,13 +161,14 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
     @app.post("/generate")
     async def generate(req: GenerateRequest, request: Request):
         prompts, field, batched = _prompts(req, tokenizer)
-        params = _per_prompt(req.sampling_params, len(prompts), "sampling_params")
+        params = [p.to_params() for p in _per_prompt(req.sampling_params, len(prompts), "sampling_params")]
         rids = _per_prompt(req.rid, len(prompts), "rid") if req.rid is not None else [None] * len(prompts)
         if req.rid is not None and len(set(rids)) != len(rids):
             raise InvalidRequest("rid", "request ids in one batch must be distinct")
+        # Every prompt is checked before any starts: a bad one in a batch leaves nothing running.
         for i, (ids, p) in enumerate(zip(prompts, params)):
-            engine.validate(ids, p.to_params(), f"{field}[{i}]" if batched else field)
-        streams = [aengine.generate(ids, p.to_params(), rid) for ids, p, rid in zip(prompts, params, rids)]
+            engine.validate(ids, p, f"{field}[{i}]" if batched else field)
+        streams = [aengine.generate(ids, p, rid) for ids, p, rid in zip(prompts, params, rids)]
 
         if req.stream:
             async def events():

@@ -130,10 +130,9 @@ def openai_router() -> APIRouter:
                                        add_generation_prompt=True)
         if req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
-        default_max = max(1, engine.context_length - 1)
         prompt = tok(text).input_ids
-        req.max_tokens = req.max_tokens if req.max_tokens is not None else max(1, default_max - len(prompt))
-        streams = start(aengine, [prompt], req, "messages", default_max)
+        # Unset, a chat reply may use whatever context the prompt leaves.
+        streams = start(aengine, [prompt], req, "messages", max(1, engine.context_length - 1 - len(prompt)))
         return await respond(
             request, streams, req, "chat", req.model or request.app.state.served_model_name,
             lambda i, o: {"index": i, "message": {"role": "assistant", "content": o.text},

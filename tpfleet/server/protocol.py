@@ -13,6 +13,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _sampling_params(body, max_new_tokens: int) -> SamplingParams:
+    """The engine's parameters from either API's body; the fields share names but for the token limit."""
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return SamplingParams(max_new_tokens, body.temperature, body.top_p, body.top_k, body.min_p, body.seed, stop,
+                          list(body.stop_token_ids or []), body.ignore_eos)
+
+
 class SamplingParamsBody(Strict):
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -25,9 +32,7 @@ class SamplingParamsBody(Strict):
     ignore_eos: bool = False
 
     def to_params(self) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.min_p,
-                              self.seed, stop, list(self.stop_token_ids or []), self.ignore_eos)
+        return _sampling_params(self, self.max_new_tokens)
 
 
 class GenerateRequest(Strict):
@@ -64,10 +69,7 @@ class OpenAISampling(Strict):
     user: str | None = None
 
     def to_params(self, default_max_tokens: int) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens
-        return SamplingParams(max_tokens, self.temperature, self.top_p, self.top_k, self.min_p, self.seed, stop,
-                              list(self.stop_token_ids or []), self.ignore_eos)
+        return _sampling_params(self, self.max_tokens if self.max_tokens is not None else default_max_tokens)
 
 
 class CompletionRequest(OpenAISampling):
