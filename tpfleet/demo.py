@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from tpfleet.model.make_model import make_model
-from tpfleet.server.launch import READY_PREFIX
+from tpfleet.phases import parse_phase
 
 
 def post(url: str, body: dict) -> dict:
@@ -61,8 +61,9 @@ def start_server(model: Path, tp: int, device: str = "cpu", extra_args: list[str
 
     def pump():
         for line in proc.stdout:
-            if line.startswith(READY_PREFIX):
-                found.append(line.split()[2])
+            phase = parse_phase(line)
+            if phase is not None and phase[0] == "ready":
+                found.append(phase[1]["url"])
                 ready.set()
             print(f"  [server] {line.rstrip()}")
         ready.set()

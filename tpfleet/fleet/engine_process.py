@@ -9,6 +9,7 @@ probed and then raced for.
 from __future__ import annotations
 
 import enum
+import json
 import os
 import signal
 import subprocess
@@ -27,7 +28,6 @@ from tpfleet.fleet.diagnostics import EngineFailure, cgroup_oom_kills, describe_
 from tpfleet.fleet.placement import EnginePlacement
 from tpfleet.lifecycle import die_with_parent
 from tpfleet.phases import parse_phase
-from tpfleet.server.launch import READY_PREFIX
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
             "PYTHONUNBUFFERED": "1"}
@@ -127,12 +127,10 @@ class EngineProcess:
                 self.phase = name
                 if name == "ranks_started":
                     self.rank_pids = info.get("pids", [])
+                elif name == "ready":
+                    self.url = info.get("url")
                 self.on_event(self.engine, name, info)
-            elif line.startswith(READY_PREFIX):
-                self.url = line.split()[2]
             elif line.startswith(RANK_EXIT_PREFIX):
-                import json
-
                 info = json.loads(line[len(RANK_EXIT_PREFIX):])
                 self.rank_exits[info["rank"]] = info["exitcode"]
             if self.crash_line is None and is_crash_line(line):

@@ -21,7 +21,6 @@ from tpfleet.phases import report_phase
 from tpfleet.server.app import create_app
 from tpfleet.server.async_engine import AsyncEngine
 
-READY_PREFIX = "tpfleet ready:"
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -57,7 +56,7 @@ def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 0, served_mode
 
         def ready() -> None:
             report_phase("ready", url=url_of(sock))
-            print(f"{READY_PREFIX} {url_of(sock)} (model {cfg.model}, tp {cfg.tp_size}, device {cfg.device}, "
+            print(f"tpfleet ready: {url_of(sock)} (model {cfg.model}, tp {cfg.tp_size}, device {cfg.device}, "
                   f"{engine.block_manager.num_blocks * cfg.block_size} KV tokens, "
                   f"started in {time.perf_counter() - t0:.1f}s)", flush=True)
 
