@@ -22,7 +22,6 @@ from tpfleet.server.app import create_app
 from tpfleet.server.async_engine import AsyncEngine
 
 
-
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
