@@ -9,7 +9,7 @@ import pytest
 
 from tpfleet.comm.dispatch import DispatchTable
 from tpfleet.devices import DeviceError, PhysicalGPU, parse_visible_devices
-from tpfleet.jit import STATS, BuildSpec, JitUnavailable, build_library, find_nvcc
+from tpfleet.jit import STATS, BuildSpec, JitUnavailable, build_library, find_nvcc, track_triton
 
 GPUS = [PhysicalGPU(i, f"GPU-{i:08x}-aaaa-bbbb-cccc-{i:012x}") for i in range(8)]
 
@@ -85,3 +85,17 @@ def test_no_compiler_means_jit_unavailable(monkeypatch, tmp_path):
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))  # a CUDA_HOME without nvcc
     with pytest.raises(JitUnavailable, match="nvcc not found"):
         build_library(BuildSpec("custom_all_reduce", SOURCE, "90"))
+
+
+def test_triton_compilations_are_counted_as_jit_work():
+    knobs = pytest.importorskip("triton.knobs")
+    if not hasattr(knobs.compilation, "listener"):
+        pytest.skip("this Triton has no compilation listener")
+    assert track_triton() and track_triton()  # installing twice keeps one listener
+    before = STATS.report().get("triton", {"hits": 0, "misses": 0, "seconds": 0.0})
+    times = knobs.CompileTimes(ir_initialization=1000, lowering_stages=[("ttir", 250_000)], store_results=0)
+    knobs.compilation.listener(src=None, metadata={}, metadata_group={}, times=times, cache_hit=False)
+    knobs.compilation.listener(src=None, metadata={}, metadata_group={}, times=times, cache_hit=True)
+    after = STATS.report()["triton"]
+    assert (after["hits"], after["misses"]) == (before["hits"] + 1, before["misses"] + 1)
+    assert after["seconds"] == pytest.approx(before["seconds"] + 2 * 0.251, abs=2e-3)

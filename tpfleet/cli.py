@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ba.add_argument("--nproc", type=int, default=2, help="GPUs (one process each)")
     ba.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ba.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
+    ba.add_argument("--grids", default="", help="other custom-kernel launch grids to time in graph mode, "
+                                                "as BLOCKSxTHREADS,... (e.g. 64x256,128x256)")
 
     wu = sub.add_parser("warmup", help="build the JIT caches engine configs need; a no-op when still valid")
     wu.add_argument("--model", required=True)
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from tpfleet.bench.allreduce import bench_allreduce
 
-        bench_allreduce(a.nproc, a.out, getattr(torch, a.dtype))
+        grids = [tuple(int(v) for v in g.split("x")) for g in a.grids.split(",") if g]
+        bench_allreduce(a.nproc, a.out, getattr(torch, a.dtype), grids=grids)
     return 0
 
 

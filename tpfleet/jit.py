@@ -43,13 +43,58 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 @dataclass
 class JitStats:
-    hits: int = 0
-    misses: int = 0
-    compile_s: float = 0.0
-    entries: list[str] = field(default_factory=list)
+    """This process's just-in-time work by kind (nvcc, triton, tuning): cache hits, misses and the
+    seconds spent, found or built, so a warm start can show that it did (almost) nothing."""
+
+    kinds: dict[str, list] = field(default_factory=dict)  # kind -> [hits, misses, seconds]
+    entries: list[str] = field(default_factory=list)  # cache entries used, for warm-up done-markers
+
+    def record(self, kind: str, hit: bool, seconds: float) -> None:
+        k = self.kinds.setdefault(kind, [0, 0, 0.0])
+        k[0 if hit else 1] += 1
+        k[2] += seconds
+
+    @property
+    def hits(self) -> int:
+        return sum(k[0] for k in self.kinds.values())
+
+    @property
+    def misses(self) -> int:
+        return sum(k[1] for k in self.kinds.values())
+
+    @property
+    def seconds(self) -> float:
+        return sum(k[2] for k in self.kinds.values())
+
+    def report(self) -> dict:
+        out = {kind: {"hits": h, "misses": m, "seconds": round(sec, 3)} for kind, (h, m, sec) in self.kinds.items()}
+        return {**out, "total_s": round(self.seconds, 3)}
 
 
 STATS = JitStats()
+
+
+def track_triton() -> bool:
+    """Count Triton's compilations (and its disk-cache hits) in STATS, through its compilation
+    listener (Triton 3.4 and later). Returns False where this Triton has none."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return False
+    if not hasattr(knobs.compilation, "listener"):
+        return False
+    previous = knobs.compilation.listener
+    if getattr(previous, "tpfleet", False):
+        return True
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit) -> None:
+        STATS.record("triton", cache_hit, times.total / 1e6)
+        if previous is not None:
+            previous(src=src, metadata=metadata, metadata_group=metadata_group, times=times, cache_hit=cache_hit)
+
+    listener.tpfleet = True
+    knobs.compilation.listener = listener
+    return True
 
 
 def find_nvcc() -> str | None:
@@ -88,6 +133,7 @@ class BuildSpec:
 
 def build_library(spec: BuildSpec) -> Path:
     """The path of the compiled shared library, building it first if no valid cache entry exists."""
+    t0 = time.perf_counter()
     nvcc = find_nvcc()
     if nvcc is None:
         raise JitUnavailable("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
@@ -96,16 +142,14 @@ def build_library(spec: BuildSpec) -> Path:
     lib = entry / f"{spec.name}.so"
     STATS.entries.append(str(entry))
     if lib.is_file():
-        STATS.hits += 1
+        STATS.record("nvcc", True, time.perf_counter() - t0)
         return lib
     entry.mkdir(parents=True, exist_ok=True)
     with open(entry / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if lib.is_file():  # another process built it while we waited
-            STATS.hits += 1
+            STATS.record("nvcc", True, time.perf_counter() - t0)
             return lib
-        STATS.misses += 1
-        t0 = time.perf_counter()
         tmp = entry / f".{spec.name}.{os.getpid()}.so"
         cmd = [nvcc, *spec.flags, "-shared", "-Xcompiler", "-fPIC",
                f"-gencode=arch=compute_{spec.arch},code=sm_{spec.arch}", "-o", str(tmp), str(spec.source)]
@@ -115,6 +159,6 @@ def build_library(spec: BuildSpec) -> Path:
             tmp.unlink(missing_ok=True)
             raise JitUnavailable(f"nvcc failed for {spec.source.name}:\n{proc.stderr[-2000:]}")
         os.replace(tmp, lib)
-        STATS.compile_s += time.perf_counter() - t0
+        STATS.record("nvcc", False, time.perf_counter() - t0)
         log.info("compiled %s in %.1fs", spec.name, time.perf_counter() - t0)
     return lib

@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tpfleet.comm.backends import CustomBackend
 from tpfleet.comm.communicator import Communicator
+from tpfleet.comm.custom_ar import CustomAllReduce
 from tpfleet.comm.dispatch import MODES, input_for, time_per_call
 from tpfleet.comm.group import create_store
 
@@ -25,12 +27,14 @@ PEERS = ("nccl", "symm_mem_one_shot", "symm_mem_two_shot")
 
 
 def bench_allreduce(world: int, out_dir: str, dtype: torch.dtype = torch.bfloat16,
-                    sizes: list[int] = DEFAULT_SIZES) -> dict:
+                    sizes: list[int] = DEFAULT_SIZES, grids: list[tuple[int, int]] = ()) -> dict:
+    """`grids`: other (blocks, threads) launch grids of the custom kernels to time too, in graph mode,
+    next to the default one (the choice `custom_ar.default_grid` makes)."""
     if torch.cuda.device_count() < world:
         raise SystemExit(f"bench allreduce needs {world} GPUs; this process sees {torch.cuda.device_count()}")
     os.makedirs(out_dir, exist_ok=True)
     store = create_store(world)
-    mp.spawn(_worker, args=(world, store.port, dtype, sizes, out_dir), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, store.port, dtype, sizes, out_dir, list(grids)), nprocs=world, join=True)
     path = Path(out_dir) / f"allreduce_w{world}.json"
     result = json.loads(path.read_text())
     print(format_table(result))
@@ -38,13 +42,19 @@ def bench_allreduce(world: int, out_dir: str, dtype: torch.dtype = torch.bfloat1
     return result
 
 
-def _worker(rank: int, world: int, port: int, dtype: torch.dtype, sizes: list[int], out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, dtype: torch.dtype, sizes: list[int], out_dir: str,
+            grids: list[tuple[int, int]]) -> None:
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=120))
     dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=device)
     pg = dist.group.WORLD
     comm = Communicator(pg, device, dtype)
+    variants = {}
+    for blocks, threads in grids:
+        car = CustomAllReduce(pg, device, grid=(blocks, threads))
+        for two_shot in (False, True):
+            variants[f"cust{2 if two_shot else 1}@{blocks}x{threads}"] = CustomBackend(car, two_shot)
     rows = []
     for size in sizes:
         numel = size // dtype.itemsize
@@ -59,12 +69,18 @@ def _worker(rank: int, world: int, port: int, dtype: torch.dtype, sizes: list[in
             x = torch.empty(numel, dtype=dtype, device=device) if x is None else x
             row["us"]["dispatcher"] = 1e6 * time_per_call(comm.all_reduce, x, pg, graph)
             row["dispatcher_picks"] = comm.pick(x).name if not graph else comm.table.pick(size, "graph")
+            for name, backend in variants.items() if graph else ():
+                x = torch.empty(numel, dtype=dtype, device=device)
+                if backend.supports(x):
+                    row["us"][name] = 1e6 * time_per_call(backend.all_reduce, x, pg, graph)
             rows.append(row)
     if rank == 0:
         result = {"world": world, "dtype": str(dtype).removeprefix("torch."), "gpu": torch.cuda.get_device_name(device),
                   "torch": torch.__version__, "disabled": comm.disabled, "table": comm.table.to_json(), "rows": rows}
         (Path(out_dir) / f"allreduce_w{world}.json").write_text(json.dumps(result, indent=1))
     dist.barrier()
+    for car in {b.car for b in variants.values()}:
+        car.close()
     comm.close()
     dist.destroy_process_group()
 
@@ -77,13 +93,16 @@ def bus_bandwidth_gbs(size: int, world: int, us: float) -> float:
 def format_table(result: dict) -> str:
     names = ["nccl", "symm_mem_one_shot", "symm_mem_two_shot", "custom_one_shot", "custom_two_shot", "dispatcher"]
     short = ["nccl", "symm1", "symm2", "cust1", "cust2", "disp"]
+    variants = sorted({n for r in result["rows"] for n in r["us"] if "@" in n})
+    names, short = names + variants, short + variants
     lines = [f"all-reduce, {result['world']} x {result['gpu']}, {result['dtype']}, latency in us "
              f"(disp/symm: dispatcher over the best of symm one/two-shot; busbw of the dispatcher)"]
-    lines.append(f"{'size':>8} {'mode':>5} " + " ".join(f"{s:>8}" for s in short)
+    widths = [max(8, len(s)) for s in short]
+    lines.append(f"{'size':>8} {'mode':>5} " + " ".join(f"{s:>{w}}" for s, w in zip(short, widths))
                  + f" {'disp/symm':>9} {'disp/nccl':>9} {'busbw GB/s':>10}  picks")
     for r in result["rows"]:
         us = r["us"]
-        cells = " ".join(f"{us[n]:8.1f}" if n in us else f"{'-':>8}" for n in names)
+        cells = " ".join(f"{us[n]:{w}.1f}" if n in us else f"{'-':>{w}}" for n, w in zip(names, widths))
         symm = min((us[n] for n in ("symm_mem_one_shot", "symm_mem_two_shot") if n in us), default=None)
         d = us["dispatcher"]
         ratio_symm = f"{d / symm:9.2f}" if symm else f"{'-':>9}"

@@ -56,7 +56,7 @@ def _random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
 def decode_latency(engine: LLMEngine, bs: int, prompt_len: int = 128, steps: int = 32) -> dict:
     rng = random.Random(bs)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_new_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=steps + 16, temperature=0.0, ignore_eos=True)  # + profiled steps
     seqs = [engine.add_request(_random_prompt(rng, prompt_len, vocab), params) for _ in range(bs)]
     while any(s.num_completion_tokens == 0 for s in seqs):
         engine.step()
@@ -67,8 +67,10 @@ def decode_latency(engine: LLMEngine, bs: int, prompt_len: int = 128, steps: int
         engine.step()  # sampling's .tolist() synchronises
         times.append(time.perf_counter() - t)
     row = {"batch": bs, "step_ms": 1e3 * statistics.median(times), "mean_context": prompt_len + steps // 2}
-    if engine.cfg.tp_size == 1 and engine.runner.device.type == "cuda":
-        row["forward_ms"] = forward_ms(engine)
+    if engine.runner.device.type == "cuda":
+        row["kernels"] = kernel_profile(engine)
+        if engine.cfg.tp_size == 1:
+            row["forward_ms"] = forward_ms(engine)
     for s in seqs:
         engine.abort(s.rid)
     return row
@@ -90,6 +92,30 @@ def forward_ms(engine: LLMEngine, repeats: int = 20) -> float:
     return statistics.median(times[3:])
 
 
+def kernel_profile(engine: LLMEngine, steps: int = 5, top: int = 12) -> dict:
+    """Rank 0's GPU kernels over a few decode steps (CUPTI sees inside CUDA graphs): how many run per
+    step, how long they keep the GPU busy, and the costliest. Step time minus busy time is the GPU
+    waiting for the host."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        _sync(engine)
+    per_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            n_us = per_name.setdefault(e.name, [0, 0.0])
+            n_us[0] += 1
+            n_us[1] += e.time_range.elapsed_us()
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])
+    return {"per_step": sum(n for n, _ in per_name.values()) / steps,
+            "busy_ms": sum(us for _, us in per_name.values()) / steps / 1e3,
+            "top": [{"name": name[:90], "per_step": n / steps, "us_per_step": us / steps}
+                    for name, (n, us) in ranked[:top]]}
+
+
 def bench_decode(cfg: EngineConfig, batch_sizes: list[int], prompt_len: int = 128) -> list[dict]:
     """The smoke benchmark: median decode step time at each batch size, nothing else."""
     engine = LLMEngine(cfg)
@@ -108,11 +134,15 @@ def bench_decode(cfg: EngineConfig, batch_sizes: list[int], prompt_len: int = 12
 
 def floor_ms(engine: LLMEngine, bs: int, ctx: int, bandwidth: float) -> float:
     """Bytes one rank must read per decode step (its weight shard, its KV heads for every context
-    token), over the measured bandwidth."""
+    token), over the measured bandwidth. An untied embedding table is left out: a step reads only
+    its tokens' rows of it."""
     runner = engine.runner
-    weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    attn = runner.model.layers[0].self_attn
-    kv = bs * ctx * 2 * attn.num_kv_heads * attn.head_dim * runner.dtype.itemsize * len(runner.model.layers)
+    model = runner.model
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.embed_tokens.weight is not model.lm_head.weight:
+        weights -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    attn = model.layers[0].self_attn
+    kv = bs * ctx * 2 * attn.num_kv_heads * attn.head_dim * runner.dtype.itemsize * len(model.layers)
     return 1e3 * (weights + kv) / bandwidth
 
 
@@ -168,7 +198,7 @@ def mixed_step(engine: LLMEngine, repeats: int = 20) -> dict | None:
 
 
 def hf_baseline(model_dir: str, lens: list[tuple[int, int]], batches: tuple[int, ...], device: str,
-                chunk: int = 64) -> dict:
+                chunk: int = 128) -> dict:
     """transformers' generate, bf16, static cache: decode step latency and the offline workload
     (sequences sorted by output length and run `chunk` at a time, counting only wanted tokens)."""
     from transformers import AutoModelForCausalLM
@@ -249,11 +279,18 @@ def format_result(r: dict) -> str:
     lines = [f"engine bench: {r['gpu']}, TP={c['tp_size']}, graph mode {c['graph_mode']}, "
              f"copy bandwidth {r['copy_bandwidth_gbs']:.0f} GB/s, graph capture {r['graph_capture_s']} s"]
     hf = {d["batch"]: d["step_ms"] for d in r.get("transformers", {}).get("decode", [])}
-    lines.append(f"{'batch':>6} {'step ms':>9} {'fwd ms':>9} {'floor ms':>9} {'x floor':>8} {'HF ms':>9}")
+    lines.append(f"{'batch':>6} {'step ms':>9} {'fwd ms':>9} {'busy ms':>9} {'kernels':>8} {'floor ms':>9} "
+                 f"{'x floor':>8} {'HF ms':>9}")
     for d in r["decode"]:
         h = f"{hf[d['batch']]:9.2f}" if d["batch"] in hf else f"{'-':>9}"
         fwd = f"{d['forward_ms']:9.2f}" if "forward_ms" in d else f"{'-':>9}"
-        lines.append(f"{d['batch']:>6} {d['step_ms']:9.2f} {fwd} {d['floor_ms']:9.2f} {d['over_floor']:8.2f} {h}")
+        k = d.get("kernels") or {"busy_ms": float("nan"), "per_step": float("nan")}
+        lines.append(f"{d['batch']:>6} {d['step_ms']:9.2f} {fwd} {k['busy_ms']:9.2f} {k['per_step']:8.0f} "
+                     f"{d['floor_ms']:9.2f} {d['over_floor']:8.2f} {h}")
+    top = r["decode"][0].get("kernels", {}).get("top", [])
+    if top:
+        lines.append(f"costliest kernels of a batch-{r['decode'][0]['batch']} step (per step):")
+        lines += [f"  {t['us_per_step']:8.1f} us {t['per_step']:6.0f}x  {t['name']}" for t in top]
     m = r.get("mixed_256")
     if m:
         lines.append(f"mixed 256-token step: piecewise {m['piecewise_ms']:.2f} ms, eager {m['eager_ms']:.2f} ms "

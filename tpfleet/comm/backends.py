@@ -13,13 +13,18 @@ import math
 import torch
 import torch.distributed as dist
 
-from tpfleet.comm.custom_ar import CustomAllReduce
+from tpfleet.comm.custom_ar import SOURCE_HASH, CustomAllReduce
 
 log = logging.getLogger("tpfleet.comm")
 
 
 class Backend:
     name: str
+
+    @property
+    def tuning_key(self) -> str:
+        """What a cached dispatch table measured: a change here must invalidate the table."""
+        return self.name
 
     def supports(self, x: torch.Tensor) -> bool:
         raise NotImplementedError
@@ -47,6 +52,11 @@ class CustomBackend(Backend):
         self.car, self.two_shot = car, two_shot
         self.name = "custom_two_shot" if two_shot else "custom_one_shot"
         self.limit = car.max_two_shot_bytes if two_shot else car.max_one_shot_bytes
+
+    @property
+    def tuning_key(self) -> str:
+        blocks, threads = self.car.grid
+        return f"{self.name}@{blocks}x{threads}.{SOURCE_HASH}"
 
     def supports(self, x: torch.Tensor) -> bool:
         return self.car.supports(x) and x.numel() * x.element_size() <= self.limit

@@ -13,6 +13,7 @@ What makes it safe where others fail at start-up:
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -27,6 +28,7 @@ log = logging.getLogger("tpfleet.comm")
 
 MAX_RANKS = 8
 _SOURCE = Path(__file__).parent / "csrc" / "custom_all_reduce.cu"
+SOURCE_HASH = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _libs: dict[str, ctypes.CDLL] = {}
 
@@ -43,7 +45,8 @@ class _Args(ctypes.Structure):
     _fields_ = [("region", ctypes.c_void_p * MAX_RANKS), ("state", ctypes.c_void_p), ("err", ctypes.c_void_p),
                 ("inp", ctypes.c_void_p), ("out", ctypes.c_void_p), ("packs", ctypes.c_longlong),
                 ("slot_bytes", ctypes.c_longlong), ("timeout_ns", ctypes.c_ulonglong), ("rank", ctypes.c_int),
-                ("world", ctypes.c_int), ("dtype", ctypes.c_int), ("two_shot", ctypes.c_int)]
+                ("world", ctypes.c_int), ("dtype", ctypes.c_int), ("two_shot", ctypes.c_int), ("blocks", ctypes.c_int),
+                ("threads", ctypes.c_int)]
 
 
 class _ErrorRecord(ctypes.Structure):
@@ -73,9 +76,14 @@ def load_library(device: torch.device) -> ctypes.CDLL:
     return _libs[arch]
 
 
+def default_grid(world: int) -> tuple[int, int]:
+    """(blocks, threads) per call. More ranks mean more peers to push to: more blocks in flight."""
+    return (32, 512) if world <= 2 else (64, 256)
+
+
 class CustomAllReduce:
     def __init__(self, group: dist.ProcessGroup, device: torch.device, max_one_shot_bytes: int = 1 << 20,
-                 max_two_shot_bytes: int = 8 << 20, timeout_s: float = 30.0):
+                 max_two_shot_bytes: int = 8 << 20, timeout_s: float = 30.0, grid: tuple[int, int] | None = None):
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         if not 2 <= self.world <= MAX_RANKS:
@@ -87,6 +95,12 @@ class CustomAllReduce:
         self.max_one_shot_bytes = max_one_shot_bytes
         self.max_two_shot_bytes = max_two_shot_bytes
         self.lib = load_library(self.device)
+        self.grid = grid or default_grid(self.world)
+        blocks, threads = self.grid
+        max_blocks, max_threads = self.lib.tpf_max_blocks(), self.lib.tpf_max_threads()
+        if not (1 <= blocks <= max_blocks and 32 <= threads <= max_threads and threads % 32 == 0):
+            raise CommError(f"custom all-reduce grid {blocks}x{threads} is out of range: 1..{max_blocks} blocks "
+                            f"of 32..{max_threads} threads, a multiple of 32")
 
         uuids = self._all_gather(self.uuid)
         if len(set(uuids)) != self.world:
@@ -103,7 +117,7 @@ class CustomAllReduce:
         self._call(self.lib.tpf_host_mapped, self.index, self.lib.tpf_error_bytes(), ctypes.byref(err_host),
                    ctypes.byref(err_dev))
         self._err_host = err_host
-        self._errors = (_ErrorRecord * self.lib.tpf_blocks()).from_address(err_host.value)
+        self._errors = (_ErrorRecord * self.lib.tpf_max_blocks()).from_address(err_host.value)
 
         handle = ctypes.create_string_buffer(64)
         self._call(self.lib.tpf_ipc_handle, self._region, handle)
@@ -131,6 +145,7 @@ class CustomAllReduce:
         self._args.slot_bytes = self.slot_bytes
         self._args.timeout_ns = int(timeout_s * 1e9)
         self._args.rank, self._args.world = self.rank, self.world
+        self._args.blocks, self._args.threads = self.grid
 
     # --- set-up helpers ----------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 A tuning table maps size ranges to backends, separately for eager calls and for calls captured in
 CUDA graphs (launch overhead differs). Rank 0 measures, every rank receives the same table (they
 must all call the same backend), and the table is cached on disk keyed by GPU model, world size,
-dtype and the set of available backends, so later starts skip the measurement.
+dtype and the set of available backends (with the custom kernels' source hash and launch grid), so
+later starts skip the measurement.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from tpfleet.comm.backends import Backend, SymmMemBackend
-from tpfleet.jit import cache_root, write_atomic
+from tpfleet.jit import STATS, cache_root, write_atomic
 
 log = logging.getLogger("tpfleet.comm")
 
@@ -138,17 +140,21 @@ def tune(backends: dict[str, Backend], pg: dist.ProcessGroup, device: torch.devi
 
 def load_or_tune(backends: dict[str, Backend], pg: dist.ProcessGroup, device: torch.device,
                  dtype: torch.dtype) -> DispatchTable:
-    path = table_cache_path(torch.cuda.get_device_name(device), dist.get_world_size(pg), dtype, list(backends))
+    path = table_cache_path(torch.cuda.get_device_name(device), dist.get_world_size(pg), dtype,
+                            [b.tuning_key for b in backends.values()])
     # Every rank must use the same table: rank 0 reads or measures, then broadcasts.
+    t0 = time.perf_counter()
     cached = [None]
     if dist.get_rank(pg) == 0 and os.path.isfile(path):
         cached = [json.loads(open(path).read())]
     dist.broadcast_object_list(cached, src=0, group=pg)
     if cached[0] is not None:
         log.info("all-reduce dispatch table from %s", path)
+        STATS.record("tuning", True, time.perf_counter() - t0)
         return DispatchTable.from_json(cached[0])
     table = tune(backends, pg, device, dtype)
     if dist.get_rank(pg) == 0:
         write_atomic(path, json.dumps(table.to_json(), indent=1))
         log.info("all-reduce dispatch table measured and cached in %s: %s", path, table.to_json()["rows"])
+    STATS.record("tuning", False, time.perf_counter() - t0)
     return table

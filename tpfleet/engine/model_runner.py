@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,6 +22,7 @@ from tpfleet.engine.cuda_graphs import capture as capture_graphs
 from tpfleet.engine.scheduler import ScheduledSeq
 from tpfleet.engine.weight_sync import deserialize_named_tensors
 from tpfleet.jit import STATS as JIT_STATS
+from tpfleet.jit import track_triton
 from tpfleet.model.config import ModelConfig, parse_dtype
 from tpfleet.model.loader import load_named_tensors, load_weights
 from tpfleet.model.qwen3 import Qwen3ForCausalLM
@@ -31,17 +31,11 @@ from tpfleet.phases import report_phase
 CPU_DEFAULT_KV_TOKENS = 65536
 
 
-def _triton_entries() -> set[str]:
-    root = os.environ.get("TRITON_CACHE_DIR")
-    return {str(p) for p in Path(root).rglob("*") if p.is_file()} if root and Path(root).is_dir() else set()
-
-
-def jit_report(triton_before: set[str]) -> dict:
-    """What start-up compiled versus found cached: a cold start shows up here."""
-    new = _triton_entries() - triton_before
-    return {"tpfleet_jit": {"hits": JIT_STATS.hits, "misses": JIT_STATS.misses,
-                            "compile_s": round(JIT_STATS.compile_s, 2)},
-            "triton": {"new_cache_files": len(new), "dir": os.environ.get("TRITON_CACHE_DIR")}}
+def jit_report(triton_tracked: bool) -> dict:
+    """What start-up compiled, tuned or found cached, and the seconds it took: a cold start shows here."""
+    return {"jit": JIT_STATS.report(),
+            "triton_tracked": triton_tracked,  # False: this Triton cannot report its compilations
+            "triton_cache": os.environ.get("TRITON_CACHE_DIR")}
 
 
 def check_device(rank: int, device: torch.device, expected_uuid: str) -> None:
@@ -101,7 +95,7 @@ class ModelRunner:
                                          cfg.enable_custom_all_reduce, cfg.enable_symm_mem)
         self.timings: dict[str, float] = {}
 
-        triton_before = _triton_entries()
+        triton_tracked = self.device.type == "cuda" and track_triton()
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed)
         prev = torch.get_default_dtype()
@@ -122,7 +116,7 @@ class ModelRunner:
         if cfg.resolved_graph_mode != "eager":
             self._capture_graphs()
         if rank == 0:
-            report_phase("jit_caches", **jit_report(triton_before))
+            report_phase("jit_caches", **jit_report(triton_tracked))
 
     def _capture_graphs(self) -> None:
         cfg = self.cfg
@@ -171,30 +165,38 @@ class ModelRunner:
 
     # --- forward ------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def run(self, inp: ModelInput) -> torch.Tensor | None:
-        dev = self.device
-
-        def t(x, dtype=torch.int64):
-            return torch.tensor(x, dtype=dtype, device=dev)
-
-        width = max(len(b) for b in inp.block_tables)
-        tables = [b + [0] * (width - len(b)) for b in inp.block_tables]
+    def _to_device(self, inp: ModelInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
+        """Every input of a step in two host-to-device copies (one per integer width), from pinned
+        memory so they are asynchronous, rather than one synchronising copy per field."""
+        n, b = len(inp.input_ids), len(inp.query_lens)
+        width = max(len(t) for t in inp.block_tables)
         starts = [0]
-        for n in inp.query_lens[:-1]:
-            starts.append(starts[-1] + n)
+        for q in inp.query_lens[:-1]:
+            starts.append(starts[-1] + q)
+        all_rows = len(inp.logits_indices) == n  # a pure decode batch samples every row, in order
+        longs = inp.input_ids + inp.positions + inp.slot_mapping + ([] if all_rows else inp.logits_indices)
+        ints = [x for t in inp.block_tables for x in t + [0] * (width - len(t))]
+        ints += inp.context_lens + starts + inp.query_lens
+        pin = self.device.type == "cuda"
+        longs = torch.tensor(longs, dtype=torch.int64, pin_memory=pin).to(self.device, non_blocking=True)
+        ints = torch.tensor(ints, dtype=torch.int32, pin_memory=pin).to(self.device, non_blocking=True)
+        ctx = b * width
         meta = AttentionMetadata(
-            slot_mapping=t(inp.slot_mapping),
-            block_tables=t(tables, torch.int32),
-            context_lens=t(inp.context_lens, torch.int32),
+            slot_mapping=longs[2 * n:3 * n],
+            block_tables=ints[:ctx].view(b, width),
+            context_lens=ints[ctx:ctx + b],
             query_lens=inp.query_lens,
             context_lens_host=inp.context_lens,
             num_decodes=inp.num_decodes,
             block_size=self.cfg.block_size,
-            query_start=t(starts, torch.int32),
-            query_lens_dev=t(inp.query_lens, torch.int32),
+            query_start=ints[ctx + b:ctx + 2 * b],
+            query_lens_dev=ints[ctx + 2 * b:],
         )
-        ids, positions = t(inp.input_ids), t(inp.positions)
+        return longs[:n], longs[n:2 * n], meta, None if all_rows else longs[3 * n:]
+
+    @torch.inference_mode()
+    def run(self, inp: ModelInput) -> torch.Tensor | None:
+        ids, positions, meta, logits_rows = self._to_device(inp)
         num_seqs = len(inp.query_lens)
         if self.decode_graphs is not None and inp.num_decodes == num_seqs and self.decode_graphs.can_run(num_seqs):
             hidden = self.decode_graphs.run(ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens)
@@ -202,7 +204,9 @@ class ModelRunner:
             hidden = self.piecewise_graphs.run(ids, positions, meta)
         else:
             hidden = self.model(ids, positions, meta)
-        logits = self.model.compute_logits(hidden[t(inp.logits_indices)]) if inp.logits_indices else None
+        logits = None
+        if inp.logits_indices:
+            logits = self.model.compute_logits(hidden if logits_rows is None else hidden[logits_rows])
         self.tp.check()
         return logits
 

@@ -15,6 +15,11 @@ from torch import nn
 
 from tpfleet.comm.group import TPGroup
 
+try:  # fused kernels for CUDA tensors; CPU-only installs may lack Triton and use the torch code
+    from tpfleet.model import triton_ops
+except ImportError:
+    triton_ops = None
+
 
 def divide(n: int, d: int, what: str) -> int:
     if n % d:
@@ -142,7 +147,10 @@ class RMSNorm(nn.Module):
         self.weight = _param(dim, loader=lambda p, w: p.data.copy_(w))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """With `residual`, adds it first and returns (normed, new_residual): the pre-norm block pattern."""
+        """With `residual`, adds it first and returns (normed, new_residual): the pre-norm block pattern.
+        On GPU one fused kernel; the torch code below is its reference."""
+        if x.is_cuda:
+            return triton_ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -174,5 +182,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda:
+        return triton_ops.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -18,6 +18,7 @@ from tpfleet.model.layers import (
     VocabParallelEmbedding,
     divide,
     silu_and_mul,
+    triton_ops,
 )
 
 
@@ -39,8 +40,13 @@ class Qwen3Attention(nn.Module):
 
     def project(self, positions: torch.Tensor, x: torch.Tensor):
         """q, k, v for the new tokens: [tokens, heads, head_dim], normed and rotated."""
+        qkv = self.qkv_proj(x)
+        if qkv.is_cuda:  # one fused kernel; the torch code below is its reference
+            return triton_ops.qk_norm_rope(qkv, positions, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                           self.rotary.cos, self.rotary.sin, self.num_heads, self.num_kv_heads,
+                                           self.head_dim)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
         k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
         q, k = self.rotary(positions, q, k)

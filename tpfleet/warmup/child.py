@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     finally:
         engine.shutdown()
     tuning = [str(p) for p in (cache_root() / "tuning").glob("*.json")]
-    print(RESULT_PREFIX + " " + json.dumps({"hits": STATS.hits, "misses": STATS.misses, "compile_s": STATS.compile_s,
+    print(RESULT_PREFIX + " " + json.dumps({"hits": STATS.hits, "misses": STATS.misses, "jit": STATS.report(),
                                             "entries": STATS.entries + tuning,
                                             "seconds": time.perf_counter() - t0}), flush=True)
     return 0

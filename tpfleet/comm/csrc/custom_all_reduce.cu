@@ -7,8 +7,9 @@
 // bakes in no host state, and the slot a peer writes in call n+2 was read by its owner before the
 // owner signalled call n+1: double buffering makes an end barrier unnecessary.
 //
-// The grid is the same for every call and element i always belongs to block (i / THREADS) % BLOCKS,
-// so per-block barriers order exactly the data each block touches, whatever the message size.
+// The grid (blocks x threads, chosen when the communicator is made) is the same for every call, and
+// pack i always belongs to block (i / threads) % blocks, so per-block barriers order exactly the data
+// each block touches, whatever the message size.
 // Every rank sums in rank order, so all ranks get bitwise identical results.
 //
 // Waits are bounded: past `timeout_ns` a block records who it waited for in host-mapped memory and
@@ -22,8 +23,8 @@
 #include <string.h>
 
 #define MAX_RANKS 8
-#define BLOCKS 32
-#define THREADS 512
+#define MAX_BLOCKS 128
+#define MAX_THREADS 512
 
 struct ErrorRecord {  // host-mapped, one per block: the host reads it without synchronising
   volatile int code;  // 0 ok, 1 timed out waiting for `peer`
@@ -52,10 +53,12 @@ struct Args {
   int world;
   int dtype;  // 0 bf16, 1 fp16, 2 fp32
   int two_shot;
+  int blocks;  // fixed for the communicator's lifetime: see the grid rule above
+  int threads;
 };
 
-// Region layout: [flags: BLOCKS x MAX_RANKS u64][pad to 4 KiB][slots: 2 halves x world x slot_bytes]
-#define FLAGS_BYTES 4096
+// Region layout: [flags: MAX_BLOCKS x MAX_RANKS u64][slots: 2 halves x world x slot_bytes]
+#define FLAGS_BYTES (MAX_BLOCKS * MAX_RANKS * 8)
 
 __device__ __forceinline__ unsigned long long* flag_ptr(char* region, int block, int src) {
   return reinterpret_cast<unsigned long long*>(region) + block * MAX_RANKS + src;
@@ -187,13 +190,13 @@ __device__ __forceinline__ uint4 reduce_pack(const Args& a, int half, long long 
 }
 
 template <typename T, int W>
-__global__ void __launch_bounds__(THREADS, 1) one_shot(Args a) {
+__global__ void __launch_bounds__(MAX_THREADS) one_shot(Args a) {
   BlockState& st = a.state[blockIdx.x];
   const int half = st.epoch & 1;
   const uint4* in = reinterpret_cast<const uint4*>(a.in);
   uint4* out = reinterpret_cast<uint4*>(a.out);
-  const long long stride = (long long)BLOCKS * THREADS;
-  const long long first = (long long)blockIdx.x * THREADS + threadIdx.x;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   for (long long j = first; j < a.packs; j += stride) {
     const uint4 v = in[j];
 #pragma unroll
@@ -207,15 +210,15 @@ __global__ void __launch_bounds__(THREADS, 1) one_shot(Args a) {
 
 // Reduce-scatter by push (chunk c goes to rank c), reduce the own chunk, all-gather by push.
 template <typename T, int W>
-__global__ void __launch_bounds__(THREADS, 1) two_shot(Args a) {
+__global__ void __launch_bounds__(MAX_THREADS) two_shot(Args a) {
   BlockState& st = a.state[blockIdx.x];
   const int half = st.epoch & 1;
   const uint4* in = reinterpret_cast<const uint4*>(a.in);
   uint4* out = reinterpret_cast<uint4*>(a.out);
   const long long chunk = (a.packs + W - 1) / W;  // packs per chunk; the last may be shorter
   const long long gather_off = chunk;  // all-gather area follows the reduce-scatter area in each slot
-  const long long stride = (long long)BLOCKS * THREADS;
-  const long long first = (long long)blockIdx.x * THREADS + threadIdx.x;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   auto len = [&](int c) { return max(0LL, min(chunk, a.packs - c * chunk)); };
 
 #pragma unroll
@@ -246,9 +249,9 @@ __global__ void __launch_bounds__(THREADS, 1) two_shot(Args a) {
 template <typename T, int W>
 static cudaError_t launch_typed(const Args& a, cudaStream_t stream) {
   if (a.two_shot)
-    two_shot<T, W><<<BLOCKS, THREADS, 0, stream>>>(a);
+    two_shot<T, W><<<a.blocks, a.threads, 0, stream>>>(a);
   else
-    one_shot<T, W><<<BLOCKS, THREADS, 0, stream>>>(a);
+    one_shot<T, W><<<a.blocks, a.threads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -268,10 +271,11 @@ static cudaError_t launch_world(const Args& a, cudaStream_t stream) {
 
 extern "C" {
 
-int tpf_blocks() { return BLOCKS; }
+int tpf_max_blocks() { return MAX_BLOCKS; }
+int tpf_max_threads() { return MAX_THREADS; }
 int tpf_flags_bytes() { return FLAGS_BYTES; }
-int tpf_state_bytes() { return BLOCKS * (int)sizeof(BlockState); }
-int tpf_error_bytes() { return BLOCKS * (int)sizeof(ErrorRecord); }
+int tpf_state_bytes() { return MAX_BLOCKS * (int)sizeof(BlockState); }
+int tpf_error_bytes() { return MAX_BLOCKS * (int)sizeof(ErrorRecord); }
 int tpf_args_bytes() { return (int)sizeof(Args); }
 
 // Plain cudaMalloc, never a virtual-memory allocator: the only kind cudaIpcGetMemHandle can export.
