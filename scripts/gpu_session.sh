@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md, in stages that each fit one device-tool call:
 #   bash scripts/gpu_session.sh STAGE   (from the repository root; results under $OUT)
-# check: GPU correctness tests of the kernels and graphs, then the all-reduce benchmark (4 GPUs if present, then 2)
+# check: GPU correctness tests of the kernels and graphs, the doctor, the all-reduce benchmark on 4 GPUs
+#        (GRIDS=64x256,... times other launch grids of the custom kernels too)
 # engine: the 8b-shape engine benchmark, TP=1 (with the transformers baseline) and TP=2
 # warm: cold and warm starts of a TP=2 engine, the second warm-up run, the doctor, the communicator tests
 set -uo pipefail
@@ -19,25 +20,25 @@ make_model() {
 
 case "$1" in
   check)
-    log "fused ops, attention, parity and graph tests"
-    timeout 300 python3 -m pytest -q -x -m gpu tests/test_triton_ops.py tests/test_attention.py \
-      tests/test_model_parity.py tests/test_graphs_gpu.py 2>&1 | tail -15
+    log "GPU tests: fused ops, attention, parity, graphs"
+    timeout 330 python3 -m pytest -q -x -m gpu tests/test_triton_ops.py tests/test_attention.py \
+      tests/test_model_parity.py tests/test_graphs_gpu.py > "$OUT/tests.log" 2>&1
+    grep -E "passed|failed|Error" "$OUT/tests.log" | tail -15
+    log "doctor"; python3 -m tpfleet doctor > "$OUT/doctor.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/doctor.txt"
+    python3 -m tpfleet doctor --json > "$OUT/doctor.json" 2>/dev/null
     if [ "$GPUS" -ge 4 ]; then
       log "all-reduce, 4 GPUs"
-      timeout 240 python3 -m tpfleet bench allreduce --nproc 4 --grids 32x512,64x512,128x256 --out "$OUT"
+      timeout 200 python3 -m tpfleet bench allreduce --nproc 4 ${GRIDS:+--grids $GRIDS} --out "$OUT" | tail -32
     fi
-    log "all-reduce, 2 GPUs"
-    CUDA_VISIBLE_DEVICES=0,1 timeout 200 python3 -m tpfleet bench allreduce --nproc 2 --grids 64x256,128x256 \
-      --out "$OUT"
     ;;
   engine)
     make_model
     log "engine TP=2"
     timeout 200 python3 -m tpfleet bench engine --model "$MODEL" --device cuda --tp 2 --graph-mode full --no-hf \
       --out "$OUT"
-    log "engine TP=1, then transformers (the JSON is written before the baseline starts)"
+    log "engine TP=1, then transformers unless HF=0 (the JSON is written before the baseline starts)"
     timeout 360 python3 -m tpfleet bench engine --model "$MODEL" --device cuda --tp 1 --graph-mode piecewise \
-      --out "$OUT"
+      --out "$OUT" $([ "${HF:-1}" = 0 ] && echo --no-hf)
     ;;
   warm)
     make_model

@@ -68,12 +68,35 @@ def run_case(case, dtype, device):
     return out.float(), ref.float()
 
 
+def decode_with_splits(splits: int, dtype, device):
+    """Decode attention forced to `splits` KV splits (1: one program per sequence and kv head, no
+    merge kernel) against the reference."""
+    from tpfleet.attention.triton_kernels import decode_attention
+
+    q, k, v, kc, vc, meta = make_batch([1] * 3, [1, 70, 300], 2, 4, 32, 16, dtype, device)
+    ref = TorchReferenceBackend().forward(q, k, v, kc, vc, meta, 32 ** -0.5)  # stores k, v too
+    out = decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, 32 ** -0.5, splits=splits)
+    return out.float(), ref.float()
+
+
 def interpreter_main() -> None:
     """Run in a child with TRITON_INTERPRET=1 (read when kernels are defined): Triton on the CPU."""
     for case in CASES:
         out, ref = run_case(case, torch.float32, "cpu")
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    for splits in (1, 4):
+        out, ref = decode_with_splits(splits, torch.float32, "cpu")
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     print("interpreter: all cases match")
+
+
+def test_decode_splits_fill_the_gpu_and_stop_at_large_batches():
+    from tpfleet.attention.triton_kernels import MAX_DECODE_SPLITS, decode_splits
+
+    cpu = torch.device("cpu")  # stands for a 128-SM GPU
+    assert decode_splits(1, 8, cpu) == MAX_DECODE_SPLITS
+    assert decode_splits(8, 8, cpu) == 4  # 256 programs wanted: 8 x 8 x 4
+    assert decode_splits(256, 8, cpu) == 1  # already 2048 programs: no split, no merge kernel
 
 
 def test_triton_matches_reference_in_the_interpreter():
@@ -93,3 +116,11 @@ def test_triton_matches_reference_on_gpu(case, dtype):
     out, ref = run_case(case, dtype, "cuda")
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("splits", [1, 4, 16])
+def test_decode_splits_match_reference_on_gpu(splits):
+    out, ref = decode_with_splits(splits, torch.bfloat16, "cuda")
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)

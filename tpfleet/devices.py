@@ -17,6 +17,7 @@ class PhysicalGPU:
     index: int  # the driver's (NVML's) index, as nvidia-smi shows it
     uuid: str  # "GPU-xxxxxxxx-..."
     name: str = ""
+    arch: str = ""  # compute capability as in sm_90: "90"
 
 
 class DeviceError(RuntimeError):
@@ -64,8 +65,9 @@ def physical_gpus() -> list[PhysicalGPU]:
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             uuid = pynvml.nvmlDeviceGetUUID(h)
             name = pynvml.nvmlDeviceGetName(h)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
             out.append(PhysicalGPU(i, uuid if isinstance(uuid, str) else uuid.decode(),
-                                   name if isinstance(name, str) else name.decode()))
+                                   name if isinstance(name, str) else name.decode(), f"{major}{minor}"))
         return out
     finally:
         pynvml.nvmlShutdown()

@@ -9,15 +9,15 @@ from tpfleet.attention.triton_kernels import decode_attention, extend_attention,
 
 
 class TritonBackend(AttentionBackend):
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decodes
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         if nd:
             decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], scale,
                              out=out[:nd])
         if nd < len(meta.query_lens):
             extend_attention(q[nd:], k_cache, v_cache, out[nd:], meta.block_tables[nd:], meta.context_lens[nd:],
-                             meta.query_start[nd:] - meta.query_start[nd], meta.query_lens_dev[nd:],
-                             max(meta.query_lens[nd:]), scale)
+                             meta.query_start[nd:], meta.query_lens_dev[nd:], max(meta.query_lens[nd:]), scale)
         return out

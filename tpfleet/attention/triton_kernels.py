@@ -8,11 +8,13 @@ block_tables[b, j // block_size] at offset j % block_size.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-DECODE_SPLITS = 16  # KV splits per (sequence, kv head): parallelism for small batches and long contexts
+MAX_DECODE_SPLITS = 16  # KV splits per (sequence, kv head): parallelism for small batches and long contexts
 
 
 @triton.jit
@@ -64,7 +66,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 @triton.jit
-def _decode_partial_kernel(q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, scale,
+def _decode_partial_kernel(q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out, scale,
                            stride_bt, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr,
                            HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                            SPLITS: tl.constexpr, IEEE: tl.constexpr):
@@ -92,12 +94,17 @@ def _decode_partial_kernel(q, k_cache, v_cache, block_tables, context_lens, part
         qk = _dot(qv, tl.trans(kt), IEEE).to(tl.float32) * scale
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_i, l_i, acc = _softmax_update(qk, vt, m_i, l_i, acc, IEEE)
-    out_row = (b * KV_HEADS * GROUP + heads) * SPLITS + split
     has = l_i > 0
-    tl.store(part_out + out_row[:, None] * HEAD_DIM + d[None, :], acc / tl.where(has, l_i, 1.0)[:, None],
-             mask=(g < GROUP)[:, None])
-    tl.store(part_lse + out_row, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")),
-             mask=g < GROUP)
+    if SPLITS == 1:  # the whole context in one program: the final result, no partials to merge
+        res = acc / tl.where(has, l_i, 1.0)[:, None]
+        tl.store(out + (b * KV_HEADS * GROUP + heads)[:, None] * HEAD_DIM + d[None, :], res.to(out.dtype.element_ty),
+                 mask=(g < GROUP)[:, None])
+    else:
+        out_row = (b * KV_HEADS * GROUP + heads) * SPLITS + split
+        tl.store(part_out + out_row[:, None] * HEAD_DIM + d[None, :], acc / tl.where(has, l_i, 1.0)[:, None],
+                 mask=(g < GROUP)[:, None])
+        tl.store(part_lse + out_row, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")),
+                 mask=g < GROUP)
 
 
 @triton.jit
@@ -114,20 +121,37 @@ def _decode_reduce_kernel(part_out, part_lse, out, HEAD_DIM: tl.constexpr, SPLIT
     tl.store(out + row * HEAD_DIM + d, res.to(out.dtype.element_ty))
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    # Triton's interpreter runs on the CPU: pretend to be a mid-size GPU so small batches still split
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 128
+
+
+def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Enough (sequence, kv head, split) programs to fill the GPU twice, and no more: every extra split
+    writes a partial result in fp32 that a second kernel reads back. Large batches need no split,
+    and skip the second kernel. Depends on the batch shape only, so a captured graph stays valid."""
+    want = -(-2 * _sm_count(device) // (batch * kv_heads))
+    return 1 if want <= 1 else min(MAX_DECODE_SPLITS, triton.next_power_of_2(want))
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+                     splits: int | None = None) -> torch.Tensor:
     """q: [batch, heads, head_dim], one query per sequence. A sequence of context 0 gets zeros."""
     batch, heads, head_dim = q.shape
     kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
-    part_out = torch.empty(batch, heads, DECODE_SPLITS, head_dim, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(batch, heads, DECODE_SPLITS, dtype=torch.float32, device=q.device)
-    _decode_partial_kernel[(batch, kv_heads, DECODE_SPLITS)](
-        q.contiguous(), k_cache, v_cache, block_tables, context_lens, part_out, part_lse, scale,
-        block_tables.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
-        HEAD_DIM=head_dim, PAGE=page, BLOCK_N=64, SPLITS=DECODE_SPLITS, IEEE=q.dtype == torch.float32)
+    splits = splits or decode_splits(batch, kv_heads, q.device)
     out = torch.empty_like(q) if out is None else out
-    _decode_reduce_kernel[(batch * heads,)](part_out, part_lse, out, HEAD_DIM=head_dim, SPLITS=DECODE_SPLITS)
+    part_out = torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device) if splits > 1 else out
+    part_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
+    _decode_partial_kernel[(batch, kv_heads, splits)](
+        q.contiguous(), k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out, scale,
+        block_tables.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
+        HEAD_DIM=head_dim, PAGE=page, BLOCK_N=64, SPLITS=splits, IEEE=q.dtype == torch.float32)
+    if splits > 1:
+        _decode_reduce_kernel[(batch * heads,)](part_out, part_lse, out, HEAD_DIM=head_dim, SPLITS=splits)
     return out
 
 
@@ -142,7 +166,7 @@ def _extend_kernel(q, k_cache, v_cache, out, block_tables, context_lens, query_s
     if tile * BLOCK_M >= q_len:
         return
     ctx = tl.load(context_lens + seq)
-    q0 = tl.load(query_start + seq)
+    q0 = tl.load(query_start + seq) - tl.load(query_start)  # rows of q counted from this call's first query
     kvh = h // (HEADS // KV_HEADS)
     m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
@@ -170,8 +194,9 @@ def _extend_kernel(q, k_cache, v_cache, out, block_tables, context_lens, query_s
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, query_start: torch.Tensor,
                      query_lens: torch.Tensor, max_query_len: int, scale: float) -> None:
-    """Causal attention of each sequence's new tokens (rows query_start[i] ..) over its whole context,
-    prefix included. Keys and values of the new tokens must already be in the cache."""
+    """Causal attention of each sequence's new tokens (rows query_start[i] - query_start[0] .. of q)
+    over its whole context, prefix included. Keys and values of the new tokens must already be in
+    the cache."""
     num_seqs = query_lens.shape[0]
     heads, head_dim = q.shape[1], q.shape[2]
     block_m = 64 if max_query_len > 32 else 16

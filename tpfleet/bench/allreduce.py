@@ -65,7 +65,7 @@ def _worker(rank: int, world: int, port: int, dtype: torch.dtype, sizes: list[in
                 x = input_for(backend, numel, dtype, device)
                 if backend.supports(x):
                     row["us"][name] = 1e6 * time_per_call(backend.all_reduce, x, pg, graph)
-            x = comm.input_buffer((numel,), dtype)
+            x = comm.input_buffer((numel,), dtype, mode)  # where the engine's GEMM would write, in this mode
             x = torch.empty(numel, dtype=dtype, device=device) if x is None else x
             row["us"]["dispatcher"] = 1e6 * time_per_call(comm.all_reduce, x, pg, graph)
             row["dispatcher_picks"] = comm.pick(x).name if not graph else comm.table.pick(size, "graph")

@@ -109,14 +109,15 @@ class Communicator:
             b = SymmMemBackend(self.symm, two_shot)
             self.backends[b.name] = b
 
-    def input_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    def input_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, mode: str | None = None) -> torch.Tensor | None:
         """Where a producer (a row-parallel GEMM) should write a tensor it will all-reduce next, or
         None for anywhere. Only symmetric memory needs its input in its own buffer; the custom
-        kernels and NCCL read inputs wherever they are."""
+        kernels and NCCL read inputs wherever they are. `mode` (eager or graph) defaults to whether
+        a graph is being captured now."""
         if self.symm is None:
             return None
         nbytes = math.prod(shape) * dtype.itemsize
-        if self.table.pick(nbytes, _mode()).startswith("symm_mem") and nbytes <= self.symm.max_bytes:
+        if self.table.pick(nbytes, mode or _mode()).startswith("symm_mem") and nbytes <= self.symm.max_bytes:
             return self.symm.view(shape, dtype)
         return None
 

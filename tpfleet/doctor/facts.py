@@ -40,11 +40,13 @@ def _nvml_facts(f: Facts) -> None:
     pynvml.nvmlInit()
     try:
         handles = {g.index: pynvml.nvmlDeviceGetHandleByIndex(g.index) for g in f.gpus}
+        read = pynvml.NVML_P2P_CAPS_INDEX_READ
+        read = read[0] if isinstance(read, tuple) else read  # some nvidia-ml-py releases define it as (0,)
         for i in handles:
             for j in handles:
                 if i >= j:
                     continue
-                status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j], pynvml.NVML_P2P_CAPS_INDEX_READ)
+                status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j], read)
                 links = _nvlinks_between(pynvml, handles[i], handles[j])
                 ok = status == pynvml.NVML_P2P_STATUS_OK
                 f.p2p[(i, j)] = f"NV{links}" if links else ("PCIe" if ok else "none")

@@ -136,7 +136,7 @@ class PiecewiseGraphs:
         graphs = self.graphs[t]
         for i, layer in enumerate(self.model.layers):
             graphs[i].replay()
-            self.o[:n].copy_(layer.self_attn.attend(self.q[:n], self.k[:n], self.v[:n], meta))
+            layer.self_attn.attend(self.q[:n], self.k[:n], self.v[:n], meta, out=self.o[:n])
         graphs[-1].replay()
         return self.hidden[t][:n]
 

@@ -1,7 +1,18 @@
-"""Launch, place, supervise and tear down fleets of TP engines (see fleet.py)."""
+"""Launch, place, supervise and tear down fleets of TP engines (see fleet.py).
 
-from tpfleet.fleet.diagnostics import EngineFailure
-from tpfleet.fleet.fleet import Fleet, FleetConfig
-from tpfleet.fleet.gpu_state import StaleGPUProcesses
+The names below load on first use, so that a light module of this package (diagnostics, used by
+`tpfleet warmup`) can be imported without the engine and transformers behind `Fleet`.
+"""
 
-__all__ = ["EngineFailure", "Fleet", "FleetConfig", "StaleGPUProcesses"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"EngineFailure": "diagnostics", "Fleet": "fleet", "FleetConfig": "fleet", "StaleGPUProcesses": "gpu_state"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -52,8 +52,9 @@ class Qwen3Attention(nn.Module):
         q, k = self.rotary(positions, q, k)
         return q, k, v.reshape(-1, self.num_kv_heads, self.head_dim)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, out)
 
 
 class Qwen3MLP(nn.Module):

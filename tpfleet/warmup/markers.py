@@ -9,14 +9,18 @@ whose cache was wiped, pruned or overwritten is ignored and the warm-up runs aga
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
+import runpy
 import time
 from pathlib import Path
 
 from tpfleet import __version__
+from tpfleet.devices import visible_gpus
 from tpfleet.jit import cache_root, write_atomic
 
-KERNEL_SOURCES = ("comm/csrc/custom_all_reduce.cu", "attention/triton_kernels.py")
+KERNEL_SOURCES = ("comm/csrc/custom_all_reduce.cu", "attention/triton_kernels.py", "model/triton_ops.py")
 
 
 def _sha(data: bytes) -> str:
@@ -33,20 +37,28 @@ def sources_hash(root: Path | None = None) -> str:
 
 
 def environment_versions() -> dict:
-    import torch
-
+    """Read from package metadata and NVML, without importing torch or Triton or starting CUDA
+    (seconds each): a warm-up whose markers are all valid should finish in about a second."""
     try:
-        import triton
+        arch = next((f"sm_{g.arch}" for g in visible_gpus()), None)
+    except Exception:  # noqa: BLE001 - no NVML, no driver: no GPU to compile for
+        arch = None
+    return {"tpfleet": __version__, "torch": _dist_version("torch"), "triton": _dist_version("triton"),
+            "cuda": _torch_cuda_version(), "arch": arch}
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    arch = None
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        arch = f"sm_{major}{minor}"
-    return {"tpfleet": __version__, "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda, "arch": arch}
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _torch_cuda_version() -> str | None:
+    """torch.version.cuda, read from torch/version.py (which imports nothing) rather than importing torch."""
+    spec = importlib.util.find_spec("torch")
+    version_py = Path(spec.origin).parent / "version.py" if spec and spec.origin else None
+    return runpy.run_path(str(version_py)).get("cuda") if version_py and version_py.is_file() else None
 
 
 def marker_key(config_args: dict, versions: dict, sources: str) -> str:
