@@ -86,3 +86,17 @@ def test_compare_ray_runs_a_real_actor():
     diff = json.loads(r.stdout)["ray_env_diff"]
     # Ray pins its workers' OpenMP threads to their CPU share; a plain process is left alone.
     assert diff["OMP_NUM_THREADS"] == [None, "1"]
+
+
+def test_p2p_matrix_cells_stay_apart():
+    from tpfleet.doctor.cli import report
+
+    p2p = {(i, j): "NV18" for i in range(4) for j in range(4) if i < j}
+    ipc = {(i, j): "ok" for i in range(4) for j in range(4) if i != j}
+    f = Facts(env=SAFE, gpus=GPUS, p2p=p2p, ipc=ipc, shm_bytes=64 << 30)
+    lines = report(f, check(f)).splitlines()
+    start = lines.index("P2P / NVLink (and CUDA IPC read test):")
+    rows = lines[start + 2:start + 6]
+    assert [r.split() for r in rows] == [[str(i)] + ["X" if i == j else "NV18/ipc-ok" for j in range(4)]
+                                         for i in range(4)]
+    assert len({len(r) for r in rows}) == 1  # aligned columns

@@ -21,19 +21,22 @@ def report(f: Facts, findings) -> str:
         if f.p2p:
             idx = [g.index for g in f.gpus]
             lines.append("P2P / NVLink (and CUDA IPC read test):")
-            lines.append("       " + "".join(f"{j:>10}" for j in idx))
+            rows = {}
             for i in idx:
                 cells = []
                 for j in idx:
                     if i == j:
-                        cells.append(f"{'X':>10}")
+                        cells.append("X")
                     else:
                         link = f.p2p.get((min(i, j), max(i, j)), "?")
                         ipc = f.ipc.get((i, j))
                         if ipc is not None:
                             link += "/ipc-" + ("ok" if ipc == "ok" else "FAIL")
-                        cells.append(f"{link:>10}")
-                lines.append(f"  {i:>4} " + "".join(cells))
+                        cells.append(link)
+                rows[i] = cells
+            w = 2 + max(len(c) for cells in rows.values() for c in cells)
+            lines.append("      " + "".join(f"{j:>{w}}" for j in idx))
+            lines += [f"  {i:>4}" + "".join(f"{c:>{w}}" for c in cells) for i, cells in rows.items()]
         cvd = f.env.get("CUDA_VISIBLE_DEVICES")
         try:
             mapping = parse_visible_devices(cvd, f.gpus)

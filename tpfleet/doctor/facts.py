@@ -46,25 +46,35 @@ def _nvml_facts(f: Facts) -> None:
             for j in handles:
                 if i >= j:
                     continue
-                status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j], read)
-                links = _nvlinks_between(pynvml, handles[i], handles[j])
-                ok = status == pynvml.NVML_P2P_STATUS_OK
+                ok = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j], read) == pynvml.NVML_P2P_STATUS_OK
+                over_nvlink = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j], pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+                direct, switched = _nvlinks(pynvml, handles[i], pynvml.nvmlDeviceGetPciInfo(handles[j]).busId)
+                links = direct or (switched if over_nvlink == pynvml.NVML_P2P_STATUS_OK else 0)
                 f.p2p[(i, j)] = f"NV{links}" if links else ("PCIe" if ok else "none")
     finally:
         pynvml.nvmlShutdown()
 
 
-def _nvlinks_between(pynvml, a, b) -> int:
-    target = pynvml.nvmlDeviceGetPciInfo(b).busId
-    n = 0
-    for link in range(18 * 2):
+def _nvlinks(pynvml, a, target_bus) -> tuple[int, int]:
+    """GPU a's active NVLinks: those wired straight to the GPU on `target_bus`, and those to NVSwitches.
+    On switched systems (HGX H100/H200) every pair talks through all of a GPU's switch links, which
+    is what `nvidia-smi topo -m` reports as NV18."""
+    direct = switched = 0
+    for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
         try:
-            if pynvml.nvmlDeviceGetNvLinkState(a, link) and \
-                    pynvml.nvmlDeviceGetNvLinkRemotePciInfo(a, link).busId == target:
-                n += 1
+            if not pynvml.nvmlDeviceGetNvLinkState(a, link):
+                continue
         except pynvml.NVMLError:
-            break
-    return n
+            break  # past the device's last link
+        try:
+            to_switch = pynvml.nvmlDeviceGetNvLinkRemoteDeviceType(a, link) == pynvml.NVML_NVLINK_DEVICE_TYPE_SWITCH
+        except pynvml.NVMLError:  # older drivers: only the remote bus id is known
+            to_switch = False
+        if to_switch:
+            switched += 1
+        elif pynvml.nvmlDeviceGetNvLinkRemotePciInfo(a, link).busId == target_bus:
+            direct += 1
+    return direct, switched
 
 
 def _ipc_reader(q_in, q_out, device: int) -> None:
