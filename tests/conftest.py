@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+
+
+def run_in_triton_interpreter(module: str) -> str:
+    """Run tests/<module>.py's `interpreter_main()` in a child with TRITON_INTERPRET=1, which Triton
+    reads when kernels are defined: Triton kernels executed on the CPU. Returns the child's stdout."""
+    here = str(Path(__file__).parent)
+    code = f"import sys; sys.path.insert(0, {here!r}); import {module}; {module}.interpreter_main()"
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout
 
 
 # cpu runs float32 (token-exact against transformers); cuda runs where a GPU exists.

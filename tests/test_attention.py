@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, run_in_triton_interpreter
 
 from tpfleet.attention.backend import AttentionMetadata
 from tpfleet.attention.torch_ref import TorchReferenceBackend
@@ -80,7 +75,7 @@ def decode_with_splits(splits: int, dtype, device):
 
 
 def interpreter_main() -> None:
-    """Run in a child with TRITON_INTERPRET=1 (read when kernels are defined): Triton on the CPU."""
+    """Run by run_in_triton_interpreter: Triton on the CPU."""
     for case in CASES:
         out, ref = run_case(case, torch.float32, "cpu")
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
@@ -100,12 +95,7 @@ def test_decode_splits_fill_the_gpu_and_stop_at_large_batches():
 
 
 def test_triton_matches_reference_in_the_interpreter():
-    here = str(Path(__file__).parent)
-    code = f"import sys; sys.path.insert(0, {here!r}); import test_attention; test_attention.interpreter_main()"
-    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "all cases match" in r.stdout
+    assert "all cases match" in run_in_triton_interpreter("test_attention")
 
 
 @pytest.mark.gpu

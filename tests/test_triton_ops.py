@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, run_in_triton_interpreter
 
 from tpfleet.model.layers import RMSNorm, RotaryEmbedding
 
@@ -68,19 +63,14 @@ def check(shape, tokens, dtype, device) -> None:
 
 
 def interpreter_main() -> None:
-    """Run in a child with TRITON_INTERPRET=1 (read when kernels are defined): Triton on the CPU."""
+    """Run by run_in_triton_interpreter: Triton on the CPU."""
     for tokens in (1, 5):
         check(SHAPES[0], tokens, torch.float32, "cpu")
     print("interpreter: all ops match")
 
 
 def test_fused_ops_match_torch_in_the_interpreter():
-    here = str(Path(__file__).parent)
-    code = f"import sys; sys.path.insert(0, {here!r}); import test_triton_ops; test_triton_ops.interpreter_main()"
-    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "all ops match" in r.stdout
+    assert "all ops match" in run_in_triton_interpreter("test_triton_ops")
 
 
 @pytest.mark.gpu
