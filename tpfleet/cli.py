@@ -39,6 +39,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-symm-mem", action="store_true", help="never use PyTorch symmetric memory")
 
 
+def _grids(text: str) -> list[tuple[int, int]]:
+    """'64x256,128x256' -> [(64, 256), (128, 256)]; the custom kernel checks the ranges itself."""
+    try:
+        return [(int(b), int(t)) for b, t in (g.split("x") for g in text.split(",") if g)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BLOCKSxTHREADS,... e.g. 64x256,128x256") from None
+
+
 def engine_config(a: argparse.Namespace):
     from tpfleet.config import EngineConfig
 
@@ -107,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ba.add_argument("--nproc", type=int, default=2, help="GPUs (one process each)")
     ba.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ba.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
-    ba.add_argument("--grids", default="", help="other custom-kernel launch grids to time in graph mode, "
-                                                "as BLOCKSxTHREADS,... (e.g. 64x256,128x256)")
+    ba.add_argument("--grids", type=_grids, default=[], help="other custom-kernel launch grids to time in graph "
+                                                             "mode, as BLOCKSxTHREADS,... (e.g. 64x256,128x256)")
 
     wu = sub.add_parser("warmup", help="build the JIT caches engine configs need; a no-op when still valid")
     wu.add_argument("--model", required=True)
@@ -173,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from tpfleet.bench.allreduce import bench_allreduce
 
-        grids = [tuple(int(v) for v in g.split("x")) for g in a.grids.split(",") if g]
-        bench_allreduce(a.nproc, a.out, getattr(torch, a.dtype), grids=grids)
+        bench_allreduce(a.nproc, a.out, getattr(torch, a.dtype), grids=a.grids)
     return 0
 
 

@@ -144,6 +144,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = heads // kv_heads
     splits = splits or decode_splits(batch, kv_heads, q.device)
     out = torch.empty_like(q) if out is None else out
+    # partial results per split, merged by the second kernel; with one split the first writes `out` itself
     part_out = torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device) if splits > 1 else out
     part_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
     _decode_partial_kernel[(batch, kv_heads, splits)](
