@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md, in stages that each fit one device-tool call:
 #   bash scripts/gpu_session.sh STAGE   (from the repository root; results under $OUT)
-# check: GPU correctness tests of the kernels and graphs, the doctor, the all-reduce benchmark on 4 GPUs
+# tests: the GPU tests of kernels, parity, graphs and the communicator (log in $OUT/tests.log)
+# check: the doctor, then the all-reduce benchmark on 4 GPUs
 #        (GRIDS=64x256,... times other launch grids of the custom kernels too)
-# engine: the 8b-shape engine benchmark, TP=1 (with the transformers baseline) and TP=2
-# warm: cold and warm starts of a TP=2 engine, the second warm-up run, the doctor, the communicator tests
+# engine: the 8b-shape engine benchmark, TP=2, then TP=1 with the transformers baseline (HF=0 skips it)
+# warm: cold and warm starts of a TP=2 engine, and a second warm-up run, on emptied caches
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SKIP_WHEELS=${SKIP_WHEELS:-ray} source scripts/gpu_setup.sh || exit 1
@@ -19,11 +20,13 @@ make_model() {
 }
 
 case "$1" in
+  tests)
+    log "GPU tests"
+    timeout 560 python3 -m pytest -q -rf -x -m gpu tests/test_triton_ops.py tests/test_attention.py \
+      tests/test_model_parity.py tests/test_graphs_gpu.py tests/test_comm_gpu.py > "$OUT/tests.log" 2>&1
+    echo "pytest exit $?"; tail -5 "$OUT/tests.log"
+    ;;
   check)
-    log "GPU tests: fused ops, attention, parity, graphs"
-    timeout 330 python3 -m pytest -q -x -m gpu tests/test_triton_ops.py tests/test_attention.py \
-      tests/test_model_parity.py tests/test_graphs_gpu.py > "$OUT/tests.log" 2>&1
-    grep -E "passed|failed|Error" "$OUT/tests.log" | tail -15
     log "doctor"; python3 -m tpfleet doctor > "$OUT/doctor.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/doctor.txt"
     python3 -m tpfleet doctor --json > "$OUT/doctor.json" 2>/dev/null
     if [ "$GPUS" -ge 4 ]; then
@@ -42,22 +45,23 @@ case "$1" in
     ;;
   warm)
     make_model
-    export TPFLEET_CACHE_DIR=$(mktemp -d)  # cold: empty caches (Triton's lives under it too)
+    empty_caches() {  # tpfleet's and Triton's, so that "cold" means cold
+      export TPFLEET_CACHE_DIR=$(mktemp -d)
+      export TRITON_CACHE_DIR=$TPFLEET_CACHE_DIR/triton
+    }
     start() {
       python3 -c "from tpfleet.config import EngineConfig; from tpfleet.engine.llm_engine import LLMEngine; \
 LLMEngine(EngineConfig(model='$MODEL', tp_size=2, device='cuda', graph_mode='full')).shutdown()" 2>&1 \
         | grep "phase: jit_caches"
     }
+    empty_caches
     log "cold engine start, TP=2"; time start
     log "warm engine start, TP=2"; time start
-    export TPFLEET_CACHE_DIR=$(mktemp -d)
+    empty_caches
     log "warmup, cold caches"
     timeout 300 python3 -m tpfleet warmup --model "$MODEL" --tp 1,2 --graph-mode full | tail -4
     log "warmup, second run"
     time python3 -m tpfleet warmup --model "$MODEL" --tp 1,2 --graph-mode full | tail -4
-    log "doctor"; python3 -m tpfleet doctor | tee "$OUT/doctor.txt" | tail -40
-    python3 -m tpfleet doctor --json > "$OUT/doctor.json"
-    log "communicator tests"; timeout 240 python3 -m pytest -q -x -m gpu tests/test_comm_gpu.py 2>&1 | tail -8
     ;;
-  *) echo "usage: $0 check|engine|warm" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|check|engine|warm" >&2; exit 2 ;;
 esac

@@ -6,16 +6,11 @@ import argparse
 import os
 import sys
 
+from tpfleet.jit import default_triton_cache
+
 # Multicast (NVLS) must stay off on shared multi-GPU hosts; children inherit these.
 for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
     os.environ.setdefault(_k, _v)
-
-
-def _default_triton_cache() -> None:
-    """Triton's kernels live beside tpfleet's own JIT cache, so warm-up and engines share one."""
-    from tpfleet.jit import cache_root
-
-    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_root() / "triton"))
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -132,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     dr.add_argument("--json", action="store_true")
 
     a = parser.parse_args(argv)
-    _default_triton_cache()
+    default_triton_cache()
     if a.cmd == "make-model":
         from tpfleet.model.make_model import make_model
 

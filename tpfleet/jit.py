@@ -32,6 +32,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tpfleet"
 
 
+def default_triton_cache() -> None:
+    """Keep Triton's kernels beside tpfleet's own JIT cache (unless TRITON_CACHE_DIR says otherwise),
+    so that `tpfleet warmup` fills the cache every engine reads, however the engine was started.
+    Set before any rank is spawned: the ranks inherit it."""
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_root() / "triton"))
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     """Write a cache file so readers see the old version or the new one, never half of one."""
     path = Path(path)

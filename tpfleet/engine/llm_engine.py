@@ -27,6 +27,7 @@ from tpfleet.engine.sampler import sample
 from tpfleet.engine.scheduler import Scheduler
 from tpfleet.engine.sequence import InvalidRequest, SamplingParams, Sequence
 from tpfleet.engine.worker import worker_main
+from tpfleet.jit import default_triton_cache
 from tpfleet.phases import report_phase
 
 log = logging.getLogger("tpfleet.engine")
@@ -42,6 +43,7 @@ class StepOutput:
 class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
+        default_triton_cache()
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self._stopping = False
         self.workers: list[tuple[mp.Process, mp.connection.Connection]] = []
