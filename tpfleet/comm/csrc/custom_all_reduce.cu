@@ -120,47 +120,42 @@ __device__ bool barrier(const Args& a, BlockState& st) {
 template <typename T>
 struct Pack;  // 16 bytes of T, added in fp32
 
+// The two 16-bit types differ only in their conversion intrinsics; everything else is shared.
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+__device__ __forceinline__ float2 to_float2(__half2 h) { return __half22float2(h); }
+template <typename H2>
+__device__ __forceinline__ H2 from_floats(float a, float b);
 template <>
-struct Pack<__nv_bfloat16> {
+__device__ __forceinline__ __nv_bfloat162 from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
+template <>
+__device__ __forceinline__ __half2 from_floats(float a, float b) { return __floats2half2_rn(a, b); }
+
+template <typename H2>  // a pack of four 2-element 16-bit vectors
+struct HalfPack {
   static __device__ __forceinline__ void add(float* acc, uint4 v) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+    const H2* h = reinterpret_cast<const H2*>(&v);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      float2 f = __bfloat1622float2(h[i]);
+      float2 f = to_float2(h[i]);
       acc[2 * i] += f.x;
       acc[2 * i + 1] += f.y;
     }
   }
   static __device__ __forceinline__ uint4 pack(const float* acc) {
     uint4 v;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+    H2* h = reinterpret_cast<H2*>(&v);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    for (int i = 0; i < 4; ++i) h[i] = from_floats<H2>(acc[2 * i], acc[2 * i + 1]);
     return v;
   }
   static constexpr int N = 8;
 };
 
 template <>
-struct Pack<__half> {
-  static __device__ __forceinline__ void add(float* acc, uint4 v) {
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float2 f = __half22float2(h[i]);
-      acc[2 * i] += f.x;
-      acc[2 * i + 1] += f.y;
-    }
-  }
-  static __device__ __forceinline__ uint4 pack(const float* acc) {
-    uint4 v;
-    __half2* h = reinterpret_cast<__half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(acc[2 * i], acc[2 * i + 1]);
-    return v;
-  }
-  static constexpr int N = 8;
-};
+struct Pack<__nv_bfloat16> : HalfPack<__nv_bfloat162> {};
+
+template <>
+struct Pack<__half> : HalfPack<__half2> {};
 
 template <>
 struct Pack<float> {
