@@ -2,13 +2,16 @@
 # The GPU measurements behind docs/benchmarks.md, in stages that each fit one device-tool call:
 #   bash scripts/gpu_session.sh STAGE   (from the repository root; results under $OUT)
 # tests: the GPU tests of kernels, parity, graphs and the communicator (log in $OUT/tests.log)
+# kernels: the decode GEMV benchmark with its config sweep, the GEMV and graph GPU tests, the doctor
+# fleet: the fleet's GPU tests (placement, Ray, stale processes, teardown, colocation)
 # check: the doctor, then the all-reduce benchmark on 4 GPUs
 #        (GRIDS=64x256,... times other launch grids of the custom kernels too)
 # engine: the 8b-shape engine benchmark, TP=2, then TP=1 with the transformers baseline (HF=0 skips it)
 # warm: cold and warm starts of a TP=2 engine, and a second warm-up run, on emptied caches
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SKIP_WHEELS=${SKIP_WHEELS:-ray} source scripts/gpu_setup.sh || exit 1
+# Ray's wheel is large to install: only the fleet stage needs it
+SKIP_WHEELS=${SKIP_WHEELS:-$([ "${1:-}" = fleet ] && echo '^$' || echo ray)} source scripts/gpu_setup.sh || exit 1
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 MODEL=/tmp/tpfleet-m8b
@@ -22,9 +25,21 @@ make_model() {
 case "$1" in
   tests)
     log "GPU tests"
-    timeout 560 python3 -m pytest -q -rf -x -m gpu tests/test_triton_ops.py tests/test_attention.py \
+    timeout 560 python3 -m pytest -q -rf -x -m gpu tests/test_triton_ops.py tests/test_gemv.py tests/test_attention.py \
       tests/test_model_parity.py tests/test_graphs_gpu.py tests/test_comm_gpu.py > "$OUT/tests.log" 2>&1
     echo "pytest exit $?"; tail -5 "$OUT/tests.log"
+    ;;
+  kernels)
+    log "GEMV benchmark"; timeout 300 python3 -m tpfleet bench gemv --sweep --out "$OUT"
+    log "GEMV and graph tests"
+    timeout 240 python3 -m pytest -q -rf -m gpu tests/test_gemv.py tests/test_graphs_gpu.py > "$OUT/tests.log" 2>&1
+    echo "pytest exit $?"; tail -5 "$OUT/tests.log"
+    log "doctor"; timeout 60 python3 -m tpfleet doctor > "$OUT/doctor.txt" 2>&1; echo "exit $?"; cat "$OUT/doctor.txt"
+    ;;
+  fleet)
+    log "fleet GPU tests"
+    timeout 500 python3 -m pytest -q -rf -m gpu tests/test_fleet_gpu.py > "$OUT/fleet.log" 2>&1
+    echo "pytest exit $?"; tail -8 "$OUT/fleet.log"
     ;;
   check)
     log "doctor"; python3 -m tpfleet doctor > "$OUT/doctor.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/doctor.txt"
@@ -63,5 +78,5 @@ LLMEngine(EngineConfig(model='$MODEL', tp_size=2, device='cuda', graph_mode='ful
     log "warmup, second run"
     time python3 -m tpfleet warmup --model "$MODEL" --tp 1,2 --graph-mode full | tail -4
     ;;
-  *) echo "usage: $0 tests|check|engine|warm" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|kernels|check|engine|warm|fleet" >&2; exit 2 ;;
 esac

@@ -56,7 +56,7 @@ def _random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
 def decode_latency(engine: LLMEngine, bs: int, prompt_len: int = 128, steps: int = 32) -> dict:
     rng = random.Random(bs)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_new_tokens=steps + 16, temperature=0.0, ignore_eos=True)  # + profiled steps
+    params = SamplingParams(max_new_tokens=steps + 64, temperature=0.0, ignore_eos=True)  # + profiled steps
     seqs = [engine.add_request(_random_prompt(rng, prompt_len, vocab), params) for _ in range(bs)]
     while any(s.num_completion_tokens == 0 for s in seqs):
         engine.step()
@@ -69,6 +69,8 @@ def decode_latency(engine: LLMEngine, bs: int, prompt_len: int = 128, steps: int
     row = {"batch": bs, "step_ms": 1e3 * statistics.median(times), "mean_context": prompt_len + steps // 2}
     if engine.runner.device.type == "cuda":
         row["kernels"] = kernel_profile(engine)
+        if bs == 1:
+            row["host"] = host_profile(engine)
         if engine.cfg.tp_size == 1:
             row["forward_ms"] = forward_ms(engine)
     for s in seqs:
@@ -114,6 +116,24 @@ def kernel_profile(engine: LLMEngine, steps: int = 5, top: int = 12) -> dict:
             "busy_ms": sum(us for _, us in per_name.values()) / steps / 1e3,
             "top": [{"name": name[:90], "per_step": n / steps, "us_per_step": us / steps}
                     for name, (n, us) in ranked[:top]]}
+
+
+def host_profile(engine: LLMEngine, steps: int = 20, top: int = 15) -> list[dict]:
+    """Where the driver's Python time goes over a few steps (cProfile, own time per function): the
+    part of a step the GPU spends waiting."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
+    ranked = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"function": f"{Path(f).name}:{line}:{name}", "calls_per_step": c / steps,
+             "own_us_per_step": 1e6 * own / steps, "cum_us_per_step": 1e6 * cum / steps}
+            for (f, line, name), (_, c, own, cum, _) in ranked]
 
 
 def bench_decode(cfg: EngineConfig, batch_sizes: list[int], prompt_len: int = 128) -> list[dict]:
@@ -310,6 +330,11 @@ def format_result(r: dict) -> str:
     if top:
         lines.append(f"costliest kernels of a batch-{r['decode'][0]['batch']} step (per step):")
         lines += [f"  {t['us_per_step']:8.1f} us {t['per_step']:6.0f}x  {t['name']}" for t in top]
+    host = r["decode"][0].get("host", [])
+    if host:
+        lines.append(f"driver's Python time in a batch-{r['decode'][0]['batch']} step (own us, cumulative us, calls):")
+        lines += [f"  {h['own_us_per_step']:8.1f} {h['cum_us_per_step']:8.1f} {h['calls_per_step']:5.0f}x  "
+                  f"{h['function']}" for h in host]
     m = r.get("mixed_256")
     if m:
         lines.append(f"mixed 256-token step: piecewise {m['piecewise_ms']:.2f} ms, eager {m['eager_ms']:.2f} ms "

@@ -16,9 +16,9 @@ from torch import nn
 from tpfleet.comm.group import TPGroup
 
 try:  # fused kernels for CUDA tensors; CPU-only installs may lack Triton and use the torch code
-    from tpfleet.model import triton_ops
+    from tpfleet.model import gemv, triton_ops
 except ImportError:
-    triton_ops = None
+    gemv = triton_ops = None
 
 
 def divide(n: int, d: int, what: str) -> int:
@@ -46,6 +46,14 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None):
+        """This projection of norm(x + residual), and the new residual (x itself without one). A
+        decode-sized batch on GPU takes one kernel, the norm being the GEMV's prologue."""
+        if self.bias is None and gemv is not None and gemv.supports(x, self.weight):
+            return gemv.norm_linear(x, residual, norm.weight, norm.eps, self.weight)
+        h, residual = norm(x, residual) if residual is not None else (norm(x), x)
+        return self(h), residual
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -101,9 +109,15 @@ class RowParallelLinear(nn.Module):
     def load_bias(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         param.data.copy_(loaded)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        """With `silu_mul`, x is [gate | up] and the product is of silu(gate) * up (the MLP's down
+        projection); a decode-sized batch on GPU then applies it in the GEMV's prologue."""
         out = self.tp.input_buffer((x.shape[0], self.weight.shape[0]), x.dtype) if x.dim() == 2 else None
-        y = F.linear(x, self.weight) if out is None else torch.matmul(x, self.weight.t(), out=out)
+        if gemv is not None and gemv.supports(x, self.weight):
+            y = gemv.silu_mul_linear(x, self.weight, out) if silu_mul else gemv.linear(x, self.weight, out)
+        else:
+            x = silu_and_mul(x) if silu_mul else x
+            y = F.linear(x, self.weight) if out is None else torch.matmul(x, self.weight.t(), out=out)
         y = self.tp.all_reduce(y)
         return y + self.bias if self.bias is not None else y
 

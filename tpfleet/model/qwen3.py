@@ -17,7 +17,6 @@ from tpfleet.model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     divide,
-    silu_and_mul,
     triton_ops,
 )
 
@@ -38,9 +37,9 @@ class Qwen3Attention(nn.Module):
         self.scale = d ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner once the KV pool exists
 
-    def project(self, positions: torch.Tensor, x: torch.Tensor):
-        """q, k, v for the new tokens: [tokens, heads, head_dim], normed and rotated."""
-        qkv = self.qkv_proj(x)
+    def split_qkv(self, positions: torch.Tensor, qkv: torch.Tensor):
+        """q, k, v for the new tokens from their qkv projection: [tokens, heads, head_dim], q and k
+        normed per head and rotated."""
         if qkv.is_cuda:  # one fused kernel; the torch code below is its reference
             return triton_ops.qk_norm_rope(qkv, positions, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
                                            self.rotary.cos, self.rotary.sin, self.num_heads, self.num_kv_heads,
@@ -63,9 +62,6 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
 
 class Qwen3DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup, backend: AttentionBackend):
@@ -76,16 +72,18 @@ class Qwen3DecoderLayer(nn.Module):
         self.mlp = Qwen3MLP(cfg, tp)
 
     # A layer is pre -> attention -> post. Piecewise CUDA graphs capture post(i-1)+pre(i) as one
-    # segment and run attention, whose shapes vary with the batch, eagerly in between.
+    # segment and run attention, whose shapes vary with the batch, eagerly in between. Each norm
+    # goes with the projection after it, which fuses the two for decode-sized batches on GPU.
 
     def pre(self, positions, x, residual):
-        x, residual = self.input_layernorm(x, residual) if residual is not None else (self.input_layernorm(x), x)
-        q, k, v = self.self_attn.project(positions, x)
+        qkv, residual = self.self_attn.qkv_proj.forward_normed(self.input_layernorm, x, residual)
+        q, k, v = self.self_attn.split_qkv(positions, qkv)
         return q, k, v, residual
 
     def post(self, o, residual):
-        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(o.flatten(1)), residual)
-        return self.mlp(x), residual
+        x = self.self_attn.o_proj(o.flatten(1))
+        gate_up, residual = self.mlp.gate_up_proj.forward_normed(self.post_attention_layernorm, x, residual)
+        return self.mlp.down_proj(gate_up, silu_mul=True), residual
 
 
 class Qwen3ForCausalLM(nn.Module):

@@ -1,0 +1,94 @@
+"""The batch-1 GEMV kernels (with their fused norm and activation) against the torch code they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, run_in_triton_interpreter
+
+from tpfleet.model.layers import RMSNorm
+
+triton = pytest.importorskip("triton")
+
+# (hidden, qkv features, intermediate): the tiny preset's odd sizes, Qwen3-8B's at TP=1 and TP=2
+SHAPES = [(64, 256, 160), (4096, 6144, 12288), (4096, 3072, 6144)]
+
+
+def compare(shape, dtype: torch.dtype, device: str, seed: int):
+    """(name, kernel output, torch reference) per entry point. The reference is the CPU path's torch
+    code (norm and activation, on the same device), then an fp32 matmul."""
+    from tpfleet.model import gemv
+
+    hidden, qkv_out, inter = shape
+    g = torch.Generator(device).manual_seed(seed)
+
+    def rnd(*s, scale=1.0):
+        return (scale * torch.randn(*s, generator=g, device=device)).to(dtype)
+
+    def ref_mm(a, w):
+        return (a.float() @ w.float().t()).to(dtype)
+
+    x, res = rnd(1, hidden), rnd(1, hidden)
+    norm = RMSNorm(hidden, 1e-6)
+    norm.weight.data = 1 + rnd(hidden, scale=0.1)
+
+    def ref_norm(v, r=None):  # the torch code, which RMSNorm runs for CPU tensors
+        return norm.to("cpu")(v.cpu(), None if r is None else r.cpu())
+
+    w_qkv, w_o = rnd(qkv_out, hidden, scale=0.05), rnd(hidden, hidden, scale=0.05)
+    w_down = rnd(hidden, inter, scale=0.05)
+    gate_up = rnd(1, 2 * inter)
+    nw = norm.weight.data.to(device)
+
+    out = [("linear", gemv.linear(x, w_o), ref_mm(x, w_o))]
+    y, r = gemv.norm_linear(x, res, nw, norm.eps, w_qkv)
+    ref_h, ref_r = ref_norm(x, res)
+    out += [("norm_linear+residual", y, ref_mm(ref_h.to(device), w_qkv)), ("residual", r, ref_r)]
+    y, r = gemv.norm_linear(x, None, nw, norm.eps, w_qkv)
+    out += [("norm_linear", y, ref_mm(ref_norm(x).to(device), w_qkv)), ("residual passed through", r, x)]
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    act = (F.silu(gate).to(dtype).float() * up).to(dtype)
+    into = torch.full((1, hidden), float("nan"), dtype=dtype, device=device)
+    got = gemv.silu_mul_linear(gate_up, w_down, out=into)
+    assert got.data_ptr() == into.data_ptr(), "silu_mul_linear must write into `out`"
+    out.append(("silu_mul_linear", got, ref_mm(act, w_down)))
+    return out
+
+
+def check(shape, dtype, device, seed: int = 0) -> None:
+    tol = 1e-4 if dtype == torch.float32 else 1.6e-2  # bf16: one rounding step of the output
+    for name, got, ref in compare(shape, dtype, device, seed):
+        assert got.shape == ref.shape, name
+        scale = ref.float().abs().max().item()
+        torch.testing.assert_close(got.cpu().float(), ref.cpu().float(), rtol=tol, atol=tol * scale,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_launch_tiles_divide_the_weight():
+    from tpfleet.model import gemv
+
+    assert not gemv.supports(torch.empty(1, 64), torch.empty(64, 64))  # a CPU tensor runs the torch code
+    for n, k in [(6144, 4096), (4096, 12288), (64, 160), (24, 96)]:
+        cfg = gemv.launch_config(n, k)
+        assert n % cfg["BLOCK_N"] == 0 and k % cfg["BLOCK_K"] == 0, (n, k, cfg)
+    assert gemv.launch_config(64, 160)["BLOCK_K"] == 32  # 160 = 5 x 32
+
+
+def interpreter_main() -> None:
+    """Run by run_in_triton_interpreter: Triton on the CPU."""
+    for seed in range(3):
+        check(SHAPES[0], torch.float32, "cpu", seed)
+    print("interpreter: all GEMV entry points match")
+
+
+def test_gemv_matches_torch_in_the_interpreter():
+    assert "all GEMV entry points match" in run_in_triton_interpreter("test_gemv")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemv_matches_torch_on_gpu(shape, dtype):
+    check(shape, dtype, "cuda")

@@ -1,0 +1,110 @@
+"""`tpfleet bench gemv`: the batch-1 GEMV kernels against cuBLAS and the bandwidth floor, per projection.
+
+Each op is timed inside a CUDA graph (as the engine runs it), over enough copies of the weight that
+no launch finds it in L2. The peer is what the engine would run otherwise: the fused RMSNorm or
+SiLU-and-mul kernel, then torch.matmul (cuBLAS). With `--sweep`, every launch config in a grid is
+timed too, to check `gemv.launch_config`'s choice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from tpfleet.bench.engine import copy_bandwidth
+from tpfleet.model import gemv, triton_ops
+
+# Qwen3-8B's projections: name, output features, input features, fused prologue
+SHAPES = {1: [("qkv", 6144, 4096, "norm"), ("o_proj", 4096, 4096, "plain"),
+              ("gate_up", 24576, 4096, "norm"), ("down", 4096, 12288, "silu")],
+          2: [("qkv", 3072, 4096, "norm"), ("o_proj", 4096, 2048, "plain"),
+              ("gate_up", 12288, 4096, "norm"), ("down", 4096, 6144, "silu")]}
+EPS = 1e-6
+
+
+def graph_time_us(fn, reps: int) -> float:
+    """Per-call time of `fn` run `reps` times back to back in one CUDA graph (median of 5 replays)."""
+    fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            fn(i)
+    g.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return sorted(times)[2]
+
+
+def _ops(kind: str, xs: dict, weights: list[torch.Tensor], config: dict | None):
+    """(tpfleet's op, the torch peer), each taking a call index that picks the weight copy."""
+    x, res, nw, gate_up = xs["x"], xs["res"], xs["nw"], xs["gate_up"]
+
+    def ours(i=0):
+        w = weights[i % len(weights)]
+        if kind == "plain":
+            return gemv.linear(x, w, config=config)
+        if kind == "norm":
+            return gemv.norm_linear(x, res, nw, EPS, w, config=config)
+        return gemv.silu_mul_linear(gate_up, w, config=config)
+
+    def peer(i=0):
+        w = weights[i % len(weights)]
+        if kind == "plain":
+            return torch.matmul(x, w.t())
+        if kind == "norm":
+            return torch.matmul(triton_ops.rms_norm(x, nw, EPS, res)[0], w.t())
+        return torch.matmul(triton_ops.silu_and_mul(gate_up), w.t())
+
+    return ours, peer
+
+
+def sweep_configs() -> list[dict]:
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+            for bn, bk, warps, stages in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (2, 3))
+            if bn * bk <= 16384]
+
+
+def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    device = torch.device("cuda")
+    bw = copy_bandwidth(device)
+    results = []
+    print(f"GEMV, {torch.cuda.get_device_name(device)}, {dtype}; copy bandwidth {bw / 1e12:.2f} TB/s; us per call")
+    print(f"{'tp':>3} {'proj':>8} {'floor':>7} {'cuBLAS':>7} {'tpfleet':>7} {'TB/s':>5} {'x floor':>7}"
+          + ("   best swept config" if sweep else ""))
+    for tp in tp_sizes:
+        for name, n, k, kind in SHAPES[tp]:
+            nbytes = n * k * dtype.itemsize
+            weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(-(-(256 << 20) // nbytes))]
+            xs = {"x": torch.randn(1, k, device=device, dtype=dtype),
+                  "res": torch.randn(1, k, device=device, dtype=dtype),
+                  "nw": torch.ones(k, device=device, dtype=dtype),
+                  "gate_up": torch.randn(1, 2 * k, device=device, dtype=dtype)}
+            ours, peer = _ops(kind, xs, weights, None)
+            reps = 4 * len(weights)
+            row = {"tp": tp, "proj": name, "n": n, "k": k, "prologue": kind, "floor_us": nbytes / bw * 1e6,
+                   "cublas_us": graph_time_us(peer, reps), "tpfleet_us": graph_time_us(ours, reps),
+                   "config": gemv.launch_config(n, k)}
+            if sweep:
+                timed = [(graph_time_us(_ops(kind, xs, weights, c)[0], reps), c) for c in sweep_configs()]
+                row["best_us"], row["best_config"] = min(timed, key=lambda t: t[0])
+                row["sweep"] = [{"us": us, **c} for us, c in timed]
+            results.append(row)
+            best = (f"   {row['best_us']:.1f} {row['best_config']}" if sweep else "")
+            print(f"{tp:>3} {name:>8} {row['floor_us']:>7.1f} {row['cublas_us']:>7.1f} {row['tpfleet_us']:>7.1f} "
+                  f"{nbytes / row['tpfleet_us'] / 1e6:>5.2f} {row['tpfleet_us'] / row['floor_us']:>7.2f}{best}",
+                  flush=True)
+            del weights
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gemv.json").write_text(json.dumps({"device": torch.cuda.get_device_name(device),
+                                               "copy_bandwidth": bw, "rows": results}, indent=1))
+    return results

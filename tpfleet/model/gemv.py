@@ -1,0 +1,121 @@
+"""Batch-1 decode projections, y = f(x) @ W.T for one row, with f fused into the kernel.
+
+At batch 1 a projection reads its whole weight matrix to produce one row: the work is a stream
+over the weights, and the step is as fast as that stream. Before each projection sits an RMSNorm
+or a SiLU-and-mul, each a launch of its own. Here each block of `BLOCK_N` output features is one
+program that streams its rows of W once, `BLOCK_K` columns at a time, multiplying into a
+[BLOCK_N, BLOCK_K] fp32 accumulator that is summed once at the end; the input's transform runs
+on the (tiny, L2-resident) activation row as it is loaded:
+
+- `linear`: y = x @ W.T (o_proj);
+- `norm_linear`: y = rmsnorm(x + residual) @ W.T, also returning x + residual (qkv, gate_up);
+- `silu_mul_linear`: y = (silu(gate) * up) @ W.T for x = [gate | up] (down_proj).
+
+Rounding follows the torch reference in `layers.py`: the transformed input is rounded to the model
+dtype before the product, which accumulates in fp32. `tpfleet bench gemv` compares each with
+cuBLAS (after the separate norm or activation kernel) and with the bandwidth floor.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PLAIN, NORM, NORM_RESIDUAL, SILU_MUL = (tl.constexpr(i) for i in range(4))  # the prologue kinds
+
+
+@triton.jit
+def _gemv_kernel(x, res, res_out, norm_w, w, out, N, K, eps, PROLOGUE: tl.constexpr,
+                 K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    if PROLOGUE == NORM or PROLOGUE == NORM_RESIDUAL:
+        # The norm needs the row's mean square first: one load of the whole row, not a loop of them.
+        kk = tl.arange(0, K_POW2)
+        row = tl.load(x + kk, mask=kk < K, other=0.0)
+        if PROLOGUE == NORM_RESIDUAL:
+            row = (row.to(tl.float32) + tl.load(res + kk, mask=kk < K, other=0.0).to(tl.float32)).to(row.dtype)
+            if pid == 0:  # one program writes the new residual stream; every program computes it alike
+                tl.store(res_out + kk, row, mask=kk < K)
+        rf = row.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(rf * rf, axis=0) / K + eps)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    w_rows = w + rn[:, None].to(tl.int64) * K
+    for k0 in range(0, K, BLOCK_K):
+        b = tl.load(w_rows + k0 + rk[None, :])
+        if PROLOGUE == SILU_MUL:  # x is [gate | up], each K wide
+            g = tl.load(x + k0 + rk)
+            gf = g.to(tl.float32)
+            a = ((gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32) * tl.load(x + K + k0 + rk).to(tl.float32))
+            a = a.to(g.dtype)
+        else:
+            a = tl.load(x + k0 + rk)
+            if PROLOGUE == NORM or PROLOGUE == NORM_RESIDUAL:
+                if PROLOGUE == NORM_RESIDUAL:
+                    a = (a.to(tl.float32) + tl.load(res + k0 + rk).to(tl.float32)).to(a.dtype)
+                nw = tl.load(norm_w + k0 + rk).to(tl.float32)
+                a = ((a.to(tl.float32) * rstd).to(a.dtype).to(tl.float32) * nw).to(a.dtype)
+        acc += b.to(tl.float32) * a.to(tl.float32)[None, :]
+    tl.store(out + rn, tl.sum(acc, axis=1).to(out.dtype.element_ty))
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the fused path applies: one row on a CUDA device, and shapes the tiles divide."""
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and weight.shape[0] % 8 == 0
+            and weight.shape[1] % 32 == 0 and weight.stride(-1) == 1)
+
+
+# (N, K) of Qwen3-8B's projections at TP=1 and 2 -> (BLOCK_N, BLOCK_K, warps, stages): the fastest of
+# `tpfleet bench gemv --sweep` on H200 (docs/benchmarks.md); other shapes take the rule below.
+TUNED = {(6144, 4096): (8, 512, 4, 3), (4096, 4096): (16, 1024, 8, 2), (24576, 4096): (32, 256, 8, 2),
+         (4096, 12288): (8, 1024, 4, 3), (3072, 4096): (8, 1024, 8, 3), (4096, 2048): (16, 512, 8, 3),
+         (12288, 4096): (32, 256, 8, 3), (4096, 6144): (8, 512, 8, 3)}
+
+
+def launch_config(n: int, k: int) -> dict:
+    """Tile sizes and warps for an [n, k] weight. Wide matrices stream best in taller, shorter tiles."""
+    bn, bk, warps, stages = TUNED.get((n, k), (32 if n >= 12288 else 16, 256 if n >= 12288 else 512, 8, 3))
+    while n % bn:
+        bn //= 2
+    return {"BLOCK_N": bn, "BLOCK_K": min(bk, k & -k),  # k & -k: the largest power of two dividing K
+            "num_warps": warps, "num_stages": stages}
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: int, out: torch.Tensor | None,
+            res: torch.Tensor | None = None, res_out: torch.Tensor | None = None,
+            norm_w: torch.Tensor | None = None, eps: float = 0.0, config: dict | None = None) -> torch.Tensor:
+    n, k = weight.shape
+    if out is None:
+        out = x.new_empty(1, n)
+    x = x.contiguous()
+    cfg = config or launch_config(n, k)
+    _gemv_kernel[(n // cfg["BLOCK_N"],)](
+        x, res if res is not None else x, res_out if res_out is not None else x,
+        norm_w if norm_w is not None else x, weight, out, n, k, eps, PROLOGUE=prologue,
+        K_POW2=triton.next_power_of_2(k), **cfg)
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+           config: dict | None = None) -> torch.Tensor:
+    return _launch(x, weight, PLAIN, out, config=config)
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                weight: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """rmsnorm(x + residual) @ W.T and the new residual x + residual (x itself without one)."""
+    if residual is None:
+        return _launch(x, weight, NORM, None, norm_w=norm_weight, eps=eps, config=config), x
+    residual = residual.contiguous()
+    res_out = torch.empty_like(residual)
+    y = _launch(x, weight, NORM_RESIDUAL, None, res=residual, res_out=res_out, norm_w=norm_weight, eps=eps,
+                config=config)
+    return y, res_out
+
+
+def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                    config: dict | None = None) -> torch.Tensor:
+    """(silu(gate) * up) @ W.T where x = [gate | up] along its last dim."""
+    return _launch(x, weight, SILU_MUL, out, config=config)
