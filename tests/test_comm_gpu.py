@@ -274,3 +274,25 @@ def test_communicator_backends_all_exact_eager_and_graph(world):
     for picked, disabled, failures in run_ranks(_communicator, world):
         assert failures == []
         assert {"nccl", "custom_one_shot", "custom_two_shot"} <= set(picked), disabled
+
+
+def _uneven_symm_history(rank, world):
+    """Rank 0's process has (by its count) made one more symmetric-memory rendezvous than its peers,
+    as the driver of a second engine in one process has: torch would key the next one differently
+    per rank and stall."""
+    import torch.distributed as dist
+
+    from tpfleet.comm.backends import SymmMemBuffer
+    from tpfleet.comm.communicator import Communicator
+
+    SymmMemBuffer.rendezvous_made += rank == 0
+    comm = Communicator(dist.group.WORLD, torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
+    x = _ints(65536, torch.bfloat16, torch.Generator(device="cuda").manual_seed(rank))
+    ok = torch.equal(comm.all_reduce(x.clone()), _exact_sum(x))
+    comm.close()
+    return comm.disabled.get("symm_mem", ""), "symm_mem_one_shot" in comm.backends, ok
+
+
+def test_uneven_symmetric_memory_history_skips_it_instead_of_stalling():
+    for reason, kept, ok in run_ranks(_uneven_symm_history, 2, timeout=90):
+        assert "symmetric-memory rendezvous" in reason and not kept and ok

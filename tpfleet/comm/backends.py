@@ -66,7 +66,15 @@ class CustomBackend(Backend):
 
 
 class SymmMemBuffer:
-    """One symmetric allocation per group, shared by the one-shot and two-shot backends."""
+    """One symmetric allocation per group, shared by the one-shot and two-shot backends.
+
+    torch names the store keys of a rendezvous by how many rendezvous the *process* has made
+    (pytorch#196082), so ranks whose processes made different numbers wait for each other's keys
+    at different names. That happens to the second engine made in one process, whose fresh worker
+    processes have made none. `rendezvous_made` counts this process's, so that the communicator
+    can compare them across ranks first and skip symmetric memory instead of stalling."""
+
+    rendezvous_made = 0
 
     def __init__(self, pg: dist.ProcessGroup, device: torch.device, max_bytes: int):
         import torch.distributed._symmetric_memory as symm_mem
@@ -75,6 +83,7 @@ class SymmMemBuffer:
         self.max_bytes = max_bytes
         symm_mem.enable_symm_mem_for_group(self.group_name)
         self.buf = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
+        SymmMemBuffer.rendezvous_made += 1
         symm_mem.rendezvous(self.buf, self.group_name)
 
     def view(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

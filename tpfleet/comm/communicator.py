@@ -96,6 +96,12 @@ class Communicator:
         return None
 
     def _add_symm_mem(self, max_bytes: int) -> None:
+        made = [None] * self.world
+        dist.all_gather_object(made, SymmMemBuffer.rendezvous_made, group=self.pg)
+        if len(set(made)) > 1:
+            return self._disable("symm_mem", f"the ranks' processes have made {made} symmetric-memory rendezvous; "
+                                             "torch keys the next one by that count, so it would stall (see "
+                                             "SymmMemBuffer). Start each engine in fresh processes to use it")
         reason = ""
         try:
             self.symm = SymmMemBuffer(self.pg, self.device, max_bytes)
