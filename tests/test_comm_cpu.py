@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import fcntl
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tpfleet.comm.dispatch import DispatchTable
 from tpfleet.devices import DeviceError, PhysicalGPU, parse_visible_devices
-from tpfleet.jit import STATS, BuildSpec, JitUnavailable, build_library, find_nvcc, track_triton
+from tpfleet.jit import (
+    STATS,
+    BuildSpec,
+    JitUnavailable,
+    build_library,
+    cache_root,
+    find_nvcc,
+    nvcc_version,
+    track_triton,
+)
 
 GPUS = [PhysicalGPU(i, f"GPU-{i:08x}-aaaa-bbbb-cccc-{i:012x}") for i in range(8)]
 
@@ -79,6 +91,31 @@ def test_jit_builds_once_then_hits_and_rebuilds_when_wiped(tmp_path, monkeypatch
     assert build_library(spec) == lib and STATS.hits == hits + 1
     shutil.rmtree(lib.parent)
     assert build_library(spec).is_file() and STATS.misses == misses + 2
+
+
+def test_waiting_for_a_peer_rank_s_build_counts_as_a_miss(tmp_path, monkeypatch):
+    """Rank 0 blocked on the cache lock while rank 1 compiles is a cold start, not a cache hit."""
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\necho 'Build cuda_13.0.r13.0/compiler'\n")  # asked only for its version
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("CUDA_HOME", str(nvcc.parents[1]))
+    monkeypatch.setenv("TPFLEET_CACHE_DIR", str(tmp_path / "cache"))
+    spec = BuildSpec("k", SOURCE, "90")
+    entry = cache_root() / "jit" / f"k-sm90-{spec.key(nvcc_version(str(nvcc)))}"
+    entry.mkdir(parents=True)
+    hits, misses = STATS.hits, STATS.misses
+    built = {}
+    with open(entry / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the peer is compiling
+        waiter = threading.Thread(target=lambda: built.update(lib=build_library(spec)))
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive()  # blocked on the lock
+        (entry / "k.so").write_bytes(b"the peer's build")
+    waiter.join(10)
+    assert built["lib"] == entry / "k.so"
+    assert (STATS.hits, STATS.misses) == (hits, misses + 1)
 
 
 def test_no_compiler_means_jit_unavailable(monkeypatch, tmp_path):

@@ -154,8 +154,8 @@ def build_library(spec: BuildSpec) -> Path:
     entry.mkdir(parents=True, exist_ok=True)
     with open(entry / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if lib.is_file():  # another process built it while we waited
-            STATS.record("nvcc", True, time.perf_counter() - t0)
+        if lib.is_file():  # another process (a peer rank) built it while we waited: still a cold start
+            STATS.record("nvcc", False, time.perf_counter() - t0)
             return lib
         tmp = entry / f".{spec.name}.{os.getpid()}.so"
         cmd = [nvcc, *spec.flags, "-shared", "-Xcompiler", "-fPIC",
