@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     ba.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
     ba.add_argument("--grids", type=_grids, default=[], help="other custom-kernel launch grids to time in graph "
                                                              "mode, as BLOCKSxTHREADS,... (e.g. 64x256,128x256)")
-    bg = bench.add_parser("gemv", help="decode GEMV kernels vs cuBLAS and the bandwidth floor, per projection")
+    bg = bench.add_parser("gemv", help="batch-1 GEMV kernels vs cuBLAS and the bandwidth floor, per projection")
     bg.add_argument("--tp", default="1,2", help="Qwen3-8B's shards at these TP sizes")
-    bg.add_argument("--sweep", action="store_true", help="also time every launch config of the plain product")
+    bg.add_argument("--sweep", action="store_true", help="also time a grid of launch configs per projection")
     bg.add_argument("--out", default="bench-out")
 
     wu = sub.add_parser("warmup", help="build the JIT caches engine configs need; a no-op when still valid")

@@ -70,7 +70,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # (N, K) of Qwen3-8B's projections at TP=1 and 2 -> (BLOCK_N, BLOCK_K, warps, stages): the fastest of
 # `tpfleet bench gemv --sweep` on H200 (docs/benchmarks.md); other shapes take the rule below.
 TUNED = {(6144, 4096): (8, 512, 4, 3), (4096, 4096): (16, 1024, 8, 2), (24576, 4096): (32, 256, 8, 2),
-         (4096, 12288): (8, 1024, 4, 3), (3072, 4096): (8, 1024, 8, 3), (4096, 2048): (16, 512, 8, 3),
+         (4096, 12288): (8, 1024, 4, 3), (3072, 4096): (8, 1024, 8, 3), (4096, 2048): (16, 1024, 8, 2),
          (12288, 4096): (32, 256, 8, 3), (4096, 6144): (8, 512, 8, 3)}
 
 
