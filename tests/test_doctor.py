@@ -88,6 +88,17 @@ def test_compare_ray_runs_a_real_actor():
     assert diff["OMP_NUM_THREADS"] == [None, "1"]
 
 
+def test_gpu_lines_show_free_memory_and_holders():
+    from tpfleet.doctor.cli import report
+
+    held = [{"uuid": GPUS[1].uuid, "pid": 4242, "name": "python train.py", "used_bytes": 30 << 30}]
+    memory = {GPUS[0].uuid: (1 << 30, 140 << 30), GPUS[1].uuid: (31 << 30, 140 << 30)}
+    f = Facts(env=SAFE, gpus=GPUS[:2], gpu_processes=held, gpu_memory=memory, shm_bytes=64 << 30)
+    lines = report(f, check(f)).splitlines()
+    assert "139.0 of 140.0 GiB free  processes: none" in lines[1]
+    assert "109.0 of 140.0 GiB free  processes: pid 4242 30.0 GiB" in lines[2]
+
+
 def test_p2p_matrix_cells_stay_apart():
     from tpfleet.doctor.cli import report
 

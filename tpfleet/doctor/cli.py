@@ -17,7 +17,10 @@ def report(f: Facts, findings) -> str:
         for p in f.gpu_processes:
             held.setdefault(p["uuid"], []).append(f"pid {p['pid']} {p['used_bytes'] / 2**30:.1f} GiB")
         for g in f.gpus:
-            lines.append(f"  {g.index}  {g.uuid}  {g.name}  processes: {', '.join(held.get(g.uuid, [])) or 'none'}")
+            used, total = f.gpu_memory.get(g.uuid, (None, None))
+            free = f"{(total - used) / 2**30:.1f} of {total / 2**30:.1f} GiB free" if total else "free memory unknown"
+            lines.append(f"  {g.index}  {g.uuid}  {g.name}  {free}  processes: "
+                         f"{', '.join(held.get(g.uuid, [])) or 'none'}")
         if f.p2p:
             idx = [g.index for g in f.gpus]
             lines.append("P2P / NVLink (and CUDA IPC read test):")
@@ -59,7 +62,9 @@ def doctor_command(gpus: list[str] | None, compare_ray: bool, as_json: bool) -> 
     f = gather(gpus_wanted=gpus, compare_ray=compare_ray)
     findings = check(f)
     if as_json:
-        print(json.dumps({"gpus": [vars(g) for g in f.gpus], "gpu_processes": f.gpu_processes,
+        print(json.dumps({"gpus": [{**vars(g), "used_bytes": f.gpu_memory.get(g.uuid, (None, None))[0],
+                                    "total_bytes": f.gpu_memory.get(g.uuid, (None, None))[1]} for g in f.gpus],
+                          "gpu_processes": f.gpu_processes,
                           "p2p": {f"{i},{j}": v for (i, j), v in f.p2p.items()},
                           "ipc": {f"{i},{j}": v for (i, j), v in f.ipc.items()},
                           "ray_env_diff": {k: list(v) for k, v in (f.ray_env_diff or {}).items()},

@@ -34,9 +34,10 @@ def gather(env: dict[str, str] | None = None, gpus_wanted: list[str] | None = No
 def _nvml_facts(f: Facts) -> None:
     import pynvml
 
-    from tpfleet.fleet.gpu_state import processes_on
+    from tpfleet.fleet.gpu_state import memory_info, processes_on
 
     f.gpu_processes = [vars(p) for p in processes_on([g.uuid for g in f.gpus])]
+    f.gpu_memory = memory_info([g.uuid for g in f.gpus])
     pynvml.nvmlInit()
     try:
         handles = {g.index: pynvml.nvmlDeviceGetHandleByIndex(g.index) for g in f.gpus}

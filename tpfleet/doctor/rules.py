@@ -27,6 +27,7 @@ class Facts:
     env: dict[str, str]
     gpus: list[PhysicalGPU] = field(default_factory=list)
     gpu_processes: list[dict] = field(default_factory=list)  # {uuid, pid, name, used_bytes}
+    gpu_memory: dict[str, tuple[int, int]] = field(default_factory=dict)  # uuid -> (bytes used, bytes total)
     p2p: dict[tuple[int, int], str] = field(default_factory=dict)  # (i, j) -> "NV18", "PIX", "none", ...
     ipc: dict[tuple[int, int], str] = field(default_factory=dict)  # (i, j) -> "ok" or the error
     shm_bytes: int | None = None
