@@ -63,6 +63,19 @@ def test_ray_differences_are_reported():
     assert by[("ray-env-differs", "OMP_NUM_THREADS")] == "info"
 
 
+def test_a_ray_gpu_id_that_is_not_the_actor_s_cuda0_is_flagged():
+    from tpfleet.doctor.cli import report
+
+    # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1: Ray says GPU 2, the actor sees every GPU
+    trap = Facts(env=SAFE, gpus=GPUS, shm_bytes=64 << 30, ray_gpu_ids=["2"], ray_visible_devices=None)
+    message = {x.code: x.message for x in check(trap)}["ray-gpu-id-is-not-cuda0"]
+    assert "given GPU 2" in message and f"opens GPU 0 ({GPUS[0].uuid})" in message
+    assert f"ray.get_gpu_ids()=['2'], CUDA_VISIBLE_DEVICES=None: cuda:0 -> GPU 0 ({GPUS[0].uuid})" in report(trap, [])
+    masked = Facts(env=SAFE, gpus=GPUS, shm_bytes=64 << 30, ray_gpu_ids=["2"], ray_visible_devices="2")
+    assert "ray-gpu-id-is-not-cuda0" not in {x.code for x in check(masked)}
+    assert f"cuda:0 -> GPU 2 ({GPUS[2].uuid})" in report(masked, [])
+
+
 def run_doctor(*args, env=None, unset=()):
     import os
 

@@ -47,6 +47,14 @@ def report(f: Facts, findings) -> str:
                                                                      for k, g in enumerate(mapping)))
         except Exception as e:  # noqa: BLE001 - reported as a finding too
             lines.append(f"CUDA_VISIBLE_DEVICES={cvd!r}: {e}")
+        if f.ray_gpu_ids:
+            try:
+                seen = ", ".join(f"cuda:{k} -> GPU {g.index} ({g.uuid})"
+                                 for k, g in enumerate(parse_visible_devices(f.ray_visible_devices, f.gpus)))
+            except Exception as e:  # noqa: BLE001
+                seen = str(e)
+            lines.append(f"Ray actor (num_gpus=1): ray.get_gpu_ids()={f.ray_gpu_ids}, "
+                         f"CUDA_VISIBLE_DEVICES={f.ray_visible_devices!r}: {seen}")
     else:
         lines.append("GPUs: none found (no NVIDIA driver or NVML on this machine)")
     lines.append("")
@@ -68,6 +76,7 @@ def doctor_command(gpus: list[str] | None, compare_ray: bool, as_json: bool) -> 
                           "p2p": {f"{i},{j}": v for (i, j), v in f.p2p.items()},
                           "ipc": {f"{i},{j}": v for (i, j), v in f.ipc.items()},
                           "ray_env_diff": {k: list(v) for k, v in (f.ray_env_diff or {}).items()},
+                          "ray_gpu_ids": f.ray_gpu_ids, "ray_visible_devices": f.ray_visible_devices,
                           "findings": [x.to_dict() for x in findings]}, indent=1))
     else:
         print(report(f, findings))

@@ -27,7 +27,10 @@ def gather(env: dict[str, str] | None = None, gpus_wanted: list[str] | None = No
         if test_ipc and len(f.gpus) > 1:
             f.ipc = ipc_matrix([g.index for g in f.gpus])
     if compare_ray:
-        f.ray_env_diff = ray_env_diff(bool(f.gpus))
+        actor = ray_actor_view(bool(f.gpus))
+        f.ray_env_diff = env_diff(actor["env"])
+        f.ray_gpu_ids = actor["gpu_ids"]
+        f.ray_visible_devices = actor["env"].get("CUDA_VISIBLE_DEVICES")
     return f
 
 
@@ -118,24 +121,31 @@ WATCHED = ("CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "LD_PRELOAD", "LD_
            "OMP_NUM_THREADS", "HOME", "PATH")
 
 
-def _actor_env() -> dict:
+def _actor_view() -> dict:
     import os as _os
 
-    return {k: _os.environ.get(k) for k in _os.environ if k in WATCHED or k.startswith("NCCL_")}
+    import ray as _ray
+
+    return {"env": {k: _os.environ.get(k) for k in _os.environ if k in WATCHED or k.startswith("NCCL_")},
+            "gpu_ids": [str(i) for i in _ray.get_gpu_ids()]}
 
 
-def ray_env_diff(with_gpu: bool) -> dict[str, tuple[str | None, str | None]]:
-    """What a Ray actor (holding one GPU, if any) sees that a plain process does not, and vice versa."""
+def ray_actor_view(with_gpu: bool) -> dict:
+    """What a Ray actor (holding one GPU, if any) sees: its watched environment and ray.get_gpu_ids()."""
     import ray
 
     owns = not ray.is_initialized()
     if owns:
         ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        actor_env = ray.get(ray.remote(num_gpus=1 if with_gpu else 0)(_actor_env).remote())
+        return ray.get(ray.remote(num_gpus=1 if with_gpu else 0)(_actor_view).remote())
     finally:
         if owns:
             ray.shutdown()
+
+
+def env_diff(actor_env: dict[str, str | None]) -> dict[str, tuple[str | None, str | None]]:
+    """Watched variables whose value differs between this process and the actor: name -> (plain, actor)."""
     plain = {k: os.environ.get(k) for k in os.environ if k in WATCHED or k.startswith("NCCL_")}
     names = set(plain) | set(actor_env)
     return {k: (plain.get(k), actor_env.get(k)) for k in names if plain.get(k) != actor_env.get(k)}

@@ -32,6 +32,8 @@ class Facts:
     ipc: dict[tuple[int, int], str] = field(default_factory=dict)  # (i, j) -> "ok" or the error
     shm_bytes: int | None = None
     ray_env_diff: dict[str, tuple[str | None, str | None]] | None = None  # name -> (plain, ray actor)
+    ray_gpu_ids: list[str] = field(default_factory=list)  # ray.get_gpu_ids() in an actor holding one GPU
+    ray_visible_devices: str | None = None  # that actor's CUDA_VISIBLE_DEVICES
 
 
 def _truthy(v: str | None) -> bool:
@@ -111,6 +113,18 @@ def check(f: Facts) -> list[Finding]:
     if f.shm_bytes is not None and f.shm_bytes < 1 << 30:
         out.append(Finding("warn", "small-shm", f"/dev/shm has {f.shm_bytes / 2**20:.0f} MiB: NCCL and PyTorch "
                            "workers die with SIGBUS when it runs out", "give the container --shm-size=16g or more"))
+    if f.ray_gpu_ids and f.gpus:
+        try:
+            cuda0 = next(iter(parse_visible_devices(f.ray_visible_devices, f.gpus)), None)
+        except DeviceError:
+            cuda0 = None  # reported by the CUDA_VISIBLE_DEVICES rules when it is this process's too
+        if cuda0 is not None and str(cuda0.index) != f.ray_gpu_ids[0]:
+            out.append(Finding("warn", "ray-gpu-id-is-not-cuda0",
+                               f"a Ray actor given GPU {f.ray_gpu_ids[0]} (ray.get_gpu_ids()) opens GPU {cuda0.index} "
+                               f"({cuda0.uuid}) as cuda:0 (its CUDA_VISIBLE_DEVICES={f.ray_visible_devices!r}): "
+                               "code that uses cuda:0, or Ray's id as a local index, lands on another GPU",
+                               "map Ray's ids through CUDA_VISIBLE_DEVICES to UUIDs (tpfleet's placement does), "
+                               "or unset RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"))
     for name, (plain, actor) in sorted((f.ray_env_diff or {}).items()):
         level = "warn" if name in ("CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "LD_PRELOAD") or \
             name.startswith("NCCL_") else "info"
