@@ -70,8 +70,8 @@ def doctor_command(gpus: list[str] | None, compare_ray: bool, as_json: bool) -> 
     f = gather(gpus_wanted=gpus, compare_ray=compare_ray)
     findings = check(f)
     if as_json:
-        print(json.dumps({"gpus": [{**vars(g), "used_bytes": f.gpu_memory.get(g.uuid, (None, None))[0],
-                                    "total_bytes": f.gpu_memory.get(g.uuid, (None, None))[1]} for g in f.gpus],
+        memory = {u: {"used_bytes": used, "total_bytes": total} for u, (used, total) in f.gpu_memory.items()}
+        print(json.dumps({"gpus": [{**vars(g), **memory.get(g.uuid, {})} for g in f.gpus],
                           "gpu_processes": f.gpu_processes,
                           "p2p": {f"{i},{j}": v for (i, j), v in f.p2p.items()},
                           "ipc": {f"{i},{j}": v for (i, j), v in f.ipc.items()},

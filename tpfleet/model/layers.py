@@ -48,8 +48,8 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None):
-        """This projection of norm(x + residual), and the new residual (x itself without one). A
-        decode-sized batch on GPU takes one kernel, the norm being the GEMV's prologue."""
+        """This projection of norm(x + residual), and the new residual (x itself without one). One row
+        on GPU (batch-1 decode) takes one kernel, the norm being the GEMV's prologue."""
         if self.bias is None and gemv is not None and gemv.supports(x, self.weight):
             return gemv.norm_linear(x, residual, norm.weight, norm.eps, self.weight)
         h, residual = norm(x, residual) if residual is not None else (norm(x), x)
@@ -111,7 +111,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
         """With `silu_mul`, x is [gate | up] and the product is of silu(gate) * up (the MLP's down
-        projection); a decode-sized batch on GPU then applies it in the GEMV's prologue."""
+        projection); for one row on GPU the GEMV applies it as it loads x."""
         out = self.tp.input_buffer((x.shape[0], self.weight.shape[0]), x.dtype) if x.dim() == 2 else None
         if gemv is not None and gemv.supports(x, self.weight):
             y = gemv.silu_mul_linear(x, self.weight, out) if silu_mul else gemv.linear(x, self.weight, out)

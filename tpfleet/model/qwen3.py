@@ -73,7 +73,7 @@ class Qwen3DecoderLayer(nn.Module):
 
     # A layer is pre -> attention -> post. Piecewise CUDA graphs capture post(i-1)+pre(i) as one
     # segment and run attention, whose shapes vary with the batch, eagerly in between. Each norm
-    # goes with the projection after it, which fuses the two for decode-sized batches on GPU.
+    # goes with the projection after it, which fuses the two for batch-1 decode on GPU.
 
     def pre(self, positions, x, residual):
         qkv, residual = self.self_attn.qkv_proj.forward_normed(self.input_layernorm, x, residual)
