@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 
-from tpfleet.warmup.markers import MarkerStore, marker_key, sources_hash
+from tpfleet.warmup.markers import KERNEL_SOURCES, MarkerStore, marker_key, sources_hash
 from tpfleet.warmup.runner import RESULT_PREFIX, Job, run_job, run_warmup
 
 VERSIONS = {"tpfleet": "0.1.0", "torch": "2.11", "triton": "3.6", "cuda": "13.0", "arch": "sm_90"}
@@ -47,6 +48,13 @@ def test_key_covers_versions_config_and_sources():
     assert base != marker_key({"tp": 2}, {**VERSIONS, "arch": "sm_100"}, "abc")
     assert base != marker_key({"tp": 2}, VERSIONS, "abd")
     assert len(sources_hash()) == 16
+
+
+def test_every_triton_kernel_module_is_in_the_marker_key():
+    """A kernel module left out of KERNEL_SOURCES would let a stale marker skip a needed warm-up."""
+    root = Path(__file__).parents[1] / "tpfleet"
+    jit_modules = {str(f.relative_to(root)) for f in root.rglob("*.py") if "@triton.jit" in f.read_text()}
+    assert jit_modules and jit_modules <= set(KERNEL_SOURCES)
 
 
 def test_second_run_is_a_no_op_and_a_wiped_cache_is_rebuilt(tmp_path):

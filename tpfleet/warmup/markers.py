@@ -20,7 +20,9 @@ from tpfleet import __version__
 from tpfleet.devices import visible_gpus
 from tpfleet.jit import cache_root, write_atomic
 
-KERNEL_SOURCES = ("comm/csrc/custom_all_reduce.cu", "attention/triton_kernels.py", "model/triton_ops.py")
+# Every source a JIT cache entry is built from: a change to any of them must invalidate the markers.
+KERNEL_SOURCES = ("comm/csrc/custom_all_reduce.cu", "attention/triton_kernels.py", "model/triton_ops.py",
+                  "model/gemv.py")
 
 
 def _sha(data: bytes) -> str:
@@ -66,27 +68,22 @@ def marker_key(config_args: dict, versions: dict, sources: str) -> str:
     return _sha(blob.encode())[:24]
 
 
+def _cache_files(paths: list[Path]):
+    """Every cache file under the given files or directories, skipping temporaries and locks."""
+    for p in paths:
+        for f in [p] if p.is_file() else sorted(p.rglob("*")) if p.is_dir() else []:
+            if f.is_file() and not f.name.startswith(".") and not f.name.endswith(".lock"):
+                yield f
+
+
 def fingerprint(paths: list[Path]) -> dict[str, list]:
     """path -> [size, sha256] for every file under the given files or directories."""
-    out = {}
-    for p in paths:
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
-        for f in files:
-            if f.name.startswith(".") or f.name.endswith(".lock"):
-                continue
-            out[str(f)] = [f.stat().st_size, _sha(f.read_bytes())]
-    return out
+    return {str(f): [f.stat().st_size, _sha(f.read_bytes())] for f in _cache_files(paths)}
 
 
 def snapshot(paths: list[Path]) -> dict[str, int]:
     """path -> mtime_ns: cheap, to tell which entries a run created or rewrote."""
-    out = {}
-    for p in paths:
-        if p.is_dir():
-            for f in p.rglob("*"):
-                if f.is_file() and not f.name.startswith(".") and not f.name.endswith(".lock"):
-                    out[str(f)] = f.stat().st_mtime_ns
-    return out
+    return {str(f): f.stat().st_mtime_ns for f in _cache_files(paths)}
 
 
 class MarkerStore:
