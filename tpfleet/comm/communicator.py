@@ -44,11 +44,14 @@ class Communicator:
             self._add_symm_mem(symm_mem_bytes)
         self.table = table or load_or_tune(self.backends, pg, device, dtype)
 
+    def _all_gather(self, obj) -> list:
+        objs = [None] * self.world
+        dist.all_gather_object(objs, obj, group=self.pg)
+        return objs
+
     def _agree(self, ok: bool, reason: str) -> str | None:
         """None if every rank is ok, else the first failing rank's reason."""
-        votes = [None] * self.world
-        dist.all_gather_object(votes, None if ok else f"rank {self.rank}: {reason}", group=self.pg)
-        return next((v for v in votes if v), None)
+        return next((v for v in self._all_gather(None if ok else f"rank {self.rank}: {reason}") if v), None)
 
     def _disable(self, name: str, reason: str) -> None:
         self.disabled[name] = reason
@@ -96,8 +99,7 @@ class Communicator:
         return None
 
     def _add_symm_mem(self, max_bytes: int) -> None:
-        made = [None] * self.world
-        dist.all_gather_object(made, SymmMemBuffer.rendezvous_made, group=self.pg)
+        made = self._all_gather(SymmMemBuffer.rendezvous_made)
         if len(set(made)) > 1:
             return self._disable("symm_mem", f"the ranks' processes have made {made} symmetric-memory rendezvous; "
                                              "torch keys the next one by that count, so it would stall (see "
