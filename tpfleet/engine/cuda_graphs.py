@@ -32,7 +32,6 @@ class DecodeGraphs:
     def __init__(self, model, device: torch.device, block_size: int, max_batch: int, max_blocks: int,
                  pool, show_progress: bool):
         self.model = model
-        self.block_size = block_size
         self.buckets = [b for b in DECODE_BUCKETS if b <= max_batch] or [1]
         n = self.buckets[-1]
         self.ids = torch.zeros(n, dtype=torch.int64, device=device)
