@@ -173,3 +173,64 @@ def test_config_refuses_impossible_combinations():
         EngineConfig(model="m", tp_size=3)
     assert EngineConfig(model="m", device="cuda", attention_backend="torch", graph_mode="eager").resolved_graph_mode \
         == "eager"
+
+
+def _mixed_workload(e: LLMEngine) -> list[tuple]:
+    """Sequences that end every way there is, at different steps, sharing batches, with a stop token
+    and a stop string taken from a free run so they really occur. The results are compared across modes."""
+    ids = e.tokenizer(LONG).input_ids
+    [free] = run(e, [[5, 6, 7]], GREEDY)
+    stop_at, stop_text = free.completion_ids[4], free.output_text[3:6]
+    assert stop_text
+    seqs = run(e, [ids[:50], [5, 6, 7], ids[30:90], ids[:50]], GREEDY)  # the last hits the prefix cache
+    seqs += [e.add_request([5, 6, 7], SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True,
+                                                      stop_token_ids=[stop_at])),
+             e.add_request([5, 6, 7], SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True,
+                                                      stop=[stop_text])),
+             e.add_request(ids[:70], SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)),
+             e.add_request(ids[10:40], SamplingParams(max_new_tokens=12, temperature=1.0, seed=7, ignore_eos=True))]
+    while e.has_work():
+        e.step()
+    return [(s.completion_ids, s.output_text, s.finish_reason) for s in seqs]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_overlap_schedule_gives_what_step_by_step_gives(tiny_model, tp):
+    """The overlapped engine launches each step before reading the last one back, so sequences that
+    stop run one discarded row and inputs come from the device: none of that may show in outputs."""
+    results, leftovers = {}, {}
+    for overlap in (False, True):
+        e = LLMEngine(EngineConfig(model=str(tiny_model), tp_size=tp, kv_cache_tokens=4096, overlap_schedule=overlap))
+        try:
+            results[overlap] = _mixed_workload(e)
+            leftovers[overlap] = (e.in_flight, e.block_manager.num_free_blocks == e.block_manager.num_blocks)
+        finally:
+            e.shutdown()
+    assert results[True] == results[False]
+    assert [r[2]["type"] for r in results[True]] == ["length"] * 4 + ["stop", "stop", "length", "length"]
+    assert leftovers[False] == (None, True)
+    assert leftovers[True][1]  # every block back in the pool even though a step may remain unread
+
+
+def test_overlap_step_returns_each_token_once_and_stops_exactly(engine):
+    assert engine.cfg.overlap_schedule
+    s = engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True))
+    streamed, steps = [], 0
+    while engine.has_work():
+        streamed += [o for o in engine.step() if o.seq is s]
+        steps += 1
+    assert len(streamed) == 4 and s.num_completion_tokens == 4 and s.num_pending == 0
+    assert steps == 5  # four launches, then one step that only reads the last back
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_abort_with_a_step_in_flight_drops_its_token(engine):
+    s = engine.add_request([5, 6, 7], GREEDY)
+    engine.step()
+    engine.step()
+    assert engine.in_flight is not None and s in engine.in_flight.sampled
+    known = list(s.completion_ids)
+    engine.abort(s.rid)
+    assert not engine.has_work()
+    assert engine.step() == []  # reads the in-flight step back and discards the aborted row
+    assert s.completion_ids == known and s.num_pending == 0

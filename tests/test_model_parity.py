@@ -39,15 +39,16 @@ def run_greedy(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[list
 
 
 def record_logits(engine: LLMEngine) -> list[torch.Tensor]:
-    """Keep every batch of logits the driver computes (the real forward, just observed)."""
+    """Keep every batch of logits the driver samples from (the real forward, just observed)."""
     seen: list[torch.Tensor] = []
     run = engine.runner.run
 
-    def observed(inp):
-        logits = run(inp)
-        if logits is not None:
+    def observed(inp, sampler=None):
+        def keep_then_sample(logits):
             seen.append(logits.float().cpu())
-        return logits
+            return sampler(logits)
+
+        return run(inp, keep_then_sample if sampler else None)
 
     engine.runner.run = observed
     return seen

@@ -30,6 +30,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graph-mode", choices=["auto", "eager", "full", "piecewise"], default="auto",
                    help="CUDA graphs: none, full decode graphs, or full plus piecewise (auto: full on GPU)")
     p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
+    p.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="read each step's tokens back before launching the next (the GPU idles meanwhile)")
     p.add_argument("--disable-custom-all-reduce", action="store_true", help="use NCCL / symmetric memory only")
     p.add_argument("--disable-symm-mem", action="store_true", help="never use PyTorch symmetric memory")
 
@@ -55,6 +57,7 @@ def engine_config(a: argparse.Namespace):
         enable_prefix_caching=not a.disable_prefix_caching,
         enable_custom_all_reduce=not a.disable_custom_all_reduce, enable_symm_mem=not a.disable_symm_mem,
         graph_mode=a.graph_mode, attention_backend=a.attention_backend,
+        overlap_schedule=not a.disable_overlap_schedule,
     )
 
 

@@ -22,6 +22,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "torch" (reference), "triton", or "auto": triton on GPUs, torch on CPUs
     graph_mode: str = "auto"  # "eager", "full" (decode graphs), "piecewise" (full plus piecewise); auto: full on GPU
+    overlap_schedule: bool = True  # launch step N+1 before reading step N's tokens back: no GPU wait on the host
     enable_custom_all_reduce: bool = True
     enable_symm_mem: bool = True
     seed: int = 0

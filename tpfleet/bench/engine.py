@@ -53,21 +53,25 @@ def _random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(vocab) for _ in range(n)]
 
 
-def decode_latency(engine: LLMEngine, bs: int, prompt_len: int = 128, steps: int = 32) -> dict:
+def decode_latency(engine: LLMEngine, bs: int, prompt_len: int = 128, steps: int = 32, overlap: bool = True,
+                   profile: bool = True) -> dict:
     rng = random.Random(bs)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_new_tokens=steps + 64, temperature=0.0, ignore_eos=True)  # + profiled steps
     seqs = [engine.add_request(_random_prompt(rng, prompt_len, vocab), params) for _ in range(bs)]
     while any(s.num_completion_tokens == 0 for s in seqs):
         engine.step()
-    times = []
+    # Steps back to back, as a serving loop runs them: under the overlap schedule a step's host work
+    # hides behind the GPU work of the one before, so only the loop's total time says what a step costs.
+    _sync(engine)
+    t = time.perf_counter()
     for _ in range(steps):
-        _sync(engine)
-        t = time.perf_counter()
-        engine.step()  # sampling's .tolist() synchronises
-        times.append(time.perf_counter() - t)
-    row = {"batch": bs, "step_ms": 1e3 * statistics.median(times), "mean_context": prompt_len + steps // 2}
-    if engine.runner.device.type == "cuda":
+        engine.step()
+        if not overlap:
+            engine.drain()  # each step read back before the next is launched
+    engine.drain()
+    row = {"batch": bs, "step_ms": 1e3 * (time.perf_counter() - t) / steps, "mean_context": prompt_len + steps // 2}
+    if engine.runner.device.type == "cuda" and profile:
         row["kernels"] = kernel_profile(engine)
         if bs == 1:
             row["host"] = host_profile(engine)
@@ -78,10 +82,17 @@ def decode_latency(engine: LLMEngine, bs: int, prompt_len: int = 128, steps: int
     return row
 
 
+def sequential_ms(engine: LLMEngine) -> float:
+    """The batch-1 step with every step read back before the next is launched, same process: what
+    the overlap schedule buys."""
+    return decode_latency(engine, 1, overlap=False, profile=False)["step_ms"]
+
+
 def forward_ms(engine: LLMEngine, repeats: int = 20) -> float:
     """GPU time of the next step's forward and LM head alone (CUDA events, no scheduling, sampling or
     host copies of results): the step time minus this is host overhead. Re-running the same input
     rewrites the same KV slots, so nothing changes. TP=1 only: it drives rank 0 alone."""
+    engine.drain()
     inp = ModelInput.build(engine.scheduler.schedule(), engine.cfg.block_size)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
@@ -194,6 +205,7 @@ def mixed_step(engine: LLMEngine, repeats: int = 20) -> dict | None:
     seqs = [engine.add_request(_random_prompt(rng, 64, vocab), decode) for _ in range(64)]
     while any(s.num_completion_tokens == 0 for s in seqs):
         engine.step()
+    engine.drain()
     seqs.append(engine.add_request(_random_prompt(rng, 192, vocab), decode))
     batch = engine.scheduler.schedule()
     inp = ModelInput.build(batch, engine.cfg.block_size)
@@ -296,6 +308,7 @@ def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: 
             row["over_floor"] = row["step_ms"] / row["floor_ms"]
             result["decode"].append(row)
             engine.flush_cache()
+        result["batch1_sequential_ms"] = sequential_ms(engine)
         result["mixed_256"] = mixed_step(engine)
         engine.flush_cache()
         result["offline"] = offline_throughput(engine, lens)
@@ -335,6 +348,9 @@ def format_result(r: dict) -> str:
         lines.append(f"driver's Python time in a batch-{r['decode'][0]['batch']} step (own us, cumulative us, calls):")
         lines += [f"  {h['own_us_per_step']:8.1f} {h['cum_us_per_step']:8.1f} {h['calls_per_step']:5.0f}x  "
                   f"{h['function']}" for h in host]
+    if "batch1_sequential_ms" in r:
+        lines.append(f"batch-1 step {r['decode'][0]['step_ms']:.2f} ms; without the overlap schedule "
+                     f"{r['batch1_sequential_ms']:.2f} ms")
     m = r.get("mixed_256")
     if m:
         lines.append(f"mixed 256-token step: piecewise {m['piecewise_ms']:.2f} ms, eager {m['eager_ms']:.2f} ms "

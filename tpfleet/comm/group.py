@@ -57,6 +57,12 @@ class TPGroup:
         dist.gather(x, parts, dst=0, group=self.pg)
         return torch.cat(parts, dim=-1) if self.is_driver else None
 
+    def broadcast_from_driver(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` on every rank, in place; stream-ordered, so the host does not wait."""
+        if self.world_size > 1:
+            dist.broadcast(x, src=0, group=self.pg)
+        return x
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.pg)

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
+import torch
 from transformers import AutoTokenizer
 
 from tpfleet.comm.group import create_store
@@ -24,7 +25,7 @@ from tpfleet.engine.block_manager import BlockManager
 from tpfleet.engine.detokenizer import IncrementalDetokenizer
 from tpfleet.engine.model_runner import ModelInput, ModelRunner
 from tpfleet.engine.sampler import sample
-from tpfleet.engine.scheduler import Scheduler
+from tpfleet.engine.scheduler import ScheduledSeq, Scheduler
 from tpfleet.engine.sequence import InvalidRequest, SamplingParams, Sequence
 from tpfleet.engine.worker import worker_main
 from tpfleet.jit import default_triton_cache
@@ -38,6 +39,20 @@ RANK_EXIT_PREFIX = "tpfleet rank-exit:"  # parsed by the fleet's diagnostics
 class StepOutput:
     seq: Sequence
     new_text: str
+
+
+@dataclass
+class InFlightStep:
+    """A launched step whose sampled tokens may not have reached the host yet."""
+    batch: list[ScheduledSeq]
+    sampled: list[Sequence]  # in the order of `tokens`
+    tokens: torch.Tensor | None  # host memory, valid once `copied` has fired
+    copied: torch.cuda.Event | None = None
+
+    def token_ids(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()  # this step's copy only, not the work queued after it
+        return self.tokens.tolist() if self.sampled else []
 
 
 class LLMEngine:
@@ -77,6 +92,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
         self.released: set[str] = set()  # memory given back to a colocated trainer
+        self.in_flight: InFlightStep | None = None
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -116,7 +132,9 @@ class LLMEngine:
         return seq
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        """Requests to schedule, or a step in flight whose tokens someone still waits for."""
+        return self.scheduler.has_work() or (self.in_flight is not None and
+                                             any(not seq.is_finished for seq in self.in_flight.sampled))
 
     # --- every rank at once: memory and weights, for colocation with a trainer -------------------
 
@@ -137,8 +155,9 @@ class LLMEngine:
         return [value for _, value in replies]
 
     def release_memory(self, tags: list[str]) -> list[dict]:
-        if self.scheduler.has_work():
+        if self.has_work():
             raise InvalidRequest("tags", "requests are in flight: finish or abort them before releasing memory")
+        self.drain()  # a step of aborted requests may still be on the GPU
         out = self.call_all("release_memory", tags)
         self.released |= set(tags)
         return out
@@ -160,22 +179,56 @@ class LLMEngine:
     # --- one engine step ------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        """Launch the next step, then read back the one before it. Under the overlap schedule the
+        GPU runs step N+1 while the host turns step N's tokens into text: a sequence that stops at
+        N has one discarded row in N+1. Without it each step is read back at once."""
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        inp = ModelInput.build(batch, self.cfg.block_size)
+        launched = self._launch(batch) if batch else None  # reads self.in_flight for pending tokens
+        done, self.in_flight = self.in_flight, launched
+        outputs = self._read_back(done) if done else []
+        if not self.cfg.overlap_schedule:
+            outputs += self.drain()
+        return outputs
+
+    def drain(self) -> list[StepOutput]:
+        """Read back the step in flight, if any: after this the host knows every sampled token."""
+        done, self.in_flight = self.in_flight, None
+        return self._read_back(done) if done else []
+
+    def _launch(self, batch: list[ScheduledSeq]) -> InFlightStep:
+        pending = {seq.rid: i for i, seq in enumerate(self.in_flight.sampled)} if self.in_flight else {}
+        inp = ModelInput.build(batch, self.cfg.block_size, pending)
         for _, conn in self.workers:
             conn.send(("run", (inp,)))
-        logits = self.runner.run(inp)
-        sampled = [s for s in batch if s.samples]
-        token_ids = sample(logits, [s.seq for s in sampled]) if sampled else []
+        sampled = [s.seq for s in batch if s.samples]
+        tokens = self.runner.run(inp, lambda logits: sample(logits, sampled))
         for s in batch:
             s.seq.num_computed_tokens += s.num_tokens
-            self.block_manager.commit_full_blocks(s.seq)
-        return [self._append_token(s.seq, t) for s, t in zip(sampled, token_ids)]
+        for seq in sampled:
+            seq.num_pending += 1
+        step = InFlightStep(batch, sampled, tokens)
+        if tokens is not None and tokens.is_cuda:
+            # Queue the copy home now, behind this step only: a .tolist() at read-back time would
+            # sit behind the next step too, and wait for it.
+            step.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            step.tokens.copy_(tokens, non_blocking=True)
+            step.copied = torch.cuda.Event()
+            step.copied.record()
+        return step
 
-    def _append_token(self, seq: Sequence, token_id: int) -> StepOutput:
-        seq.token_ids.append(token_id)
+    def _read_back(self, step: InFlightStep) -> list[StepOutput]:
+        token_ids = step.token_ids()
+        live = [(seq, t) for seq, t in zip(step.sampled, token_ids) if not seq.is_finished]
+        for seq, t in live:
+            seq.num_pending -= 1
+            seq.token_ids.append(t)
+        for s in step.batch:  # every token it computed is known now
+            if not s.seq.is_finished:
+                self.block_manager.commit_full_blocks(s.seq)
+        return [self._finish_token(seq, t) for seq, t in live]
+
+    def _finish_token(self, seq: Sequence, token_id: int) -> StepOutput:
+        """Detokenize the newly read-back token and end the sequence if it stops here."""
         detok = self.detoks[seq.rid]
         reason = None
         if token_id in seq.stop_ids:
@@ -184,7 +237,7 @@ class LLMEngine:
             detok.add(token_id)
             if detok.matched_stop is not None:
                 reason = {"type": "stop", "matched": detok.matched_stop}
-            elif seq.num_completion_tokens >= seq.params.max_new_tokens or seq.num_tokens >= seq.max_len:
+            elif seq.num_completion_tokens >= seq.params.max_new_tokens or len(seq.token_ids) >= seq.max_len:
                 reason = {"type": "length", "length": seq.num_completion_tokens}
         if reason is not None:
             self.scheduler.finish(seq, reason)

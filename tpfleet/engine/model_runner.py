@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,7 @@ def check_device(rank: int, device: torch.device, expected_uuid: str) -> None:
 
 @dataclass
 class ModelInput:
-    input_ids: list[int]
+    input_ids: list[int]  # 0 where a token is still pending on the device
     positions: list[int]
     slot_mapping: list[int]
     block_tables: list[list[int]]
@@ -56,14 +57,23 @@ class ModelInput:
     query_lens: list[int]
     num_decodes: int
     logits_indices: list[int]  # token rows whose logits are sampled
+    pending_rows: list[int]  # rows whose token is the previous step's sample number pending_src[i]
+    pending_src: list[int]
 
     @classmethod
-    def build(cls, batch: list[ScheduledSeq], block_size: int) -> ModelInput:
-        inp = cls([], [], [], [], [], [], 0, [])
+    def build(cls, batch: list[ScheduledSeq], block_size: int, pending: dict[str, int] | None = None) -> ModelInput:
+        """`pending` maps a request id to its row among the previous step's samples, which the
+        device still holds: its next input token is read from there, never from the host."""
+        inp = cls([], [], [], [], [], [], 0, [], [], [])
         for s in batch:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_tokens
-            inp.input_ids += seq.token_ids[start:end]
+            known = seq.token_ids[start:end]
+            if len(known) < s.num_tokens:  # the one pending token, last of a decode
+                inp.pending_rows.append(len(inp.input_ids) + len(known))
+                inp.pending_src.append(pending[seq.rid])
+                known = known + [0]
+            inp.input_ids += known
             inp.positions += range(start, end)
             inp.slot_mapping += [seq.block_table[p // block_size] * block_size + p % block_size
                                  for p in range(start, end)]
@@ -94,6 +104,7 @@ class ModelRunner:
         self.tp: TPGroup = init_tp_group(rank, cfg.tp_size, self.device, "127.0.0.1", store_port, store, self.dtype,
                                          cfg.enable_custom_all_reduce, cfg.enable_symm_mem)
         self.timings: dict[str, float] = {}
+        self.sampled: torch.Tensor | None = None  # the last step's tokens, for the next step's pending inputs
 
         triton_tracked = self.device.type == "cuda" and track_triton()
         t0 = time.perf_counter()
@@ -167,19 +178,24 @@ class ModelRunner:
 
     def _to_device(self, inp: ModelInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
         """Every input of a step in two host-to-device copies (one per integer width), from pinned
-        memory so they are asynchronous, rather than one synchronising copy per field."""
-        n, b = len(inp.input_ids), len(inp.query_lens)
+        memory so they are asynchronous, rather than one synchronising copy per field. Pending input
+        tokens are then filled in from the previous step's samples, device to device."""
+        n, b, p = len(inp.input_ids), len(inp.query_lens), len(inp.pending_rows)
         width = max(len(t) for t in inp.block_tables)
         starts = [0]
         for q in inp.query_lens[:-1]:
             starts.append(starts[-1] + q)
         all_rows = len(inp.logits_indices) == n  # a pure decode batch samples every row, in order
-        longs = inp.input_ids + inp.positions + inp.slot_mapping + ([] if all_rows else inp.logits_indices)
+        longs = inp.input_ids + inp.positions + inp.slot_mapping + inp.pending_rows + inp.pending_src
+        longs += [] if all_rows else inp.logits_indices
         ints = [x for t in inp.block_tables for x in t + [0] * (width - len(t))]
         ints += inp.context_lens + starts + inp.query_lens
         pin = self.device.type == "cuda"
         longs = torch.tensor(longs, dtype=torch.int64, pin_memory=pin).to(self.device, non_blocking=True)
         ints = torch.tensor(ints, dtype=torch.int32, pin_memory=pin).to(self.device, non_blocking=True)
+        ids = longs[:n]
+        if p:
+            ids[longs[3 * n:3 * n + p]] = self.sampled[longs[3 * n + p:3 * n + 2 * p]]
         ctx = b * width
         meta = AttentionMetadata(
             slot_mapping=longs[2 * n:3 * n],
@@ -192,10 +208,15 @@ class ModelRunner:
             query_start=ints[ctx + b:ctx + 2 * b],
             query_lens_dev=ints[ctx + 2 * b:],
         )
-        return longs[:n], longs[n:2 * n], meta, None if all_rows else longs[3 * n:]
+        return ids, longs[n:2 * n], meta, None if all_rows else longs[3 * n + 2 * p:]
 
     @torch.inference_mode()
-    def run(self, inp: ModelInput) -> torch.Tensor | None:
+    def run(self, inp: ModelInput,
+            sampler: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One forward pass; on the driver, `sampler` turns the logits into tokens. Returns the
+        tokens, left on the device, or None when nothing was sampled. Under the overlap schedule
+        every rank keeps them (the driver broadcasts its own), because the next step, launched
+        before the host reads them, takes its pending input tokens from there."""
         ids, positions, meta, logits_rows = self._to_device(inp)
         num_seqs = len(inp.query_lens)
         if self.decode_graphs is not None and inp.num_decodes == num_seqs and self.decode_graphs.can_run(num_seqs):
@@ -204,11 +225,19 @@ class ModelRunner:
             hidden = self.piecewise_graphs.run(ids, positions, meta)
         else:
             hidden = self.model(ids, positions, meta)
-        logits = None
+        tokens = None
         if inp.logits_indices:
             logits = self.model.compute_logits(hidden if logits_rows is None else hidden[logits_rows])
+            if sampler is not None and logits is not None:
+                tokens = sampler(logits)
+            if self.cfg.overlap_schedule:
+                if self.tp.world_size > 1:
+                    if tokens is None:
+                        tokens = torch.empty(len(inp.logits_indices), dtype=torch.int64, device=self.device)
+                    self.tp.broadcast_from_driver(tokens)
+                self.sampled = tokens
         self.tp.check()
-        return logits
+        return tokens
 
     # --- colocation with a trainer -------------------------------------------------------------------
 

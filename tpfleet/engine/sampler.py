@@ -12,11 +12,12 @@ import torch
 from tpfleet.engine.sequence import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """One token per row, left on the logits' device: reading it back is the caller's choice."""
     logits = logits.float()
     greedy_ids = logits.argmax(dim=-1)
     if all(s.params.greedy for s in seqs):
-        return greedy_ids.tolist()
+        return greedy_ids
 
     dev = logits.device
     temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=dev)
@@ -40,4 +41,4 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     choice = (probs / noise).argmax(dim=-1)
     sampled = order.gather(1, choice[:, None]).squeeze(1)
     is_greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
-    return torch.where(is_greedy, greedy_ids, sampled).tolist()
+    return torch.where(is_greedy, greedy_ids, sampled)

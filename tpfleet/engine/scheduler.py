@@ -51,6 +51,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.at_length_limit:  # its last token is still pending: it ends when that is read back
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.bm.allocate_slots(seq, n):
                 victim = self.running.pop()
@@ -94,5 +97,6 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.bm.free(seq)
+        seq.num_pending = 0  # a step still in flight for it is discarded when read back
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -73,6 +73,7 @@ class Sequence:
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         self.max_len = max_len
         self.status = SequenceStatus.WAITING
+        self.num_pending = 0  # tokens sampled on the device but not yet read back (overlap schedule)
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # of those, tokens found in the prefix cache at admission
         self.block_table: list[int] = []
@@ -88,7 +89,13 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens the scheduler plans with: the known ones and those still pending on the device."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
+    def at_length_limit(self) -> bool:
+        """Whether counting pending tokens the sequence already has all it may get: nothing to schedule."""
+        return self.num_tokens - self.num_prompt_tokens >= self.params.max_new_tokens or self.num_tokens >= self.max_len
 
     @property
     def completion_ids(self) -> list[int]:
@@ -96,7 +103,7 @@ class Sequence:
 
     @property
     def num_completion_tokens(self) -> int:
-        return self.num_tokens - self.num_prompt_tokens
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
