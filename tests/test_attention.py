@@ -64,8 +64,8 @@ def run_case(case, dtype, device):
 
 
 def decode_with_splits(splits: int, dtype, device):
-    """Decode attention forced to `splits` KV splits (1: one program per sequence and kv head, no
-    merge kernel) against the reference."""
+    """Decode attention forced to `splits` KV splits (1: one program per sequence and kv head, nothing
+    to merge) against the reference."""
     from tpfleet.attention.triton_kernels import decode_attention
 
     q, k, v, kc, vc, meta = make_batch([1] * 3, [1, 70, 300], 2, 4, 32, 16, dtype, device)
@@ -79,9 +79,13 @@ def interpreter_main() -> None:
     for case in CASES:
         out, ref = run_case(case, torch.float32, "cpu")
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
-    for splits in (1, 4):
-        out, ref = decode_with_splits(splits, torch.float32, "cpu")
-        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    from tpfleet.attention.triton_kernels import _arrivals
+
+    for splits in (1, 4, 16):
+        for _ in range(2):  # the second call finds the counters the first left behind
+            out, ref = decode_with_splits(splits, torch.float32, "cpu")
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        assert all(int(c.abs().sum()) == 0 for c in _arrivals.get(torch.device("cpu"), []))
     print("interpreter: all cases match")
 
 
@@ -91,7 +95,7 @@ def test_decode_splits_fill_the_gpu_and_stop_at_large_batches():
     cpu = torch.device("cpu")  # stands for a 128-SM GPU
     assert decode_splits(1, 8, cpu) == MAX_DECODE_SPLITS
     assert decode_splits(8, 8, cpu) == 4  # 256 programs wanted: 8 x 8 x 4
-    assert decode_splits(256, 8, cpu) == 1  # already 2048 programs: no split, no merge kernel
+    assert decode_splits(256, 8, cpu) == 1  # already 2048 programs: no split, nothing to merge
 
 
 def test_triton_matches_reference_in_the_interpreter():

@@ -49,6 +49,22 @@ def compare(shape, tokens: int, dtype: torch.dtype, device: str) -> list[tuple[s
     rq, rk = rope(positions, q_norm(rq.reshape(tokens, heads, d)), k_norm(rk.reshape(tokens, kv_heads, d)))
     out += [("q", q, rq), ("k", k, rk), ("v", v, rv.reshape(tokens, kv_heads, d))]
 
+    # Straight into a paged cache: every token to its slot, except the last, a padded row (slot -1).
+    page = 8
+    blocks = tokens // page + 1
+    slots = torch.randperm(blocks * page, generator=g)[:tokens]
+    slots[-1] = -1
+    caches = [torch.zeros(blocks, page, kv_heads, d, dtype=dtype, device=device) for _ in range(2)]
+    q2, none_k, none_v = triton_ops.qk_norm_rope(
+        qkv.to(device), positions.to(device), q_norm.weight.to(device), k_norm.weight.to(device), 1e-6,
+        rope.cos.to(device), rope.sin.to(device), heads, kv_heads, d, (*caches, slots.to(device)))
+    assert none_k is None and none_v is None
+    for name, cache, ref in (("k to cache", caches[0], rk), ("v to cache", caches[1], rv.reshape(tokens, kv_heads, d))):
+        expect = torch.zeros(blocks * page, kv_heads, d, dtype=dtype)
+        expect[slots[:-1]] = ref[:-1]
+        out.append((name, cache.view(blocks * page, kv_heads, d), expect))
+    out.append(("q beside the cache", q2, rq))
+
     gate_up = rnd(tokens, 2 * 3 * hidden)
     gate, up = gate_up.chunk(2, dim=-1)
     out.append(("silu_and_mul", triton_ops.silu_and_mul(gate_up.to(device)), torch.nn.functional.silu(gate) * up))

@@ -32,8 +32,9 @@ class AttentionBackend(ABC):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim];
-        caches: [num_blocks, block_size, kv_heads, head_dim]. Returns [tokens, heads, head_dim],
+        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim], stored at
+        `meta.slot_mapping` first, or None when already there; caches: [num_blocks, block_size,
+        kv_heads, head_dim]. Returns [tokens, heads, head_dim],
         written into `out` when given (a graph's fixed buffer, saving a copy)."""
 
 

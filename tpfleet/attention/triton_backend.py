@@ -11,7 +11,8 @@ from tpfleet.attention.triton_kernels import decode_attention, extend_attention,
 class TritonBackend(AttentionBackend):
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if k is not None:
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decodes
         out = torch.empty_like(q) if out is None else out
         if nd:

@@ -66,10 +66,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 @triton.jit
-def _decode_partial_kernel(q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out, scale,
-                           stride_bt, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr,
-                           HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                           SPLITS: tl.constexpr, IEEE: tl.constexpr):
+def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, arrivals, out, scale,
+                   stride_bt, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                   IEEE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -81,8 +81,8 @@ def _decode_partial_kernel(q, k_cache, v_cache, block_tables, context_lens, part
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kvh * GROUP + g
-    qv = tl.load(q + (b * KV_HEADS * GROUP + heads)[:, None] * HEAD_DIM + d[None, :], mask=(g < GROUP)[:, None],
-                 other=0.0)
+    rows = (b * KV_HEADS * GROUP + heads)[:, None] * HEAD_DIM + d[None, :]
+    qv = tl.load(q + rows, mask=(g < GROUP)[:, None], other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -97,28 +97,33 @@ def _decode_partial_kernel(q, k_cache, v_cache, block_tables, context_lens, part
     has = l_i > 0
     if SPLITS == 1:  # the whole context in one program: the final result, no partials to merge
         res = acc / tl.where(has, l_i, 1.0)[:, None]
-        tl.store(out + (b * KV_HEADS * GROUP + heads)[:, None] * HEAD_DIM + d[None, :], res.to(out.dtype.element_ty),
-                 mask=(g < GROUP)[:, None])
+        tl.store(out + rows, res.to(out.dtype.element_ty), mask=(g < GROUP)[:, None])
     else:
-        out_row = (b * KV_HEADS * GROUP + heads) * SPLITS + split
-        tl.store(part_out + out_row[:, None] * HEAD_DIM + d[None, :], acc / tl.where(has, l_i, 1.0)[:, None],
-                 mask=(g < GROUP)[:, None])
-        tl.store(part_lse + out_row, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")),
+        part_rows = (b * KV_HEADS * GROUP + heads) * SPLITS
+        tl.store(part_out + (part_rows + split)[:, None] * HEAD_DIM + d[None, :],
+                 acc / tl.where(has, l_i, 1.0)[:, None], mask=(g < GROUP)[:, None])
+        tl.store(part_lse + part_rows + split, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")),
                  mask=g < GROUP)
-
-
-@triton.jit
-def _decode_reduce_kernel(part_out, part_lse, out, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
-    row = tl.program_id(0)  # b * heads + h
-    s = tl.arange(0, SPLITS)
-    d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse + row * SPLITS + s)
-    m = tl.max(lse, 0)
-    w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(m > float("-inf"), m, 0.0)), 0.0)
-    o = tl.load(part_out + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :])
-    total = tl.sum(w, 0)
-    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out + row * HEAD_DIM + d, res.to(out.dtype.element_ty))
+        # The last split of this (sequence, kv head) to finish merges them all, so no second kernel
+        # runs. Every thread's stores are ordered before the arrival (barrier, then a release), and
+        # the counter is reset for the next call, which keeps graph replays valid.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals + b * KV_HEADS + kvh, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            tl.atomic_xchg(arrivals + b * KV_HEADS + kvh, 0, sem="relaxed", scope="gpu")
+            sp = tl.arange(0, SPLITS)
+            lse = tl.load(part_lse + part_rows[:, None] + sp[None, :], mask=(g < GROUP)[:, None],
+                          other=float("-inf"), cache_modifier=".cg")  # written by other SMs: skip L1
+            m = tl.max(lse, 1)
+            w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(m > float("-inf"), m, 0.0)[:, None]), 0.0)
+            res = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+            for i in tl.static_range(SPLITS):
+                part = tl.load(part_out + (part_rows + i)[:, None] * HEAD_DIM + d[None, :],
+                               mask=(g < GROUP)[:, None], other=0.0, cache_modifier=".cg")
+                res += part * tl.sum(tl.where(sp[None, :] == i, w, 0.0), 1)[:, None]
+            total = tl.sum(w, 1)
+            res = res / tl.where(total > 0, total, 1.0)[:, None]
+            tl.store(out + rows, res.to(out.dtype.element_ty), mask=(g < GROUP)[:, None])
 
 
 @functools.cache
@@ -129,10 +134,22 @@ def _sm_count(device: torch.device) -> int:
 
 def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     """Enough (sequence, kv head, split) programs to fill the GPU twice, and no more: every extra split
-    writes a partial result in fp32 that a second kernel reads back. Large batches need no split,
-    and skip the second kernel. Depends on the batch shape only, so a captured graph stays valid."""
+    writes a partial result in fp32 that the last one reads back. Large batches need no split, and
+    skip the merge. Depends on the batch shape only, so a captured graph stays valid."""
     want = -(-2 * _sm_count(device) // (batch * kv_heads))
     return 1 if want <= 1 else min(MAX_DECODE_SPLITS, triton.next_power_of_2(want))
+
+
+_arrivals: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters that the decode kernel leaves zeroed. Grown, never freed: a CUDA graph
+    may hold the address of any of them."""
+    held = _arrivals.setdefault(device, [])
+    if not held or held[-1].numel() < n:
+        held.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+    return held[-1]
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -144,15 +161,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = heads // kv_heads
     splits = splits or decode_splits(batch, kv_heads, q.device)
     out = torch.empty_like(q) if out is None else out
-    # partial results per split, merged by the second kernel; with one split the first writes `out` itself
+    # partial results per split, merged by the last split to finish; with one split none are needed
     part_out = torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device) if splits > 1 else out
     part_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
-    _decode_partial_kernel[(batch, kv_heads, splits)](
-        q.contiguous(), k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out, scale,
+    arrivals = _arrival_counters(q.device, batch * kv_heads) if splits > 1 else out
+    _decode_kernel[(batch, kv_heads, splits)](
+        q.contiguous(), k_cache, v_cache, block_tables, context_lens, part_out, part_lse, arrivals, out, scale,
         block_tables.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
         HEAD_DIM=head_dim, PAGE=page, BLOCK_N=64, SPLITS=splits, IEEE=q.dtype == torch.float32)
-    if splits > 1:
-        _decode_reduce_kernel[(batch * heads,)](part_out, part_lse, out, HEAD_DIM=head_dim, SPLITS=splits)
     return out
 
 

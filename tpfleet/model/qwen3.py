@@ -37,13 +37,15 @@ class Qwen3Attention(nn.Module):
         self.scale = d ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner once the KV pool exists
 
-    def split_qkv(self, positions: torch.Tensor, qkv: torch.Tensor):
+    def split_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata | None = None):
         """q, k, v for the new tokens from their qkv projection: [tokens, heads, head_dim], q and k
-        normed per head and rotated."""
+        normed per head and rotated. On GPU, given `meta`, k and v go straight into the KV cache
+        and come back as None."""
         if qkv.is_cuda:  # one fused kernel; the torch code below is its reference
+            kv_cache = (self.k_cache, self.v_cache, meta.slot_mapping) if meta is not None else None
             return triton_ops.qk_norm_rope(qkv, positions, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
                                            self.rotary.cos, self.rotary.sin, self.num_heads, self.num_kv_heads,
-                                           self.head_dim)
+                                           self.head_dim, kv_cache)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
@@ -75,9 +77,11 @@ class Qwen3DecoderLayer(nn.Module):
     # segment and run attention, whose shapes vary with the batch, eagerly in between. Each norm
     # goes with the projection after it, which fuses the two for batch-1 decode on GPU.
 
-    def pre(self, positions, x, residual):
+    def pre(self, positions, x, residual, meta: AttentionMetadata | None = None):
+        """Given `meta` (not in piecewise graphs, whose slots change every step), k and v are
+        stored in the KV cache here, by the same kernel that norms and rotates them."""
         qkv, residual = self.self_attn.qkv_proj.forward_normed(self.input_layernorm, x, residual)
-        q, k, v = self.self_attn.split_qkv(positions, qkv)
+        q, k, v = self.self_attn.split_qkv(positions, qkv, meta)
         return q, k, v, residual
 
     def post(self, o, residual):
@@ -111,7 +115,7 @@ class Qwen3ForCausalLM(nn.Module):
         """Final hidden states for every token; `compute_logits` picks the rows that are sampled."""
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            q, k, v, residual = layer.pre(positions, x, residual)
+            q, k, v, residual = layer.pre(positions, x, residual, meta)
             x, residual = layer.post(layer.self_attn.attend(q, k, v, meta), residual)
         x, _ = self.norm(x, residual)
         return x

@@ -44,8 +44,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 @triton.jit
-def _qk_norm_rope_kernel(qkv, positions, qw, kw, cos, sin, q_out, k_out, v_out, eps, row_stride,
-                         H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+def _qk_norm_rope_kernel(qkv, positions, qw, kw, cos, sin, q_out, k_out, v_out, slots, eps, row_stride,
+                         H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                         TO_CACHE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, HALF_PAD)
@@ -53,13 +54,21 @@ def _qk_norm_rope_kernel(qkv, positions, qw, kw, cos, sin, q_out, k_out, v_out, 
     src = qkv + t * row_stride + h * (2 * HALF)
     x1 = tl.load(src + offs, mask=m, other=0.0)
     x2 = tl.load(src + HALF + offs, mask=m, other=0.0)
+    if TO_CACHE:  # k and v go straight to their cache slot; padded rows (slot -1) store nothing
+        slot = tl.load(slots + t)
+        kv_row = slot * KV + h - H
+        keep = m & (tl.full([HALF_PAD], 0, tl.int64) + slot >= 0)
+    else:
+        kv_row = t * KV + h - H
+        keep = m
     if h < H + KV:  # a q or k head: per-head RMSNorm, then neox RoPE (rotate halves)
         if h < H:
             w = qw
             dst = q_out + (t * H + h) * (2 * HALF)
+            keep = m
         else:
             w = kw
-            dst = k_out + (t * KV + h - H) * (2 * HALF)
+            dst = k_out + kv_row * (2 * HALF)
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
         r = tl.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / (2 * HALF) + eps)
         y1 = ((f1 * r).to(x1.dtype).to(tl.float32) * tl.load(w + offs, mask=m).to(tl.float32)).to(x1.dtype)
@@ -68,29 +77,37 @@ def _qk_norm_rope_kernel(qkv, positions, qw, kw, cos, sin, q_out, k_out, v_out, 
         pos = tl.load(positions + t)
         c = tl.load(cos + pos * HALF + offs, mask=m)
         s = tl.load(sin + pos * HALF + offs, mask=m)
-        tl.store(dst + offs, (y1 * c - y2 * s).to(x1.dtype), mask=m)
-        tl.store(dst + HALF + offs, (y2 * c + y1 * s).to(x1.dtype), mask=m)
-    else:  # a v head: copied out contiguous, for the KV store
-        dst = v_out + (t * KV + h - H - KV) * (2 * HALF)
-        tl.store(dst + offs, x1, mask=m)
-        tl.store(dst + HALF + offs, x2, mask=m)
+        tl.store(dst + offs, (y1 * c - y2 * s).to(dst.dtype.element_ty), mask=keep)
+        tl.store(dst + HALF + offs, (y2 * c + y1 * s).to(dst.dtype.element_ty), mask=keep)
+    else:  # a v head: copied out contiguous (or into the cache)
+        dst = v_out + (kv_row - KV) * (2 * HALF)
+        tl.store(dst + offs, x1, mask=keep)
+        tl.store(dst + HALF + offs, x2, mask=keep)
 
 
 def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                  eps: float, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
-                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split the qkv projection into q, k, v [tokens, heads, head_dim]; q and k normed and rotated."""
+                 head_dim: int, kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Split the qkv projection into q, k, v [tokens, heads, head_dim]; q and k normed and rotated.
+    With `kv_cache` = (k_cache, v_cache, slot_mapping), k and v are written to their cache slots
+    instead, saving the KV store's launch, and None is returned for them."""
     tokens = qkv.shape[0]
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     q = qkv.new_empty(tokens, num_heads, head_dim)
-    k = qkv.new_empty(tokens, num_kv_heads, head_dim)
-    v = qkv.new_empty(tokens, num_kv_heads, head_dim)
+    if kv_cache is None:
+        k = qkv.new_empty(tokens, num_kv_heads, head_dim)
+        v = qkv.new_empty(tokens, num_kv_heads, head_dim)
+        slots = positions  # unread
+    else:
+        k, v, slots = kv_cache
     half = head_dim // 2
     _qk_norm_rope_kernel[(tokens, num_heads + 2 * num_kv_heads)](
-        qkv, positions, q_weight, k_weight, cos, sin, q, k, v, eps, qkv.stride(0),
-        H=num_heads, KV=num_kv_heads, HALF=half, HALF_PAD=triton.next_power_of_2(half), num_warps=1)
-    return q, k, v
+        qkv, positions, q_weight, k_weight, cos, sin, q, k, v, slots, eps, qkv.stride(0),
+        H=num_heads, KV=num_kv_heads, HALF=half, HALF_PAD=triton.next_power_of_2(half), TO_CACHE=kv_cache is not None,
+        num_warps=1)
+    return (q, k, v) if kv_cache is None else (q, None, None)
 
 
 @triton.jit
