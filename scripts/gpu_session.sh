@@ -2,6 +2,7 @@
 # The GPU measurements behind docs/benchmarks.md, in stages that each fit one device-tool call:
 #   bash scripts/gpu_session.sh STAGE   (from the repository root; results under $OUT)
 # tests: the GPU tests of kernels, parity, graphs and the communicator (log in $OUT/tests.log)
+# ops: the GPU tests of the Triton kernels alone (about a minute), e.g. before an engine benchmark
 # kernels: the decode GEMV benchmark with its config sweep, the GEMV and graph GPU tests, the doctor
 # fleet: the fleet's GPU tests (placement, Ray, stale processes, teardown, colocation)
 # check: the doctor, then the all-reduce benchmark on 4 GPUs
@@ -28,6 +29,12 @@ case "$1" in
     timeout 560 python3 -m pytest -q -rf -x -m gpu tests/test_triton_ops.py tests/test_gemv.py tests/test_attention.py \
       tests/test_model_parity.py tests/test_graphs_gpu.py tests/test_comm_gpu.py > "$OUT/tests.log" 2>&1
     echo "pytest exit $?"; tail -5 "$OUT/tests.log"
+    ;;
+  ops)
+    log "Triton kernel GPU tests"
+    timeout 240 python3 -m pytest -q -rf -x -m gpu tests/test_triton_ops.py tests/test_attention.py tests/test_gemv.py \
+      > "$OUT/ops.log" 2>&1
+    echo "pytest exit $?"; tail -5 "$OUT/ops.log"
     ;;
   kernels)
     log "GEMV benchmark"; timeout 300 python3 -m tpfleet bench gemv --sweep --out "$OUT"
@@ -78,5 +85,5 @@ LLMEngine(EngineConfig(model='$MODEL', tp_size=2, device='cuda', graph_mode='ful
     log "warmup, second run"
     time python3 -m tpfleet warmup --model "$MODEL" --tp 1,2 --graph-mode full | tail -4
     ;;
-  *) echo "usage: $0 tests|kernels|check|engine|warm|fleet" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|ops|kernels|check|engine|warm|fleet" >&2; exit 2 ;;
 esac
