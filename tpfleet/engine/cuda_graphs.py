@@ -21,9 +21,10 @@ from tqdm import tqdm
 from tpfleet.attention.backend import AttentionMetadata
 
 DECODE_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
-# Piecewise graphs pay off while a step is launch-bound. Past 512 tokens the GEMMs are compute-bound
-# and eager costs nothing extra, while padding a step to its bucket costs compute in proportion: so
-# buckets stop at 512 and are close together (a 356-token step padded to 512 did 44% more work).
+# Piecewise graphs pay off while a step is launch-bound (a 256-token step: 31% less time). Larger
+# steps spend their time in compute-bound GEMMs, where padding to a bucket costs compute in
+# proportion (a 356-token step padded to 512 computes 44% more rows): buckets stop at 512 and sit
+# close together, and larger steps run eagerly.
 TOKEN_BUCKETS = [16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
 
 
