@@ -5,8 +5,9 @@ buffers. A batch is padded up to its bucket with rows that write no KV (slot -1)
 nothing (context 0). Capture runs largest bucket first, into one memory pool shared by all.
 
 Piecewise graphs cover prefill and mixed batches of up to 512 tokens, whose attention shapes vary
-too much to capture: per token-count bucket, each stretch between two attentions (o_proj, MLP, the all-reduces, the next
-layer's norm and qkv projection) is one graph, and attention runs eagerly between them.
+too much to capture: per token-count bucket, each stretch between two attentions (o_proj, MLP, the
+all-reduces, the next layer's norm and qkv projection) is one graph, and attention runs eagerly
+between them.
 
 Both kinds contain the tensor-parallel all-reduces; tpfleet.comm's kernels are graph-safe as is.
 """

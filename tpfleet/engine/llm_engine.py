@@ -237,7 +237,7 @@ class LLMEngine:
             detok.add(token_id)
             if detok.matched_stop is not None:
                 reason = {"type": "stop", "matched": detok.matched_stop}
-            elif seq.num_completion_tokens >= seq.params.max_new_tokens or len(seq.token_ids) >= seq.max_len:
+            elif seq.reaches_length(len(seq.token_ids)):  # the known tokens; one more may be pending
                 reason = {"type": "length", "length": seq.num_completion_tokens}
         if reason is not None:
             self.scheduler.finish(seq, reason)

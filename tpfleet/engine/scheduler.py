@@ -51,7 +51,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.at_length_limit:  # its last token is still pending: it ends when that is read back
+            if seq.reaches_length(seq.num_tokens):  # its last token is pending: it ends when read back
                 i += 1
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)

@@ -92,10 +92,9 @@ class Sequence:
         """Tokens the scheduler plans with: the known ones and those still pending on the device."""
         return len(self.token_ids) + self.num_pending
 
-    @property
-    def at_length_limit(self) -> bool:
-        """Whether counting pending tokens the sequence already has all it may get: nothing to schedule."""
-        return self.num_tokens - self.num_prompt_tokens >= self.params.max_new_tokens or self.num_tokens >= self.max_len
+    def reaches_length(self, num_tokens: int) -> bool:
+        """Whether `num_tokens` tokens are all this sequence may have: max_new_tokens or the context."""
+        return num_tokens - self.num_prompt_tokens >= self.params.max_new_tokens or num_tokens >= self.max_len
 
     @property
     def completion_ids(self) -> list[int]:
