@@ -63,14 +63,16 @@ def run_case(case, dtype, device):
     return out.float(), ref.float()
 
 
-def decode_with_splits(splits: int, dtype, device):
+def decode_with_splits(splits: int, dtype, device, min_split: int = 16):
     """Decode attention forced to `splits` KV splits (1: one program per sequence and kv head, nothing
-    to merge) against the reference."""
+    to merge) against the reference. With 16-token splits the three contexts use 1, 5 and up to 16
+    of them."""
     from tpfleet.attention.triton_kernels import decode_attention
 
     q, k, v, kc, vc, meta = make_batch([1] * 3, [1, 70, 300], 2, 4, 32, 16, dtype, device)
     ref = TorchReferenceBackend().forward(q, k, v, kc, vc, meta, 32 ** -0.5)  # stores k, v too
-    out = decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, 32 ** -0.5, splits=splits)
+    out = decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, 32 ** -0.5, splits=splits,
+                           min_split=min_split)
     return out.float(), ref.float()
 
 
@@ -81,9 +83,9 @@ def interpreter_main() -> None:
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     from tpfleet.attention.triton_kernels import _arrivals
 
-    for splits in (1, 4, 16):
+    for splits, min_split in ((1, 16), (4, 16), (16, 16), (16, 256)):
         for _ in range(2):  # the second call finds the counters the first left behind
-            out, ref = decode_with_splits(splits, torch.float32, "cpu")
+            out, ref = decode_with_splits(splits, torch.float32, "cpu", min_split)
             torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
         assert all(int(c.abs().sum()) == 0 for c in _arrivals.get(torch.device("cpu"), []))
     print("interpreter: all cases match")
@@ -105,7 +107,10 @@ def test_triton_matches_reference_in_the_interpreter():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", CASES + [([1] * 64, [1 + 37 * i for i in range(64)], 8, 4, 128)])
+# on GPU also: a 64-sequence batch, and batch 1, whose kernel (on Hopper) loads its first tile before
+# waiting for the kernel before it (programmatic dependent launch)
+@pytest.mark.parametrize("case", CASES + [([1] * 64, [1 + 37 * i for i in range(64)], 8, 4, 128),
+                                          ([1], [300], 8, 4, 128), ([1], [37], 8, 4, 128)])
 def test_triton_matches_reference_on_gpu(case, dtype):
     out, ref = run_case(case, dtype, "cuda")
     tol = 2e-5 if dtype == torch.float32 else 2e-2
@@ -114,7 +119,7 @@ def test_triton_matches_reference_on_gpu(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
-@pytest.mark.parametrize("splits", [1, 4, 16])
-def test_decode_splits_match_reference_on_gpu(splits):
-    out, ref = decode_with_splits(splits, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("splits,min_split", [(1, 16), (4, 16), (16, 16), (16, 256)])
+def test_decode_splits_match_reference_on_gpu(splits, min_split):
+    out, ref = decode_with_splits(splits, torch.bfloat16, "cuda", min_split)
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)

@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     bg.add_argument("--tp", default="1,2", help="Qwen3-8B's shards at these TP sizes")
     bg.add_argument("--sweep", action="store_true", help="also time a grid of launch configs per projection")
     bg.add_argument("--out", default="bench-out")
+    bt = bench.add_parser("attention", help="decode attention per KV-split policy vs the bandwidth floor")
+    bt.add_argument("--out", default="bench-out")
 
     wu = sub.add_parser("warmup", help="build the JIT caches engine configs need; a no-op when still valid")
     wu.add_argument("--model", required=True)
@@ -188,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         from tpfleet.bench.gemv import bench_gemv
 
         bench_gemv(a.out, [int(t) for t in a.tp.split(",")], a.sweep)
+    elif a.cmd == "bench" and a.what == "attention":
+        from tpfleet.bench.attention import bench_attention
+
+        bench_attention(a.out)
     return 0
 
 

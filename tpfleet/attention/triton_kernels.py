@@ -14,7 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from tpfleet import pdl
+
 MAX_DECODE_SPLITS = 16  # KV splits per (sequence, kv head): parallelism for small batches and long contexts
+# Fewest tokens per split: one tile. More splits than a context has tiles only add partial results
+# to merge (`tpfleet bench attention`: batch 8, 144 tokens, 6.5 us against 9.6 with every split used);
+# longer splits run their tiles one after another (512 tokens in one split: 12.5 us against 6.4).
+MIN_SPLIT_TOKENS = 64
 
 
 @triton.jit
@@ -34,6 +40,14 @@ def _kv_tile(k_cache, v_cache, table, tok, valid, kvh, d, KV_HEADS: tl.constexpr
     kt = tl.load(k_cache + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
     vt = tl.load(v_cache + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
     return kt, vt
+
+
+@triton.jit
+def _decode_tile(qv, kt, vt, valid, m_i, l_i, acc, scale, IEEE: tl.constexpr):
+    """Fold one tile of keys and values (its `valid` rows) into a query group's softmax state."""
+    qk = _dot(qv, tl.trans(kt), IEEE).to(tl.float32) * scale
+    qk = tl.where(valid[None, :], qk, float("-inf"))
+    return _softmax_update(qk, vt, m_i, l_i, acc, IEEE)
 
 
 @triton.jit
@@ -69,61 +83,85 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, arrivals, out, scale,
                    stride_bt, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr,
                    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   MIN_SPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens + b)
-    per_split = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+    # The splits this context uses: each gets at least MIN_SPLIT tokens. A context that short is one
+    # program, which writes the result directly; the other programs have nothing to do.
+    active = tl.minimum(tl.maximum(tl.cdiv(ctx, MIN_SPLIT), 1), SPLITS)
+    if split >= active:
+        return
+    per_split = tl.cdiv(tl.cdiv(ctx, active), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, ctx)
-
+    table = block_tables + b * stride_bt
+    n = tl.arange(0, BLOCK_N)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kvh * GROUP + g
     rows = (b * KV_HEADS * GROUP + heads)[:, None] * HEAD_DIM + d[None, :]
-    qv = tl.load(q + rows, mask=(g < GROUP)[:, None], other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    n = tl.arange(0, BLOCK_N)
-    for s in range(start, end, BLOCK_N):
-        tok = s + n
+    first = start
+    if PDL:
+        # The kernel before this one (q/k norm with the KV store) may still be running. It writes q and
+        # the newest token's key and value, nothing else read here: the first tile is loaded before
+        # waiting for it, and its newest row again after. Its loads then run ahead of the dependents'
+        # weight prefetches, which, issued first, slowed attention (docs/benchmarks.md).
+        tok = start + n
         valid = tok < end
-        kt, vt = _kv_tile(k_cache, v_cache, block_tables + b * stride_bt, tok, valid, kvh, d, KV_HEADS, HEAD_DIM, PAGE)
-        qk = _dot(qv, tl.trans(kt), IEEE).to(tl.float32) * scale
-        qk = tl.where(valid[None, :], qk, float("-inf"))
-        m_i, l_i, acc = _softmax_update(qk, vt, m_i, l_i, acc, IEEE)
-    has = l_i > 0
-    if SPLITS == 1:  # the whole context in one program: the final result, no partials to merge
-        res = acc / tl.where(has, l_i, 1.0)[:, None]
-        tl.store(out + rows, res.to(out.dtype.element_ty), mask=(g < GROUP)[:, None])
+        kt, vt = _kv_tile(k_cache, v_cache, table, tok, valid, kvh, d, KV_HEADS, HEAD_DIM, PAGE)
+        pdl.enter(PDL)
+        newest = valid & (tok == ctx - 1)
+        k_new, v_new = _kv_tile(k_cache, v_cache, table, tok, newest, kvh, d, KV_HEADS, HEAD_DIM, PAGE)
+        qv = tl.load(q + rows, mask=(g < GROUP)[:, None], other=0.0)
+        if start < end:  # a split past the context's end has an empty tile, which the softmax must not see
+            m_i, l_i, acc = _decode_tile(qv, tl.where(newest[:, None], k_new, kt),
+                                         tl.where(newest[:, None], v_new, vt), valid, m_i, l_i, acc, scale, IEEE)
+        first = start + BLOCK_N
     else:
-        part_rows = (b * KV_HEADS * GROUP + heads) * SPLITS
-        tl.store(part_out + (part_rows + split)[:, None] * HEAD_DIM + d[None, :],
-                 acc / tl.where(has, l_i, 1.0)[:, None], mask=(g < GROUP)[:, None])
-        tl.store(part_lse + part_rows + split, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")),
-                 mask=g < GROUP)
-        # The last split of this (sequence, kv head) to finish merges them all, so no second kernel
-        # runs. Every thread's stores are ordered before the arrival (barrier, then a release), and
-        # the counter is reset for the next call, which keeps graph replays valid.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(arrivals + b * KV_HEADS + kvh, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:
-            tl.atomic_xchg(arrivals + b * KV_HEADS + kvh, 0, sem="relaxed", scope="gpu")
-            sp = tl.arange(0, SPLITS)
-            lse = tl.load(part_lse + part_rows[:, None] + sp[None, :], mask=(g < GROUP)[:, None],
-                          other=float("-inf"), cache_modifier=".cg")  # written by other SMs: skip L1
-            m = tl.max(lse, 1)
-            w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(m > float("-inf"), m, 0.0)[:, None]), 0.0)
-            res = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-            for i in tl.static_range(SPLITS):
-                part = tl.load(part_out + (part_rows + i)[:, None] * HEAD_DIM + d[None, :],
-                               mask=(g < GROUP)[:, None], other=0.0, cache_modifier=".cg")
-                res += part * tl.sum(tl.where(sp[None, :] == i, w, 0.0), 1)[:, None]
-            total = tl.sum(w, 1)
-            res = res / tl.where(total > 0, total, 1.0)[:, None]
-            tl.store(out + rows, res.to(out.dtype.element_ty), mask=(g < GROUP)[:, None])
+        qv = tl.load(q + rows, mask=(g < GROUP)[:, None], other=0.0)
+    for s in range(first, end, BLOCK_N):  # names of its own: only the softmax state is carried
+        toks = s + n
+        ok = toks < end
+        k_tile, v_tile = _kv_tile(k_cache, v_cache, table, toks, ok, kvh, d, KV_HEADS, HEAD_DIM, PAGE)
+        m_i, l_i, acc = _decode_tile(qv, k_tile, v_tile, ok, m_i, l_i, acc, scale, IEEE)
+    has = l_i > 0
+    res = acc / tl.where(has, l_i, 1.0)[:, None]
+    final = active == 1  # one program had the whole context: no partials to merge
+    if SPLITS > 1:
+        if active > 1:
+            part_rows = (b * KV_HEADS * GROUP + heads) * SPLITS
+            tl.store(part_out + (part_rows + split)[:, None] * HEAD_DIM + d[None, :], res, mask=(g < GROUP)[:, None])
+            tl.store(part_lse + part_rows + split,
+                     tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=g < GROUP)
+            # The last split of this (sequence, kv head) to finish merges them all, so no second kernel
+            # runs. Every thread's stores are ordered before the arrival (barrier, then a release), and
+            # the counter is reset for the next call, which keeps graph replays valid.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(arrivals + b * KV_HEADS + kvh, 1, sem="acq_rel", scope="gpu")
+            final = arrived == active - 1
+            if final:
+                tl.atomic_xchg(arrivals + b * KV_HEADS + kvh, 0, sem="relaxed", scope="gpu")
+                sp = tl.arange(0, SPLITS)
+                lse = tl.load(part_lse + part_rows[:, None] + sp[None, :],
+                              mask=(g < GROUP)[:, None] & (sp < active)[None, :], other=float("-inf"),
+                              cache_modifier=".cg")  # written by other SMs: skip L1
+                m = tl.max(lse, 1)
+                w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(m > float("-inf"), m, 0.0)[:, None]), 0.0)
+                res = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+                for i in tl.static_range(SPLITS):
+                    live = (g < GROUP) & (tl.full([GROUP_PAD], i, tl.int32) < active)  # unused splits hold garbage
+                    part = tl.load(part_out + (part_rows + i)[:, None] * HEAD_DIM + d[None, :], mask=live[:, None],
+                                   other=0.0, cache_modifier=".cg")
+                    res += part * tl.sum(tl.where(sp[None, :] == i, w, 0.0), 1)[:, None]
+                total = tl.sum(w, 1)
+                res = res / tl.where(total > 0, total, 1.0)[:, None]
+    if final:
+        tl.store(out + rows, res.to(out.dtype.element_ty), mask=(g < GROUP)[:, None])
 
 
 @functools.cache
@@ -154,8 +192,10 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                     splits: int | None = None) -> torch.Tensor:
-    """q: [batch, heads, head_dim], one query per sequence. A sequence of context 0 gets zeros."""
+                     splits: int | None = None, min_split: int = MIN_SPLIT_TOKENS) -> torch.Tensor:
+    """q: [batch, heads, head_dim], one query per sequence. A sequence of context 0 gets zeros.
+    `splits` programs per (sequence, kv head) are launched; a context of n tokens uses
+    min(splits, ceil(n / min_split)) of them, decided on the device, so graphs stay valid."""
     batch, heads, head_dim = q.shape
     kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
@@ -165,10 +205,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_out = torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device) if splits > 1 else out
     part_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
     arrivals = _arrival_counters(q.device, batch * kv_heads) if splits > 1 else out
+    use_pdl = pdl.enabled(q.device, batch)
     _decode_kernel[(batch, kv_heads, splits)](
         q.contiguous(), k_cache, v_cache, block_tables, context_lens, part_out, part_lse, arrivals, out, scale,
         block_tables.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
-        HEAD_DIM=head_dim, PAGE=page, BLOCK_N=64, SPLITS=splits, IEEE=q.dtype == torch.float32)
+        HEAD_DIM=head_dim, PAGE=page, BLOCK_N=64, SPLITS=splits, MIN_SPLIT=min_split, IEEE=q.dtype == torch.float32,
+        PDL=use_pdl, launch_pdl=use_pdl)
     return out
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tpfleet import pdl
 from tpfleet.config import EngineConfig
 from tpfleet.engine.llm_engine import LLMEngine
 from tpfleet.engine.model_runner import ModelInput
@@ -296,7 +297,7 @@ def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: 
     engine = LLMEngine(cfg)
     device = engine.runner.device
     result = {"config": cfg.to_dict(), "num_seqs": num_seqs, "gpu": torch.cuda.get_device_name(device),
-              "torch": torch.__version__,
+              "torch": torch.__version__, "pdl": pdl.enabled(device, 1),
               "graph_capture_s": engine.runner.timings.get("graph_capture_s")}
     try:
         bw = copy_bandwidth(device)
@@ -334,7 +335,8 @@ def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: 
 def format_result(r: dict) -> str:
     c = r["config"]
     lines = [f"engine bench: {r['gpu']}, TP={c['tp_size']}, graph mode {c['graph_mode']}, "
-             f"copy bandwidth {r['copy_bandwidth_gbs']:.0f} GB/s, graph capture {r['graph_capture_s']} s"]
+             f"copy bandwidth {r['copy_bandwidth_gbs']:.0f} GB/s, graph capture {r['graph_capture_s']} s, "
+             f"PDL {'on' if r.get('pdl') else 'off'}"]
     hf = {d["batch"]: d["step_ms"] for d in r.get("transformers", {}).get("decode", [])}
     lines.append(f"{'batch':>6} {'step ms':>9} {'fwd ms':>9} {'busy ms':>9} {'kernels':>8} {'floor ms':>9} "
                  f"{'x floor':>8} {'HF ms':>9}")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tpfleet import pdl
 from tpfleet.devices import DeviceError, local_uuid
 from tpfleet.jit import BuildSpec, build_library, cache_root, write_atomic
 
@@ -46,7 +47,7 @@ class _Args(ctypes.Structure):
                 ("inp", ctypes.c_void_p), ("out", ctypes.c_void_p), ("packs", ctypes.c_longlong),
                 ("slot_bytes", ctypes.c_longlong), ("timeout_ns", ctypes.c_ulonglong), ("rank", ctypes.c_int),
                 ("world", ctypes.c_int), ("dtype", ctypes.c_int), ("two_shot", ctypes.c_int), ("blocks", ctypes.c_int),
-                ("threads", ctypes.c_int)]
+                ("threads", ctypes.c_int), ("pdl", ctypes.c_int)]
 
 
 class _ErrorRecord(ctypes.Structure):
@@ -229,6 +230,7 @@ class CustomAllReduce:
         a = self._args
         a.inp, a.out, a.packs = x.data_ptr(), out.data_ptr(), nbytes // 16
         a.dtype, a.two_shot = _DTYPES[x.dtype], int(two_shot)
+        a.pdl = int(x.dim() == 2 and pdl.enabled(x.device, x.shape[0]))  # one row of hidden states: batch-1 decode
         code = self.lib.tpf_all_reduce(self.index, ctypes.byref(a), torch.cuda.current_stream(x.device).cuda_stream)
         if code:
             raise CommError(f"custom all-reduce launch failed: {self.lib.tpf_error_string(code).decode()}")

@@ -22,15 +22,41 @@ import torch
 import triton
 import triton.language as tl
 
+from tpfleet import pdl
+
 PLAIN, NORM, NORM_RESIDUAL, SILU_MUL = (tl.constexpr(i) for i in range(4))  # the prologue kinds
 
 
 @triton.jit
+def _input_tile(x, res, norm_w, k0, rk, rstd, K, PROLOGUE: tl.constexpr):
+    """Columns k0 + rk of the transformed input, rounded to the model dtype as the reference rounds."""
+    if PROLOGUE == SILU_MUL:  # x is [gate | up], each K wide
+        g = tl.load(x + k0 + rk)
+        gf = g.to(tl.float32)
+        a = ((gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32) * tl.load(x + K + k0 + rk).to(tl.float32))
+        a = a.to(g.dtype)
+    else:
+        a = tl.load(x + k0 + rk)
+        if PROLOGUE == NORM or PROLOGUE == NORM_RESIDUAL:
+            if PROLOGUE == NORM_RESIDUAL:
+                a = (a.to(tl.float32) + tl.load(res + k0 + rk).to(tl.float32)).to(a.dtype)
+            nw = tl.load(norm_w + k0 + rk).to(tl.float32)
+            a = ((a.to(tl.float32) * rstd).to(a.dtype).to(tl.float32) * nw).to(a.dtype)
+    return a.to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(x, res, res_out, norm_w, w, out, N, K, eps, PROLOGUE: tl.constexpr,
-                 K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    w_rows = w + rn[:, None].to(tl.int64) * K
+    # The weights do not depend on the kernel before this one: under PDL the first tile is on its way
+    # while that kernel drains.
+    b = tl.load(w_rows + rk[None, :])
+    pdl.enter(PDL)
+    rstd = 1.0
     if PROLOGUE == NORM or PROLOGUE == NORM_RESIDUAL:
         # The norm needs the row's mean square first: one load of the whole row, not a loop of them.
         kk = tl.arange(0, K_POW2)
@@ -41,23 +67,10 @@ def _gemv_kernel(x, res, res_out, norm_w, w, out, N, K, eps, PROLOGUE: tl.conste
                 tl.store(res_out + kk, row, mask=kk < K)
         rf = row.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(rf * rf, axis=0) / K + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    w_rows = w + rn[:, None].to(tl.int64) * K
-    for k0 in range(0, K, BLOCK_K):
+    acc = b.to(tl.float32) * _input_tile(x, res, norm_w, 0, rk, rstd, K, PROLOGUE)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         b = tl.load(w_rows + k0 + rk[None, :])
-        if PROLOGUE == SILU_MUL:  # x is [gate | up], each K wide
-            g = tl.load(x + k0 + rk)
-            gf = g.to(tl.float32)
-            a = ((gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32) * tl.load(x + K + k0 + rk).to(tl.float32))
-            a = a.to(g.dtype)
-        else:
-            a = tl.load(x + k0 + rk)
-            if PROLOGUE == NORM or PROLOGUE == NORM_RESIDUAL:
-                if PROLOGUE == NORM_RESIDUAL:
-                    a = (a.to(tl.float32) + tl.load(res + k0 + rk).to(tl.float32)).to(a.dtype)
-                nw = tl.load(norm_w + k0 + rk).to(tl.float32)
-                a = ((a.to(tl.float32) * rstd).to(a.dtype).to(tl.float32) * nw).to(a.dtype)
-        acc += b.to(tl.float32) * a.to(tl.float32)[None, :]
+        acc += b.to(tl.float32) * _input_tile(x, res, norm_w, k0, rk, rstd, K, PROLOGUE)[None, :]
     tl.store(out + rn, tl.sum(acc, axis=1).to(out.dtype.element_ty))
 
 
@@ -68,10 +81,10 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 # (N, K) of Qwen3-8B's projections at TP=1 and 2 -> (BLOCK_N, BLOCK_K, warps, stages): the fastest of
-# `tpfleet bench gemv --sweep` on H200 (docs/benchmarks.md); other shapes take the rule below.
-TUNED = {(6144, 4096): (8, 512, 4, 3), (4096, 4096): (16, 1024, 8, 2), (24576, 4096): (32, 256, 8, 2),
-         (4096, 12288): (8, 1024, 4, 3), (3072, 4096): (8, 1024, 8, 3), (4096, 2048): (16, 1024, 8, 2),
-         (12288, 4096): (32, 256, 8, 3), (4096, 6144): (8, 512, 8, 3)}
+# `tpfleet bench gemv --sweep` on H200, launched with PDL (docs/benchmarks.md); other shapes take the rule below.
+TUNED = {(6144, 4096): (8, 1024, 8, 2), (4096, 4096): (16, 1024, 8, 2), (24576, 4096): (32, 256, 4, 3),
+         (4096, 12288): (8, 1024, 4, 2), (3072, 4096): (8, 1024, 8, 2), (4096, 2048): (16, 1024, 8, 2),
+         (12288, 4096): (32, 256, 4, 3), (4096, 6144): (8, 1024, 4, 2)}
 
 
 def launch_config(n: int, k: int) -> dict:
@@ -91,10 +104,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: int, out: torch.Ten
         out = x.new_empty(1, n)
     x = x.contiguous()
     cfg = config or launch_config(n, k)
+    use_pdl = pdl.enabled(x.device, x.shape[0])
     _gemv_kernel[(n // cfg["BLOCK_N"],)](
         x, res if res is not None else x, res_out if res_out is not None else x,
         norm_w if norm_w is not None else x, weight, out, n, k, eps, PROLOGUE=prologue,
-        K_POW2=triton.next_power_of_2(k), **cfg)
+        K_POW2=triton.next_power_of_2(k), PDL=use_pdl, launch_pdl=use_pdl, **cfg)
     return out
 
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tpfleet import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(x, res, w, out, res_out, n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
@@ -46,7 +48,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 @triton.jit
 def _qk_norm_rope_kernel(qkv, positions, qw, kw, cos, sin, q_out, k_out, v_out, slots, eps, row_stride,
                          H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                         TO_CACHE: tl.constexpr):
+                         TO_CACHE: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, HALF_PAD)
@@ -103,10 +106,11 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Ten
     else:
         k, v, slots = kv_cache
     half = head_dim // 2
+    use_pdl = pdl.enabled(qkv.device, tokens)
     _qk_norm_rope_kernel[(tokens, num_heads + 2 * num_kv_heads)](
         qkv, positions, q_weight, k_weight, cos, sin, q, k, v, slots, eps, qkv.stride(0),
         H=num_heads, KV=num_kv_heads, HALF=half, HALF_PAD=triton.next_power_of_2(half), TO_CACHE=kv_cache is not None,
-        num_warps=1)
+        PDL=use_pdl, launch_pdl=use_pdl, num_warps=1)
     return (q, k, v) if kv_cache is None else (q, None, None)
 
 

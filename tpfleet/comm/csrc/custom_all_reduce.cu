@@ -55,6 +55,7 @@ struct Args {
   int two_shot;
   int blocks;  // fixed for the communicator's lifetime: see the grid rule above
   int threads;
+  int pdl;  // launch with programmatic dependent launch (tpfleet/pdl.py)
 };
 
 // Region layout: [flags: MAX_BLOCKS x MAX_RANKS u64][slots: 2 halves x world x slot_bytes]
@@ -184,8 +185,18 @@ __device__ __forceinline__ uint4 reduce_pack(const Args& a, int half, long long 
   return Pack<T>::pack(acc);
 }
 
+// Under PDL this kernel starts while the one that wrote its input drains: wait for that one, then let
+// the next kernel start fetching its weights while the ranks exchange data. No-ops without PDL.
+__device__ __forceinline__ void pdl_enter() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 template <typename T, int W>
 __global__ void __launch_bounds__(MAX_THREADS) one_shot(Args a) {
+  pdl_enter();
   BlockState& st = a.state[blockIdx.x];
   const int half = st.epoch & 1;
   const uint4* in = reinterpret_cast<const uint4*>(a.in);
@@ -206,6 +217,7 @@ __global__ void __launch_bounds__(MAX_THREADS) one_shot(Args a) {
 // Reduce-scatter by push (chunk c goes to rank c), reduce the own chunk, all-gather by push.
 template <typename T, int W>
 __global__ void __launch_bounds__(MAX_THREADS) two_shot(Args a) {
+  pdl_enter();
   BlockState& st = a.state[blockIdx.x];
   const int half = st.epoch & 1;
   const uint4* in = reinterpret_cast<const uint4*>(a.in);
@@ -243,11 +255,16 @@ __global__ void __launch_bounds__(MAX_THREADS) two_shot(Args a) {
 
 template <typename T, int W>
 static cudaError_t launch_typed(const Args& a, cudaStream_t stream) {
-  if (a.two_shot)
-    two_shot<T, W><<<a.blocks, a.threads, 0, stream>>>(a);
-  else
-    one_shot<T, W><<<a.blocks, a.threads, 0, stream>>>(a);
-  return cudaGetLastError();
+  cudaLaunchAttribute pdl;
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(a.blocks);
+  cfg.blockDim = dim3(a.threads);
+  cfg.stream = stream;
+  cfg.attrs = &pdl;
+  cfg.numAttrs = a.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, a.two_shot ? two_shot<T, W> : one_shot<T, W>, a);
 }
 
 template <typename T>

@@ -1,0 +1,56 @@
+"""Programmatic dependent launch (PDL): a kernel starts while the kernel before it drains.
+
+A batch-1 decode step is a chain of some 230 kernels, each too short to hide its own start. Normally
+a kernel is launched only when the last block of the one before it has exited, and its first weight
+bytes arrive a DRAM latency after that: the memory stream stops at every kernel boundary. With PDL
+(Hopper and later) a kernel launched with `launch_pdl` may start once every block of the kernel
+before it has executed `griddepcontrol.launch_dependents`; it then reads what does not depend on
+that kernel (its weights) and blocks in `griddepcontrol.wait` until that kernel has finished and its
+writes are visible.
+
+The rule every PDL kernel in tpfleet keeps: before its wait it writes nothing and reads nothing the
+kernel before it writes (weights; for decode attention, the keys and values of earlier tokens);
+right after the wait it lets its own dependents launch (`enter`). So at most two kernels overlap,
+and a kernel's wait, which follows its predecessor's completion, also covers every kernel before
+that one. Kernels launched without PDL (cuBLAS, torch) serialise as usual.
+
+TPFLEET_PDL=0 turns it off, for A/B measurements or as an escape hatch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # the kernels' half; CPU-only installs may lack Triton, and the custom all-reduce needs only `enabled`
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    triton = None
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def enabled(device: torch.device, rows: int) -> bool:
+    """Whether a kernel over `rows` rows (tokens, sequences) on `device` is launched with PDL: on Hopper
+    or later, for one row, unless turned off. Batch-1 decode is a chain of kernels too short to hide
+    their own starts, and there PDL cut the step time; with every kernel launched with PDL, offline
+    throughput fell 6-12% in the same run (docs/benchmarks.md), so larger batches launch as usual."""
+    if rows != 1 or device.type != "cuda" or os.environ.get("TPFLEET_PDL", "1") == "0":
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+if triton is not None:
+    @triton.jit
+    def enter(PDL: tl.constexpr):
+        """Wait for the kernel before, then let the kernel after start (see the module docstring)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
