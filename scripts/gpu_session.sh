@@ -8,6 +8,8 @@
 # check: the doctor, then the all-reduce benchmark on 4 GPUs
 #        (GRIDS=64x256,... times other launch grids of the custom kernels too)
 # engine: the 8b-shape engine benchmark, TP=2, then TP=1 with the transformers baseline (HF=0 skips it)
+# pdl: the engine benchmark at TP=1 and 2 (full graphs, no baseline) with programmatic dependent launch
+#      on, then off (TPFLEET_PDL=0), on one machine
 # warm: cold and warm starts of a TP=2 engine, and a second warm-up run, on emptied caches
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +67,14 @@ case "$1" in
     timeout 360 python3 -m tpfleet bench engine --model "$MODEL" --device cuda --tp 1 --graph-mode piecewise \
       --out "$OUT" $([ "${HF:-1}" = 0 ] && echo --no-hf)
     ;;
+  pdl)
+    make_model
+    for tp in 1 2; do for pdl in 1 0; do
+      log "engine TP=$tp, TPFLEET_PDL=$pdl"
+      TPFLEET_PDL=$pdl timeout 140 python3 -m tpfleet bench engine --model "$MODEL" --device cuda --tp $tp \
+        --graph-mode full --no-hf --out "$OUT/tp${tp}_pdl$pdl" 2>/dev/null
+    done; done
+    ;;
   warm)
     make_model
     empty_caches() {  # tpfleet's and Triton's, so that "cold" means cold
@@ -85,5 +95,5 @@ LLMEngine(EngineConfig(model='$MODEL', tp_size=2, device='cuda', graph_mode='ful
     log "warmup, second run"
     time python3 -m tpfleet warmup --model "$MODEL" --tp 1,2 --graph-mode full | tail -4
     ;;
-  *) echo "usage: $0 tests|ops|kernels|check|engine|warm|fleet" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|ops|kernels|check|engine|pdl|warm|fleet" >&2; exit 2 ;;
 esac
