@@ -72,7 +72,7 @@ case "$1" in
     for tp in 1 2; do for pdl in 1 0; do
       log "engine TP=$tp, TPFLEET_PDL=$pdl"
       TPFLEET_PDL=$pdl timeout 140 python3 -m tpfleet bench engine --model "$MODEL" --device cuda --tp $tp \
-        --graph-mode full --no-hf --out "$OUT/tp${tp}_pdl$pdl" 2>/dev/null
+        --graph-mode full --no-hf --out "$OUT/tp${tp}_pdl$pdl" 2> "$OUT/tp${tp}_pdl$pdl.log"
     done; done
     ;;
   warm)
