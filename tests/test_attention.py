@@ -81,13 +81,27 @@ def interpreter_main() -> None:
     for case in CASES:
         out, ref = run_case(case, torch.float32, "cpu")
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
-    from tpfleet.attention.triton_kernels import _arrivals
+    from tpfleet.attention.triton_kernels import _arrivals, decode_attention
 
     for splits, min_split in ((1, 16), (4, 16), (16, 16), (16, 256)):
         for _ in range(2):  # the second call finds the counters the first left behind
             out, ref = decode_with_splits(splits, torch.float32, "cpu", min_split)
             torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
         assert all(int(c.abs().sum()) == 0 for c in _arrivals.get(torch.device("cpu"), []))
+    # Batch 1 on Hopper takes the PDL path: the first tile is loaded before the wait, the rest in the
+    # loop. The interpreter runs that code whole, so it is checked here, around a tile's edges.
+    from tpfleet import pdl
+
+    enabled, pdl.enabled = pdl.enabled, lambda device, rows: rows == 1
+    try:
+        for ctx, splits in ((1, 16), (37, 16), (64, 16), (65, 16), (300, 16), (300, 2), (300, 1)):
+            q, k, v, kc, vc, meta = make_batch([1], [ctx], 2, 4, 32, 16, torch.float32, "cpu")
+            ref = TorchReferenceBackend().forward(q, k, v, kc, vc, meta, 32 ** -0.5)
+            out = decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, 32 ** -0.5, splits=splits,
+                                   min_split=16)
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    finally:
+        pdl.enabled = enabled
     print("interpreter: all cases match")
 
 
