@@ -41,7 +41,7 @@ def enabled(device: torch.device, rows: int) -> bool:
     """Whether a kernel over `rows` rows (tokens, sequences) on `device` is launched with PDL: on Hopper
     or later, for one row, unless turned off. Batch-1 decode is a chain of kernels too short to hide
     their own starts, and there PDL cut the step time; with every kernel launched with PDL, offline
-    throughput fell 6-12% in the same run (docs/benchmarks.md), so larger batches launch as usual."""
+    throughput fell 7-12% in the same run (docs/benchmarks.md), so larger batches launch as usual."""
     if rows != 1 or device.type != "cuda" or os.environ.get("TPFLEET_PDL", "1") == "0":
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
