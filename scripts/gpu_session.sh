@@ -10,6 +10,8 @@
 # engine: the 8b-shape engine benchmark, TP=2, then TP=1 with the transformers baseline (HF=0 skips it)
 # pdl: the engine benchmark at TP=1 and 2 (full graphs, no baseline) with programmatic dependent launch
 #      on, then off (TPFLEET_PDL=0), on one machine
+# fused: the fused all-reduce's GPU tests, then the engine benchmark at TP=2 with it on and off
+#        (TPFLEET_FUSED_AR), and at TP=1 (piecewise), on one machine
 # warm: cold and warm starts of a TP=2 engine, and a second warm-up run, on emptied caches
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +76,21 @@ case "$1" in
       TPFLEET_PDL=$pdl timeout 140 python3 -m tpfleet bench engine --model "$MODEL" --device cuda --tp $tp \
         --graph-mode full --no-hf --out "$OUT/tp${tp}_pdl$pdl" 2> "$OUT/tp${tp}_pdl$pdl.log"
     done; done
+    ;;
+  fused)
+    make_model
+    log "fused all-reduce GPU tests"
+    timeout 240 python3 -m pytest -q -rf -m gpu tests/test_comm_gpu.py tests/test_model_parity.py -k fused \
+      > "$OUT/fused_tests.log" 2>&1
+    echo "pytest exit $?"; tail -5 "$OUT/fused_tests.log"
+    for fused in 1 0; do
+      log "engine TP=2, TPFLEET_FUSED_AR=$fused"
+      TPFLEET_FUSED_AR=$fused timeout 140 python3 -m tpfleet bench engine --model "$MODEL" --device cuda --tp 2 \
+        --graph-mode full --no-hf --out "$OUT/tp2_fused$fused" 2> "$OUT/tp2_fused$fused.log"
+    done
+    log "engine TP=1"
+    timeout 140 python3 -m tpfleet bench engine --model "$MODEL" --device cuda --tp 1 --graph-mode piecewise \
+      --no-hf --out "$OUT/tp1" 2> "$OUT/tp1.log"
     ;;
   warm)
     make_model

@@ -296,3 +296,104 @@ def _uneven_symm_history(rank, world):
 def test_uneven_symmetric_memory_history_skips_it_instead_of_stalling():
     for reason, kept, ok in run_ranks(_uneven_symm_history, 2, timeout=90):
         assert "symmetric-memory rendezvous" in reason and not kept and ok
+
+
+def _fused_chain(rank, world):
+    """Batch-1 layer chains with the all-reduces fused into the GEMVs, over real IPC, eagerly and
+    replayed from a CUDA graph (with PDL on Hopper): bitwise the unfused path (GEMV, custom
+    all-reduce, norm-GEMV). Returns the number of steps checked."""
+    from tpfleet.comm.fused_ar import FusedAllReduce
+    from tpfleet.model import gemv
+
+    hidden, inter, layers = 4096, 12288 // world, 4
+    car = _car()
+    fused = FusedAllReduce.over_ipc(car, 2 * layers, hidden, torch.bfloat16)
+    g = torch.Generator("cuda").manual_seed(rank)  # each rank its own shards
+
+    def rnd(*s, scale=0.05):
+        return (scale * torch.randn(*s, generator=g, device="cuda")).to(torch.bfloat16)
+
+    nw = 1 + rnd(hidden, scale=0.1)
+    ws = [(rnd(3072, hidden), rnd(hidden, 4096 // world), rnd(2 * inter, hidden), rnd(hidden, inter))
+          for _ in range(layers)]
+    x0 = torch.full((1, hidden), 0.5, dtype=torch.bfloat16, device="cuda")
+
+    def run(use_fused: bool):
+        x, res = x0, torch.zeros_like(x0)
+        for i, (w_qkv, w_o, w_gate_up, w_down) in enumerate(ws):
+            qkv, res = gemv.norm_linear(x, res, nw, 1e-6, w_qkv)
+            o = qkv[:, : w_o.shape[1]].contiguous()  # stands in for attention: this rank's heads
+            if use_fused:
+                gate_up, res = gemv.norm_linear(gemv.linear(o, w_o, push=(fused, 2 * i)), res, nw, 1e-6, w_gate_up)
+                x = gemv.silu_mul_linear(gate_up, w_down, push=(fused, 2 * i + 1))
+            else:
+                gate_up, res = gemv.norm_linear(car.all_reduce(gemv.linear(o, w_o)), res, nw, 1e-6, w_gate_up)
+                x = car.all_reduce(gemv.silu_mul_linear(gate_up, w_down))
+        final, _ = gemv.norm_linear(x, res, nw, 1e-6, ws[0][0])  # the last pending sum, finished
+        return final, res
+
+    def fused_step():
+        fused.begin_step()
+        return run(True)
+
+    expected = run(False)
+    checked = 0
+    for _ in range(3):
+        got = fused_step()
+        torch.cuda.synchronize()
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), f"rank {rank}, eager"
+        checked += 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_step()
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1]), f"rank {rank}, graph"
+        checked += 1
+    fused.check()
+    car.close()
+    return checked
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_fused_all_reduce_chain_is_bitwise_the_unfused_path(world):
+    assert run_ranks(_fused_chain, world, timeout=240) == [8] * world
+
+
+def _fused_timeout(rank, world):
+    import time
+
+    import torch.distributed as dist
+
+    from tpfleet.comm.custom_ar import CommTimeout
+    from tpfleet.comm.fused_ar import FusedAllReduce
+    from tpfleet.model import gemv
+
+    car = _car()
+    fused = FusedAllReduce.over_ipc(car, 2, 4096, torch.bfloat16, timeout_s=1.0)
+    dist.barrier()
+    result = "no error"
+    if rank == 0:  # rank 1 never pushes
+        t = time.monotonic()
+        fused.begin_step()
+        x = torch.ones(1, 2048, dtype=torch.bfloat16, device="cuda")
+        pending = gemv.linear(x, torch.ones(4096, 2048, dtype=torch.bfloat16, device="cuda"), push=(fused, 1))
+        gemv.norm_linear(pending, torch.zeros(1, 4096, dtype=torch.bfloat16, device="cuda"),
+                         torch.ones(4096, dtype=torch.bfloat16, device="cuda"), 1e-6,
+                         torch.ones(64, 4096, dtype=torch.bfloat16, device="cuda"))
+        torch.cuda.synchronize()
+        try:
+            fused.check()
+        except CommTimeout as e:
+            result = (str(e), time.monotonic() - t)
+    dist.barrier()
+    car.close()
+    return result
+
+
+def test_fused_all_reduce_with_a_missing_peer_raises_a_timeout_instead_of_hanging():
+    out = run_ranks(_fused_timeout, 2, timeout=60)
+    message, seconds = out[0]
+    assert "rank 0" in message and "site 1 (layer 0, down)" in message and "0 of" in message
+    assert seconds < 10 and out[1] == "no error"

@@ -119,3 +119,26 @@ def test_tp2_on_gpu_matches_tp1(tiny_model):
         finally:
             engine.shutdown()
     assert outs[0] == outs[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 GPUs")
+def test_fused_all_reduce_decodes_the_same_tokens_at_tp2(tmp_path, monkeypatch):
+    """Batch-1 decode with the all-reduces fused into the GEMVs (tpfleet.comm.fused_ar), from full
+    graphs and eagerly: the tokens of the unfused path. The small preset, whose shards the GEMV
+    kernel takes (the tiny one's are too narrow, so it never fuses)."""
+    from tpfleet.model.make_model import make_model
+
+    model = make_model("small", tmp_path / "small", device="cuda")
+    outs = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("TPFLEET_FUSED_AR", fused)
+        for mode in ("full", "eager"):
+            engine = LLMEngine(EngineConfig(model=str(model), tp_size=2, device="cuda", graph_mode=mode,
+                                            kv_cache_tokens=16384))
+            try:
+                assert (engine.runner.model.fused is not None) == (fused == "1")
+                outs[fused, mode] = [run_greedy(engine, [engine.tokenizer(p).input_ids], 16)[0] for p in PROMPTS]
+            finally:
+                engine.shutdown()
+    assert outs["1", "full"] == outs["0", "full"] == outs["1", "eager"] == outs["0", "eager"]

@@ -50,11 +50,11 @@ def enabled(device: torch.device, rows: int) -> bool:
 if triton is not None:
     # Triton's interpreter has no grid dependency control, and runs one kernel at a time anyway: there
     # a PDL kernel's code runs whole, with nothing to wait for (the CPU tests use this).
-    _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+    INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
     @triton.jit
     def enter(PDL: tl.constexpr):
         """Wait for the kernel before, then let the kernel after start (see the module docstring)."""
-        if PDL and not _INTERPRETED:
+        if PDL and not INTERPRETED:
             gdc_wait()
             gdc_launch_dependents()

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from tpfleet.comm.backends import Backend, CustomBackend, ProcessGroupBackend, SymmMemBackend, SymmMemBuffer
 from tpfleet.comm.custom_ar import CommError, CustomAllReduce, load_library
 from tpfleet.comm.dispatch import DispatchTable, load_or_tune
+from tpfleet.comm.fused_ar import FusedAllReduce
+from tpfleet.comm.fused_ar import enabled as fused_enabled
 from tpfleet.devices import DeviceError
 from tpfleet.jit import JitUnavailable
 
@@ -38,6 +40,8 @@ class Communicator:
         self.disabled: dict[str, str] = {}
         self.custom: CustomAllReduce | None = None
         self.symm: SymmMemBuffer | None = None
+        self.fused: FusedAllReduce | None = None
+        self.timeout_s = timeout_s
         if enable_custom:
             self._add_custom(timeout_s)
         if enable_symm_mem:
@@ -117,6 +121,20 @@ class Communicator:
             b = SymmMemBackend(self.symm, two_shot)
             self.backends[b.name] = b
 
+    def fused_all_reduce(self, sites: int, hidden: int, dtype: torch.dtype, fusable: bool) -> FusedAllReduce | None:
+        """See TPGroup.fused_all_reduce. Its regions come from the custom all-reduce, which must work."""
+        if self.custom is None:
+            self._disable("fused", "the custom all-reduce, whose memory it shares, is unavailable")
+            return None
+        reason = ("the model's projections do not fit the GEMV kernel" if not fusable
+                  else "" if fused_enabled() else "TPFLEET_FUSED_AR=0")
+        failed = self._agree(not reason, reason)
+        if failed:
+            self._disable("fused", failed)
+            return None
+        self.fused = FusedAllReduce.over_ipc(self.custom, sites, hidden, dtype, self.timeout_s)
+        return self.fused
+
     def input_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, mode: str | None = None) -> torch.Tensor | None:
         """Where a producer (a row-parallel GEMM) should write a tensor it will all-reduce next, or
         None for anywhere. Only symmetric memory needs its input in its own buffer; the custom
@@ -139,8 +157,11 @@ class Communicator:
     def check(self) -> None:
         if self.custom is not None:
             self.custom.check()
+        if self.fused is not None:
+            self.fused.check()
 
     def close(self) -> None:
+        self.fused = None  # its memory belongs to the custom all-reduce
         if self.custom is not None:
             self.custom.close()
             self.custom = None

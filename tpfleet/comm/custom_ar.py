@@ -112,37 +112,21 @@ class CustomAllReduce:
 
         self.slot_bytes = _round_up(max(max_one_shot_bytes, 2 * (-(-max_two_shot_bytes // self.world)) + 16), 4096)
         self.region_bytes = self.lib.tpf_flags_bytes() + 2 * self.world * self.slot_bytes
-        self._region = self._alloc(self.lib.tpf_malloc_zeroed, self.index, self.region_bytes)
+        self._owned: list[int] = []  # what close() frees: our cudaMalloc'd memory,
+        self._opened: list[int] = []  # the peers' regions we mapped,
+        self._hosts: list[int] = []  # and our host-mapped memory
+        self._peers = self.share_region(self.region_bytes)
+        self._region = self._peers[self.rank]
         self._state = self._alloc(self.lib.tpf_malloc_zeroed, self.index, self.lib.tpf_state_bytes())
-        err_host, err_dev = ctypes.c_void_p(), ctypes.c_void_p()
-        self._call(self.lib.tpf_host_mapped, self.index, self.lib.tpf_error_bytes(), ctypes.byref(err_host),
-                   ctypes.byref(err_dev))
-        self._err_host = err_host
-        self._errors = (_ErrorRecord * self.lib.tpf_max_blocks()).from_address(err_host.value)
-
-        handle = ctypes.create_string_buffer(64)
-        self._call(self.lib.tpf_ipc_handle, self._region, handle)
-        handles = self._all_gather(handle.raw)
-        self._peers: list[int] = []
-        problems = []
-        for r, h in enumerate(handles):
-            p = ctypes.c_void_p(self._region if r == self.rank else None)
-            code = 0 if r == self.rank else self.lib.tpf_ipc_open(self.index, h, ctypes.byref(p))
-            if code:
-                problems.append(f"rank {self.rank} ({self.uuid}) cannot open rank {r}'s ({uuids[r]}) IPC memory: "
-                                f"{self.lib.tpf_error_string(code).decode()}")
-            self._peers.append(p.value or 0)
-        # Agree before going on: a rank that raised alone would leave its peers waiting in a collective.
-        problems = [m for per_rank in self._all_gather(problems) for m in per_rank]
-        if problems:
-            self.close()
-            raise CommError("; ".join(problems))
+        self._owned.append(self._state)
+        err_host, err_dev = self.host_mapped(self.lib.tpf_error_bytes())
+        self._errors = (_ErrorRecord * self.lib.tpf_max_blocks()).from_address(err_host)
         self._verify_ipc()
 
         self._args = _Args()
         for r, p in enumerate(self._peers):
             self._args.region[r] = p
-        self._args.state, self._args.err = self._state, err_dev.value
+        self._args.state, self._args.err = self._state, err_dev
         self._args.slot_bytes = self.slot_bytes
         self._args.timeout_ns = int(timeout_s * 1e9)
         self._args.rank, self._args.world = self.rank, self.world
@@ -164,6 +148,40 @@ class CustomAllReduce:
         objs = [None] * self.world
         dist.all_gather_object(objs, obj, group=self.group)
         return objs
+
+    def share_region(self, nbytes: int) -> list[int]:
+        """A new zeroed region of `nbytes` on every rank, exported over IPC: its address on each rank
+        as mapped in this process (our own included), in rank order. Freed by `close`."""
+        region = self._alloc(self.lib.tpf_malloc_zeroed, self.index, nbytes)
+        self._owned.append(region)
+        handle = ctypes.create_string_buffer(64)
+        self._call(self.lib.tpf_ipc_handle, region, handle)
+        handles = self._all_gather(handle.raw)
+        peers: list[int] = []
+        problems = []
+        for r, h in enumerate(handles):
+            p = ctypes.c_void_p(region if r == self.rank else None)
+            code = 0 if r == self.rank else self.lib.tpf_ipc_open(self.index, h, ctypes.byref(p))
+            if code:
+                problems.append(f"rank {self.rank} ({self.uuid}) cannot open rank {r}'s ({self.uuids[r]}) IPC memory: "
+                                f"{self.lib.tpf_error_string(code).decode()}")
+            elif r != self.rank:
+                self._opened.append(p.value)
+            peers.append(p.value or 0)
+        # Agree before going on: a rank that raised alone would leave its peers waiting in a collective.
+        problems = [m for per_rank in self._all_gather(problems) for m in per_rank]
+        if problems:
+            self.close()
+            raise CommError("; ".join(problems))
+        return peers
+
+    def host_mapped(self, nbytes: int) -> tuple[int, int]:
+        """Zeroed host memory the device writes and the host reads without synchronising: (host, device)
+        addresses. Freed by `close`."""
+        host, dev = ctypes.c_void_p(), ctypes.c_void_p()
+        self._call(self.lib.tpf_host_mapped, self.index, nbytes, ctypes.byref(host), ctypes.byref(dev))
+        self._hosts.append(host.value)
+        return host.value, dev.value
 
     def _verify_ipc(self) -> None:
         """Write a pattern into our own slots, read every peer's through its mapping, compare."""
@@ -237,15 +255,16 @@ class CustomAllReduce:
         return out
 
     def close(self) -> None:
-        if not self._region:
+        if not (self._owned or self._hosts):
             return
         torch.cuda.synchronize(self.index)
-        for r, p in enumerate(self._peers):
-            if r != self.rank and p:
-                self.lib.tpf_ipc_close(p)
-        self.lib.tpf_free(self._region)
-        self.lib.tpf_free(self._state)
-        self.lib.tpf_free_host(self._err_host)
+        for p in self._opened:
+            self.lib.tpf_ipc_close(p)
+        for p in self._owned:
+            self.lib.tpf_free(p)
+        for p in self._hosts:
+            self.lib.tpf_free_host(p)
+        self._opened, self._owned, self._hosts = [], [], []
         self._peers, self._region = [], 0
 
 

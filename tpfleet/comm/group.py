@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 if TYPE_CHECKING:
     from tpfleet.comm.communicator import Communicator
+    from tpfleet.comm.fused_ar import FusedAllReduce
 
 
 class TPGroup:
@@ -38,6 +39,11 @@ class TPGroup:
             return self.comm.all_reduce(x)
         dist.all_reduce(x, group=self.pg)
         return x
+
+    def fused_all_reduce(self, sites: int, hidden: int, dtype: torch.dtype, fusable: bool) -> FusedAllReduce | None:
+        """The sites of batch-1 all-reduces fused into the GEMVs, or None where they cannot be: one
+        rank, no custom all-reduce, `fusable` False on some rank, or TPFLEET_FUSED_AR=0. Collective."""
+        return self.comm.fused_all_reduce(sites, hidden, dtype, fusable) if self.comm is not None else None
 
     def input_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """Where to write a tensor that will be all-reduced next (zero copy), or None for anywhere."""

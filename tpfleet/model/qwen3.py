@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tpfleet.attention.backend import AttentionBackend, AttentionMetadata
+from tpfleet.comm.fused_ar import FusedAllReduce, PendingSum
 from tpfleet.comm.group import TPGroup
 from tpfleet.model.config import ModelConfig
 from tpfleet.model.layers import (
@@ -17,6 +18,7 @@ from tpfleet.model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     divide,
+    gemv,
     triton_ops,
 )
 
@@ -77,17 +79,19 @@ class Qwen3DecoderLayer(nn.Module):
     # segment and run attention, whose shapes vary with the batch, eagerly in between. Each norm
     # goes with the projection after it, which fuses the two for batch-1 decode on GPU.
 
-    def pre(self, positions, x, residual, meta: AttentionMetadata | None = None):
+    def pre(self, positions, x: torch.Tensor | PendingSum, residual, meta: AttentionMetadata | None = None):
         """Given `meta` (not in piecewise graphs, whose slots change every step), k and v are
         stored in the KV cache here, by the same kernel that norms and rotates them."""
         qkv, residual = self.self_attn.qkv_proj.forward_normed(self.input_layernorm, x, residual)
         q, k, v = self.self_attn.split_qkv(positions, qkv, meta)
         return q, k, v, residual
 
-    def post(self, o, residual):
-        x = self.self_attn.o_proj(o.flatten(1))
+    def post(self, o, residual, fused: FusedAllReduce | None = None, fuse_output: bool = False):
+        """With `fused`, o_proj's all-reduce is finished by the gate_up kernel; with `fuse_output` too,
+        down's by the next layer's qkv kernel, and the output is a PendingSum."""
+        x = self.self_attn.o_proj(o.flatten(1), fused=fused)
         gate_up, residual = self.mlp.gate_up_proj.forward_normed(self.post_attention_layernorm, x, residual)
-        return self.mlp.down_proj(gate_up, silu_mul=True), residual
+        return self.mlp.down_proj(gate_up, silu_mul=True, fused=fused if fuse_output else None), residual
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -110,13 +114,29 @@ class Qwen3ForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        for i, layer in enumerate(self.layers):  # each row-parallel projection's fused all-reduce site
+            layer.self_attn.o_proj.site, layer.mlp.down_proj.site = 2 * i, 2 * i + 1
+        self.fused = tp.fused_all_reduce(2 * len(self.layers), cfg.hidden_size, torch.get_default_dtype(),
+                                         self._fusable())
+
+    def _fusable(self) -> bool:
+        """Whether every batch-1 all-reduce can be fused: bias-free projections the GEMV kernel takes."""
+        layer = self.layers[0]
+        projections = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+        return gemv is not None and all(p.bias is None and gemv.supports_shape(p.weight) for p in projections)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Final hidden states for every token; `compute_logits` picks the rows that are sampled."""
+        """Final hidden states for every token; `compute_logits` picks the rows that are sampled.
+        Batch-1 decode on GPUs fuses the all-reduces into the GEMVs (tpfleet.comm.fused_ar), except the
+        last layer's, which the final norm needs as a tensor."""
+        fused = self.fused if self.fused is not None and input_ids.shape[0] == 1 else None
+        if fused is not None:
+            fused.begin_step()
         x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
             q, k, v, residual = layer.pre(positions, x, residual, meta)
-            x, residual = layer.post(layer.self_attn.attend(q, k, v, meta), residual)
+            x, residual = layer.post(layer.self_attn.attend(q, k, v, meta), residual, fused, fuse_output=i < last)
         x, _ = self.norm(x, residual)
         return x
 
