@@ -28,10 +28,8 @@ class Ranks:
         self.fused = [FusedAllReduce(regions, (rec.data_ptr(), rec.data_ptr()), r, world, sites, HIDDEN, dtype,
                                      torch.device("cpu")) for r, rec in enumerate(self.records)]
 
-    def counters(self, site: int, sites: int = 2) -> tuple[list[int], list[int]]:
-        """Every rank's (peer signals, tickets) of `site`."""
-        words = [m[:16 * sites].view(torch.int64) for m in self.memory]
-        return [int(w[site]) for w in words], [int(w[sites + site]) for w in words]
+    def counters(self, site: int) -> list[int]:
+        return [int(m[site * 8:site * 8 + 8].view(torch.int64)) for m in self.memory]
 
 
 def rank_sum(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -78,9 +76,9 @@ def check_steps(world: int, dtype: torch.dtype, steps: int = 2) -> None:
             y, new_res = gemv.norm_linear(pending[r], res, nw, 1e-6, w_qkv[r])
             ref, ref_res = gemv.norm_linear(mlp_out, res, nw, 1e-6, w_qkv[r])
             assert torch.equal(y, ref) and torch.equal(new_res, ref_res), (world, step, "qkv", r)
-        blocks = HIDDEN // gemv.launch_config(HIDDEN, INTER)["BLOCK_N"]
-        # one signal per peer and step; one ticket per producer block and step
-        assert ranks.counters(1) == ([step * (world - 1)] * world, [step * blocks] * world), ranks.counters(1)
+        assert pending[0].pushes == HIDDEN // gemv.launch_config(HIDDEN, INTER)["BLOCK_N"]
+        expected = step * pending[0].pushes * (world - 1)
+        assert ranks.counters(1) == [expected] * world, (ranks.counters(1), expected)
     for f in ranks.fused:
         f.check()  # nothing timed out
 
@@ -97,10 +95,10 @@ def check_missing_peer_is_reported() -> None:
         f.begin_step()
     gemv.linear(x, torch.randn(HIDDEN, 32), push=(ranks.fused[0], 3))
     pending = gemv.linear(x, torch.randn(HIDDEN, 32), push=(ranks.fused[1], 2))  # the wrong site
-    wrong = type(pending)(ranks.fused[0], 3)
+    wrong = type(pending)(ranks.fused[0], 3, pending.pushes)
     gemv.norm_linear(wrong, res, torch.ones(HIDDEN), 1e-6, torch.randn(QKV, HIDDEN))
     ranks.fused[1].check()  # rank 1 waited for nothing
-    with pytest.raises(CommTimeout, match=r"site 3 \(layer 1, down\): 0 of 1 peer signals"):
+    with pytest.raises(CommTimeout, match=rf"site 3 \(layer 1, down\): 0 of {pending.pushes} peer pushes"):
         ranks.fused[0].check()
 
 
@@ -119,5 +117,5 @@ def test_region_layout_keeps_slots_aligned():
     from tpfleet.comm.fused_ar import FusedAllReduce
 
     for sites in (1, 33, 72):
-        assert FusedAllReduce.counter_bytes(sites) % 256 == 0 and FusedAllReduce.counter_bytes(sites) >= 16 * sites
-    assert FusedAllReduce.region_bytes(72, 4096, 2, torch.bfloat16) == 1280 + 72 * 2 * 4096 * 2
+        assert FusedAllReduce.counter_bytes(sites) % 256 == 0 and FusedAllReduce.counter_bytes(sites) >= 8 * sites
+    assert FusedAllReduce.region_bytes(72, 4096, 2, torch.bfloat16) == 768 + 72 * 2 * 4096 * 2

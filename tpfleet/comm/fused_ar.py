@@ -6,20 +6,17 @@ a launch, a wait for the GEMV before, a push to the peers, a flag round trip, an
 norm-GEMV after. Here the all-reduce has no kernel:
 
 - the producer, the row-parallel GEMV, stores each block's output rows straight into every rank's
-  slot for this rank (`push`). Each block then takes a ticket (a local acquire-release atomic), and
-  the block that takes the last one raises each peer's counter for the site (a release): one signal
-  per peer and step. (A first version had every block signal every peer: hundreds of atomics on one
-  remote address per site, which made TP=4 slower than the unfused path.)
-- the consumer, the next norm-GEMV, waits until its counter shows every peer (`wait_for_peers`, an
-  acquire), then reads the rank slots and sums them in rank order, in fp32, as the custom all-reduce
-  does: the same bits as the unfused path.
+  slot for this rank (`push`), then counts itself done on each peer's counter (a release);
+- the consumer, the next norm-GEMV, waits until its counter shows every peer block of this step
+  (`wait_for_peers`, an acquire), then reads the rank slots and sums them in rank order, in fp32, as
+  the custom all-reduce does: the same bits as the unfused path.
 
-Each (layer, projection) pair has its own site: its own counter and ticket, and one slot per source
-rank in every rank's region (cudaMalloc'd and shared over CUDA IPC by the custom all-reduce).
-Counters only grow; a step waits for `epoch x (world - 1)`, the epoch being a device counter bumped
-at the start of every forward that uses the fused path, so a captured graph holds no host state. A
-slot is never overwritten too early: a rank pushes into site s again only after its consumer of site
-s + 1 has seen the peer's signal there, which the peer raised after its own consumer of site s finished.
+Each (layer, projection) pair has its own site: its own counter, and one slot per source rank in
+every rank's region (cudaMalloc'd and shared over CUDA IPC by the custom all-reduce). Counters only
+grow; a step waits for `epoch x pushes x (world - 1)`, the epoch being a device counter bumped at the
+start of every forward that uses the fused path, so a captured graph holds no host state. A slot is
+never overwritten too early: a rank pushes into site s again only after its consumer of site s + 1
+has seen the peer's pushes there, which the peer made after its own consumer of site s finished.
 
 Waits are bounded: after `timeout_s` a consumer records the site and the counts in host-mapped memory
 and goes on; `check` raises on the host, as the custom all-reduce does.
@@ -47,7 +44,7 @@ try:  # the kernels' half; CPU-only installs may lack Triton
 except ImportError:
     triton = None
 
-COUNTER_BYTES = 16  # per site: the peers' signal counter and the local ticket counter
+COUNTER_BYTES = 8
 RECORD = 4  # int64s of the error record: timed out, site, count seen, count awaited
 
 
@@ -66,11 +63,9 @@ class FusedAllReduce:
         self.rank, self.world, self.sites, self.hidden, self.dtype = rank, world, sites, hidden, dtype
         self.timeout_ns = int(timeout_s * 1e9)
         counters = self.counter_bytes(sites)
-        # The table the kernels read: every rank's slot base and counter base, our tickets, the record's
-        # address, then the epoch itself.
-        own_tickets = regions[rank] + sites * 8
-        self.table = torch.tensor([r + counters for r in regions] + regions + [own_tickets, record[1], 0],
-                                  dtype=torch.int64, device=device)
+        # The table the kernels read: slot bases, counter bases, record address, then the epoch itself.
+        self.table = torch.tensor([r + counters for r in regions] + regions + [record[1], 0], dtype=torch.int64,
+                                  device=device)
         self._record = (ctypes.c_int64 * RECORD).from_address(record[0])
 
     @staticmethod
@@ -99,37 +94,34 @@ class FusedAllReduce:
         if code:
             raise CommTimeout(
                 f"fused all-reduce: rank {self.rank} waited more than {self.timeout_ns / 1e9:.1f}s at site {site} "
-                f"(layer {site // 2}, {'down' if site % 2 else 'o_proj'}): {seen} of {awaited} peer signals "
+                f"(layer {site // 2}, {'down' if site % 2 else 'o_proj'}): {seen} of {awaited} peer pushes "
                 f"arrived; a peer is dead, hung, or running a different sequence of steps")
 
 
 @dataclass(frozen=True)
 class PendingSum:
     """A row-parallel GEMV's output whose all-reduce the next norm-GEMV finishes: every rank's partial
-    row sits in the slots of `site`, or is on its way there."""
+    row sits in the slots of `site`, announced by `pushes` producer blocks per peer."""
 
     fused: FusedAllReduce
     site: int
+    pushes: int
 
 
 if triton is not None:
 
     @triton.jit
     def push(table, site, rank, rows, y, N, WORLD: tl.constexpr):
-        """Store this block's output `rows` into every rank's slot for this rank; the last block to
-        finish signals every peer. The barrier orders all threads' stores before thread 0's ticket,
-        whose release the last block acquires before its own release to the peers."""
+        """Store this block's output `rows` into every rank's slot for this rank, then count the block
+        on every peer. The barrier orders all threads' stores before thread 0's release."""
         for r in tl.static_range(WORLD):
             slots = tl.multiple_of(tl.load(table + r).to(tl.pointer_type(y.dtype)), 16)
             tl.store(slots + (site * WORLD + rank) * N + rows, y)
         tl.debug_barrier()
-        tickets = tl.load(table + 2 * WORLD).to(tl.pointer_type(tl.int64))
-        ticket = tl.atomic_add(tickets + site, 1, sem="acq_rel", scope="sys")
-        if (ticket + 1) % tl.num_programs(0) == 0:
-            for r in tl.static_range(WORLD):
-                if r != rank:
-                    counters = tl.load(table + WORLD + r).to(tl.pointer_type(tl.int64))
-                    tl.atomic_add(counters + site, 1, sem="release", scope="sys")
+        for r in tl.static_range(WORLD):
+            if r != rank:
+                counters = tl.load(table + WORLD + r).to(tl.pointer_type(tl.int64))
+                tl.atomic_add(counters + site, 1, sem="release", scope="sys")
 
     @triton.jit
     def _now(after):
@@ -138,11 +130,11 @@ if triton is not None:
                                          is_pure=False, pack=1)
 
     @triton.jit
-    def wait_for_peers(table, site, rank, timeout_ns, WORLD: tl.constexpr):
-        """Wait until every peer has signalled `site` in this step; past the timeout, record it and go
-        on (the host's `check` raises)."""
+    def wait_for_peers(table, site, rank, pushes, timeout_ns, WORLD: tl.constexpr):
+        """Wait until every peer block of this step has pushed to `site`; past the timeout, record it
+        and go on (the host's `check` raises)."""
         counter = tl.load(table + WORLD + rank).to(tl.pointer_type(tl.int64)) + site
-        target = tl.load(table + 2 * WORLD + 2) * (WORLD - 1)
+        target = tl.load(table + 2 * WORLD + 1) * pushes * (WORLD - 1)
         seen = tl.atomic_add(counter, 0, sem="acquire", scope="sys")
         if not INTERPRETED:  # the interpreter runs one kernel at a time: a count not reached now never will be
             start = _now(seen)
@@ -151,7 +143,7 @@ if triton is not None:
                 seen = tl.atomic_add(counter, 0, sem="acquire", scope="sys")
                 waited = _now(seen) - start
         if seen < target:
-            record = tl.load(table + 2 * WORLD + 1).to(tl.pointer_type(tl.int64))
+            record = tl.load(table + 2 * WORLD).to(tl.pointer_type(tl.int64))
             tl.store(record + 1, site)
             tl.store(record + 2, seen)
             tl.store(record + 3, target)

@@ -63,7 +63,7 @@ def _input_tile(x, res, norm_w, k0, rk, rstd, K, PROLOGUE: tl.constexpr, SUM_OF:
 
 
 @triton.jit
-def _gemv_kernel(x, res, res_out, norm_w, w, out, N, K, eps, xchg, site, rank, timeout_ns,
+def _gemv_kernel(x, res, res_out, norm_w, w, out, N, K, eps, xchg, site, rank, pushes, timeout_ns,
                  PROLOGUE: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  PDL: tl.constexpr, PUSH: tl.constexpr, SUM_OF: tl.constexpr, WORLD: tl.constexpr):
     """The all-reduce fused around it (tpfleet.comm.fused_ar), over WORLD ranks. PUSH: the output goes to
@@ -78,7 +78,7 @@ def _gemv_kernel(x, res, res_out, norm_w, w, out, N, K, eps, xchg, site, rank, t
     b = tl.load(w_rows + rk[None, :])
     pdl.enter(PDL)
     if SUM_OF > 0:
-        fused_ar.wait_for_peers(xchg, site, rank, timeout_ns, WORLD)
+        fused_ar.wait_for_peers(xchg, site, rank, pushes, timeout_ns, WORLD)
         x = fused_ar.site_slots(xchg, site, rank, res, K, WORLD)
     rstd = 1.0
     if PROLOGUE == NORM or PROLOGUE == NORM_RESIDUAL:
@@ -136,13 +136,15 @@ def _launch(x: torch.Tensor | PendingSum, weight: torch.Tensor, prologue: int, o
     `push` = (fused, site) the output goes to the ranks' slots of that site, and a PendingSum returns."""
     n, k = weight.shape
     cfg = config or launch_config(n, k)
+    grid = n // cfg["BLOCK_N"]
     fused, site, sum_of = None, 0, 0
     if isinstance(x, PendingSum):
-        fused, site, sum_of = x.fused, x.site, x.fused.world
+        fused, site, pushes, sum_of = x.fused, x.site, x.pushes, x.fused.world
         if fused.hidden != k or res is None:
             raise ValueError(f"a pulled all-reduce needs a residual and {fused.hidden} input features, not {k}")
         x = res  # the kernel reads the slots instead; x only stands in for the dtype and device
     else:
+        pushes = 0
         x = x.contiguous()
     if push is not None:
         fused, site = push
@@ -152,14 +154,14 @@ def _launch(x: torch.Tensor | PendingSum, weight: torch.Tensor, prologue: int, o
     elif out is None:
         out = x.new_empty(1, n)
     use_pdl = pdl.enabled(x.device, x.shape[0])
-    _gemv_kernel[(n // cfg["BLOCK_N"],)](
+    _gemv_kernel[(grid,)](
         x, res if res is not None else x, res_out if res_out is not None else x,
         norm_w if norm_w is not None else x, weight, out, n, k, eps,
-        fused.table if fused else x, site, fused.rank if fused else 0, fused.timeout_ns if fused else 0,
-        PROLOGUE=prologue, K_POW2=triton.next_power_of_2(k), PDL=use_pdl, PUSH=push is not None, SUM_OF=sum_of,
-        WORLD=fused.world if fused else 0,
+        fused.table if fused is not None else x, site, fused.rank if fused else 0, pushes,
+        fused.timeout_ns if fused else 0, PROLOGUE=prologue, K_POW2=triton.next_power_of_2(k),
+        PDL=use_pdl, PUSH=push is not None, SUM_OF=sum_of, WORLD=fused.world if fused else 0,
         launch_pdl=use_pdl, **cfg)
-    return PendingSum(fused, site) if push is not None else out
+    return PendingSum(fused, site, grid) if push is not None else out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, config: dict | None = None,
