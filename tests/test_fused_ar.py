@@ -119,3 +119,15 @@ def test_region_layout_keeps_slots_aligned():
     for sites in (1, 33, 72):
         assert FusedAllReduce.counter_bytes(sites) % 256 == 0 and FusedAllReduce.counter_bytes(sites) >= 8 * sites
     assert FusedAllReduce.region_bytes(72, 4096, 2, torch.bfloat16) == 768 + 72 * 2 * 4096 * 2
+
+
+def test_fused_by_default_at_tp2_only(monkeypatch):
+    """TP=2 measured faster fused, TP=4 slower (docs/benchmarks.md); the variable overrides either way."""
+    from tpfleet.comm.fused_ar import enabled
+
+    monkeypatch.delenv("TPFLEET_FUSED_AR", raising=False)
+    assert enabled(2) and not enabled(4) and not enabled(8)
+    monkeypatch.setenv("TPFLEET_FUSED_AR", "1")
+    assert enabled(4)
+    monkeypatch.setenv("TPFLEET_FUSED_AR", "0")
+    assert not enabled(2)

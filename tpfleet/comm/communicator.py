@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -57,10 +58,10 @@ class Communicator:
         """None if every rank is ok, else the first failing rank's reason."""
         return next((v for v in self._all_gather(None if ok else f"rank {self.rank}: {reason}") if v), None)
 
-    def _disable(self, name: str, reason: str) -> None:
+    def _disable(self, name: str, reason: str, level: int = logging.WARNING) -> None:
         self.disabled[name] = reason
         if self.rank == 0:
-            log.warning("%s all-reduce disabled, falling back: %s", name, reason)
+            log.log(level, "%s all-reduce disabled, falling back: %s", name, reason)
 
     def _add_custom(self, timeout_s: float) -> None:
         reason = ""
@@ -122,15 +123,18 @@ class Communicator:
             self.backends[b.name] = b
 
     def fused_all_reduce(self, sites: int, hidden: int, dtype: torch.dtype, fusable: bool) -> FusedAllReduce | None:
-        """See TPGroup.fused_all_reduce. Its regions come from the custom all-reduce, which must work."""
-        if self.custom is None:
-            self._disable("fused", "the custom all-reduce, whose memory it shares, is unavailable")
-            return None
-        reason = ("the model's projections do not fit the GEMV kernel" if not fusable
-                  else "" if fused_enabled() else "TPFLEET_FUSED_AR=0")
+        """See TPGroup.fused_all_reduce. Its regions come from the custom all-reduce, which must work.
+        Not fusing is a supported configuration, not a failure: it is logged as information."""
+        if not fusable:
+            reason = "the model's projections do not fit the GEMV kernel"
+        elif not fused_enabled(self.world):
+            reason = (f"not used at TP={self.world} with TPFLEET_FUSED_AR={os.environ.get('TPFLEET_FUSED_AR', 'unset')}"
+                      " (by default it is used at TP=2 only)")
+        else:
+            reason = "" if self.custom is not None else "the custom all-reduce, whose memory it shares, is unavailable"
         failed = self._agree(not reason, reason)
         if failed:
-            self._disable("fused", failed)
+            self._disable("fused", failed, logging.INFO)
             return None
         self.fused = FusedAllReduce.over_ipc(self.custom, sites, hidden, dtype, self.timeout_s)
         return self.fused

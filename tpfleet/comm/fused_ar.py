@@ -18,6 +18,8 @@ start of every forward that uses the fused path, so a captured graph holds no ho
 never overwritten too early: a rank pushes into site s again only after its consumer of site s + 1
 has seen the peer's pushes there, which the peer made after its own consumer of site s finished.
 
+By default it is used at TP=2 only (see `enabled`, and docs/benchmarks.md for why).
+
 Waits are bounded: after `timeout_s` a consumer records the site and the counts in host-mapped memory
 and goes on; `check` raises on the host, as the custom all-reduce does.
 """
@@ -48,9 +50,13 @@ COUNTER_BYTES = 8
 RECORD = 4  # int64s of the error record: timed out, site, count seen, count awaited
 
 
-def enabled() -> bool:
-    """TPFLEET_FUSED_AR=0 turns the fused path off (A/B measurements, or an escape hatch)."""
-    return os.environ.get("TPFLEET_FUSED_AR", "1") != "0"
+def enabled(world: int) -> bool:
+    """Whether batch-1 decode fuses its all-reduces at this TP size: by default at TP=2 only, where it
+    measured faster (2.59 against 2.71 ms a step, 8b-shape on H200). At TP=4 it measured slower (2.52
+    against 2.09 ms): every producer block signals every peer, hundreds of atomics on one remote
+    address per site (docs/benchmarks.md). TPFLEET_FUSED_AR=1 fuses at any size, =0 at none."""
+    choice = os.environ.get("TPFLEET_FUSED_AR", "")
+    return choice == "1" or (choice != "0" and world == 2)
 
 
 class FusedAllReduce:
