@@ -40,8 +40,9 @@ def _capable(index: int) -> bool:
 def enabled(device: torch.device, rows: int) -> bool:
     """Whether a kernel over `rows` rows (tokens, sequences) on `device` is launched with PDL: on Hopper
     or later, for one row, unless turned off. Batch-1 decode is a chain of kernels too short to hide
-    their own starts, and there PDL cut the step time; with every kernel launched with PDL, offline
-    throughput fell 7-12% in the same run (docs/benchmarks.md), so larger batches launch as usual."""
+    their own starts, and there PDL cut the step time. Larger batches launch as usual: PDL there has
+    not been shown to help (an A/B that seemed to show an offline loss was confounded by run order,
+    docs/benchmarks.md, sixth session)."""
     if rows != 1 or device.type != "cuda" or os.environ.get("TPFLEET_PDL", "1") == "0":
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
