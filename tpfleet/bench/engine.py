@@ -314,10 +314,12 @@ def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: 
         result["batch1_repeats_ms"] = [decode_latency(engine, 1, profile=False)["step_ms"] for _ in range(5)]
         result["mixed_256"] = mixed_step(engine)
         engine.flush_cache()
-        # Untimed first, as transformers' compile warm-up is: a smaller workload of other prompts, so
-        # that kernels the timed run needs are compiled (measured: the first run in a process is up to
-        # 1.5x slower), then the prefix cache is emptied so that the timed run reuses nothing.
-        result["offline_warmup"] = offline_throughput(engine, lens[:64], seed=1)
+        # Untimed first, as transformers' compile warm-up is: the same workload with other prompts, so
+        # that every kernel the timed run needs is compiled, then the prefix cache is emptied so that the
+        # timed run reuses nothing. Measured: the first run in a process is up to 1.5x slower; after a
+        # 64-sequence warm-up, a fresh machine's first process still ran 13% slower than its second
+        # (docs/benchmarks.md, sixth session).
+        result["offline_warmup"] = offline_throughput(engine, lens, seed=1)
         engine.flush_cache()
         result["offline"] = offline_throughput(engine, lens)
     finally:
