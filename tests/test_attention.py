@@ -63,13 +63,13 @@ def run_case(case, dtype, device):
     return out.float(), ref.float()
 
 
-def decode_with_splits(splits: int, dtype, device, min_split: int = 16):
+def decode_with_splits(splits: int, dtype, device, min_split: int = 16, contexts: tuple[int, ...] = (1, 70, 300)):
     """Decode attention forced to `splits` KV splits (1: one program per sequence and kv head, nothing
-    to merge) against the reference. With 16-token splits the three contexts use 1, 5 and up to 16
-    of them."""
+    to merge) against the reference. With 16-token splits the three default contexts use 1, 5 and up
+    to 16 of them."""
     from tpfleet.attention.triton_kernels import decode_attention
 
-    q, k, v, kc, vc, meta = make_batch([1] * 3, [1, 70, 300], 2, 4, 32, 16, dtype, device)
+    q, k, v, kc, vc, meta = make_batch([1] * len(contexts), list(contexts), 2, 4, 32, 16, dtype, device)
     ref = TorchReferenceBackend().forward(q, k, v, kc, vc, meta, 32 ** -0.5)  # stores k, v too
     out = decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, 32 ** -0.5, splits=splits,
                            min_split=min_split)
@@ -81,7 +81,7 @@ def interpreter_main() -> None:
     for case in CASES:
         out, ref = run_case(case, torch.float32, "cpu")
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
-    from tpfleet.attention.triton_kernels import _arrivals, decode_attention
+    from tpfleet.attention.triton_kernels import _arrivals
 
     for splits, min_split in ((1, 16), (4, 16), (16, 16), (16, 256)):
         for _ in range(2):  # the second call finds the counters the first left behind
@@ -95,10 +95,7 @@ def interpreter_main() -> None:
     enabled, pdl.enabled = pdl.enabled, lambda device, rows: rows == 1
     try:
         for ctx, splits in ((1, 16), (37, 16), (64, 16), (65, 16), (300, 16), (300, 2), (300, 1)):
-            q, k, v, kc, vc, meta = make_batch([1], [ctx], 2, 4, 32, 16, torch.float32, "cpu")
-            ref = TorchReferenceBackend().forward(q, k, v, kc, vc, meta, 32 ** -0.5)
-            out = decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, 32 ** -0.5, splits=splits,
-                                   min_split=16)
+            out, ref = decode_with_splits(splits, torch.float32, "cpu", contexts=(ctx,))
             torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     finally:
         pdl.enabled = enabled

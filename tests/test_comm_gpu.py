@@ -161,27 +161,34 @@ def test_graphs_work_with_expandable_segments():
                      env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}) == [0, 0]
 
 
-def _timeout(rank, world):
+def _timeout_on_rank0(rank, provoke, check, close):
+    """Rank 0 calls `provoke` alone, as if rank 1 were dead, then `check`: the CommTimeout's message and
+    the seconds it took, or "no error" (always, on rank 1). `close` runs on every rank at the end."""
     import time
 
     import torch.distributed as dist
 
     from tpfleet.comm.custom_ar import CommTimeout
 
-    car = _car(timeout_s=1.0)
     dist.barrier()
     result = "no error"
-    if rank == 0:  # rank 1 never joins this call
+    if rank == 0:
         t = time.monotonic()
-        car.all_reduce(torch.ones(4096, dtype=torch.bfloat16, device="cuda"))
+        provoke()
         torch.cuda.synchronize()
         try:
-            car.check()
+            check()
         except CommTimeout as e:
             result = (str(e), time.monotonic() - t)
     dist.barrier()
-    car.close()
+    close()
     return result
+
+
+def _timeout(rank, world):
+    car = _car(timeout_s=1.0)
+    return _timeout_on_rank0(rank, lambda: car.all_reduce(torch.ones(4096, dtype=torch.bfloat16, device="cuda")),
+                             car.check, car.close)
 
 
 def test_a_missing_peer_raises_a_timeout_naming_it_instead_of_hanging():
@@ -362,34 +369,21 @@ def test_fused_all_reduce_chain_is_bitwise_the_unfused_path(world):
 
 
 def _fused_timeout(rank, world):
-    import time
-
-    import torch.distributed as dist
-
-    from tpfleet.comm.custom_ar import CommTimeout
     from tpfleet.comm.fused_ar import FusedAllReduce
     from tpfleet.model import gemv
 
     car = _car()
     fused = FusedAllReduce.over_ipc(car, 2, 4096, torch.bfloat16, timeout_s=1.0)
-    dist.barrier()
-    result = "no error"
-    if rank == 0:  # rank 1 never pushes
-        t = time.monotonic()
+
+    def step_without_peer():
         fused.begin_step()
         x = torch.ones(1, 2048, dtype=torch.bfloat16, device="cuda")
         pending = gemv.linear(x, torch.ones(4096, 2048, dtype=torch.bfloat16, device="cuda"), push=(fused, 1))
         gemv.norm_linear(pending, torch.zeros(1, 4096, dtype=torch.bfloat16, device="cuda"),
                          torch.ones(4096, dtype=torch.bfloat16, device="cuda"), 1e-6,
                          torch.ones(64, 4096, dtype=torch.bfloat16, device="cuda"))
-        torch.cuda.synchronize()
-        try:
-            fused.check()
-        except CommTimeout as e:
-            result = (str(e), time.monotonic() - t)
-    dist.barrier()
-    car.close()
-    return result
+
+    return _timeout_on_rank0(rank, step_without_peer, fused.check, car.close)
 
 
 def test_fused_all_reduce_with_a_missing_peer_raises_a_timeout_instead_of_hanging():

@@ -25,7 +25,7 @@ class Ranks:
         self.memory = [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(world)]
         self.records = [torch.zeros(4, dtype=torch.int64) for _ in range(world)]
         regions = [m.data_ptr() for m in self.memory]
-        self.fused = [FusedAllReduce(regions, (rec.data_ptr(), rec.data_ptr()), r, world, sites, HIDDEN, dtype,
+        self.fused = [FusedAllReduce(regions, (rec.data_ptr(), rec.data_ptr()), r, world, sites, HIDDEN,
                                      torch.device("cpu")) for r, rec in enumerate(self.records)]
 
     def counters(self, site: int) -> list[int]:

@@ -63,10 +63,10 @@ class FusedAllReduce:
     """One rank's view of the sites: every rank's region, the epoch, and the timeout record."""
 
     def __init__(self, regions: list[int], record: tuple[int, int], rank: int, world: int, sites: int, hidden: int,
-                 dtype: torch.dtype, device: torch.device, timeout_s: float = 30.0):
+                 device: torch.device, timeout_s: float = 30.0):
         """`regions`: each rank's region (`region_bytes` long, zeroed) as addressed from here; `record`:
         (host, device) addresses of RECORD zeroed int64s that the host reads without synchronising."""
-        self.rank, self.world, self.sites, self.hidden, self.dtype = rank, world, sites, hidden, dtype
+        self.rank, self.world, self.hidden = rank, world, hidden
         self.timeout_ns = int(timeout_s * 1e9)
         counters = self.counter_bytes(sites)
         # The table the kernels read: slot bases, counter bases, record address, then the epoch itself.
@@ -88,7 +88,7 @@ class FusedAllReduce:
         """Regions shared by the custom all-reduce, which frees them when it closes. Collective."""
         regions = car.share_region(cls.region_bytes(sites, hidden, car.world, dtype))
         record = car.host_mapped(RECORD * 8)
-        return cls(regions, record, car.rank, car.world, sites, hidden, dtype, car.device, timeout_s)
+        return cls(regions, record, car.rank, car.world, sites, hidden, car.device, timeout_s)
 
     def begin_step(self) -> None:
         """Bump the epoch: called once at the start of every forward that pushes, on every rank."""

@@ -121,13 +121,15 @@ WATCHED = ("CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "LD_PRELOAD", "LD_
            "OMP_NUM_THREADS", "HOME", "PATH")
 
 
-def _actor_view() -> dict:
-    import os as _os
+def watched_env() -> dict[str, str]:
+    """This process's variables that change how GPUs, NCCL and allocators behave."""
+    return {k: v for k, v in os.environ.items() if k in WATCHED or k.startswith("NCCL_")}
 
+
+def _actor_view() -> dict:
     import ray as _ray
 
-    return {"env": {k: _os.environ.get(k) for k in _os.environ if k in WATCHED or k.startswith("NCCL_")},
-            "gpu_ids": [str(i) for i in _ray.get_gpu_ids()]}
+    return {"env": watched_env(), "gpu_ids": [str(i) for i in _ray.get_gpu_ids()]}
 
 
 def ray_actor_view(with_gpu: bool) -> dict:
@@ -146,6 +148,6 @@ def ray_actor_view(with_gpu: bool) -> dict:
 
 def env_diff(actor_env: dict[str, str | None]) -> dict[str, tuple[str | None, str | None]]:
     """Watched variables whose value differs between this process and the actor: name -> (plain, actor)."""
-    plain = {k: os.environ.get(k) for k in os.environ if k in WATCHED or k.startswith("NCCL_")}
+    plain = watched_env()
     names = set(plain) | set(actor_env)
     return {k: (plain.get(k), actor_env.get(k)) for k in names if plain.get(k) != actor_env.get(k)}
