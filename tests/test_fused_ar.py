@@ -84,19 +84,22 @@ def check_steps(world: int, dtype: torch.dtype, steps: int = 2) -> None:
 
 
 def check_missing_peer_is_reported() -> None:
-    """A step in which rank 1 never pushes: rank 0's consumer records the site and the counts, and
-    `check` raises naming them, instead of the step hanging."""
+    """A step in which rank 1 pushes to the wrong site: rank 0's consumer records the site and the
+    counts, and `check` raises naming them, instead of the step hanging. A later site that is short
+    too leaves the first report as it is."""
     from tpfleet.comm.custom_ar import CommTimeout
     from tpfleet.model import gemv
 
     ranks = Ranks(2, sites=4, dtype=torch.float32)
     x, res = torch.randn(1, 32), torch.randn(1, HIDDEN)
+    w_o, w_qkv = torch.randn(HIDDEN, 32), torch.randn(QKV, HIDDEN)
     for f in ranks.fused:
         f.begin_step()
-    gemv.linear(x, torch.randn(HIDDEN, 32), push=(ranks.fused[0], 3))
-    pending = gemv.linear(x, torch.randn(HIDDEN, 32), push=(ranks.fused[1], 2))  # the wrong site
-    wrong = type(pending)(ranks.fused[0], 3, pending.pushes)
-    gemv.norm_linear(wrong, res, torch.ones(HIDDEN), 1e-6, torch.randn(QKV, HIDDEN))
+    for site in (3, 0):
+        gemv.linear(x, w_o, push=(ranks.fused[0], site))
+        pending = gemv.linear(x, w_o, push=(ranks.fused[1], 2))  # the wrong site
+        wrong = type(pending)(ranks.fused[0], site, pending.pushes)
+        gemv.norm_linear(wrong, res, torch.ones(HIDDEN), 1e-6, w_qkv)
     ranks.fused[1].check()  # rank 1 waited for nothing
     with pytest.raises(CommTimeout, match=rf"site 3 \(layer 1, down\): 0 of {pending.pushes} peer pushes"):
         ranks.fused[0].check()
