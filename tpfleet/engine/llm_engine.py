@@ -62,7 +62,9 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self._stopping = False
         self.workers: list[tuple[mp.Process, mp.connection.Connection]] = []
-        store = create_store(cfg.tp_size) if cfg.tp_size > 1 else None
+        # The rendezvous store's server runs in this process: held here until every worker, its client,
+        # has exited (see `shutdown`).
+        self._store = store = create_store(cfg.tp_size) if cfg.tp_size > 1 else None
         ctx = mp.get_context("spawn")
         for rank in range(1, cfg.tp_size):
             parent, child = ctx.Pipe()
@@ -286,3 +288,5 @@ class LLMEngine:
                 proc.join()
             conn.close()
         self.workers = []
+        # Now that no client is left, stop the store's server thread here, not at interpreter exit.
+        self._store = None
