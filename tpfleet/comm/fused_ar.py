@@ -55,8 +55,9 @@ RECORD = 4  # int64s of the error record: timed out, site, count seen, count awa
 def enabled(world: int) -> bool:
     """Whether batch-1 decode fuses its all-reduces at this TP size: by default at TP=2 only, where it
     measured faster (2.59 against 2.71 ms a step, 8b-shape on H200). At TP=4 it measured slower (2.52
-    against 2.09 ms): every producer block signals every peer, hundreds of atomics on one remote
-    address per site (docs/benchmarks.md). TPFLEET_FUSED_AR=1 fuses at any size, =0 at none."""
+    against 2.09 ms): every producer block releases at system scope and signals every peer, and at
+    TP=2 the releases alone measured 2.3 us a site (docs/benchmarks.md, seventh session).
+    TPFLEET_FUSED_AR=1 fuses at any size, =0 at none."""
     choice = os.environ.get("TPFLEET_FUSED_AR", "")
     return choice == "1" or (choice != "0" and world == 2)
 
