@@ -314,7 +314,7 @@ def _fused_chain(rank, world):
 
     hidden, inter, layers = 4096, 12288 // world, 4
     car = _car()
-    fused = FusedAllReduce.over_ipc(car, 2 * layers, hidden, torch.bfloat16)
+    fused = FusedAllReduce.over_ipc(car, 2 * layers, hidden)
     g = torch.Generator("cuda").manual_seed(rank)  # each rank its own shards
 
     def rnd(*s, scale=0.05):
@@ -331,12 +331,13 @@ def _fused_chain(rank, world):
             qkv, res = gemv.norm_linear(x, res, nw, 1e-6, w_qkv)
             o = qkv[:, : w_o.shape[1]].contiguous()  # stands in for attention: this rank's heads
             if use_fused:
-                gate_up, res = gemv.norm_linear(gemv.linear(o, w_o, push=(fused, 2 * i)), res, nw, 1e-6, w_gate_up)
-                x = gemv.silu_mul_linear(gate_up, w_down, push=(fused, 2 * i + 1))
+                attn_out = gemv.linear(o, w_o, all_reduce=(fused, 2 * i))
+                gate_up, res = gemv.norm_linear(attn_out, res, nw, 1e-6, w_gate_up)
+                x = gemv.silu_mul_linear(gate_up, w_down, all_reduce=(fused, 2 * i + 1))
             else:
                 gate_up, res = gemv.norm_linear(car.all_reduce(gemv.linear(o, w_o)), res, nw, 1e-6, w_gate_up)
                 x = car.all_reduce(gemv.silu_mul_linear(gate_up, w_down))
-        final, _ = gemv.norm_linear(x, res, nw, 1e-6, ws[0][0])  # the last pending sum, finished
+        final, _ = gemv.norm_linear(x, res, nw, 1e-6, ws[0][0])
         return final, res
 
     def fused_step():
@@ -373,17 +374,14 @@ def _fused_timeout(rank, world):
     from tpfleet.model import gemv
 
     car = _car()
-    fused = FusedAllReduce.over_ipc(car, 4, 4096, torch.bfloat16, timeout_s=3.0)
+    fused = FusedAllReduce.over_ipc(car, 4, 4096, timeout_s=3.0)
 
     def step_without_peer():
         """Four sites, the first being site 1: only the first may wait out the timeout."""
         fused.begin_step()
         x = torch.ones(1, 2048, dtype=torch.bfloat16, device="cuda")
         for site in (1, 0, 2, 3):
-            pending = gemv.linear(x, torch.ones(4096, 2048, dtype=torch.bfloat16, device="cuda"), push=(fused, site))
-            gemv.norm_linear(pending, torch.zeros(1, 4096, dtype=torch.bfloat16, device="cuda"),
-                             torch.ones(4096, dtype=torch.bfloat16, device="cuda"), 1e-6,
-                             torch.ones(64, 4096, dtype=torch.bfloat16, device="cuda"))
+            gemv.linear(x, torch.ones(4096, 2048, dtype=torch.bfloat16, device="cuda"), all_reduce=(fused, site))
 
     return _timeout_on_rank0(rank, step_without_peer, fused.check, car.close)
 
@@ -391,5 +389,5 @@ def _fused_timeout(rank, world):
 def test_fused_all_reduce_with_a_missing_peer_raises_a_timeout_instead_of_hanging():
     out = run_ranks(_fused_timeout, 2, timeout=60)
     message, seconds = out[0]
-    assert "rank 0" in message and "site 1 (layer 0, down)" in message and "0 of" in message
+    assert "rank 0" in message and "site 1 (layer 0, down)" in message and "1 of 2 ranks' values" in message
     assert seconds < 10 and out[1] == "no error"  # 12 s had every site waited

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 import torch.distributed as dist
@@ -19,6 +18,7 @@ from tpfleet.comm.custom_ar import CommError, CustomAllReduce, load_library
 from tpfleet.comm.dispatch import DispatchTable, load_or_tune
 from tpfleet.comm.fused_ar import FusedAllReduce
 from tpfleet.comm.fused_ar import enabled as fused_enabled
+from tpfleet.comm.fused_ar import supports as fused_supports
 from tpfleet.devices import DeviceError
 from tpfleet.jit import JitUnavailable
 
@@ -127,16 +127,17 @@ class Communicator:
         Not fusing is a supported configuration, not a failure: it is logged as information."""
         if not fusable:
             reason = "the model's projections do not fit the GEMV kernel"
-        elif not fused_enabled(self.world):
-            reason = (f"not used at TP={self.world} with TPFLEET_FUSED_AR={os.environ.get('TPFLEET_FUSED_AR', 'unset')}"
-                      " (by default it is used at TP=2 only)")
+        elif not fused_supports(dtype):
+            reason = f"its words carry 16-bit values, and the model runs in {dtype}"
+        elif not fused_enabled():
+            reason = "turned off by TPFLEET_FUSED_AR=0"
         else:
             reason = "" if self.custom is not None else "the custom all-reduce, whose memory it shares, is unavailable"
         failed = self._agree(not reason, reason)
         if failed:
             self._disable("fused", failed, logging.INFO)
             return None
-        self.fused = FusedAllReduce.over_ipc(self.custom, sites, hidden, dtype, self.timeout_s)
+        self.fused = FusedAllReduce.over_ipc(self.custom, sites, hidden, self.timeout_s)
         return self.fused
 
     def input_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, mode: str | None = None) -> torch.Tensor | None:

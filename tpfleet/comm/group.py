@@ -42,7 +42,7 @@ class TPGroup:
 
     def fused_all_reduce(self, sites: int, hidden: int, dtype: torch.dtype, fusable: bool) -> FusedAllReduce | None:
         """The sites of batch-1 all-reduces fused into the GEMVs, or None where they cannot be: one
-        rank, no custom all-reduce, `fusable` False on some rank, or off at this size
+        rank, no custom all-reduce, `fusable` False on some rank, or turned off
         (tpfleet.comm.fused_ar.enabled). Collective."""
         return self.comm.fused_all_reduce(sites, hidden, dtype, fusable) if self.comm is not None else None
 

@@ -12,7 +12,8 @@ on the (tiny, L2-resident) activation row as it is loaded:
 - `silu_mul_linear`: y = (silu(gate) * up) @ W.T for x = [gate | up] (down_proj).
 
 At TP > 1 the all-reduce after o_proj and down can be fused in too (tpfleet.comm.fused_ar): the
-row-parallel GEMV pushes its rows to every rank, and the next norm-GEMV sums them as it loads x.
+row-parallel GEMV's blocks exchange their output rows with the same blocks of the other ranks
+and write the sum.
 
 Rounding follows the torch reference in `layers.py`: the transformed input is rounded to the model
 dtype before the product, which accumulates in fp32. `tpfleet bench gemv` compares each with
@@ -27,25 +28,13 @@ import triton.language as tl
 
 from tpfleet import pdl
 from tpfleet.comm import fused_ar
-from tpfleet.comm.fused_ar import FusedAllReduce, PendingSum
+from tpfleet.comm.fused_ar import FusedAllReduce
 
 PLAIN, NORM, NORM_RESIDUAL, SILU_MUL = (tl.constexpr(i) for i in range(4))  # the prologue kinds
 
 
 @triton.jit
-def _load_x(x, offs, K, mask, SUM_OF: tl.constexpr):
-    """x[offs], or with SUM_OF ranks' partial rows K apart (a pulled all-reduce), their sum: in rank
-    order, in fp32, rounded once, as the custom all-reduce sums. Peers wrote those rows: read past L1."""
-    if SUM_OF == 0:
-        return tl.load(x + offs, mask=mask)
-    acc = tl.load(x + offs, mask=mask, cache_modifier=".cg").to(tl.float32)
-    for r in tl.static_range(1, SUM_OF):
-        acc += tl.load(x + r * K + offs, mask=mask, cache_modifier=".cg").to(tl.float32)
-    return acc.to(x.dtype.element_ty)
-
-
-@triton.jit
-def _input_tile(x, res, norm_w, k0, rk, rstd, K, PROLOGUE: tl.constexpr, SUM_OF: tl.constexpr):
+def _input_tile(x, res, norm_w, k0, rk, rstd, K, PROLOGUE: tl.constexpr):
     """Columns k0 + rk of the transformed input, rounded to the model dtype as the reference rounds."""
     if PROLOGUE == SILU_MUL:  # x is [gate | up], each K wide
         g = tl.load(x + k0 + rk)
@@ -53,7 +42,7 @@ def _input_tile(x, res, norm_w, k0, rk, rstd, K, PROLOGUE: tl.constexpr, SUM_OF:
         a = ((gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32) * tl.load(x + K + k0 + rk).to(tl.float32))
         a = a.to(g.dtype)
     else:
-        a = _load_x(x, k0 + rk, K, None, SUM_OF)
+        a = tl.load(x + k0 + rk)
         if PROLOGUE == NORM or PROLOGUE == NORM_RESIDUAL:
             if PROLOGUE == NORM_RESIDUAL:
                 a = (a.to(tl.float32) + tl.load(res + k0 + rk).to(tl.float32)).to(a.dtype)
@@ -63,12 +52,11 @@ def _input_tile(x, res, norm_w, k0, rk, rstd, K, PROLOGUE: tl.constexpr, SUM_OF:
 
 
 @triton.jit
-def _gemv_kernel(x, res, res_out, norm_w, w, out, N, K, eps, xchg, site, rank, pushes, timeout_ns,
+def _gemv_kernel(x, res, res_out, norm_w, w, out, N, K, eps, xchg, site, rank, timeout_ns,
                  PROLOGUE: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr, PUSH: tl.constexpr, SUM_OF: tl.constexpr, WORLD: tl.constexpr):
-    """The all-reduce fused around it (tpfleet.comm.fused_ar), over WORLD ranks. PUSH: the output goes to
-    every rank's slot of `site` instead of `out`. SUM_OF = WORLD: x is the sum of the ranks' partial rows
-    in this rank's slots of `site`, once they have arrived; 0: x is plain."""
+                 PDL: tl.constexpr, WORLD: tl.constexpr):
+    """WORLD > 0: `out` is the sum of WORLD ranks' outputs, each block all-reducing its own rows with the
+    same block of the other ranks through `site` (tpfleet.comm.fused_ar)."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -77,27 +65,24 @@ def _gemv_kernel(x, res, res_out, norm_w, w, out, N, K, eps, xchg, site, rank, p
     # while that kernel drains.
     b = tl.load(w_rows + rk[None, :])
     pdl.enter(PDL)
-    if SUM_OF > 0:
-        fused_ar.wait_for_peers(xchg, site, rank, pushes, timeout_ns, WORLD)
-        x = fused_ar.site_slots(xchg, site, rank, res, K, WORLD)
     rstd = 1.0
     if PROLOGUE == NORM or PROLOGUE == NORM_RESIDUAL:
         # The norm needs the row's mean square first: one load of the whole row, not a loop of them.
         kk = tl.arange(0, K_POW2)
-        row = _load_x(x, kk, K, kk < K, SUM_OF)
+        row = tl.load(x + kk, mask=kk < K)
         if PROLOGUE == NORM_RESIDUAL:
             row = (row.to(tl.float32) + tl.load(res + kk, mask=kk < K).to(tl.float32)).to(row.dtype)
             if pid == 0:  # one program writes the new residual stream; every program computes it alike
                 tl.store(res_out + kk, row, mask=kk < K)
         rf = tl.where(kk < K, row.to(tl.float32), 0.0)
         rstd = tl.rsqrt(tl.sum(rf * rf, axis=0) / K + eps)
-    acc = b.to(tl.float32) * _input_tile(x, res, norm_w, 0, rk, rstd, K, PROLOGUE, SUM_OF)[None, :]
+    acc = b.to(tl.float32) * _input_tile(x, res, norm_w, 0, rk, rstd, K, PROLOGUE)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         b = tl.load(w_rows + k0 + rk[None, :])
-        acc += b.to(tl.float32) * _input_tile(x, res, norm_w, k0, rk, rstd, K, PROLOGUE, SUM_OF)[None, :]
+        acc += b.to(tl.float32) * _input_tile(x, res, norm_w, k0, rk, rstd, K, PROLOGUE)[None, :]
     y = tl.sum(acc, axis=1).to(out.dtype.element_ty)
-    if PUSH:
-        fused_ar.push(xchg, site, rank, rn, y, N, WORLD)
+    if WORLD > 0:
+        fused_ar.all_reduce_block(xchg, site, rank, rn, y, out, N, timeout_ns, WORLD)
     else:
         tl.store(out + rn, y)
 
@@ -128,51 +113,37 @@ def launch_config(n: int, k: int) -> dict:
             "num_warps": warps, "num_stages": stages}
 
 
-def _launch(x: torch.Tensor | PendingSum, weight: torch.Tensor, prologue: int, out: torch.Tensor | None,
+def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: int, out: torch.Tensor | None,
             res: torch.Tensor | None = None, res_out: torch.Tensor | None = None,
             norm_w: torch.Tensor | None = None, eps: float = 0.0, config: dict | None = None,
-            push: tuple[FusedAllReduce, int] | None = None) -> torch.Tensor | PendingSum:
-    """One launch. `x` may be a PendingSum (then pulled: summed over ranks in the prologue); with
-    `push` = (fused, site) the output goes to the ranks' slots of that site, and a PendingSum returns."""
+            all_reduce: tuple[FusedAllReduce, int] | None = None) -> torch.Tensor:
+    """One launch. With `all_reduce` = (fused, site) the output is summed over the ranks in the kernel."""
     n, k = weight.shape
     cfg = config or launch_config(n, k)
-    grid = n // cfg["BLOCK_N"]
-    fused, site, sum_of = None, 0, 0
-    if isinstance(x, PendingSum):
-        fused, site, pushes, sum_of = x.fused, x.site, x.pushes, x.fused.world
-        if fused.hidden != k or res is None:
-            raise ValueError(f"a pulled all-reduce needs a residual and {fused.hidden} input features, not {k}")
-        x = res  # the kernel reads the slots instead; x only stands in for the dtype and device
-    else:
-        pushes = 0
-        x = x.contiguous()
-    if push is not None:
-        fused, site = push
-        if fused.hidden != n:
-            raise ValueError(f"a pushed all-reduce needs {fused.hidden} output features, not {n}")
-        out = x  # unwritten: the rows go to the slots
-    elif out is None:
+    x = x.contiguous()
+    fused, site = all_reduce if all_reduce is not None else (None, 0)
+    if fused is not None and fused.hidden != n:
+        raise ValueError(f"a fused all-reduce needs {fused.hidden} output features, not {n}")
+    if out is None:
         out = x.new_empty(1, n)
     use_pdl = pdl.enabled(x.device, x.shape[0])
-    _gemv_kernel[(grid,)](
+    _gemv_kernel[(n // cfg["BLOCK_N"],)](
         x, res if res is not None else x, res_out if res_out is not None else x,
         norm_w if norm_w is not None else x, weight, out, n, k, eps,
-        fused.table if fused is not None else x, site, fused.rank if fused else 0, pushes,
-        fused.timeout_ns if fused else 0, PROLOGUE=prologue, K_POW2=triton.next_power_of_2(k),
-        PDL=use_pdl, PUSH=push is not None, SUM_OF=sum_of, WORLD=fused.world if fused else 0,
+        fused.table if fused is not None else x, site, fused.rank if fused else 0, fused.timeout_ns if fused else 0,
+        PROLOGUE=prologue, K_POW2=triton.next_power_of_2(k), PDL=use_pdl, WORLD=fused.world if fused else 0,
         launch_pdl=use_pdl, **cfg)
-    return PendingSum(fused, site, grid) if push is not None else out
+    return out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, config: dict | None = None,
-           push: tuple[FusedAllReduce, int] | None = None) -> torch.Tensor | PendingSum:
-    return _launch(x, weight, PLAIN, out, config=config, push=push)
+           all_reduce: tuple[FusedAllReduce, int] | None = None) -> torch.Tensor:
+    return _launch(x, weight, PLAIN, out, config=config, all_reduce=all_reduce)
 
 
-def norm_linear(x: torch.Tensor | PendingSum, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                 weight: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """rmsnorm(x + residual) @ W.T and the new residual x + residual (x itself without one). A pending
-    sum is finished here: x is then the sum over ranks."""
+    """rmsnorm(x + residual) @ W.T and the new residual x + residual (x itself without one)."""
     if residual is None:
         return _launch(x, weight, NORM, None, norm_w=norm_weight, eps=eps, config=config), x
     residual = residual.contiguous()
@@ -183,7 +154,7 @@ def norm_linear(x: torch.Tensor | PendingSum, residual: torch.Tensor | None, nor
 
 
 def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
-                    config: dict | None = None, push: tuple[FusedAllReduce, int] | None = None
-                    ) -> torch.Tensor | PendingSum:
+                    config: dict | None = None, all_reduce: tuple[FusedAllReduce, int] | None = None
+                    ) -> torch.Tensor:
     """(silu(gate) * up) @ W.T where x = [gate | up] along its last dim."""
-    return _launch(x, weight, SILU_MUL, out, config=config, push=push)
+    return _launch(x, weight, SILU_MUL, out, config=config, all_reduce=all_reduce)

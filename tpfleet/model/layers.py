@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpfleet.comm.fused_ar import FusedAllReduce, PendingSum
+from tpfleet.comm.fused_ar import FusedAllReduce
 from tpfleet.comm.group import TPGroup
 
 try:  # fused kernels for CUDA tensors; CPU-only installs may lack Triton and use the torch code
@@ -48,11 +48,10 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def forward_normed(self, norm: RMSNorm, x: torch.Tensor | PendingSum, residual: torch.Tensor | None):
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None):
         """This projection of norm(x + residual), and the new residual (x itself without one). One row
-        on GPU (batch-1 decode) takes one kernel, the norm being the GEMV's prologue; that kernel also
-        finishes a pending all-reduce of x (see RowParallelLinear)."""
-        if isinstance(x, PendingSum) or (self.bias is None and gemv is not None and gemv.supports(x, self.weight)):
+        on GPU (batch-1 decode) takes one kernel, the norm being the GEMV's prologue."""
+        if self.bias is None and gemv is not None and gemv.supports(x, self.weight):
             return gemv.norm_linear(x, residual, norm.weight, norm.eps, self.weight)
         h, residual = norm(x, residual) if residual is not None else (norm(x), x)
         return self(h), residual
@@ -113,14 +112,14 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor, silu_mul: bool = False,
-                fused: FusedAllReduce | None = None) -> torch.Tensor | PendingSum:
+                fused: FusedAllReduce | None = None) -> torch.Tensor:
         """With `silu_mul`, x is [gate | up] and the product is of silu(gate) * up (the MLP's down
         projection); for one row on GPU the GEMV applies it as it loads x. With `fused` (batch-1
-        decode, TP > 1, the model having checked that the shapes fit) the all-reduce is left to the
-        next norm-GEMV, which the returned PendingSum must go to."""
+        decode, TP > 1, the model having checked that the shapes fit) the GEMV all-reduces its own
+        output, in its tail."""
         if fused is not None:
             launch = gemv.silu_mul_linear if silu_mul else gemv.linear
-            return launch(x, self.weight, push=(fused, self.site))
+            return launch(x, self.weight, all_reduce=(fused, self.site))
         out = self.tp.input_buffer((x.shape[0], self.weight.shape[0]), x.dtype) if x.dim() == 2 else None
         if gemv is not None and gemv.supports(x, self.weight):
             y = gemv.silu_mul_linear(x, self.weight, out) if silu_mul else gemv.linear(x, self.weight, out)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tpfleet.attention.backend import AttentionBackend, AttentionMetadata
-from tpfleet.comm.fused_ar import FusedAllReduce, PendingSum
+from tpfleet.comm.fused_ar import FusedAllReduce
 from tpfleet.comm.group import TPGroup
 from tpfleet.model.config import ModelConfig
 from tpfleet.model.layers import (
@@ -79,19 +79,18 @@ class Qwen3DecoderLayer(nn.Module):
     # segment and run attention, whose shapes vary with the batch, eagerly in between. Each norm
     # goes with the projection after it, which fuses the two for batch-1 decode on GPU.
 
-    def pre(self, positions, x: torch.Tensor | PendingSum, residual, meta: AttentionMetadata | None = None):
+    def pre(self, positions, x: torch.Tensor, residual, meta: AttentionMetadata | None = None):
         """Given `meta` (not in piecewise graphs, whose slots change every step), k and v are
         stored in the KV cache here, by the same kernel that norms and rotates them."""
         qkv, residual = self.self_attn.qkv_proj.forward_normed(self.input_layernorm, x, residual)
         q, k, v = self.self_attn.split_qkv(positions, qkv, meta)
         return q, k, v, residual
 
-    def post(self, o, residual, fused: FusedAllReduce | None = None, fuse_output: bool = False):
-        """With `fused`, o_proj's all-reduce is finished by the gate_up kernel; with `fuse_output` too,
-        down's by the next layer's qkv kernel, and the output is a PendingSum."""
+    def post(self, o, residual, fused: FusedAllReduce | None = None):
+        """With `fused`, o_proj and down all-reduce their outputs in their own kernels."""
         x = self.self_attn.o_proj(o.flatten(1), fused=fused)
         gate_up, residual = self.mlp.gate_up_proj.forward_normed(self.post_attention_layernorm, x, residual)
-        return self.mlp.down_proj(gate_up, silu_mul=True, fused=fused if fuse_output else None), residual
+        return self.mlp.down_proj(gate_up, silu_mul=True, fused=fused), residual
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -127,16 +126,14 @@ class Qwen3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states for every token; `compute_logits` picks the rows that are sampled.
-        Batch-1 decode on GPUs fuses the all-reduces into the GEMVs (tpfleet.comm.fused_ar), except the
-        last layer's, which the final norm needs as a tensor."""
+        Batch-1 decode on GPUs fuses the all-reduces into the GEMVs (tpfleet.comm.fused_ar)."""
         fused = self.fused if self.fused is not None and input_ids.shape[0] == 1 else None
         if fused is not None:
             fused.begin_step()
         x, residual = self.embed_tokens(input_ids), None
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             q, k, v, residual = layer.pre(positions, x, residual, meta)
-            x, residual = layer.post(layer.self_attn.attend(q, k, v, meta), residual, fused, fuse_output=i < last)
+            x, residual = layer.post(layer.self_attn.attend(q, k, v, meta), residual, fused)
         x, _ = self.norm(x, residual)
         return x
 
