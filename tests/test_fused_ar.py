@@ -93,6 +93,28 @@ def check_steps(world: int, steps: int = 2) -> None:
         f.check()  # nothing timed out
 
 
+def check_embedding(world: int) -> None:
+    """The batch-1 embedding lookup with its all-reduce fused: per token, the row of the rank that holds
+    it, on every rank, bitwise the unfused path's (masked lookup, then the sum)."""
+    from tpfleet.model.triton_ops import embedding_all_reduce
+
+    vocab = 10 * world - 3  # the last shard is short, as with a padded vocabulary
+    shard = -(-vocab // world)
+    table = (torch.randn(world * shard, HIDDEN, generator=torch.Generator().manual_seed(7))).to(DTYPE)
+    ranks = Ranks(world, sites=1)
+    for step, token in enumerate((0, shard, vocab - 1), start=1):
+        ids = torch.tensor([token])
+        for f in ranks.fused:
+            f.begin_step()
+        got = ranks.fused_run(lambda r: embedding_all_reduce(ids, table[r * shard:(r + 1) * shard], r * shard,
+                                                             min((r + 1) * shard, vocab), ranks.fused[r], 0))
+        parts = [table[token:token + 1] if r == token // shard else torch.zeros(1, HIDDEN, dtype=DTYPE)
+                 for r in range(world)]
+        for r in range(world):
+            assert torch.equal(got[r], rank_sum(parts)) and torch.equal(got[r], table[token:token + 1]), (world, token)
+        assert ranks.flags(0) == {step}
+
+
 def check_missing_peer_is_reported() -> None:
     """Rank 1 never runs: rank 0's blocks record the site and how many ranks' values arrived, and
     `check` raises naming them, instead of the step hanging. A later site short too leaves the first
@@ -107,13 +129,14 @@ def check_missing_peer_is_reported() -> None:
     for site in (3, 0):
         gemv.linear(x, w, all_reduce=(ranks.fused[0], site))
     ranks.fused[1].check()  # rank 1 waited for nothing
-    with pytest.raises(CommTimeout, match=r"site 3 \(layer 1, down\): 1 of 2 ranks' values arrived"):
+    with pytest.raises(CommTimeout, match=r"site 3 \(layer 1, o_proj\): 1 of 2 ranks' values arrived"):
         ranks.fused[0].check()
 
 
 def interpreter_main() -> None:
     for world in (2, 4):
         check_steps(world)
+        check_embedding(world)
     check_missing_peer_is_reported()
     print("interpreter: fused all-reduce matches the unfused path")
 

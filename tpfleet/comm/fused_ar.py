@@ -13,12 +13,16 @@ GEMV (the producer) all-reduces its own output, block by block. A block owns who
   in rank order, in fp32, as the custom all-reduce does, and writes the sum: the same bits as the
   unfused path. The next kernel reads one plain row.
 
+The embedding's all-reduce (the rank holding the token's row gives it, the others zeros) is done the
+same way, by its lookup kernel (`tpfleet.model.triton_ops.embedding_all_reduce`).
+
 A block waits only for the same block of its peers, one NVLink hop behind, and nothing waits for a
 release or a count. (Earlier versions, docs/benchmarks.md, seventh session: every block releasing at
 system scope cost 2.3 us a site, 0.17 ms a step; one last block per rank summing the whole row cost
-as much in serial work.) Blocks on different GPUs that wait on each other cannot deadlock: a GPU starts
-a grid's blocks in index order, so the blocks waiting on any GPU have every partner they wait for
-started or done, and those partners wait on blocks that are started too.
+as much in serial work.) Blocks on different GPUs that wait on each other do not deadlock because a
+GPU starts a grid's blocks in index order: the blocks waiting on any GPU then have every partner
+they wait for started or done. That order is what GPUs do, not a documented promise; were it ever
+broken, the waits would time out into an error, not hang.
 
 The flag is the low 16 bits of the epoch, a device counter bumped at the start of every forward that
 uses the fused path, so a captured graph holds no host state. Every fused step writes every slot, so
@@ -26,12 +30,12 @@ a slot holds this step's words or the last step's, whose flag differs. A slot is
 too early: a peer pushes into site s again only after its site s + 1 has seen our words, which we
 pushed after our site s had finished.
 
-Each (layer, projection) pair has its own site: one slot per source rank in every rank's region
-(cudaMalloc'd and shared over CUDA IPC by the custom all-reduce).
+Each all-reduce of a step has its own site (`site_name`): one slot per source rank in every rank's
+region (cudaMalloc'd and shared over CUDA IPC by the custom all-reduce).
 
 Waits are bounded: after `timeout_s` a waiting block records the site and how many ranks' values it
 had in host-mapped memory, marks the table failed and goes on; later sites then do not wait at all,
-so a dead peer costs one timeout, not one per site (72 a step for Qwen3-8B). `check` raises on the
+so a dead peer costs one timeout, not one per site (73 a step for Qwen3-8B). `check` raises on the
 host, as the custom all-reduce does.
 """
 
@@ -71,6 +75,11 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype.itemsize == 2 and dtype.is_floating_point
 
 
+def site_name(site: int) -> str:
+    """What a Qwen3 model all-reduces at `site`: the embedding's row, then each layer's o_proj and down."""
+    return "embedding" if site == 0 else f"layer {(site - 1) // 2}, {'o_proj' if site % 2 else 'down'}"
+
+
 class FusedAllReduce:
     """One rank's view of the sites: every rank's region, the epoch, and the timeout record."""
 
@@ -105,7 +114,7 @@ class FusedAllReduce:
         if code:
             raise CommTimeout(
                 f"fused all-reduce: rank {self.rank} waited more than {self.timeout_ns / 1e9:.1f}s at site {site} "
-                f"(layer {site // 2}, {'down' if site % 2 else 'o_proj'}): {complete} of {awaited} ranks' values "
+                f"({site_name(site)}): {complete} of {awaited} ranks' values "
                 f"arrived; a peer is dead, hung, or running a different sequence of steps")
 
 

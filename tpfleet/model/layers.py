@@ -141,15 +141,19 @@ class VocabParallelEmbedding(nn.Module):
         self.start = tp.rank * self.rows_per_rank
         self.end = min(self.start + self.rows_per_rank, vocab_size)
         self.weight = _param(self.rows_per_rank, hidden, loader=self.load_weight)
+        self.site = 0  # its all-reduce's site when fused (tpfleet.comm.fused_ar): set by the model
 
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         n = self.end - self.start
         param.data.zero_()
         param.data[:n].copy_(loaded[self.start:self.end])
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, fused: FusedAllReduce | None = None) -> torch.Tensor:
+        """With `fused` (batch-1 decode on GPU, TP > 1) one kernel looks the row up and all-reduces it."""
         if self.tp.world_size == 1:
             return F.embedding(ids, self.weight)
+        if fused is not None:
+            return triton_ops.embedding_all_reduce(ids, self.weight, self.start, self.end, fused, self.site)
         mine = (ids >= self.start) & (ids < self.end)
         y = F.embedding((ids - self.start) * mine, self.weight) * mine.unsqueeze(-1)
         return self.tp.all_reduce(y)

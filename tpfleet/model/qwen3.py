@@ -113,9 +113,11 @@ class Qwen3ForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        for i, layer in enumerate(self.layers):  # each row-parallel projection's fused all-reduce site
-            layer.self_attn.o_proj.site, layer.mlp.down_proj.site = 2 * i, 2 * i + 1
-        self.fused = tp.fused_all_reduce(2 * len(self.layers), cfg.hidden_size, torch.get_default_dtype(),
+        # Each fused all-reduce's site (tpfleet.comm.fused_ar.site_name): the embedding's, then each
+        # layer's o_proj and down.
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.o_proj.site, layer.mlp.down_proj.site = 2 * i + 1, 2 * i + 2
+        self.fused = tp.fused_all_reduce(2 * len(self.layers) + 1, cfg.hidden_size, torch.get_default_dtype(),
                                          self._fusable())
 
     def _fusable(self) -> bool:
@@ -130,7 +132,7 @@ class Qwen3ForCausalLM(nn.Module):
         fused = self.fused if self.fused is not None and input_ids.shape[0] == 1 else None
         if fused is not None:
             fused.begin_step()
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed_tokens(input_ids, fused), None
         for layer in self.layers:
             q, k, v, residual = layer.pre(positions, x, residual, meta)
             x, residual = layer.post(layer.self_attn.attend(q, k, v, meta), residual, fused)

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 
 from tpfleet import pdl
+from tpfleet.comm import fused_ar
+from tpfleet.comm.fused_ar import FusedAllReduce
 
 
 @triton.jit
@@ -134,4 +136,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(x.numel() // (2 * inter), triton.cdiv(inter, block))](x, out, inter, BLOCK=block,
                                                                                num_warps=4)
+    return out
+
+
+@triton.jit
+def _embedding_kernel(ids, weight, out, start, end, H, xchg, site, rank, timeout_ns, BLOCK: tl.constexpr,
+                      WORLD: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tok = tl.load(ids)
+    mine = (tok >= start) & (tok < end)
+    row = tl.load(weight + (tok - start).to(tl.int64) * H + cols, mask=cols < tl.where(mine, H, 0), other=0.0)
+    fused_ar.all_reduce_block(xchg, site, rank, cols, row, out, H, timeout_ns, WORLD)
+
+
+def embedding_all_reduce(ids: torch.Tensor, weight: torch.Tensor, start: int, end: int, fused: FusedAllReduce,
+                         site: int) -> torch.Tensor:
+    """One token's row of a vocabulary-parallel embedding (`weight` holds rows start..end): the rank
+    holding it gives the row, the others zeros, and the fused all-reduce sums them block by block.
+    One launch where the torch path takes seven small kernels and an all-reduce."""
+    hidden = weight.shape[1]
+    out = weight.new_empty(1, hidden)
+    block = min(512, hidden & -hidden)  # a power of two that divides the row: every block is full
+    _embedding_kernel[(hidden // block,)](ids, weight, out, start, end, hidden, fused.table, site, fused.rank,
+                                          fused.timeout_ns, BLOCK=block, WORLD=fused.world, num_warps=4)
     return out
