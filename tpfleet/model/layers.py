@@ -116,7 +116,7 @@ class RowParallelLinear(nn.Module):
         """With `silu_mul`, x is [gate | up] and the product is of silu(gate) * up (the MLP's down
         projection); for one row on GPU the GEMV applies it as it loads x. With `fused` (batch-1
         decode, TP > 1, the model having checked that the shapes fit) the GEMV all-reduces its own
-        output, in its tail."""
+        output, each block its own slice (tpfleet.comm.fused_ar)."""
         if fused is not None:
             launch = gemv.silu_mul_linear if silu_mul else gemv.linear
             return launch(x, self.weight, all_reduce=(fused, self.site))
