@@ -160,3 +160,13 @@ def test_fused_unless_turned_off(monkeypatch):
     assert enabled()
     monkeypatch.setenv("TPFLEET_FUSED_AR", "0")
     assert not enabled()
+
+
+def test_sites_number_every_all_reduce_once_and_are_named_back():
+    from tpfleet.comm.fused_ar import EMBEDDING_SITE, layer_sites, site_count, site_name
+
+    layers = 36
+    sites = [EMBEDDING_SITE] + [s for i in range(layers) for s in layer_sites(i)]
+    assert sorted(sites) == list(range(site_count(layers)))
+    assert site_name(EMBEDDING_SITE) == "embedding"
+    assert [site_name(s) for s in layer_sites(5)] == ["layer 5, o_proj", "layer 5, down"]

@@ -75,9 +75,22 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype.itemsize == 2 and dtype.is_floating_point
 
 
+# A Qwen3 model's sites, one per all-reduce of a step: the embedding's row, then each layer's o_proj
+# and down outputs. The model numbers them with these, and `check` names them with `site_name`.
+EMBEDDING_SITE = 0
+
+
+def layer_sites(layer: int) -> tuple[int, int]:
+    """The sites of a layer's o_proj and down all-reduces."""
+    return 2 * layer + 1, 2 * layer + 2
+
+
+def site_count(layers: int) -> int:
+    return 1 + 2 * layers
+
+
 def site_name(site: int) -> str:
-    """What a Qwen3 model all-reduces at `site`: the embedding's row, then each layer's o_proj and down."""
-    return "embedding" if site == 0 else f"layer {(site - 1) // 2}, {'o_proj' if site % 2 else 'down'}"
+    return "embedding" if site == EMBEDDING_SITE else f"layer {(site - 1) // 2}, {'o_proj' if site % 2 else 'down'}"
 
 
 class FusedAllReduce:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tpfleet.attention.backend import AttentionBackend, AttentionMetadata
-from tpfleet.comm.fused_ar import FusedAllReduce
+from tpfleet.comm.fused_ar import EMBEDDING_SITE, FusedAllReduce, layer_sites, site_count
 from tpfleet.comm.group import TPGroup
 from tpfleet.model.config import ModelConfig
 from tpfleet.model.layers import (
@@ -113,11 +113,10 @@ class Qwen3ForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # Each fused all-reduce's site (tpfleet.comm.fused_ar.site_name): the embedding's, then each
-        # layer's o_proj and down.
+        self.embed_tokens.site = EMBEDDING_SITE  # each fused all-reduce's site (tpfleet.comm.fused_ar)
         for i, layer in enumerate(self.layers):
-            layer.self_attn.o_proj.site, layer.mlp.down_proj.site = 2 * i + 1, 2 * i + 2
-        self.fused = tp.fused_all_reduce(2 * len(self.layers) + 1, cfg.hidden_size, torch.get_default_dtype(),
+            layer.self_attn.o_proj.site, layer.mlp.down_proj.site = layer_sites(i)
+        self.fused = tp.fused_all_reduce(site_count(len(self.layers)), cfg.hidden_size, torch.get_default_dtype(),
                                          self._fusable())
 
     def _fusable(self) -> bool:
