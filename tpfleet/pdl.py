@@ -9,10 +9,11 @@ that kernel (its weights) and blocks in `griddepcontrol.wait` until that kernel 
 writes are visible.
 
 The rule every PDL kernel in tpfleet keeps: before its wait it writes nothing and reads nothing the
-kernel before it writes (weights; for decode attention, the keys and values of earlier tokens);
-right after the wait it lets its own dependents launch (`enter`). So at most two kernels overlap,
-and a kernel's wait, which follows its predecessor's completion, also covers every kernel before
-that one. Kernels launched without PDL (cuBLAS, torch) serialise as usual.
+kernel before it writes (weights; for q/k norm, the positions' RoPE rows and the KV slots; for decode
+attention, the keys and values of earlier tokens); right after the wait it lets its own dependents
+launch (`enter`). So at most two kernels overlap, and a kernel's wait, which follows its
+predecessor's completion, also covers every kernel before that one. Kernels launched without PDL
+(cuBLAS, torch) serialise as usual.
 
 TPFLEET_PDL=0 turns it off, for A/B measurements or as an escape hatch.
 """

@@ -51,14 +51,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def _qk_norm_rope_kernel(qkv, positions, qw, kw, cos, sin, q_out, k_out, v_out, slots, eps, row_stride,
                          H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
                          TO_CACHE: tl.constexpr, PDL: tl.constexpr):
-    pdl.enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, HALF_PAD)
     m = offs < HALF
-    src = qkv + t * row_stride + h * (2 * HALF)
-    x1 = tl.load(src + offs, mask=m, other=0.0)
-    x2 = tl.load(src + HALF + offs, mask=m, other=0.0)
+    # Only qkv comes from the kernel before (the projection): under PDL the position's rotation, the
+    # norm weight and the slot are read while that kernel drains, off the step's critical path.
+    pos = tl.load(positions + t)
+    c = tl.load(cos + pos * HALF + offs, mask=m)
+    s = tl.load(sin + pos * HALF + offs, mask=m)
+    w = qw if h < H else kw  # for a v head: loaded, not used
+    w1 = tl.load(w + offs, mask=m).to(tl.float32)
+    w2 = tl.load(w + HALF + offs, mask=m).to(tl.float32)
     if TO_CACHE:  # k and v go straight to their cache slot; padded rows (slot -1) store nothing
         slot = tl.load(slots + t)
         kv_row = slot * KV + h - H
@@ -66,22 +70,20 @@ def _qk_norm_rope_kernel(qkv, positions, qw, kw, cos, sin, q_out, k_out, v_out, 
     else:
         kv_row = t * KV + h - H
         keep = m
+    pdl.enter(PDL)
+    src = qkv + t * row_stride + h * (2 * HALF)
+    x1 = tl.load(src + offs, mask=m, other=0.0)
+    x2 = tl.load(src + HALF + offs, mask=m, other=0.0)
     if h < H + KV:  # a q or k head: per-head RMSNorm, then neox RoPE (rotate halves)
         if h < H:
-            w = qw
             dst = q_out + (t * H + h) * (2 * HALF)
             keep = m
         else:
-            w = kw
             dst = k_out + kv_row * (2 * HALF)
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
         r = tl.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / (2 * HALF) + eps)
-        y1 = ((f1 * r).to(x1.dtype).to(tl.float32) * tl.load(w + offs, mask=m).to(tl.float32)).to(x1.dtype)
-        y2 = ((f2 * r).to(x1.dtype).to(tl.float32) * tl.load(w + HALF + offs, mask=m).to(tl.float32)).to(x1.dtype)
-        y1, y2 = y1.to(tl.float32), y2.to(tl.float32)
-        pos = tl.load(positions + t)
-        c = tl.load(cos + pos * HALF + offs, mask=m)
-        s = tl.load(sin + pos * HALF + offs, mask=m)
+        y1 = ((f1 * r).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
+        y2 = ((f2 * r).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
         tl.store(dst + offs, (y1 * c - y2 * s).to(dst.dtype.element_ty), mask=keep)
         tl.store(dst + HALF + offs, (y2 * c + y1 * s).to(dst.dtype.element_ty), mask=keep)
     else:  # a v head: copied out contiguous (or into the cache)
