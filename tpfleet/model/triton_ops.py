@@ -56,7 +56,7 @@ def _qk_norm_rope_kernel(qkv, positions, qw, kw, cos, sin, q_out, k_out, v_out, 
     offs = tl.arange(0, HALF_PAD)
     m = offs < HALF
     # Only qkv comes from the kernel before (the projection): under PDL the position's rotation, the
-    # norm weight and the slot are read while that kernel drains, off the step's critical path.
+    # norm weight and the slot are read while that kernel drains (tpfleet.pdl).
     pos = tl.load(positions + t)
     c = tl.load(cos + pos * HALF + offs, mask=m)
     s = tl.load(sin + pos * HALF + offs, mask=m)
