@@ -45,15 +45,17 @@ class Ranks:
             f.table[-2] = 0  # not failed
         return outs
 
+    def slots(self, site: int) -> list[torch.Tensor]:
+        """Each rank's words of `site`: [source rank, HIDDEN]."""
+        return [m.view(torch.int32).view(-1, self.world, HIDDEN)[site] for m in self.memory]
+
     def flags(self, site: int) -> set[int]:
         """The flags on every word of every rank's slots of `site` from its peers (its own slot is unused)."""
-        words = [m.view(torch.int32).view(-1, self.world, HIDDEN)[site] for m in self.memory]
-        return {int(f) for r, w in enumerate(words) for q in range(self.world) if q != r
+        return {int(f) for r, w in enumerate(self.slots(site)) for q in range(self.world) if q != r
                 for f in ((w[q] >> 16) & 0xFFFF)}
 
     def own_slots_untouched(self, site: int) -> bool:
-        return all(not m.view(torch.int32).view(-1, self.world, HIDDEN)[site, r].any()
-                   for r, m in enumerate(self.memory))
+        return all(not w[r].any() for r, w in enumerate(self.slots(site)))
 
 
 def rank_sum(parts: list[torch.Tensor]) -> torch.Tensor:
