@@ -377,10 +377,10 @@ def _fused_timeout(rank, world):
     fused = FusedAllReduce.over_ipc(car, 4, 4096, timeout_s=3.0)
 
     def step_without_peer():
-        """Four sites, the first being site 1: only the first may wait out the timeout."""
+        """Four sites, the first being site 2: only the first may wait out the timeout."""
         fused.begin_step()
         x = torch.ones(1, 2048, dtype=torch.bfloat16, device="cuda")
-        for site in (1, 0, 2, 3):
+        for site in (2, 0, 1, 3):
             gemv.linear(x, torch.ones(4096, 2048, dtype=torch.bfloat16, device="cuda"), all_reduce=(fused, site))
 
     return _timeout_on_rank0(rank, step_without_peer, fused.check, car.close)
@@ -389,5 +389,5 @@ def _fused_timeout(rank, world):
 def test_fused_all_reduce_with_a_missing_peer_raises_a_timeout_instead_of_hanging():
     out = run_ranks(_fused_timeout, 2, timeout=60)
     message, seconds = out[0]
-    assert "rank 0" in message and "site 1 (layer 0, o_proj)" in message and "1 of 2 ranks' values" in message
+    assert "rank 0" in message and "site 2 (layer 0, o_proj)" in message and "1 of 2 ranks' values" in message
     assert seconds < 10 and out[1] == "no error"  # 12 s had every site waited

@@ -49,10 +49,11 @@ class Ranks:
         """Each rank's words of `site`: [source rank, HIDDEN]."""
         return [m.view(torch.int32).view(-1, self.world, HIDDEN)[site] for m in self.memory]
 
-    def flags(self, site: int) -> set[int]:
-        """The flags on every word of every rank's slots of `site` from its peers (its own slot is unused)."""
+    def flags(self, site: int, words: int = HIDDEN) -> set[int]:
+        """The flags on the first `words` words of every rank's slots of `site` from its peers (its own
+        slot is unused)."""
         return {int(f) for r, w in enumerate(self.slots(site)) for q in range(self.world) if q != r
-                for f in ((w[q] >> 16) & 0xFFFF)}
+                for f in ((w[q, :words] >> 16) & 0xFFFF)}
 
     def own_slots_untouched(self, site: int) -> bool:
         return all(not w[r].any() for r, w in enumerate(self.slots(site)))
@@ -117,6 +118,32 @@ def check_embedding(world: int) -> None:
         assert ranks.flags(0) == {step}
 
 
+def check_greedy(world: int) -> None:
+    """The greedy token of logits split over the ranks, chosen on every rank without gathering them: the
+    argmax of the whole row, the lowest token on a tie (within a shard and across shards), for tokens
+    past 65535 too (their index travels in two 16-bit halves). Each shard spans several of the
+    kernel's blocks."""
+    from tpfleet.model.greedy import GreedyScratch, greedy_token
+
+    shard = 40000
+    g = torch.Generator().manual_seed(world)
+    scratch = [GreedyScratch(shard, torch.device("cpu")) for _ in range(world)]
+    cases = [(5, 10.0, None), (world * shard - 1, 11.0, None), (shard + 7, 9.0, 2 * shard - 1), (11, 8.0, shard + 2)]
+    ranks = Ranks(world, sites=1)
+    for step, (token, top, tie) in enumerate(cases, start=1):
+        row = torch.randn(1, world * shard, generator=g).to(DTYPE)
+        row[0, token] = top
+        if tie is not None:
+            row[0, tie] = top  # the same logit at a higher token, in the same shard or the next
+        for f in ranks.fused:
+            f.begin_step()
+        got = ranks.fused_run(lambda r: greedy_token(row[:, r * shard:(r + 1) * shard], r * shard, scratch[r],
+                                                     ranks.fused[r], 0))
+        assert int(row.float().argmax()) == token
+        assert [int(t) for t in got] == [token] * world, (world, token, got)
+        assert ranks.flags(0, words=4) == {step}
+
+
 def check_missing_peer_is_reported() -> None:
     """Rank 1 never runs: rank 0's blocks record the site and how many ranks' values arrived, and
     `check` raises naming them, instead of the step hanging. A later site short too leaves the first
@@ -131,7 +158,7 @@ def check_missing_peer_is_reported() -> None:
     for site in (3, 0):
         gemv.linear(x, w, all_reduce=(ranks.fused[0], site))
     ranks.fused[1].check()  # rank 1 waited for nothing
-    with pytest.raises(CommTimeout, match=r"site 3 \(layer 1, o_proj\): 1 of 2 ranks' values arrived"):
+    with pytest.raises(CommTimeout, match=r"site 3 \(layer 0, down\): 1 of 2 ranks' values arrived"):
         ranks.fused[0].check()
 
 
@@ -139,6 +166,7 @@ def interpreter_main() -> None:
     for world in (2, 4):
         check_steps(world)
         check_embedding(world)
+        check_greedy(world)
     check_missing_peer_is_reported()
     print("interpreter: fused all-reduce matches the unfused path")
 
@@ -164,11 +192,11 @@ def test_fused_unless_turned_off(monkeypatch):
     assert not enabled()
 
 
-def test_sites_number_every_all_reduce_once_and_are_named_back():
-    from tpfleet.comm.fused_ar import EMBEDDING_SITE, layer_sites, site_count, site_name
+def test_sites_number_every_exchange_once_and_are_named_back():
+    from tpfleet.comm.fused_ar import EMBEDDING_SITE, GREEDY_SITE, layer_sites, site_count, site_name
 
     layers = 36
-    sites = [EMBEDDING_SITE] + [s for i in range(layers) for s in layer_sites(i)]
+    sites = [EMBEDDING_SITE, GREEDY_SITE] + [s for i in range(layers) for s in layer_sites(i)]
     assert sorted(sites) == list(range(site_count(layers)))
-    assert site_name(EMBEDDING_SITE) == "embedding"
+    assert site_name(EMBEDDING_SITE) == "embedding" and site_name(GREEDY_SITE) == "greedy token"
     assert [site_name(s) for s in layer_sites(5)] == ["layer 5, o_proj", "layer 5, down"]

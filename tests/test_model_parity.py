@@ -39,9 +39,11 @@ def run_greedy(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[list
 
 
 def record_logits(engine: LLMEngine) -> list[torch.Tensor]:
-    """Keep every batch of logits the driver samples from (the real forward, just observed)."""
+    """Keep every batch of logits the driver samples from (the real forward, just observed). Every step
+    samples from logits, so a greedy batch-1 step on GPU does not pick its token in its own kernel."""
     seen: list[torch.Tensor] = []
     run = engine.runner.run
+    engine.runner.model.picks_greedy = lambda num_tokens: False
 
     def observed(inp, sampler=None):
         def keep_then_sample(logits):

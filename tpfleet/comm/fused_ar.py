@@ -14,7 +14,8 @@ GEMV (the producer) all-reduces its own output, block by block. A block owns who
   unfused path. The next kernel reads one plain row.
 
 The embedding's all-reduce (the rank holding the token's row gives it, the others zeros) is done the
-same way, by its lookup kernel (`tpfleet.model.triton_ops.embedding_all_reduce`).
+same way, by its lookup kernel (`tpfleet.model.triton_ops.embedding_all_reduce`), and so is the
+choice of the greedy token, each rank sending its vocabulary shard's best (`tpfleet.model.greedy`).
 
 A block waits only for the same block of its peers, one NVLink hop behind, and nothing waits for a
 release or a count. (Earlier versions, docs/benchmarks.md, seventh session: every block releasing at
@@ -35,7 +36,7 @@ region (cudaMalloc'd and shared over CUDA IPC by the custom all-reduce).
 
 Waits are bounded: after `timeout_s` a waiting block records the site and how many ranks' values it
 had in host-mapped memory, marks the table failed and goes on; later sites then do not wait at all,
-so a dead peer costs one timeout, not one per site (73 a step for Qwen3-8B). `check` raises on the
+so a dead peer costs one timeout, not one per site (74 a step for Qwen3-8B). `check` raises on the
 host, as the custom all-reduce does.
 """
 
@@ -75,22 +76,25 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype.itemsize == 2 and dtype.is_floating_point
 
 
-# A Qwen3 model's sites, one per all-reduce of a step: the embedding's row, then each layer's o_proj
-# and down outputs. The model numbers them with these, and `check` names them with `site_name`.
-EMBEDDING_SITE = 0
+# A Qwen3 model's sites, one per exchange of a step: the embedding's row, the greedy token, then each
+# layer's o_proj and down outputs. The model numbers them with these, and `check` names them with
+# `site_name`.
+EMBEDDING_SITE, GREEDY_SITE = 0, 1
 
 
 def layer_sites(layer: int) -> tuple[int, int]:
     """The sites of a layer's o_proj and down all-reduces."""
-    return 2 * layer + 1, 2 * layer + 2
+    return 2 * layer + 2, 2 * layer + 3
 
 
 def site_count(layers: int) -> int:
-    return 1 + 2 * layers
+    return 2 + 2 * layers
 
 
 def site_name(site: int) -> str:
-    return "embedding" if site == EMBEDDING_SITE else f"layer {(site - 1) // 2}, {'o_proj' if site % 2 else 'down'}"
+    if site in (EMBEDDING_SITE, GREEDY_SITE):
+        return "embedding" if site == EMBEDDING_SITE else "greedy token"
+    return f"layer {(site - 2) // 2}, {'o_proj' if site % 2 == 0 else 'down'}"
 
 
 class FusedAllReduce:
@@ -166,26 +170,29 @@ if triton is not None:
         return words, done
 
     @triton.jit
-    def all_reduce_block(table, site, rank, rows, y, out, N, timeout_ns, WORLD: tl.constexpr):
-        """Called by each block of a row-parallel GEMV with its output `y` at `rows`: `out[rows]` gets
-        the sum over ranks, in rank order, in fp32, rounded once (see the module docstring)."""
+    def send(table, site, rank, offs, y, N, WORLD: tl.constexpr):
+        """Store 16-bit values `y` at `offs` into every peer's slot of `site` for this rank, each in a
+        word with this step's flag; no fence. Returns the flag, and whether an earlier wait has timed
+        out (then nothing waits)."""
         flag = (tl.load(table + WORLD + 2) & 0xFFFF).to(tl.int32)
         word = (y.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (flag << 16)
         for r in tl.static_range(WORLD):
             if r != rank:
-                tl.store(_slots(table, site, r, N, WORLD) + rank * N + rows, word)
-        failed = tl.load(table + WORLD + 1, volatile=True)  # set by a block of this grid, maybe
-        limit = tl.where(failed == 0, timeout_ns, 0)
-        slots = _slots(table, site, rank, N, WORLD)
-        acc = tl.zeros(y.shape, tl.float32)
-        complete = 0
-        for r in tl.static_range(WORLD):
-            mine = rank == r  # our own value is in registers: its slot is never written or read
-            words, done = _words(slots + r * N, rows, rows < tl.where(mine, 0, N), flag, limit)
-            peer = (words & 0xFFFF).to(tl.int16).to(y.dtype, bitcast=True)
-            acc += tl.where(mine, y, peer).to(tl.float32)
-            complete += done
-        tl.store(out + rows, acc.to(out.dtype.element_ty))
+                tl.store(_slots(table, site, r, N, WORLD) + rank * N + offs, word)
+        return flag, tl.load(table + WORLD + 1, volatile=True)  # failed: set by a block of this grid, maybe
+
+    @triton.jit
+    def receive(table, site, rank, r, offs, y, N, flag, failed, timeout_ns, WORLD: tl.constexpr):
+        """Rank r's values at `offs` once they carry `flag` (`y` itself for this rank, whose slot is
+        never written or read), and 1 if they arrived in time."""
+        mine = rank == r
+        words, done = _words(_slots(table, site, rank, N, WORLD) + r * N, offs, offs < tl.where(mine, 0, N), flag,
+                             tl.where(failed == 0, timeout_ns, 0))
+        return tl.where(mine, y, (words & 0xFFFF).to(tl.int16).to(y.dtype, bitcast=True)), done
+
+    @triton.jit
+    def report(table, site, complete, failed, WORLD: tl.constexpr):
+        """Record a site where fewer than WORLD ranks' values arrived, unless an earlier one was."""
         if (complete < WORLD) & (failed == 0):  # the first timeout is the one to report
             tl.store(table + WORLD + 1, 1)
             record = tl.load(table + WORLD).to(tl.pointer_type(tl.int64))
@@ -193,3 +200,17 @@ if triton is not None:
             tl.store(record + 2, complete)
             tl.store(record + 3, WORLD)
             tl.store(record, 1)
+
+    @triton.jit
+    def all_reduce_block(table, site, rank, rows, y, out, N, timeout_ns, WORLD: tl.constexpr):
+        """Called by each block of a row-parallel GEMV with its output `y` at `rows`: `out[rows]` gets
+        the sum over ranks, in rank order, in fp32, rounded once (see the module docstring)."""
+        flag, failed = send(table, site, rank, rows, y, N, WORLD)
+        acc = tl.zeros(y.shape, tl.float32)
+        complete = 0
+        for r in tl.static_range(WORLD):
+            value, done = receive(table, site, rank, r, rows, y, N, flag, failed, timeout_ns, WORLD)
+            acc += value.to(tl.float32)
+            complete += done
+        tl.store(out + rows, acc.to(out.dtype.element_ty))
+        report(table, site, complete, failed, WORLD)

@@ -2,7 +2,8 @@
 
 Rank 0 (the driver) turns scheduled sequences into a `ModelInput` of plain lists, sends it to
 the other ranks, and runs the same forward itself; the collectives inside the layers keep the
-ranks in step. Only the driver receives logits.
+ranks in step. Only the driver receives logits, except that a greedy batch-1 step on GPUs picks its
+token on every rank without gathering them (tpfleet.model.greedy).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class ModelInput:
     logits_indices: list[int]  # token rows whose logits are sampled
     pending_rows: list[int]  # rows whose token is the previous step's sample number pending_src[i]
     pending_src: list[int]
+    greedy: bool = False  # every sampled row is greedy
 
     @classmethod
     def build(cls, batch: list[ScheduledSeq], block_size: int, pending: dict[str, int] | None = None) -> ModelInput:
@@ -83,6 +85,7 @@ class ModelInput:
             inp.num_decodes += s.num_tokens == 1
             if s.samples:
                 inp.logits_indices.append(len(inp.input_ids) - 1)
+        inp.greedy = all(s.seq.params.greedy for s in batch if s.samples)
         return inp
 
 
@@ -227,16 +230,26 @@ class ModelRunner:
             hidden = self.model(ids, positions, meta)
         tokens = None
         if inp.logits_indices:
-            logits = self.model.compute_logits(hidden if logits_rows is None else hidden[logits_rows])
-            if sampler is not None and logits is not None:
-                tokens = sampler(logits)
+            rows = hidden if logits_rows is None else hidden[logits_rows]
+            if inp.greedy and self.model.picks_greedy(len(inp.input_ids)):
+                tokens = self.model.greedy_token(rows)  # on every rank: nothing to broadcast
+            else:
+                tokens = self._sample(rows, sampler, len(inp.logits_indices))
             if self.cfg.overlap_schedule:
-                if self.tp.world_size > 1:
-                    if tokens is None:
-                        tokens = torch.empty(len(inp.logits_indices), dtype=torch.int64, device=self.device)
-                    self.tp.broadcast_from_driver(tokens)
                 self.sampled = tokens
         self.tp.check()
+        return tokens
+
+    def _sample(self, rows: torch.Tensor, sampler: Callable[[torch.Tensor], torch.Tensor] | None,
+                n: int) -> torch.Tensor | None:
+        """The driver samples from the gathered logits; under the overlap schedule it broadcasts the n
+        tokens, which the other ranks need for the next step's inputs."""
+        logits = self.model.compute_logits(rows)
+        tokens = sampler(logits) if sampler is not None and logits is not None else None
+        if self.cfg.overlap_schedule and self.tp.world_size > 1:
+            if tokens is None:
+                tokens = torch.empty(n, dtype=torch.int64, device=self.device)
+            self.tp.broadcast_from_driver(tokens)
         return tokens
 
     # --- colocation with a trainer -------------------------------------------------------------------

@@ -17,9 +17,9 @@ from tpfleet.comm.fused_ar import FusedAllReduce
 from tpfleet.comm.group import TPGroup
 
 try:  # fused kernels for CUDA tensors; CPU-only installs may lack Triton and use the torch code
-    from tpfleet.model import gemv, triton_ops
+    from tpfleet.model import gemv, greedy, triton_ops
 except ImportError:
-    gemv = triton_ops = None
+    gemv = greedy = triton_ops = None
 
 
 def divide(n: int, d: int, what: str) -> int:
@@ -160,10 +160,22 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
+    def __init__(self, vocab_size: int, hidden: int, tp: TPGroup):
+        super().__init__(vocab_size, hidden, tp)
+        self.scratch = None  # the greedy kernel's, made by the first greedy step on its device
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Full-vocabulary logits on rank 0 (None elsewhere): only the driver samples."""
         logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
         return logits[..., : self.vocab_size] if logits is not None else None
+
+    def greedy(self, hidden: torch.Tensor, fused: FusedAllReduce | None) -> torch.Tensor:
+        """The argmax token of one row on GPU, on every rank: each reduces its own shard (its padding
+        left out), and at TP > 1 the ranks agree through `fused` (tpfleet.model.greedy)."""
+        logits = F.linear(hidden, self.weight)[..., : self.end - self.start]
+        if self.scratch is None:
+            self.scratch = greedy.GreedyScratch(self.end - self.start, hidden.device)
+        return greedy.greedy_token(logits, self.start, self.scratch, fused, self.site)
 
 
 class RMSNorm(nn.Module):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tpfleet.attention.backend import AttentionBackend, AttentionMetadata
-from tpfleet.comm.fused_ar import EMBEDDING_SITE, FusedAllReduce, layer_sites, site_count
+from tpfleet.comm.fused_ar import EMBEDDING_SITE, GREEDY_SITE, FusedAllReduce, layer_sites, site_count
 from tpfleet.comm.group import TPGroup
 from tpfleet.model.config import ModelConfig
 from tpfleet.model.layers import (
@@ -19,6 +19,7 @@ from tpfleet.model.layers import (
     VocabParallelEmbedding,
     divide,
     gemv,
+    greedy,
     triton_ops,
 )
 
@@ -113,7 +114,7 @@ class Qwen3ForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.embed_tokens.site = EMBEDDING_SITE  # each fused all-reduce's site (tpfleet.comm.fused_ar)
+        self.embed_tokens.site, self.lm_head.site = EMBEDDING_SITE, GREEDY_SITE  # sites: tpfleet.comm.fused_ar
         for i, layer in enumerate(self.layers):
             layer.self_attn.o_proj.site, layer.mlp.down_proj.site = layer_sites(i)
         self.fused = tp.fused_all_reduce(site_count(len(self.layers)), cfg.hidden_size, torch.get_default_dtype(),
@@ -128,7 +129,7 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states for every token; `compute_logits` picks the rows that are sampled.
         Batch-1 decode on GPUs fuses the all-reduces into the GEMVs (tpfleet.comm.fused_ar)."""
-        fused = self.fused if self.fused is not None and input_ids.shape[0] == 1 else None
+        fused = self.fused if self.fuses(input_ids.shape[0]) else None
         if fused is not None:
             fused.begin_step()
         x, residual = self.embed_tokens(input_ids, fused), None
@@ -138,5 +139,20 @@ class Qwen3ForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
+    def fuses(self, num_tokens: int) -> bool:
+        """Whether a forward over this many tokens fuses its all-reduces: batch-1 decode at TP > 1 on GPU."""
+        return self.fused is not None and num_tokens == 1
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head(hidden)
+
+    def picks_greedy(self, num_tokens: int) -> bool:
+        """Whether `greedy_token` can pick the token after a forward over this many tokens: one row on a
+        GPU, whose ranks (if several) exchange through the fused all-reduce's slots."""
+        if num_tokens != 1 or greedy is None or not self.lm_head.weight.is_cuda:
+            return False
+        return self.lm_head.tp.world_size == 1 or self.fuses(num_tokens)
+
+    def greedy_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The greedy token of that forward's one row, on every rank, without gathering logits."""
+        return self.lm_head.greedy(hidden, self.fused)

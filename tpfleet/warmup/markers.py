@@ -22,7 +22,7 @@ from tpfleet.jit import cache_root, write_atomic
 
 # Every source a JIT cache entry is built from: a change to any of them must invalidate the markers.
 KERNEL_SOURCES = ("comm/csrc/custom_all_reduce.cu", "attention/triton_kernels.py", "model/triton_ops.py",
-                  "model/gemv.py", "pdl.py", "comm/fused_ar.py")
+                  "model/gemv.py", "model/greedy.py", "pdl.py", "comm/fused_ar.py")
 
 
 def _sha(data: bytes) -> str:
