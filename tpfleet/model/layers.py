@@ -141,7 +141,9 @@ class VocabParallelEmbedding(nn.Module):
         self.start = tp.rank * self.rows_per_rank
         self.end = min(self.start + self.rows_per_rank, vocab_size)
         self.weight = _param(self.rows_per_rank, hidden, loader=self.load_weight)
-        self.site = 0  # its all-reduce's site when fused (tpfleet.comm.fused_ar): set by the model
+        # Its exchange's site when fused (tpfleet.comm.fused_ar), set by the model: the embedding's
+        # all-reduce, or the LM head's greedy token
+        self.site = 0
 
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         n = self.end - self.start
