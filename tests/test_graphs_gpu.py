@@ -15,12 +15,16 @@ PROMPTS = ["Once upon a time", "The river flows from the mountains", "def add(a,
            "Hello, world! " * 20, "Questions and answers: why is the sky blue?", "0 1 2 3 4 5", "She wrote a letter"]
 
 
-def generate(model, tp, mode, dtype, prompts, n=24):
+def generate(model, tp, mode, dtype, prompts, n=24, max_num_batched_tokens=2048):
+    """Greedy completions of `prompts` (strings, or token ids), `n` new tokens each (or one count per prompt)."""
     engine = LLMEngine(EngineConfig(model=str(model), tp_size=tp, device="cuda", dtype=dtype, graph_mode=mode,
-                                    attention_backend="triton", kv_cache_tokens=32768, max_num_seqs=64))
+                                    attention_backend="triton", kv_cache_tokens=32768, max_num_seqs=64,
+                                    max_num_batched_tokens=max_num_batched_tokens))
     try:
-        params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
-        seqs = [engine.add_request(engine.tokenizer(p).input_ids, params) for p in prompts]
+        counts = n if isinstance(n, list) else [n] * len(prompts)
+        seqs = [engine.add_request(engine.tokenizer(p).input_ids if isinstance(p, str) else p,
+                                   SamplingParams(max_new_tokens=k, temperature=0.0, ignore_eos=True))
+                for p, k in zip(prompts, counts)]
         while engine.has_work():
             engine.step()
         return [s.completion_ids for s in seqs]
@@ -33,6 +37,26 @@ def test_full_graphs_equal_eager_bf16(tiny_model, tp):
     # 8 prompts: a batch-size bucket, so graph and eager run the very same GEMM shapes.
     graphs = generate(tiny_model, tp, "full", "bfloat16", PROMPTS)
     assert graphs == generate(tiny_model, tp, "eager", "bfloat16", PROMPTS)
+
+
+@pytest.mark.parametrize("tp", TPS)
+def test_full_graphs_pad_shrinking_batches_fp32(tiny_model, tp):
+    # Sequences end one by one, so the decode batch shrinks from 7 to 1 through padded buckets (7 runs in
+    # the 8-graph, 3 in the 4-graph). fp32: padding changes GEMM shapes, whose rounding must stay far
+    # below any logit gap.
+    n = [3, 5, 7, 9, 11, 13, 15]
+    graphs = generate(tiny_model, tp, "full", "float32", PROMPTS[:7], n)
+    assert [len(c) for c in graphs] == n
+    assert graphs == generate(tiny_model, tp, "eager", "float32", PROMPTS[:7], n)
+
+
+@pytest.mark.parametrize("tp", TPS)
+def test_full_graphs_take_one_token_prefill_chunks_fp32(tiny_model, tp):
+    # A 2-token budget splits the 3-token prompt into 1-token chunks beside the other sequence's decodes:
+    # steps of single tokens only, which run in a decode graph although one row samples nothing yet.
+    prompts = [[5], [7, 8, 9]]
+    graphs = generate(tiny_model, tp, "full", "float32", prompts, 6, max_num_batched_tokens=2)
+    assert graphs == generate(tiny_model, tp, "eager", "float32", prompts, 6, max_num_batched_tokens=2)
 
 
 @pytest.mark.parametrize("tp", TPS)

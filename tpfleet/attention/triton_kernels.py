@@ -206,11 +206,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
     arrivals = _arrival_counters(q.device, batch * kv_heads) if splits > 1 else out
     use_pdl = pdl.enabled(q.device, batch)
+    # Batch 1 (PDL) runs 8 warps a program: a little faster in the engine's step (docs/benchmarks.md).
+    warps = 8 if use_pdl else 4
     _decode_kernel[(batch, kv_heads, splits)](
         q.contiguous(), k_cache, v_cache, block_tables, context_lens, part_out, part_lse, arrivals, out, scale,
         block_tables.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
         HEAD_DIM=head_dim, PAGE=page, BLOCK_N=64, SPLITS=splits, MIN_SPLIT=min_split, IEEE=q.dtype == torch.float32,
-        PDL=use_pdl, launch_pdl=use_pdl)
+        PDL=use_pdl, launch_pdl=use_pdl, num_warps=warps)
     return out
 
 

@@ -15,11 +15,15 @@ Both kinds contain the tensor-parallel all-reduces; tpfleet.comm's kernels are g
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from tpfleet.attention.backend import AttentionMetadata
+
+if TYPE_CHECKING:
+    from tpfleet.engine.model_runner import ModelInput
 
 DECODE_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
 # Piecewise graphs pay off while a step is launch-bound (a 256-token step: 31% less time). Larger
@@ -33,42 +37,73 @@ def _bucket(n: int, buckets: list[int]) -> int | None:
     return next((b for b in buckets if b >= n), None)
 
 
+def copy_from_host(values: list[int], out: torch.Tensor) -> None:
+    """out[:len(values)] = values in one asynchronous copy, from pinned memory on CUDA."""
+    out[:len(values)].copy_(torch.tensor(values, dtype=out.dtype, pin_memory=out.is_cuda), non_blocking=True)
+
+
+def flat_block_tables(tables: list[list[int]]) -> tuple[list[int], int]:
+    """Block tables as one row-major list, each row padded with zeros to the longest: (list, width)."""
+    width = max(len(t) for t in tables)
+    return [x for t in tables for x in t + [0] * (width - len(t))], width
+
+
+def fill_pending(ids: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, sampled: torch.Tensor,
+                 in_order: bool) -> None:
+    """ids[rows] = sampled[src]: input tokens that the step before sampled, taken on the device. When
+    `rows` are the first ones in order (a decode batch), that is one gather, written in place."""
+    if in_order:
+        torch.index_select(sampled, 0, src, out=ids[:src.numel()])
+    else:
+        ids[rows] = sampled[src]
+
+
 class DecodeGraphs:
+    """Every graph reads its inputs from the front of two flat buffers, so a step is staged by two
+    host-to-device copies, one per integer width: int64 [ids | positions | slots | pending rows |
+    pending sources], int32 [context lengths | block tables]. The block tables then take one copy
+    into `tables`, whose rows are as wide as the longest context; everything else is read in place."""
+
     def __init__(self, model, device: torch.device, block_size: int, max_batch: int, max_blocks: int,
                  pool, show_progress: bool):
         self.model = model
         self.buckets = [b for b in DECODE_BUCKETS if b <= max_batch] or [1]
         n = self.buckets[-1]
-        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.longs = torch.zeros(5 * n, dtype=torch.int64, device=device)
+        self.ints = torch.zeros(n + n * max_blocks, dtype=torch.int32, device=device)
         self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
-        self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         for bs in tqdm(sorted(self.buckets, reverse=True), desc="Capturing decode graphs", disable=not show_progress):
-            meta = AttentionMetadata(self.slots[:bs], self.tables[:bs], self.context_lens[:bs], [1] * bs, [1] * bs,
-                                     bs, block_size)
-            self.model(self.ids[:bs], self.positions[:bs], meta)  # warm-up: kernels compiled, handles made
+            ids, positions, slots = self.longs[:3 * bs].view(3, bs)
+            slots.fill_(-1)  # padding rows: no KV written, nothing attended to
+            self.ints[:bs].zero_()
+            meta = AttentionMetadata(slots, self.tables[:bs], self.ints[:bs], [1] * bs, [1] * bs, bs, block_size)
+            self.model(ids, positions, meta)  # warm-up: kernels compiled, handles made
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self.outputs[bs] = self.model(self.ids[:bs], self.positions[:bs], meta)
+                self.outputs[bs] = self.model(ids, positions, meta)
             self.graphs[bs] = g
 
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.buckets[-1]
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-            context_lens: torch.Tensor) -> torch.Tensor:
-        bs = ids.shape[0]
+    def run(self, inp: ModelInput, sampled: torch.Tensor | None) -> torch.Tensor:
+        """Stage a decode batch's inputs, padded to its bucket, and replay that bucket's graph. Pending
+        input tokens come from `sampled`, the tokens of the step before, on the device."""
+        bs = len(inp.context_lens)
         b = _bucket(bs, self.buckets)
-        self.ids[:bs].copy_(ids)
-        self.positions[:bs].copy_(positions)
-        self.slots[:bs].copy_(slots)
-        self.slots[bs:b].fill_(-1)
-        self.tables[:bs, : tables.shape[1]].copy_(tables)
-        self.context_lens[:bs].copy_(context_lens)
-        self.context_lens[bs:b].fill_(0)
+        pad = b - bs
+        rows, src = inp.pending_rows, inp.pending_src
+        copy_from_host(inp.input_ids + [0] * pad + inp.positions + [0] * pad + inp.slot_mapping + [-1] * pad
+                       + rows + src, self.longs)
+        tables, width = flat_block_tables(inp.block_tables)
+        copy_from_host(inp.context_lens + [0] * pad + tables, self.ints)
+        self.tables[:bs, :width].copy_(self.ints[b:b + bs * width].view(bs, width))
+        if rows:
+            p = len(rows)
+            fill_pending(self.longs[:b], self.longs[3 * b:3 * b + p], self.longs[3 * b + p:3 * b + 2 * p], sampled,
+                         in_order=rows == list(range(p)))
         self.graphs[b].replay()
         return self.outputs[b][:bs]
 

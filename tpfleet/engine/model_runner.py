@@ -21,6 +21,7 @@ from tpfleet.comm.group import TPGroup, init_tp_group
 from tpfleet.config import EngineConfig
 from tpfleet.devices import DeviceError, local_uuid
 from tpfleet.engine.cuda_graphs import capture as capture_graphs
+from tpfleet.engine.cuda_graphs import fill_pending, flat_block_tables
 from tpfleet.engine.scheduler import ScheduledSeq
 from tpfleet.engine.weight_sync import deserialize_named_tensors
 from tpfleet.jit import STATS as JIT_STATS
@@ -184,21 +185,21 @@ class ModelRunner:
         memory so they are asynchronous, rather than one synchronising copy per field. Pending input
         tokens are then filled in from the previous step's samples, device to device."""
         n, b, p = len(inp.input_ids), len(inp.query_lens), len(inp.pending_rows)
-        width = max(len(t) for t in inp.block_tables)
+        ints, width = flat_block_tables(inp.block_tables)
         starts = [0]
         for q in inp.query_lens[:-1]:
             starts.append(starts[-1] + q)
         all_rows = len(inp.logits_indices) == n  # a pure decode batch samples every row, in order
         longs = inp.input_ids + inp.positions + inp.slot_mapping + inp.pending_rows + inp.pending_src
         longs += [] if all_rows else inp.logits_indices
-        ints = [x for t in inp.block_tables for x in t + [0] * (width - len(t))]
         ints += inp.context_lens + starts + inp.query_lens
         pin = self.device.type == "cuda"
         longs = torch.tensor(longs, dtype=torch.int64, pin_memory=pin).to(self.device, non_blocking=True)
         ints = torch.tensor(ints, dtype=torch.int32, pin_memory=pin).to(self.device, non_blocking=True)
         ids = longs[:n]
         if p:
-            ids[longs[3 * n:3 * n + p]] = self.sampled[longs[3 * n + p:3 * n + 2 * p]]
+            fill_pending(ids, longs[3 * n:3 * n + p], longs[3 * n + p:3 * n + 2 * p], self.sampled,
+                         in_order=inp.pending_rows == list(range(p)))
         ctx = b * width
         meta = AttentionMetadata(
             slot_mapping=longs[2 * n:3 * n],
@@ -220,14 +221,17 @@ class ModelRunner:
         tokens, left on the device, or None when nothing was sampled. Under the overlap schedule
         every rank keeps them (the driver broadcasts its own), because the next step, launched
         before the host reads them, takes its pending input tokens from there."""
-        ids, positions, meta, logits_rows = self._to_device(inp)
-        num_seqs = len(inp.query_lens)
+        num_seqs, logits_rows = len(inp.query_lens), None
         if self.decode_graphs is not None and inp.num_decodes == num_seqs and self.decode_graphs.can_run(num_seqs):
-            hidden = self.decode_graphs.run(ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens)
-        elif self.piecewise_graphs is not None and self.piecewise_graphs.can_run(len(inp.input_ids)):
-            hidden = self.piecewise_graphs.run(ids, positions, meta)
+            hidden = self.decode_graphs.run(inp, self.sampled)  # stages its own inputs: fewer copies
+            if len(inp.logits_indices) != num_seqs:  # a one-token prefill chunk short of its prompt's end
+                logits_rows = torch.tensor(inp.logits_indices, device=self.device)
         else:
-            hidden = self.model(ids, positions, meta)
+            ids, positions, meta, logits_rows = self._to_device(inp)
+            if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(len(inp.input_ids)):
+                hidden = self.piecewise_graphs.run(ids, positions, meta)
+            else:
+                hidden = self.model(ids, positions, meta)
         tokens = None
         if inp.logits_indices:
             rows = hidden if logits_rows is None else hidden[logits_rows]
