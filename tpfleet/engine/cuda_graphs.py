@@ -97,8 +97,8 @@ class DecodeGraphs:
         rows, src = inp.pending_rows, inp.pending_src
         copy_from_host(inp.input_ids + [0] * pad + inp.positions + [0] * pad + inp.slot_mapping + [-1] * pad
                        + rows + src, self.longs)
-        tables, width = flat_block_tables(inp.block_tables)
-        copy_from_host(inp.context_lens + [0] * pad + tables, self.ints)
+        flat_tables, width = flat_block_tables(inp.block_tables)
+        copy_from_host(inp.context_lens + [0] * pad + flat_tables, self.ints)
         self.tables[:bs, :width].copy_(self.ints[b:b + bs * width].view(bs, width))
         if rows:
             p = len(rows)
