@@ -92,9 +92,8 @@ def site_count(layers: int) -> int:
 
 
 def site_name(site: int) -> str:
-    if site in (EMBEDDING_SITE, GREEDY_SITE):
-        return "embedding" if site == EMBEDDING_SITE else "greedy token"
-    return f"layer {(site - 2) // 2}, {'o_proj' if site % 2 == 0 else 'down'}"
+    named = {EMBEDDING_SITE: "embedding", GREEDY_SITE: "greedy token"}
+    return named.get(site) or f"layer {(site - 2) // 2}, {'o_proj' if site % 2 == 0 else 'down'}"
 
 
 class FusedAllReduce:

@@ -49,10 +49,11 @@ def flat_block_tables(tables: list[list[int]]) -> tuple[list[int], int]:
 
 
 def fill_pending(ids: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, sampled: torch.Tensor,
-                 in_order: bool) -> None:
-    """ids[rows] = sampled[src]: input tokens that the step before sampled, taken on the device. When
-    `rows` are the first ones in order (a decode batch), that is one gather, written in place."""
-    if in_order:
+                 host_rows: list[int]) -> None:
+    """ids[rows] = sampled[src]: input tokens that the step before sampled, taken on the device
+    (`host_rows` is `rows` on the host). When they are the first rows in order (a decode batch), that
+    is one gather, written in place."""
+    if host_rows == list(range(len(host_rows))):
         torch.index_select(sampled, 0, src, out=ids[:src.numel()])
     else:
         ids[rows] = sampled[src]
@@ -61,23 +62,23 @@ def fill_pending(ids: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, sampl
 class DecodeGraphs:
     """Every graph reads its inputs from the front of two flat buffers, so a step is staged by two
     host-to-device copies, one per integer width: int64 [ids | positions | slots | pending rows |
-    pending sources], int32 [context lengths | block tables]. The block tables then take one copy
-    into `tables`, whose rows are as wide as the longest context; everything else is read in place."""
+    pending sources | sampled rows, when not every row samples], int32 [context lengths | block
+    tables]. The block tables then take one copy into `tables`, whose rows are as wide as the longest
+    context; everything else is read in place."""
 
     def __init__(self, model, device: torch.device, block_size: int, max_batch: int, max_blocks: int,
                  pool, show_progress: bool):
         self.model = model
         self.buckets = [b for b in DECODE_BUCKETS if b <= max_batch] or [1]
         n = self.buckets[-1]
-        self.longs = torch.zeros(5 * n, dtype=torch.int64, device=device)
+        self.longs = torch.zeros(6 * n, dtype=torch.int64, device=device)
         self.ints = torch.zeros(n + n * max_blocks, dtype=torch.int32, device=device)
         self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         for bs in tqdm(sorted(self.buckets, reverse=True), desc="Capturing decode graphs", disable=not show_progress):
             ids, positions, slots = self.longs[:3 * bs].view(3, bs)
-            slots.fill_(-1)  # padding rows: no KV written, nothing attended to
-            self.ints[:bs].zero_()
+            slots.fill_(-1)  # padding rows: no KV written, nothing attended to (their context lengths are 0)
             meta = AttentionMetadata(slots, self.tables[:bs], self.ints[:bs], [1] * bs, [1] * bs, bs, block_size)
             self.model(ids, positions, meta)  # warm-up: kernels compiled, handles made
             g = torch.cuda.CUDAGraph()
@@ -90,22 +91,25 @@ class DecodeGraphs:
 
     def run(self, inp: ModelInput, sampled: torch.Tensor | None) -> torch.Tensor:
         """Stage a decode batch's inputs, padded to its bucket, and replay that bucket's graph. Pending
-        input tokens come from `sampled`, the tokens of the step before, on the device."""
+        input tokens come from `sampled`, the tokens of the step before, on the device. Returns the
+        final hidden states of the rows that sample."""
         bs = len(inp.context_lens)
         b = _bucket(bs, self.buckets)
         pad = b - bs
         rows, src = inp.pending_rows, inp.pending_src
+        all_rows = len(inp.logits_indices) == bs  # else a one-token prefill chunk short of its prompt's end
         copy_from_host(inp.input_ids + [0] * pad + inp.positions + [0] * pad + inp.slot_mapping + [-1] * pad
-                       + rows + src, self.longs)
+                       + rows + src + ([] if all_rows else inp.logits_indices), self.longs)
         flat_tables, width = flat_block_tables(inp.block_tables)
         copy_from_host(inp.context_lens + [0] * pad + flat_tables, self.ints)
         self.tables[:bs, :width].copy_(self.ints[b:b + bs * width].view(bs, width))
-        if rows:
-            p = len(rows)
+        p = len(rows)
+        if p:
             fill_pending(self.longs[:b], self.longs[3 * b:3 * b + p], self.longs[3 * b + p:3 * b + 2 * p], sampled,
-                         in_order=rows == list(range(p)))
+                         rows)
         self.graphs[b].replay()
-        return self.outputs[b][:bs]
+        hidden = self.outputs[b][:bs]
+        return hidden if all_rows else hidden[self.longs[3 * b + 2 * p:3 * b + 2 * p + len(inp.logits_indices)]]
 
 
 class PiecewiseGraphs:

@@ -198,8 +198,7 @@ class ModelRunner:
         ints = torch.tensor(ints, dtype=torch.int32, pin_memory=pin).to(self.device, non_blocking=True)
         ids = longs[:n]
         if p:
-            fill_pending(ids, longs[3 * n:3 * n + p], longs[3 * n + p:3 * n + 2 * p], self.sampled,
-                         in_order=inp.pending_rows == list(range(p)))
+            fill_pending(ids, longs[3 * n:3 * n + p], longs[3 * n + p:3 * n + 2 * p], self.sampled, inp.pending_rows)
         ctx = b * width
         meta = AttentionMetadata(
             slot_mapping=longs[2 * n:3 * n],
@@ -223,9 +222,7 @@ class ModelRunner:
         before the host reads them, takes its pending input tokens from there."""
         num_seqs, logits_rows = len(inp.query_lens), None
         if self.decode_graphs is not None and inp.num_decodes == num_seqs and self.decode_graphs.can_run(num_seqs):
-            hidden = self.decode_graphs.run(inp, self.sampled)  # stages its own inputs: fewer copies
-            if len(inp.logits_indices) != num_seqs:  # a one-token prefill chunk short of its prompt's end
-                logits_rows = torch.tensor(inp.logits_indices, device=self.device)
+            hidden = self.decode_graphs.run(inp, self.sampled)  # stages its own inputs; the rows that sample
         else:
             ids, positions, meta, logits_rows = self._to_device(inp)
             if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(len(inp.input_ids)):
