@@ -12,7 +12,17 @@ PHASES = ("starting", "ranks_started", "weights_loaded", "kv_cache_allocated", "
           "ready")
 
 
+_current = "starting"
+
+
+def current_phase() -> str:
+    """The last phase this process reported: what an exit record says it died in."""
+    return _current
+
+
 def report_phase(name: str, **info) -> None:
+    global _current
+    _current = name
     info["t"] = round(time.time(), 3)
     print(f"{PHASE_PREFIX} {name} {json.dumps(info)}", file=sys.stdout, flush=True)
 
