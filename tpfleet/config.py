@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 class EngineConfig:
     model: str
     tp_size: int = 1
+    ep_size: int = 1  # MoE: experts divided among this many of the tp_size ranks (1: every rank holds every expert)
     device: str = "cpu"  # "cpu" or "cuda"
     device_ids: list[int] = field(default_factory=list)  # local CUDA indices, one per rank; default 0..tp-1
     gpu_uuids: list[str] = field(default_factory=list)  # what each rank's device must be (from the placement plan)
@@ -26,6 +27,7 @@ class EngineConfig:
     enable_custom_all_reduce: bool = True
     enable_symm_mem: bool = True
     seed: int = 0
+    enable_return_routed_experts: bool = False  # MoE routing replay: requests may ask for the experts chosen
 
     def __post_init__(self) -> None:
         if self.tp_size not in (1, 2, 4, 8):

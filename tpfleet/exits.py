@@ -109,3 +109,12 @@ def root_cause(records: list[ExitRecord]) -> ExitRecord | None:
         walk(r)
     failed = [r for r in flat if r.exc_type or (r.exitcode not in (None, 0))]
     return min(failed, key=lambda r: r.time) if failed else None
+
+
+def write_engine_record(path: str | Path | None, tp_size: int, record: ExitRecord) -> None:
+    """Write the engine's record with whatever its ranks wrote attached as causes. No-op without a path
+    (an engine started by hand, not by a launcher)."""
+    if path is None:
+        return
+    record.causes = [r for r in (read(rank_path(path, rank)) for rank in range(tp_size)) if r is not None]
+    write(path, record)
