@@ -67,7 +67,7 @@ def decode_with_splits(splits: int, dtype, device, min_split: int = 16, contexts
     """Decode attention forced to `splits` KV splits (1: one program per sequence and kv head, nothing
     to merge) against the reference. With 16-token splits the three default contexts use 1, 5 and up
     to 16 of them."""
-    from tpfleet.attention.triton_kernels import decode_attention
+    from tpfleet.kernels.attention import decode_attention
 
     q, k, v, kc, vc, meta = make_batch([1] * len(contexts), list(contexts), 2, 4, 32, 16, dtype, device)
     ref = TorchReferenceBackend().forward(q, k, v, kc, vc, meta, 32 ** -0.5)  # stores k, v too
@@ -81,7 +81,7 @@ def interpreter_main() -> None:
     for case in CASES:
         out, ref = run_case(case, torch.float32, "cpu")
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
-    from tpfleet.attention.triton_kernels import _arrivals
+    from tpfleet.kernels.attention import _arrivals
 
     for splits, min_split in ((1, 16), (4, 16), (16, 16), (16, 256)):
         for _ in range(2):  # the second call finds the counters the first left behind
@@ -90,7 +90,7 @@ def interpreter_main() -> None:
         assert all(int(c.abs().sum()) == 0 for c in _arrivals.get(torch.device("cpu"), []))
     # Batch 1 on Hopper takes the PDL path: the first tile is loaded before the wait, the rest in the
     # loop. The interpreter runs that code whole, so it is checked here, around a tile's edges.
-    from tpfleet import pdl
+    from tpfleet.kernels import pdl
 
     enabled, pdl.enabled = pdl.enabled, lambda device, rows: rows == 1
     try:
@@ -103,7 +103,7 @@ def interpreter_main() -> None:
 
 
 def test_decode_splits_fill_the_gpu_and_stop_at_large_batches():
-    from tpfleet.attention.triton_kernels import MAX_DECODE_SPLITS, decode_splits
+    from tpfleet.kernels.attention import MAX_DECODE_SPLITS, decode_splits
 
     cpu = torch.device("cpu")  # stands for a 128-SM GPU
     assert decode_splits(1, 8, cpu) == MAX_DECODE_SPLITS

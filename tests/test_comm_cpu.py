@@ -12,12 +12,12 @@ import pytest
 
 from tpfleet.comm.dispatch import DispatchTable
 from tpfleet.devices import DeviceError, PhysicalGPU, parse_visible_devices
+from tpfleet.env import cache_root
 from tpfleet.jit import (
     STATS,
     BuildSpec,
     JitUnavailable,
     build_library,
-    cache_root,
     find_nvcc,
     nvcc_version,
     track_triton,
@@ -65,7 +65,7 @@ def test_dispatch_table_picks_the_fastest_and_merges_runs():
     assert DispatchTable.from_json(table.to_json()).rows == table.rows
 
 
-SOURCE = Path(__file__).parents[1] / "tpfleet" / "comm" / "csrc" / "custom_all_reduce.cu"
+SOURCE = Path(__file__).parents[1] / "tpfleet" / "kernels" / "csrc" / "custom_all_reduce.cu"
 
 
 def test_cache_key_follows_source_arch_compiler_and_flags(tmp_path):

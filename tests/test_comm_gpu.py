@@ -310,11 +310,12 @@ def _fused_chain(rank, world):
     replayed from a CUDA graph (with PDL on Hopper): bitwise the unfused path (GEMV, custom
     all-reduce, norm-GEMV). Returns the number of steps checked."""
     from tpfleet.comm.fused_ar import FusedAllReduce
-    from tpfleet.model import gemv
+    from tpfleet.kernels import gemv
 
     hidden, inter, layers = 4096, 12288 // world, 4
     car = _car()
     fused = FusedAllReduce.over_ipc(car, 2 * layers, hidden)
+    exchange = fused.exchange
     g = torch.Generator("cuda").manual_seed(rank)  # each rank its own shards
 
     def rnd(*s, scale=0.05):
@@ -331,9 +332,9 @@ def _fused_chain(rank, world):
             qkv, res = gemv.norm_linear(x, res, nw, 1e-6, w_qkv)
             o = qkv[:, : w_o.shape[1]].contiguous()  # stands in for attention: this rank's heads
             if use_fused:
-                attn_out = gemv.linear(o, w_o, all_reduce=(fused, 2 * i))
+                attn_out = gemv.linear(o, w_o, all_reduce=(exchange, 2 * i))
                 gate_up, res = gemv.norm_linear(attn_out, res, nw, 1e-6, w_gate_up)
-                x = gemv.silu_mul_linear(gate_up, w_down, all_reduce=(fused, 2 * i + 1))
+                x = gemv.silu_mul_linear(gate_up, w_down, all_reduce=(exchange, 2 * i + 1))
             else:
                 gate_up, res = gemv.norm_linear(car.all_reduce(gemv.linear(o, w_o)), res, nw, 1e-6, w_gate_up)
                 x = car.all_reduce(gemv.silu_mul_linear(gate_up, w_down))
@@ -371,17 +372,19 @@ def test_fused_all_reduce_chain_is_bitwise_the_unfused_path(world):
 
 def _fused_timeout(rank, world):
     from tpfleet.comm.fused_ar import FusedAllReduce
-    from tpfleet.model import gemv
+    from tpfleet.kernels import gemv
+    from tpfleet.model.ar_sites import site_name
 
     car = _car()
-    fused = FusedAllReduce.over_ipc(car, 4, 4096, timeout_s=3.0)
+    fused = FusedAllReduce.over_ipc(car, 4, 4096, timeout_s=3.0, site_name=site_name)
 
     def step_without_peer():
         """Four sites, the first being site 2: only the first may wait out the timeout."""
         fused.begin_step()
         x = torch.ones(1, 2048, dtype=torch.bfloat16, device="cuda")
         for site in (2, 0, 1, 3):
-            gemv.linear(x, torch.ones(4096, 2048, dtype=torch.bfloat16, device="cuda"), all_reduce=(fused, site))
+            gemv.linear(x, torch.ones(4096, 2048, dtype=torch.bfloat16, device="cuda"),
+                        all_reduce=(fused.exchange, site))
 
     return _timeout_on_rank0(rank, step_without_peer, fused.check, car.close)
 

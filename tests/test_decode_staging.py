@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from tpfleet.engine.cuda_graphs import DecodeGraphs
-from tpfleet.engine.model_runner import ModelInput
+from tpfleet.engine.step_input import ModelInput
 
 MAX_BATCH, MAX_BLOCKS = 8, 6
 

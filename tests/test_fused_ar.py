@@ -1,4 +1,5 @@
-"""The all-reduce fused into the batch-1 row-parallel GEMVs (tpfleet.comm.fused_ar) against the
+"""The all-reduce fused into the batch-1 row-parallel GEMVs (tpfleet.kernels.fused_ar, its host side
+tpfleet.comm.fused_ar) against the
 unfused path.
 
 On the CPU, Triton's interpreter runs the kernels of several simulated ranks in one process: their
@@ -23,14 +24,18 @@ class Ranks:
 
     def __init__(self, world: int, sites: int):
         from tpfleet.comm.fused_ar import FusedAllReduce
+        from tpfleet.kernels.fused_ar import region_bytes
+        from tpfleet.model.ar_sites import site_name
 
         self.world = world
-        nbytes = FusedAllReduce.region_bytes(sites, HIDDEN, world)
+        nbytes = region_bytes(sites, HIDDEN, world)
         self.memory = [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(world)]
         self.records = [torch.zeros(4, dtype=torch.int64) for _ in range(world)]
         regions = [m.data_ptr() for m in self.memory]
-        self.fused = [FusedAllReduce(regions, (rec.data_ptr(), rec.data_ptr()), r, world, HIDDEN, torch.device("cpu"))
+        self.fused = [FusedAllReduce(regions, (rec.data_ptr(), rec.data_ptr()), r, world, HIDDEN, torch.device("cpu"),
+                                     site_name=site_name)
                       for r, rec in enumerate(self.records)]
+        self.exchanges = [f.exchange for f in self.fused]
 
     def fused_run(self, launch) -> list[torch.Tensor]:
         """`launch(rank)` runs one rank's fused GEMV. Each rank's output comes from a run after every
@@ -40,9 +45,9 @@ class Ranks:
             for q in [q for q in range(self.world) if q != r]:
                 launch(q)
             outs.append(launch(r))
-        for f, rec in zip(self.fused, self.records):
+        for exchange, rec in zip(self.exchanges, self.records):
             rec.zero_()
-            f.table[-2] = 0  # not failed
+            exchange.table[-2] = 0  # not failed
         return outs
 
     def slots(self, site: int) -> list[torch.Tensor]:
@@ -70,7 +75,7 @@ def rank_sum(parts: list[torch.Tensor]) -> torch.Tensor:
 def check_steps(world: int, steps: int = 2) -> None:
     """Per step, per rank: o_proj all-reduces in its kernel (site 0), then down (site 1). Every output
     must be bitwise the unfused path's: GEMV, then the custom all-reduce's sum."""
-    from tpfleet.model import gemv
+    from tpfleet.kernels import gemv
 
     g = torch.Generator().manual_seed(world)
 
@@ -86,7 +91,7 @@ def check_steps(world: int, steps: int = 2) -> None:
         for f in ranks.fused:
             f.begin_step()
         for site, launch, x, w in ((0, gemv.linear, o, w_o), (1, gemv.silu_mul_linear, gate_up, w_down)):
-            got = ranks.fused_run(lambda r: launch(x[r], w[r], all_reduce=(ranks.fused[r], site)))
+            got = ranks.fused_run(lambda r: launch(x[r], w[r], all_reduce=(ranks.exchanges[r], site)))
             expected = rank_sum([launch(x[r], w[r]) for r in range(world)])
             for r in range(world):
                 assert torch.equal(got[r], expected), (world, step, site, r)
@@ -99,7 +104,7 @@ def check_steps(world: int, steps: int = 2) -> None:
 def check_embedding(world: int) -> None:
     """The batch-1 embedding lookup with its all-reduce fused: per token, the row of the rank that holds
     it, on every rank, bitwise the unfused path's (masked lookup, then the sum)."""
-    from tpfleet.model.triton_ops import embedding_all_reduce
+    from tpfleet.kernels.ops import embedding_all_reduce
 
     vocab = 10 * world - 3  # the last shard is short, as with a padded vocabulary
     shard = -(-vocab // world)
@@ -110,7 +115,7 @@ def check_embedding(world: int) -> None:
         for f in ranks.fused:
             f.begin_step()
         got = ranks.fused_run(lambda r: embedding_all_reduce(ids, table[r * shard:(r + 1) * shard], r * shard,
-                                                             min((r + 1) * shard, vocab), ranks.fused[r], 0))
+                                                             min((r + 1) * shard, vocab), ranks.exchanges[r], 0))
         parts = [table[token:token + 1] if r == token // shard else torch.zeros(1, HIDDEN, dtype=DTYPE)
                  for r in range(world)]
         for r in range(world):
@@ -123,7 +128,7 @@ def check_greedy(world: int) -> None:
     argmax of the whole row, the lowest token on a tie (within a shard and across shards), for tokens
     past 65535 too (their index travels in two 16-bit halves). Each shard spans several of the
     kernel's blocks."""
-    from tpfleet.model.greedy import GreedyScratch, greedy_token
+    from tpfleet.kernels.greedy import GreedyScratch, greedy_token
 
     shard = 40000
     g = torch.Generator().manual_seed(world)
@@ -138,7 +143,7 @@ def check_greedy(world: int) -> None:
         for f in ranks.fused:
             f.begin_step()
         got = ranks.fused_run(lambda r: greedy_token(row[:, r * shard:(r + 1) * shard], r * shard, scratch[r],
-                                                     ranks.fused[r], 0))
+                                                     ranks.exchanges[r], 0))
         assert int(row.float().argmax()) == token
         assert [int(t) for t in got] == [token] * world, (world, token, got)
         assert ranks.flags(0, words=4) == {step}
@@ -149,14 +154,14 @@ def check_missing_peer_is_reported() -> None:
     `check` raises naming them, instead of the step hanging. A later site short too leaves the first
     report as it is."""
     from tpfleet.comm.custom_ar import CommTimeout
-    from tpfleet.model import gemv
+    from tpfleet.kernels import gemv
 
     ranks = Ranks(2, sites=4)
     x, w = torch.randn(1, 32, dtype=DTYPE), torch.randn(HIDDEN, 32, dtype=DTYPE)
     for f in ranks.fused:
         f.begin_step()
     for site in (3, 0):
-        gemv.linear(x, w, all_reduce=(ranks.fused[0], site))
+        gemv.linear(x, w, all_reduce=(ranks.exchanges[0], site))
     ranks.fused[1].check()  # rank 1 waited for nothing
     with pytest.raises(CommTimeout, match=r"site 3 \(layer 0, down\): 1 of 2 ranks' values arrived"):
         ranks.fused[0].check()
@@ -176,9 +181,9 @@ def test_fused_all_reduce_matches_unfused_path_in_the_interpreter():
 
 
 def test_region_holds_one_word_per_value_and_16_bit_models_only():
-    from tpfleet.comm.fused_ar import FusedAllReduce, supports
+    from tpfleet.kernels.fused_ar import region_bytes, supports
 
-    assert FusedAllReduce.region_bytes(72, 4096, 2) == 72 * 2 * 4096 * 4
+    assert region_bytes(72, 4096, 2) == 72 * 2 * 4096 * 4
     assert supports(torch.bfloat16) and supports(torch.float16)
     assert not supports(torch.float32) and not supports(torch.int16)
 
@@ -193,7 +198,7 @@ def test_fused_unless_turned_off(monkeypatch):
 
 
 def test_sites_number_every_exchange_once_and_are_named_back():
-    from tpfleet.comm.fused_ar import EMBEDDING_SITE, GREEDY_SITE, layer_sites, site_count, site_name
+    from tpfleet.model.ar_sites import EMBEDDING_SITE, GREEDY_SITE, layer_sites, site_count, site_name
 
     layers = 36
     sites = [EMBEDDING_SITE, GREEDY_SITE] + [s for i in range(layers) for s in layer_sites(i)]

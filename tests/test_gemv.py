@@ -18,7 +18,7 @@ SHAPES = [(64, 256, 160), (4096, 6144, 12288), (4096, 3072, 6144)]
 def compare(shape, dtype: torch.dtype, device: str, seed: int):
     """(name, kernel output, torch reference) per entry point. The reference is the CPU path's torch
     code (norm and activation, on the same device), then an fp32 matmul."""
-    from tpfleet.model import gemv
+    from tpfleet.kernels import gemv
 
     hidden, qkv_out, inter = shape
     g = torch.Generator(device).manual_seed(seed)
@@ -66,7 +66,7 @@ def check(shape, dtype, device, seed: int = 0) -> None:
 
 
 def test_launch_tiles_divide_the_weight():
-    from tpfleet.model import gemv
+    from tpfleet.kernels import gemv
 
     assert not gemv.supports(torch.empty(1, 64), torch.empty(64, 64))  # a CPU tensor runs the torch code
     for n, k in [(6144, 4096), (4096, 12288), (64, 160), (24, 96)]:
@@ -100,8 +100,7 @@ def test_pdl_chain_in_a_graph_matches_serial_launches(monkeypatch):
     """Decoder-layer chains of GEMVs, each reading what the one before wrote, replayed from a CUDA
     graph with programmatic dependent launch: bitwise the result of launches without it. A kernel
     that read its input before its predecessor finished would not match."""
-    from tpfleet import pdl
-    from tpfleet.model import gemv
+    from tpfleet.kernels import gemv, pdl
 
     hidden, inter, layers = 4096, 12288, 8
     g = torch.Generator("cuda").manual_seed(0)

@@ -1,4 +1,4 @@
-"""The greedy token picked on the GPU after the LM head (tpfleet.model.greedy) against torch's argmax,
+"""The greedy token picked on the GPU after the LM head (tpfleet.kernels.greedy) against torch's argmax,
 in Triton's interpreter on the CPU and on a GPU. Several ranks' agreement is tested with the fused
 all-reduce (tests/test_fused_ar.py) and in the engine (tests/test_model_parity.py)."""
 
@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 def rows(n: int, dtype: torch.dtype, seed: int) -> list[tuple[str, torch.Tensor]]:
     """Rows whose argmax is hard to get right: in the last, partial block; tied across blocks and
     within one; on the first and last token; a row of one value. Cases a short row cannot hold are left out."""
-    from tpfleet.model.greedy import BLOCK
+    from tpfleet.kernels.greedy import BLOCK
 
     g = torch.Generator().manual_seed(seed)
 
@@ -37,7 +37,7 @@ def rows(n: int, dtype: torch.dtype, seed: int) -> list[tuple[str, torch.Tensor]
 
 def check(n: int, dtype: torch.dtype, device: str, start: int = 0) -> int:
     """Every case through one scratch (its counter must reset between steps). Returns the number checked."""
-    from tpfleet.model.greedy import GreedyScratch, greedy_token
+    from tpfleet.kernels.greedy import GreedyScratch, greedy_token
 
     scratch = GreedyScratch(n, torch.device(device))
     checked = 0
@@ -61,7 +61,7 @@ def test_greedy_token_is_the_argmax_in_the_interpreter():
 
 
 def test_a_row_of_another_length_is_refused():
-    from tpfleet.model.greedy import GreedyScratch, greedy_token
+    from tpfleet.kernels.greedy import GreedyScratch, greedy_token
 
     with pytest.raises(ValueError, match=r"one contiguous row of 100 logits, not \(1, 99\)"):
         greedy_token(torch.zeros(1, 99), 0, GreedyScratch(100, torch.device("cpu")))

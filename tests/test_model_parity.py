@@ -126,7 +126,7 @@ def test_tp2_on_gpu_matches_tp1(tiny_model):
 @pytest.mark.gpu
 @pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 GPUs")
 def test_fused_all_reduce_decodes_the_same_tokens_at_tp2(tmp_path, monkeypatch):
-    """Batch-1 decode with the all-reduces fused into the GEMVs (tpfleet.comm.fused_ar), from full
+    """Batch-1 decode with the all-reduces fused into the GEMVs (tpfleet.kernels.fused_ar), from full
     graphs and eagerly: the tokens of the unfused path. The small preset, whose shards the GEMV
     kernel takes (the tiny one's are too narrow, so it never fuses)."""
     from tpfleet.model.make_model import make_model

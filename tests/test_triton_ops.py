@@ -22,7 +22,7 @@ def _norm(dim: int, g: torch.Generator) -> RMSNorm:
 
 def compare(shape, tokens: int, dtype: torch.dtype, device: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, fused output, torch reference output) for each op; the reference runs on the CPU."""
-    from tpfleet.model import triton_ops
+    from tpfleet.kernels import ops
 
     hidden, heads, kv_heads, d = shape
     g = torch.Generator().manual_seed(tokens)
@@ -33,16 +33,16 @@ def compare(shape, tokens: int, dtype: torch.dtype, device: str) -> list[tuple[s
     x, res = rnd(tokens, hidden), rnd(tokens, hidden)
     norm = _norm(hidden, g).to(dtype)
     out = []
-    y, r = triton_ops.rms_norm(x.to(device), norm.weight.to(device), norm.eps, res.to(device))
+    y, r = ops.rms_norm(x.to(device), norm.weight.to(device), norm.eps, res.to(device))
     ref_y, ref_r = norm(x, res)
     out += [("rms_norm+residual", y, ref_y), ("residual", r, ref_r)]
-    out.append(("rms_norm", triton_ops.rms_norm(x.to(device), norm.weight.to(device), norm.eps), norm(x)))
+    out.append(("rms_norm", ops.rms_norm(x.to(device), norm.weight.to(device), norm.eps), norm(x)))
 
     qkv = rnd(tokens, (heads + 2 * kv_heads) * d)
     positions = torch.randint(0, 4096, (tokens,), generator=g)
     q_norm, k_norm = _norm(d, g).to(dtype), _norm(d, g).to(dtype)
     rope = RotaryEmbedding(d, 4096, 1e6)
-    q, k, v = triton_ops.qk_norm_rope(qkv.to(device), positions.to(device), q_norm.weight.to(device),
+    q, k, v = ops.qk_norm_rope(qkv.to(device), positions.to(device), q_norm.weight.to(device),
                                       k_norm.weight.to(device), 1e-6, rope.cos.to(device), rope.sin.to(device),
                                       heads, kv_heads, d)
     rq, rk, rv = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
@@ -55,7 +55,7 @@ def compare(shape, tokens: int, dtype: torch.dtype, device: str) -> list[tuple[s
     slots = torch.randperm(blocks * page, generator=g)[:tokens]
     slots[-1] = -1
     caches = [torch.zeros(blocks, page, kv_heads, d, dtype=dtype, device=device) for _ in range(2)]
-    q2, none_k, none_v = triton_ops.qk_norm_rope(
+    q2, none_k, none_v = ops.qk_norm_rope(
         qkv.to(device), positions.to(device), q_norm.weight.to(device), k_norm.weight.to(device), 1e-6,
         rope.cos.to(device), rope.sin.to(device), heads, kv_heads, d, (*caches, slots.to(device)))
     assert none_k is None and none_v is None
@@ -67,7 +67,7 @@ def compare(shape, tokens: int, dtype: torch.dtype, device: str) -> list[tuple[s
 
     gate_up = rnd(tokens, 2 * 3 * hidden)
     gate, up = gate_up.chunk(2, dim=-1)
-    out.append(("silu_and_mul", triton_ops.silu_and_mul(gate_up.to(device)), torch.nn.functional.silu(gate) * up))
+    out.append(("silu_and_mul", ops.silu_and_mul(gate_up.to(device)), torch.nn.functional.silu(gate) * up))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Warm-up on CPU with fake compile jobs: markers, keys, invalidation, timeouts, crash-marker kills."""
+"""Warm-up on CPU with fake compile jobs: markers, keys, invalidation, timeouts, kills on a recorded failure."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import psutil
 
-from tpfleet.warmup.markers import KERNEL_SOURCES, MarkerStore, marker_key, sources_hash
-from tpfleet.warmup.runner import RESULT_PREFIX, Job, run_job, run_warmup
+from tpfleet.warmup.markers import MarkerStore, kernel_sources, marker_key, sources_hash
+from tpfleet.phases import WARMUP_RESULT_PREFIX
+from tpfleet.warmup.runner import Job, run_job, run_warmup
 
 VERSIONS = {"tpfleet": "0.1.0", "torch": "2.11", "triton": "3.6", "cuda": "13.0", "arch": "sm_90"}
 
@@ -36,7 +37,7 @@ def runs(tmp_path, name):
 BUILD = f"""
 (cache / 'kernel.so').write_bytes(b'compiled')
 print('compiling...', flush=True)
-print({RESULT_PREFIX!r} + ' ' + json.dumps({{'hits': 0, 'misses': 1}}), flush=True)
+print({WARMUP_RESULT_PREFIX!r} + ' ' + json.dumps({{'hits': 0, 'misses': 1}}), flush=True)
 """
 
 
@@ -51,10 +52,25 @@ def test_key_covers_versions_config_and_sources():
 
 
 def test_every_triton_kernel_module_is_in_the_marker_key():
-    """A kernel module left out of KERNEL_SOURCES would let a stale marker skip a needed warm-up."""
+    """A kernel module left out of the kernel sources would let a stale marker skip a needed warm-up."""
     root = Path(__file__).parents[1] / "tpfleet"
     jit_modules = {str(f.relative_to(root)) for f in root.rglob("*.py") if "@triton.jit" in f.read_text()}
-    assert jit_modules and jit_modules <= set(KERNEL_SOURCES)
+    assert jit_modules and jit_modules <= set(kernel_sources())
+
+
+def test_every_file_under_kernels_is_in_the_marker_key(tmp_path):
+    """The CUDA sources count as the Triton modules do, and so does a kernel file added later."""
+    assert "kernels/csrc/custom_all_reduce.cu" in kernel_sources()
+    (tmp_path / "kernels" / "csrc").mkdir(parents=True)
+    (tmp_path / "kernels" / "gemv.py").write_text("v1")
+    (tmp_path / "kernels" / "csrc" / "k.cu").write_text("v1")
+    (tmp_path / "outside.py").write_text("not a kernel")
+    assert kernel_sources(tmp_path) == ["kernels/csrc/k.cu", "kernels/gemv.py"]
+    before = sources_hash(tmp_path)
+    (tmp_path / "outside.py").write_text("changed")
+    assert sources_hash(tmp_path) == before
+    (tmp_path / "kernels" / "new.py").write_text("")
+    assert sources_hash(tmp_path) != before
 
 
 def test_second_run_is_a_no_op_and_a_wiped_cache_is_rebuilt(tmp_path):
@@ -87,7 +103,14 @@ def test_last_log_lines_are_printed_on_every_path(tmp_path):
         assert "last lines:" in summary and f"[{name}]   | marker-line-{name}" in summary
 
 
-def test_timeout_and_crash_marker_kill_the_whole_process_group(tmp_path):
+RECORD_FAILURE = """
+from tpfleet import exits
+exits.write(os.environ['TPFLEET_EXIT_RECORD'],
+            exits.ExitRecord('rank', 1, os.getpid(), 'weights_loaded', 'RuntimeError', 'rank 1 ran out of memory'))
+"""
+
+
+def test_timeout_and_a_recorded_failure_kill_the_whole_process_group(tmp_path):
     grandchild = """
 import subprocess
 p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
@@ -95,13 +118,21 @@ p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
 """
     for name, body, status in (
         ("hang", grandchild + "print('started', flush=True); time.sleep(600)", "timeout"),
-        ("crash", grandchild + "print('Traceback (most recent call last):', flush=True); time.sleep(600)", "crashed"),
+        ("crash", grandchild + RECORD_FAILURE + "print('no exit', flush=True); time.sleep(600)", "crashed"),
     ):
         result, _ = run_job(fake_job(tmp_path, name, body, timeout=5), out=io.StringIO())
         assert result.status == status, result
         pid = int((tmp_path / "cache" / "grandchild.pid").read_text())
         gone = not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         assert gone, f"{name}: grandchild {pid} survived"
+        if name == "crash":  # the record, not the output, says why
+            assert result.seconds < 5 and "rank 1" in result.detail
+            assert "in phase weights_loaded: RuntimeError: rank 1 ran out of memory" in result.detail
+
+
+def test_a_recorded_failure_fails_a_job_that_exits_zero(tmp_path):
+    result, _ = run_job(fake_job(tmp_path, "quiet", RECORD_FAILURE + BUILD), out=io.StringIO())
+    assert result.status == "failed" and "RuntimeError: rank 1 ran out of memory" in result.detail
 
 
 def test_failed_jobs_leave_no_marker(tmp_path):

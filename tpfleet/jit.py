@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tpfleet import env
+
 log = logging.getLogger("tpfleet.jit")
 
 
@@ -26,17 +28,11 @@ class JitUnavailable(RuntimeError):
     """No toolchain, or the build failed: callers fall back to a path that needs no compilation."""
 
 
-def cache_root() -> Path:
-    if os.environ.get("TPFLEET_CACHE_DIR"):
-        return Path(os.environ["TPFLEET_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tpfleet"
-
-
 def default_triton_cache() -> None:
     """Keep Triton's kernels beside tpfleet's own JIT cache (unless TRITON_CACHE_DIR says otherwise),
     so that `tpfleet warmup` fills the cache every engine reads, however the engine was started.
     Set before any rank is spawned: the ranks inherit it."""
-    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_root() / "triton"))
+    os.environ.setdefault(env.TRITON_CACHE_DIR, str(env.cache_root() / "triton"))
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -145,7 +141,7 @@ def build_library(spec: BuildSpec) -> Path:
     if nvcc is None:
         raise JitUnavailable("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     key = spec.key(nvcc_version(nvcc))
-    entry = cache_root() / "jit" / f"{spec.name}-sm{spec.arch}-{key}"
+    entry = env.cache_root() / "jit" / f"{spec.name}-sm{spec.arch}-{key}"
     lib = entry / f"{spec.name}.so"
     STATS.entries.append(str(entry))
     if lib.is_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tpfleet.attention.backend import AttentionBackend, AttentionMetadata
-from tpfleet.attention.triton_kernels import decode_attention, extend_attention, store_kv
+from tpfleet.kernels.attention import decode_attention, extend_attention, store_kv
 
 
 class TritonBackend(AttentionBackend):

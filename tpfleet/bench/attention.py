@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from tpfleet.attention.triton_kernels import MIN_SPLIT_TOKENS, decode_attention
 from tpfleet.bench.engine import copy_bandwidth
 from tpfleet.bench.gemv import graph_time_us
+from tpfleet.kernels.attention import MIN_SPLIT_TOKENS, decode_attention
 
 KV_HEADS, GROUP, HEAD_DIM, PAGE = 8, 4, 128, 16
 CONTEXTS = (144, 512, 2048, 8192)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from tpfleet import pdl
 from tpfleet.config import EngineConfig
 from tpfleet.engine.llm_engine import LLMEngine
-from tpfleet.engine.model_runner import ModelInput
+from tpfleet.engine.step_input import ModelInput
 from tpfleet.engine.sequence import SamplingParams
+from tpfleet.kernels import pdl
 
 DECODE_BATCHES = (1, 8, 64, 256)
 
@@ -318,7 +318,7 @@ def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: 
         # that every kernel the timed run needs is compiled, then the prefix cache is emptied so that the
         # timed run reuses nothing. Measured: the first run in a process is up to 1.5x slower; after a
         # 64-sequence warm-up, a fresh machine's first process still ran 13% slower than its second
-        # (docs/benchmarks.md, sixth session).
+        # (docs/benchmarks.md).
         result["offline_warmup"] = offline_throughput(engine, lens, seed=1)
         engine.flush_cache()
         result["offline"] = offline_throughput(engine, lens)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tpfleet.bench.engine import copy_bandwidth
-from tpfleet.model import gemv, triton_ops
+from tpfleet.kernels import gemv, ops
 
 # Qwen3-8B's projections: name, output features, input features, fused prologue
 SHAPES = {1: [("qkv", 6144, 4096, "norm"), ("o_proj", 4096, 4096, "plain"),
@@ -61,8 +61,8 @@ def _ops(kind: str, xs: dict, weights: list[torch.Tensor], config: dict | None):
         if kind == "plain":
             return torch.matmul(x, w.t())
         if kind == "norm":
-            return torch.matmul(triton_ops.rms_norm(x, nw, EPS, res)[0], w.t())
-        return torch.matmul(triton_ops.silu_and_mul(gate_up), w.t())
+            return torch.matmul(ops.rms_norm(x, nw, EPS, res)[0], w.t())
+        return torch.matmul(ops.silu_and_mul(gate_up), w.t())
 
     return ours, peer
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -18,9 +19,9 @@ from tpfleet.comm.custom_ar import CommError, CustomAllReduce, load_library
 from tpfleet.comm.dispatch import DispatchTable, load_or_tune
 from tpfleet.comm.fused_ar import FusedAllReduce
 from tpfleet.comm.fused_ar import enabled as fused_enabled
-from tpfleet.comm.fused_ar import supports as fused_supports
 from tpfleet.devices import DeviceError
 from tpfleet.jit import JitUnavailable
+from tpfleet.kernels.fused_ar import supports as fused_supports
 
 log = logging.getLogger("tpfleet.comm")
 
@@ -122,7 +123,8 @@ class Communicator:
             b = SymmMemBackend(self.symm, two_shot)
             self.backends[b.name] = b
 
-    def fused_all_reduce(self, sites: int, hidden: int, dtype: torch.dtype, fusable: bool) -> FusedAllReduce | None:
+    def fused_all_reduce(self, sites: int, hidden: int, dtype: torch.dtype, fusable: bool,
+                         site_name: Callable[[int], str] | None = None) -> FusedAllReduce | None:
         """See TPGroup.fused_all_reduce. Its regions come from the custom all-reduce, which must work.
         Not fusing is a supported configuration, not a failure: it is logged as information."""
         if not fusable:
@@ -137,7 +139,7 @@ class Communicator:
         if failed:
             self._disable("fused", failed, logging.INFO)
             return None
-        self.fused = FusedAllReduce.over_ipc(self.custom, sites, hidden, self.timeout_s)
+        self.fused = FusedAllReduce.over_ipc(self.custom, sites, hidden, self.timeout_s, site_name)
         return self.fused
 
     def input_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, mode: str | None = None) -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""tpfleet's IPC custom all-reduce: the host side of csrc/custom_all_reduce.cu.
+"""tpfleet's IPC custom all-reduce: the host side of tpfleet/kernels/csrc/custom_all_reduce.cu.
 
 What makes it safe where others fail at start-up:
 - its memory comes from cudaMalloc in its own library, never from PyTorch's allocator, so it can be
@@ -21,14 +21,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tpfleet import pdl
+from tpfleet import env, kernels
 from tpfleet.devices import DeviceError, local_uuid
-from tpfleet.jit import BuildSpec, build_library, cache_root, write_atomic
+from tpfleet.jit import BuildSpec, build_library, write_atomic
+from tpfleet.kernels import pdl
 
 log = logging.getLogger("tpfleet.comm")
 
 MAX_RANKS = 8
-_SOURCE = Path(__file__).parent / "csrc" / "custom_all_reduce.cu"
+_SOURCE = Path(kernels.__file__).parent / "csrc" / "custom_all_reduce.cu"
 SOURCE_HASH = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _libs: dict[str, ctypes.CDLL] = {}
@@ -186,7 +187,7 @@ class CustomAllReduce:
     def _verify_ipc(self) -> None:
         """Write a pattern into our own slots, read every peer's through its mapping, compare."""
         key = ",".join(sorted(self.uuids))
-        cache = cache_root() / "ipc_checks.json"
+        cache = env.cache_root() / "ipc_checks.json"
         known = json.loads(cache.read_text()) if cache.is_file() else {}
         if known.get(key):
             return

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from tpfleet import env
 from tpfleet.comm.backends import Backend, SymmMemBackend
-from tpfleet.jit import STATS, cache_root, write_atomic
+from tpfleet.jit import STATS, write_atomic
 
 log = logging.getLogger("tpfleet.comm")
 
@@ -71,7 +72,7 @@ class DispatchTable:
 
 def table_cache_path(gpu_name: str, world: int, dtype: torch.dtype, backends: list[str]) -> str:
     key = f"{gpu_name.replace(' ', '_')}-w{world}-{str(dtype).removeprefix('torch.')}-{'+'.join(sorted(backends))}"
-    return str(cache_root() / "tuning" / f"allreduce-{key}.json")
+    return str(env.cache_root() / "tuning" / f"allreduce-{key}.json")
 
 
 def time_per_call(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, pg: dist.ProcessGroup, graph: bool,

@@ -7,6 +7,7 @@ start-up arguments. The same group object is later the place where faster all-re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -40,11 +41,14 @@ class TPGroup:
         dist.all_reduce(x, group=self.pg)
         return x
 
-    def fused_all_reduce(self, sites: int, hidden: int, dtype: torch.dtype, fusable: bool) -> FusedAllReduce | None:
+    def fused_all_reduce(self, sites: int, hidden: int, dtype: torch.dtype, fusable: bool,
+                         site_name: Callable[[int], str] | None = None) -> FusedAllReduce | None:
         """The sites of batch-1 all-reduces fused into the GEMVs, or None where they cannot be: one
         rank, no custom all-reduce, `fusable` False on some rank, or turned off
-        (tpfleet.comm.fused_ar.enabled). Collective."""
-        return self.comm.fused_all_reduce(sites, hidden, dtype, fusable) if self.comm is not None else None
+        (tpfleet.comm.fused_ar.enabled). `site_name` names a site in a timeout's error. Collective."""
+        if self.comm is None:
+            return None
+        return self.comm.fused_all_reduce(sites, hidden, dtype, fusable, site_name)
 
     def input_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """Where to write a tensor that will be all-reduced next (zero copy), or None for anywhere."""

@@ -15,15 +15,12 @@ Both kinds contain the tensor-parallel all-reduces; tpfleet.comm's kernels are g
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from tpfleet.attention.backend import AttentionMetadata
-
-if TYPE_CHECKING:
-    from tpfleet.engine.model_runner import ModelInput
+from tpfleet.engine.step_input import ModelInput, StepLayout, copy_from_host, fill_pending
 
 DECODE_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
 # Piecewise graphs pay off while a step is launch-bound (a 256-token step: 31% less time). Larger
@@ -37,54 +34,37 @@ def _bucket(n: int, buckets: list[int]) -> int | None:
     return next((b for b in buckets if b >= n), None)
 
 
-def copy_from_host(values: list[int], out: torch.Tensor) -> None:
-    """out[:len(values)] = values in one asynchronous copy, from pinned memory on CUDA."""
-    out[:len(values)].copy_(torch.tensor(values, dtype=out.dtype, pin_memory=out.is_cuda), non_blocking=True)
-
-
-def flat_block_tables(tables: list[list[int]]) -> tuple[list[int], int]:
-    """Block tables as one row-major list, each row padded with zeros to the longest: (list, width)."""
-    width = max(len(t) for t in tables)
-    return [x for t in tables for x in t + [0] * (width - len(t))], width
-
-
-def fill_pending(ids: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, sampled: torch.Tensor,
-                 host_rows: list[int]) -> None:
-    """ids[rows] = sampled[src]: input tokens that the step before sampled, taken on the device
-    (`host_rows` is `rows` on the host). When they are the first rows in order (a decode batch), that
-    is one gather, written in place."""
-    if host_rows == list(range(len(host_rows))):
-        torch.index_select(sampled, 0, src, out=ids[:src.numel()])
-    else:
-        ids[rows] = sampled[src]
-
-
 class DecodeGraphs:
-    """Every graph reads its inputs from the front of two flat buffers, so a step is staged by two
-    host-to-device copies, one per integer width: int64 [ids | positions | slots | pending rows |
-    pending sources | sampled rows, when not every row samples], int32 [context lengths | block
-    tables]. The block tables then take one copy into `tables`, whose rows are as wide as the longest
-    context; everything else is read in place."""
+    """Every graph reads its inputs from the front of two flat buffers, packed as `StepLayout` says,
+    so a step is staged by two host-to-device copies, one per integer width. The block tables then
+    take one copy into `tables`, whose rows are as wide as the longest context; everything else is
+    read in place."""
 
     def __init__(self, model, device: torch.device, block_size: int, max_batch: int, max_blocks: int,
                  pool, show_progress: bool):
         self.model = model
         self.buckets = [b for b in DECODE_BUCKETS if b <= max_batch] or [1]
-        n = self.buckets[-1]
-        self.longs = torch.zeros(6 * n, dtype=torch.int64, device=device)
-        self.ints = torch.zeros(n + n * max_blocks, dtype=torch.int32, device=device)
-        self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        largest = self.buckets[-1]
+        num_longs, num_ints = StepLayout.capacity(largest, max_blocks)
+        self.longs = torch.zeros(num_longs, dtype=torch.int64, device=device)
+        self.ints = torch.zeros(num_ints, dtype=torch.int32, device=device)
+        self.tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        for bs in tqdm(sorted(self.buckets, reverse=True), desc="Capturing decode graphs", disable=not show_progress):
-            ids, positions, slots = self.longs[:3 * bs].view(3, bs)
+        for bucket in tqdm(sorted(self.buckets, reverse=True), desc="Capturing decode graphs",
+                           disable=not show_progress):
+            layout = StepLayout.padding(bucket)
+            ids = self.longs[layout.input_ids]
+            positions = self.longs[layout.positions]
+            slots = self.longs[layout.slot_mapping]
             slots.fill_(-1)  # padding rows: no KV written, nothing attended to (their context lengths are 0)
-            meta = AttentionMetadata(slots, self.tables[:bs], self.ints[:bs], [1] * bs, [1] * bs, bs, block_size)
+            meta = AttentionMetadata(slots, self.tables[:bucket], self.ints[layout.context_lens], [1] * bucket,
+                                     [1] * bucket, bucket, block_size)
             self.model(ids, positions, meta)  # warm-up: kernels compiled, handles made
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.outputs[bs] = self.model(ids, positions, meta)
-            self.graphs[bs] = g
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bucket] = self.model(ids, positions, meta)
+            self.graphs[bucket] = graph
 
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.buckets[-1]
@@ -92,24 +72,22 @@ class DecodeGraphs:
     def run(self, inp: ModelInput, sampled: torch.Tensor | None) -> torch.Tensor:
         """Stage a decode batch's inputs, padded to its bucket, and replay that bucket's graph. Pending
         input tokens come from `sampled`, the tokens of the step before, on the device. Returns the
-        final hidden states of the rows that sample."""
-        bs = len(inp.context_lens)
-        b = _bucket(bs, self.buckets)
-        pad = b - bs
-        rows, src = inp.pending_rows, inp.pending_src
-        all_rows = len(inp.logits_indices) == bs  # else a one-token prefill chunk short of its prompt's end
-        copy_from_host(inp.input_ids + [0] * pad + inp.positions + [0] * pad + inp.slot_mapping + [-1] * pad
-                       + rows + src + ([] if all_rows else inp.logits_indices), self.longs)
-        flat_tables, width = flat_block_tables(inp.block_tables)
-        copy_from_host(inp.context_lens + [0] * pad + flat_tables, self.ints)
-        self.tables[:bs, :width].copy_(self.ints[b:b + bs * width].view(bs, width))
-        p = len(rows)
-        if p:
-            fill_pending(self.longs[:b], self.longs[3 * b:3 * b + p], self.longs[3 * b + p:3 * b + 2 * p], sampled,
-                         rows)
-        self.graphs[b].replay()
-        hidden = self.outputs[b][:bs]
-        return hidden if all_rows else hidden[self.longs[3 * b + 2 * p:3 * b + 2 * p + len(inp.logits_indices)]]
+        final hidden states of the rows that sample (not every row when one is a one-token prefill
+        chunk short of its prompt's end)."""
+        batch = len(inp.context_lens)
+        bucket = _bucket(batch, self.buckets)
+        layout = StepLayout.of(inp, padded_rows=bucket, query_info=False)
+        longs, ints = layout.pack(inp)
+        copy_from_host(longs, self.longs)
+        copy_from_host(ints, self.ints)
+        width = layout.table_width
+        self.tables[:batch, :width].copy_(self.ints[layout.block_tables].view(batch, width))
+        if layout.num_pending:
+            fill_pending(self.longs[layout.input_ids], self.longs[layout.pending_rows],
+                         self.longs[layout.pending_src], sampled, inp.pending_rows)
+        self.graphs[bucket].replay()
+        hidden = self.outputs[bucket][:batch]
+        return hidden[self.longs[layout.sampled_rows]] if layout.num_sampled else hidden
 
 
 class PiecewiseGraphs:

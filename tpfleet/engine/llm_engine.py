@@ -1,44 +1,43 @@
-"""The driver: owns the scheduler and rank 0, starts ranks 1..N-1, and turns logits into text.
+"""The driver: owns the scheduler and the ranks (tpfleet.engine.rank_group), and turns logits into text.
 
 `step()` is synchronous and single-threaded; `AsyncEngine` runs it on a thread for the server.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import multiprocessing as mp
-import os
-import signal
-import threading
-import traceback
 import uuid
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 
 import torch
 from transformers import AutoTokenizer
 
-from tpfleet.comm.group import create_store
 from tpfleet.config import EngineConfig
 from tpfleet.engine.block_manager import BlockManager
 from tpfleet.engine.detokenizer import IncrementalDetokenizer
-from tpfleet.engine.model_runner import ModelInput, ModelRunner
+from tpfleet.engine.rank_group import RankGroup
 from tpfleet.engine.sampler import sample
 from tpfleet.engine.scheduler import ScheduledSeq, Scheduler
 from tpfleet.engine.sequence import InvalidRequest, SamplingParams, Sequence
-from tpfleet.engine.worker import worker_main
+from tpfleet.engine.step_input import ModelInput
 from tpfleet.jit import default_triton_cache
-from tpfleet.phases import report_phase
-
-log = logging.getLogger("tpfleet.engine")
-RANK_EXIT_PREFIX = "tpfleet rank-exit:"  # parsed by the fleet's diagnostics
 
 
 @dataclass
 class StepOutput:
     seq: Sequence
     new_text: str
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's state at one moment, as the server reports it (/get_server_info, /metrics)."""
+    num_running_reqs: int
+    num_waiting_reqs: int
+    kv_cache_usage: float  # fraction of KV-cache blocks in use
+    num_kv_blocks: int
+    max_total_num_tokens: int  # KV-cache capacity in tokens
+    num_preemptions: int  # since start
+    released: tuple[str, ...]  # memory tags given to a colocated trainer and not resumed yet, sorted
 
 
 @dataclass
@@ -60,32 +59,8 @@ class LLMEngine:
         self.cfg = cfg
         default_triton_cache()
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        self._stopping = False
-        self.workers: list[tuple[mp.Process, mp.connection.Connection]] = []
-        # The rendezvous store's server runs in this process: held here until every worker, its client,
-        # has exited (see `shutdown`).
-        self._store = store = create_store(cfg.tp_size) if cfg.tp_size > 1 else None
-        ctx = mp.get_context("spawn")
-        for rank in range(1, cfg.tp_size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(cfg, rank, store.port, child),
-                               name=f"tpfleet-rank{rank}", daemon=True)
-            proc.start()
-            child.close()
-            self.workers.append((proc, parent))
-        report_phase("ranks_started", pids=[os.getpid()] + [p.pid for p, _ in self.workers])
-        if self.workers:
-            threading.Thread(target=self._watch_workers, name="tpfleet-watchdog", daemon=True).start()
-
-        try:
-            self.runner = ModelRunner(cfg, 0, store.port if store else 0, store)
-            for rank, (proc, conn) in enumerate(self.workers, start=1):
-                status, info = conn.recv()
-                if status != "ready":
-                    raise RuntimeError(f"rank {rank} failed to start:\n{info}")
-        except BaseException:
-            self._stop_workers()  # rank 0's own error is the story: no watchdog report of the others
-            raise
+        self.ranks = RankGroup(cfg)
+        self.runner = self.ranks.driver
         self.model_config = self.runner.model_config
         self.context_length = self.runner.context_length
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -93,7 +68,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
-        self.released: set[str] = set()  # memory given back to a colocated trainer
+        # Memory tags given back to a colocated trainer; replaced, never changed in place, so that another
+        # thread's snapshot reads a consistent set.
+        self.released: frozenset[str] = frozenset()
         self.in_flight: InFlightStep | None = None
 
     # --- requests -----------------------------------------------------------------------------
@@ -138,40 +115,39 @@ class LLMEngine:
         return self.scheduler.has_work() or (self.in_flight is not None and
                                              any(not seq.is_finished for seq in self.in_flight.sampled))
 
-    # --- every rank at once: memory and weights, for colocation with a trainer -------------------
+    def snapshot(self) -> EngineSnapshot:
+        """Counts and sizes only: safe to take from another thread than the engine's."""
+        blocks, scheduler = self.block_manager, self.scheduler
+        return EngineSnapshot(num_running_reqs=len(scheduler.running), num_waiting_reqs=len(scheduler.waiting),
+                              kv_cache_usage=blocks.usage, num_kv_blocks=blocks.num_blocks,
+                              max_total_num_tokens=blocks.num_blocks * self.cfg.block_size,
+                              num_preemptions=scheduler.num_preemptions, released=tuple(sorted(self.released)))
 
-    def call_all(self, method: str, *args) -> list:
-        """Run a ModelRunner method on every rank; results in rank order. Every rank's answer is
-        collected before any failure is raised, so the pipes never hold a stale reply."""
-        for _, conn in self.workers:
-            conn.send((method, args))
-        try:
-            replies = [("ok", getattr(self.runner, method)(*args))]
-        except Exception:  # noqa: BLE001 - reported with the others below
-            replies = [("error", traceback.format_exc())]
-        replies += [conn.recv() for _, conn in self.workers]
-        errors = [f"rank {r}: {value.strip().splitlines()[-1]}" for r, (status, value) in enumerate(replies)
-                  if status != "ok"]
-        if errors:
-            raise RuntimeError(f"{method} failed: " + "; ".join(errors))
-        return [value for _, value in replies]
+    # --- every rank at once: memory and weights, for colocation with a trainer -------------------
 
     def release_memory(self, tags: list[str]) -> list[dict]:
         if self.has_work():
             raise InvalidRequest("tags", "requests are in flight: finish or abort them before releasing memory")
         self.drain()  # a step of aborted requests may still be on the GPU
-        out = self.call_all("release_memory", tags)
-        self.released |= set(tags)
+        out = self.ranks.call_all("colocation.release_memory", tags)
+        self.released = self.released | set(tags)
         return out
 
     def resume_memory(self, tags: list[str]) -> list[dict]:
-        out = self.call_all("resume_memory", tags)
-        self.released -= set(tags)
+        out = self.ranks.call_all("colocation.resume_memory", tags)
+        self.released = self.released - set(tags)
         self.block_manager.reset_prefix_cache()  # the KV contents did not survive
         return out
 
-    def update_weights(self, method: str, arg) -> list[dict]:
-        out = self.call_all(method, arg)
+    def update_weights_from_disk(self, model_dir: str) -> list[dict]:
+        return self._update_weights("colocation.update_weights_from_disk", model_dir)
+
+    def update_weights_from_tensor(self, payloads: list[str]) -> list[dict]:
+        """`payloads`: one serialized payload for every rank, or one per rank."""
+        return self._update_weights("colocation.update_weights_from_tensor", payloads)
+
+    def _update_weights(self, method: str, arg) -> list[dict]:
+        out = self.ranks.call_all(method, arg)
         self.block_manager.reset_prefix_cache()  # cached prefixes were computed by the old weights
         return out
 
@@ -200,8 +176,7 @@ class LLMEngine:
     def _launch(self, batch: list[ScheduledSeq]) -> InFlightStep:
         pending = {seq.rid: i for i, seq in enumerate(self.in_flight.sampled)} if self.in_flight else {}
         inp = ModelInput.build(batch, self.cfg.block_size, pending)
-        for _, conn in self.workers:
-            conn.send(("run", (inp,)))
+        self.ranks.send_step(inp)
         sampled = [s.seq for s in batch if s.samples]
         tokens = self.runner.run(inp, lambda logits: sample(logits, sampled))
         for s in batch:
@@ -250,43 +225,5 @@ class LLMEngine:
 
     # --- lifecycle --------------------------------------------------------------------------------
 
-    def _watch_workers(self) -> None:
-        """A dead rank would leave the others blocked in a collective forever: end the engine at once."""
-        sentinels = {proc.sentinel: (rank, proc) for rank, (proc, _) in enumerate(self.workers, start=1)}
-        ready = wait(list(sentinels))
-        if self._stopping:
-            return
-        rank, proc = sentinels[ready[0]]
-        proc.join(timeout=1)
-        code = proc.exitcode
-        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        print(f"{RANK_EXIT_PREFIX} {json.dumps({'rank': rank, 'pid': proc.pid, 'exitcode': code})}", flush=True)
-        log.critical("rank %d (pid %d) died with %s; stopping the engine", rank, proc.pid, how)
-        for p, _ in self.workers:
-            if p.is_alive():
-                p.kill()
-        os._exit(70)
-
-    def _stop_workers(self) -> None:
-        self._stopping = True
-        for proc, _ in self.workers:
-            proc.kill()
-            proc.join(timeout=10)
-
     def shutdown(self) -> None:
-        self._stopping = True
-        for proc, conn in self.workers:
-            try:
-                conn.send(("exit", ()))
-            except (BrokenPipeError, OSError):
-                pass
-        self.runner.shutdown()
-        for proc, conn in self.workers:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-            conn.close()
-        self.workers = []
-        # Now that no client is left, stop the store's server thread here, not at interpreter exit.
-        self._store = None
+        self.ranks.shutdown()

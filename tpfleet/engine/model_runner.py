@@ -1,9 +1,10 @@
 """One tensor-parallel rank: its shard of the model, its KV pool, and the forward pass.
 
-Rank 0 (the driver) turns scheduled sequences into a `ModelInput` of plain lists, sends it to
-the other ranks, and runs the same forward itself; the collectives inside the layers keep the
-ranks in step. Only the driver receives logits, except that a greedy batch-1 step on GPUs picks its
-token on every rank without gathering them (tpfleet.model.greedy).
+Rank 0 (the driver) turns scheduled sequences into a `ModelInput` of plain lists (step_input.py),
+sends it to the other ranks, and runs the same forward itself; the collectives inside the layers
+keep the ranks in step. Only the driver receives logits, except that a greedy batch-1 step on GPUs
+picks its token on every rank without gathering them (the model's `greedy_token`). Giving memory to a
+colocated trainer and loading new weights in place is the business of `self.colocation`.
 """
 
 from __future__ import annotations
@@ -11,24 +12,23 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from tpfleet import env
 from tpfleet.attention.backend import AttentionMetadata, get_backend
 from tpfleet.comm.group import TPGroup, init_tp_group
 from tpfleet.config import EngineConfig
 from tpfleet.devices import DeviceError, local_uuid
+from tpfleet.engine.colocation import Colocation
 from tpfleet.engine.cuda_graphs import capture as capture_graphs
-from tpfleet.engine.cuda_graphs import fill_pending, flat_block_tables
-from tpfleet.engine.scheduler import ScheduledSeq
-from tpfleet.engine.weight_sync import deserialize_named_tensors
+from tpfleet.engine.step_input import ModelInput, StepLayout, fill_pending, to_device
 from tpfleet.jit import STATS as JIT_STATS
 from tpfleet.jit import track_triton
 from tpfleet.model.config import ModelConfig, parse_dtype
-from tpfleet.model.loader import load_named_tensors, load_weights
-from tpfleet.model.qwen3 import Qwen3ForCausalLM
+from tpfleet.model.loader import load_weights
+from tpfleet.model.registry import build_model
 from tpfleet.phases import report_phase
 
 CPU_DEFAULT_KV_TOKENS = 65536
@@ -38,7 +38,7 @@ def jit_report(triton_tracked: bool) -> dict:
     """What start-up compiled, tuned or found cached, and the seconds it took: a cold start shows here."""
     return {"jit": JIT_STATS.report(),
             "triton_tracked": triton_tracked,  # False: this Triton cannot report its compilations
-            "triton_cache": os.environ.get("TRITON_CACHE_DIR")}
+            "triton_cache": os.environ.get(env.TRITON_CACHE_DIR)}
 
 
 def check_device(rank: int, device: torch.device, expected_uuid: str) -> None:
@@ -49,51 +49,13 @@ def check_device(rank: int, device: torch.device, expected_uuid: str) -> None:
                           f"{expected_uuid} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
 
 
-@dataclass
-class ModelInput:
-    input_ids: list[int]  # 0 where a token is still pending on the device
-    positions: list[int]
-    slot_mapping: list[int]
-    block_tables: list[list[int]]
-    context_lens: list[int]
-    query_lens: list[int]
-    num_decodes: int
-    logits_indices: list[int]  # token rows whose logits are sampled
-    pending_rows: list[int]  # rows whose token is the previous step's sample number pending_src[i]
-    pending_src: list[int]
-    greedy: bool = False  # every sampled row is greedy
-
-    @classmethod
-    def build(cls, batch: list[ScheduledSeq], block_size: int, pending: dict[str, int] | None = None) -> ModelInput:
-        """`pending` maps a request id to its row among the previous step's samples, which the
-        device still holds: its next input token is read from there, never from the host."""
-        inp = cls([], [], [], [], [], [], 0, [], [], [])
-        for s in batch:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            end = start + s.num_tokens
-            known = seq.token_ids[start:end]
-            if len(known) < s.num_tokens:  # the one pending token, last of a decode
-                inp.pending_rows.append(len(inp.input_ids) + len(known))
-                inp.pending_src.append(pending[seq.rid])
-                known = known + [0]
-            inp.input_ids += known
-            inp.positions += range(start, end)
-            inp.slot_mapping += [seq.block_table[p // block_size] * block_size + p % block_size
-                                 for p in range(start, end)]
-            inp.block_tables.append(seq.block_table)
-            inp.context_lens.append(end)
-            inp.query_lens.append(s.num_tokens)
-            inp.num_decodes += s.num_tokens == 1
-            if s.samples:
-                inp.logits_indices.append(len(inp.input_ids) - 1)
-        inp.greedy = all(s.seq.params.greedy for s in batch if s.samples)
-        return inp
-
-
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, rank: int, store_port: int, store: dist.TCPStore | None = None):
+    def __init__(self, cfg: EngineConfig, rank: int, store_port: int, store: dist.TCPStore | None = None,
+                 on_phase: Callable[[str], None] | None = None):
+        """`on_phase` hears each start-up phase this rank reaches (rank 0 reports them to the log)."""
         self.cfg = cfg
         self.rank = rank
+        self.on_phase = on_phase
         self.device = torch.device(cfg.rank_device(rank))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -116,24 +78,35 @@ class ModelRunner:
         prev = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         with torch.device(self.device):
-            self.model = Qwen3ForCausalLM(self.model_config, self.tp, get_backend(cfg.resolved_attention_backend))
+            self.model = build_model(self.model_config, self.tp, get_backend(cfg.resolved_attention_backend),
+                                     ep_size=cfg.ep_size,
+                                     max_num_tokens=max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
         torch.set_default_dtype(prev)
         load_weights(self.model, cfg.model, show_progress=rank == 0)
         self.timings["load_weights_s"] = time.perf_counter() - t0
-        if rank == 0:
-            report_phase("weights_loaded", seconds=round(self.timings["load_weights_s"], 2))
+        self._reached("weights_loaded", seconds=round(self.timings["load_weights_s"], 2))
 
         self.num_blocks = self._agree_on_num_blocks()
-        self._allocate_kv_cache()
-        if rank == 0:
-            report_phase("kv_cache_allocated", blocks=self.num_blocks, tokens=self.num_blocks * cfg.block_size)
+        self.allocate_kv_cache()
+        self._reached("kv_cache_allocated", blocks=self.num_blocks, tokens=self.num_blocks * cfg.block_size)
         self.decode_graphs = self.piecewise_graphs = None
         if cfg.resolved_graph_mode != "eager":
-            self._capture_graphs()
-        if rank == 0:
-            report_phase("jit_caches", **jit_report(triton_tracked))
+            self.capture_graphs()
+        self._reached("jit_caches", **(jit_report(triton_tracked) if rank == 0 else {}))
+        self.colocation = Colocation(self)
 
-    def _capture_graphs(self) -> None:
+    def _reached(self, phase: str, **info) -> None:
+        if self.rank == 0:
+            report_phase(phase, **info)
+        if self.on_phase is not None:
+            self.on_phase(phase)
+
+    @property
+    def has_graphs(self) -> bool:
+        return self.decode_graphs is not None
+
+    def capture_graphs(self) -> None:
+        """Capture (again: the graphs hold the addresses of the weights and the KV cache they saw)."""
         cfg = self.cfg
         self.decode_graphs = self.piecewise_graphs = None  # free the old ones before capturing anew
         max_blocks = -(-self.context_length // cfg.block_size)
@@ -141,8 +114,7 @@ class ModelRunner:
             self.model, self.device, cfg.block_size, min(cfg.max_num_seqs, 512), max_blocks,
             cfg.max_num_batched_tokens, cfg.resolved_graph_mode, show_progress=self.rank == 0)
         self.timings["graph_capture_s"] = stats["seconds"]
-        if self.rank == 0:
-            report_phase("graphs_captured", **stats)
+        self._reached("graphs_captured", **stats)
 
     # --- KV cache -----------------------------------------------------------------------------
 
@@ -170,7 +142,7 @@ class ModelRunner:
                                f"(mem_fraction_static={self.cfg.mem_fraction_static}); raise it or use more GPUs")
         return n
 
-    def _allocate_kv_cache(self) -> None:
+    def allocate_kv_cache(self) -> None:
         attn = self.model.layers[0].self_attn
         shape = (2, len(self.model.layers), self.num_blocks, self.cfg.block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -178,40 +150,42 @@ class ModelRunner:
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]
 
+    def free_kv_cache(self) -> int:
+        """Drop the KV cache; returns its size in bytes (0 when there was none)."""
+        if self.kv_cache is None:
+            return 0
+        size = self.kv_cache.numel() * self.kv_cache.element_size()
+        self.kv_cache = None
+        for layer in self.model.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = torch.empty(0)
+        return size
+
     # --- forward ------------------------------------------------------------------------------
 
     def _to_device(self, inp: ModelInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
         """Every input of a step in two host-to-device copies (one per integer width), from pinned
         memory so they are asynchronous, rather than one synchronising copy per field. Pending input
-        tokens are then filled in from the previous step's samples, device to device."""
-        n, b, p = len(inp.input_ids), len(inp.query_lens), len(inp.pending_rows)
-        ints, width = flat_block_tables(inp.block_tables)
-        starts = [0]
-        for q in inp.query_lens[:-1]:
-            starts.append(starts[-1] + q)
-        all_rows = len(inp.logits_indices) == n  # a pure decode batch samples every row, in order
-        longs = inp.input_ids + inp.positions + inp.slot_mapping + inp.pending_rows + inp.pending_src
-        longs += [] if all_rows else inp.logits_indices
-        ints += inp.context_lens + starts + inp.query_lens
-        pin = self.device.type == "cuda"
-        longs = torch.tensor(longs, dtype=torch.int64, pin_memory=pin).to(self.device, non_blocking=True)
-        ints = torch.tensor(ints, dtype=torch.int32, pin_memory=pin).to(self.device, non_blocking=True)
-        ids = longs[:n]
-        if p:
-            fill_pending(ids, longs[3 * n:3 * n + p], longs[3 * n + p:3 * n + 2 * p], self.sampled, inp.pending_rows)
-        ctx = b * width
+        tokens are then filled in from the previous step's samples, device to device. Returns the
+        input ids, the positions, the attention metadata and the rows that sample (None: every row)."""
+        layout = StepLayout.of(inp)
+        host_longs, host_ints = layout.pack(inp)
+        longs = to_device(host_longs, torch.int64, self.device)
+        ints = to_device(host_ints, torch.int32, self.device)
+        ids = longs[layout.input_ids]
+        if layout.num_pending:
+            fill_pending(ids, longs[layout.pending_rows], longs[layout.pending_src], self.sampled, inp.pending_rows)
         meta = AttentionMetadata(
-            slot_mapping=longs[2 * n:3 * n],
-            block_tables=ints[:ctx].view(b, width),
-            context_lens=ints[ctx:ctx + b],
+            slot_mapping=longs[layout.slot_mapping],
+            block_tables=ints[layout.block_tables].view(layout.num_seqs, layout.table_width),
+            context_lens=ints[layout.context_lens],
             query_lens=inp.query_lens,
             context_lens_host=inp.context_lens,
             num_decodes=inp.num_decodes,
             block_size=self.cfg.block_size,
-            query_start=ints[ctx + b:ctx + 2 * b],
-            query_lens_dev=ints[ctx + 2 * b:],
+            query_start=ints[layout.query_start],
+            query_lens_dev=ints[layout.query_lens],
         )
-        return ids, longs[n:2 * n], meta, None if all_rows else longs[3 * n + 2 * p:]
+        return ids, longs[layout.positions], meta, longs[layout.sampled_rows] if layout.num_sampled else None
 
     @torch.inference_mode()
     def run(self, inp: ModelInput,
@@ -253,54 +227,8 @@ class ModelRunner:
             self.tp.broadcast_from_driver(tokens)
         return tokens
 
-    # --- colocation with a trainer -------------------------------------------------------------------
-
-    def _device_free(self) -> int:
-        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
-
-    def release_memory(self, tags: list[str]) -> dict:
-        """Drop the KV cache and/or move weights to host memory; report what was actually freed."""
-        free_before = self._device_free()
-        released = 0
-        if "kv_cache" in tags and self.kv_cache is not None:
-            released += self.kv_cache.numel() * self.kv_cache.element_size()
-            self.kv_cache = None
-            for layer in self.model.layers:
-                layer.self_attn.k_cache = layer.self_attn.v_cache = torch.empty(0)
-        if "weights" in tags and self.device.type == "cuda":
-            released += sum(p.numel() * p.element_size() for p in self.model.parameters())
-            self.model.to("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-        return {"rank": self.rank, "released_tensor_bytes": released,
-                "device_freed_bytes": self._device_free() - free_before}
-
-    def resume_memory(self, tags: list[str]) -> dict:
-        free_before = self._device_free()
-        if "weights" in tags and self.device.type == "cuda":
-            self.model.to(self.device)
-        if "kv_cache" in tags and self.kv_cache is None:
-            self._allocate_kv_cache()
-        if self.decode_graphs is not None:
-            self._capture_graphs()  # the graphs point at the old addresses of weights and KV cache
-        return {"rank": self.rank, "device_taken_bytes": free_before - self._device_free()}
-
-    def update_weights_from_disk(self, model_dir: str) -> dict:
-        t0 = time.perf_counter()
-        load_weights(self.model, model_dir, show_progress=False)
-        return {"rank": self.rank, "seconds": time.perf_counter() - t0}
-
-    def update_weights_from_tensor(self, payloads: list[str]) -> dict:
-        """`payloads` has one entry for all ranks, or one per rank (each made on that rank's GPU)."""
-        named = deserialize_named_tensors(payloads[self.rank if len(payloads) > 1 else 0])
-        loaded = load_named_tensors(self.model, named)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the sender may free its tensors once we answer
-        return {"rank": self.rank, "tensors": len(named), "params": len(loaded)}
-
     def shutdown(self) -> None:
-        self.decode_graphs = self.piecewise_graphs = None
+        self.decode_graphs = self.piecewise_graphs = self.colocation = None
         self.tp.destroy()
         self.model = self.kv_cache = None
         if self.device.type == "cuda":

@@ -2,7 +2,8 @@
 
 A pipe is anonymous, so nothing here has a name that another engine could collide with. The
 worker dies with its parent (PR_SET_PDEATHSIG), ignores Ctrl-C (the driver decides when to stop),
-and exits when the pipe closes, so it can never outlive the engine that started it.
+and exits when the pipe closes, so it can never outlive the engine that started it. A rank that
+fails with an exception writes its own exit record (tpfleet.exits) before it dies.
 """
 
 from __future__ import annotations
@@ -10,21 +11,67 @@ from __future__ import annotations
 import signal
 import traceback
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
+from tpfleet import env, exits
 from tpfleet.config import EngineConfig
+from tpfleet.exits import ExitRecord
 from tpfleet.lifecycle import die_with_parent
+
+if TYPE_CHECKING:
+    from tpfleet.engine.model_runner import ModelRunner
+
+SERVING = "serving"  # the phase of a rank that finished starting
+
+
+class RankProgress:
+    """The phase a rank has reached: the start-up phases its ModelRunner passes, then "serving" for
+    good (a re-capture of graphs after a memory resume is not start-up)."""
+
+    def __init__(self) -> None:
+        self.phase = "ranks_started"
+
+    def reach(self, phase: str) -> None:
+        if self.phase != SERVING:
+            self.phase = phase
+
+
+def record_rank_failure(exc: BaseException, rank: int, phase: str) -> None:
+    """Write rank `rank`'s exit record for `exc`, if this engine's launcher asked for records."""
+    path = env.exit_record_path()
+    if path is not None:
+        exits.write(exits.rank_path(path, rank), ExitRecord.from_exception(exc, "rank", rank, phase))
+
+
+def call_method(runner: ModelRunner, name: str, *args):
+    """Call the method that `name` names on `runner`: "run", or a dotted path such as
+    "colocation.release_memory"."""
+    target = runner
+    for part in name.split("."):
+        target = getattr(target, part)
+    return target(*args)
 
 
 def worker_main(cfg: EngineConfig, rank: int, store_port: int, conn: Connection) -> None:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    progress = RankProgress()
+    try:
+        _serve(cfg, rank, store_port, conn, progress)
+    except Exception as exc:
+        record_rank_failure(exc, rank, progress.phase)
+        raise
+
+
+def _serve(cfg: EngineConfig, rank: int, store_port: int, conn: Connection, progress: RankProgress) -> None:
     from tpfleet.engine.model_runner import ModelRunner
 
     try:
-        runner = ModelRunner(cfg, rank, store_port)
+        runner = ModelRunner(cfg, rank, store_port, on_phase=progress.reach)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         raise
+    progress.reach(SERVING)
     conn.send(("ready", runner.num_blocks))
     while True:
         try:
@@ -37,7 +84,7 @@ def worker_main(cfg: EngineConfig, rank: int, store_port: int, conn: Connection)
             runner.run(*args)
             continue
         try:
-            conn.send(("ok", getattr(runner, method)(*args)))
+            conn.send(("ok", call_method(runner, method, *args)))
         except Exception:  # noqa: BLE001 - reported to the driver, which decides
             conn.send(("error", traceback.format_exc()))
     runner.shutdown()

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpfleet.comm.fused_ar import FusedAllReduce
 from tpfleet.comm.group import TPGroup
+from tpfleet.kernels.fused_ar import Exchange
 
 try:  # fused kernels for CUDA tensors; CPU-only installs may lack Triton and use the torch code
-    from tpfleet.model import gemv, greedy, triton_ops
+    from tpfleet.kernels import gemv, greedy, ops
 except ImportError:
-    gemv = greedy = triton_ops = None
+    gemv = greedy = ops = None
 
 
 def divide(n: int, d: int, what: str) -> int:
@@ -100,7 +100,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool = False):
         super().__init__()
         self.tp = tp
-        self.site = 0  # its all-reduce's site when fused (tpfleet.comm.fused_ar): set by the model
+        self.site = 0  # its all-reduce's site when fused (tpfleet.model.ar_sites): set by the model
         self.in_per_rank = divide(in_features, tp.world_size, "input features")
         self.weight = _param(out_features, self.in_per_rank, loader=self.load_weight)
         self.bias = _param(out_features, loader=self.load_bias) if bias else None
@@ -111,12 +111,11 @@ class RowParallelLinear(nn.Module):
     def load_bias(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         param.data.copy_(loaded)
 
-    def forward(self, x: torch.Tensor, silu_mul: bool = False,
-                fused: FusedAllReduce | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul: bool = False, fused: Exchange | None = None) -> torch.Tensor:
         """With `silu_mul`, x is [gate | up] and the product is of silu(gate) * up (the MLP's down
         projection); for one row on GPU the GEMV applies it as it loads x. With `fused` (batch-1
         decode, TP > 1, the model having checked that the shapes fit) the GEMV all-reduces its own
-        output, each block its own slice (tpfleet.comm.fused_ar)."""
+        output, each block its own slice (tpfleet.kernels.fused_ar)."""
         if fused is not None:
             launch = gemv.silu_mul_linear if silu_mul else gemv.linear
             return launch(x, self.weight, all_reduce=(fused, self.site))
@@ -141,7 +140,7 @@ class VocabParallelEmbedding(nn.Module):
         self.start = tp.rank * self.rows_per_rank
         self.end = min(self.start + self.rows_per_rank, vocab_size)
         self.weight = _param(self.rows_per_rank, hidden, loader=self.load_weight)
-        # Its exchange's site when fused (tpfleet.comm.fused_ar), set by the model: the embedding's
+        # Its exchange's site when fused (tpfleet.model.ar_sites), set by the model: the embedding's
         # all-reduce, or the LM head's greedy token
         self.site = 0
 
@@ -150,12 +149,12 @@ class VocabParallelEmbedding(nn.Module):
         param.data.zero_()
         param.data[:n].copy_(loaded[self.start:self.end])
 
-    def forward(self, ids: torch.Tensor, fused: FusedAllReduce | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, fused: Exchange | None = None) -> torch.Tensor:
         """With `fused` (batch-1 decode on GPU, TP > 1) one kernel looks the row up and all-reduces it."""
         if self.tp.world_size == 1:
             return F.embedding(ids, self.weight)
         if fused is not None:
-            return triton_ops.embedding_all_reduce(ids, self.weight, self.start, self.end, fused, self.site)
+            return ops.embedding_all_reduce(ids, self.weight, self.start, self.end, fused, self.site)
         mine = (ids >= self.start) & (ids < self.end)
         y = F.embedding((ids - self.start) * mine, self.weight) * mine.unsqueeze(-1)
         return self.tp.all_reduce(y)
@@ -171,9 +170,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
         return logits[..., : self.vocab_size] if logits is not None else None
 
-    def greedy(self, hidden: torch.Tensor, fused: FusedAllReduce | None) -> torch.Tensor:
+    def greedy(self, hidden: torch.Tensor, fused: Exchange | None) -> torch.Tensor:
         """The argmax token of one row on GPU, on every rank: each reduces its own shard (its padding
-        left out), and at TP > 1 the ranks agree through `fused` (tpfleet.model.greedy)."""
+        left out), and at TP > 1 the ranks agree through `fused` (tpfleet.kernels.greedy)."""
         logits = F.linear(hidden, self.weight)[..., : self.end - self.start]
         if self.scratch is None:
             self.scratch = greedy.GreedyScratch(self.end - self.start, hidden.device)
@@ -190,7 +189,7 @@ class RMSNorm(nn.Module):
         """With `residual`, adds it first and returns (normed, new_residual): the pre-norm block pattern.
         On GPU one fused kernel; the torch code below is its reference."""
         if x.is_cuda:
-            return triton_ops.rms_norm(x, self.weight, self.eps, residual)
+            return ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -223,6 +222,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda:
-        return triton_ops.silu_and_mul(x)
+        return ops.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from tpfleet.attention.backend import AttentionBackend, AttentionMetadata
-from tpfleet.comm.fused_ar import EMBEDDING_SITE, GREEDY_SITE, FusedAllReduce, layer_sites, site_count
 from tpfleet.comm.group import TPGroup
+from tpfleet.kernels.fused_ar import Exchange
+from tpfleet.model.ar_sites import EMBEDDING_SITE, GREEDY_SITE, layer_sites, site_count, site_name
 from tpfleet.model.config import ModelConfig
 from tpfleet.model.layers import (
     MergedColumnParallelLinear,
@@ -20,7 +21,7 @@ from tpfleet.model.layers import (
     divide,
     gemv,
     greedy,
-    triton_ops,
+    ops,
 )
 
 
@@ -46,9 +47,9 @@ class Qwen3Attention(nn.Module):
         and come back as None."""
         if qkv.is_cuda:  # one fused kernel; the torch code below is its reference
             kv_cache = (self.k_cache, self.v_cache, meta.slot_mapping) if meta is not None else None
-            return triton_ops.qk_norm_rope(qkv, positions, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
-                                           self.rotary.cos, self.rotary.sin, self.num_heads, self.num_kv_heads,
-                                           self.head_dim, kv_cache)
+            return ops.qk_norm_rope(qkv, positions, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                    self.rotary.cos, self.rotary.sin, self.num_heads, self.num_kv_heads,
+                                    self.head_dim, kv_cache)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
@@ -69,12 +70,13 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup, backend: AttentionBackend):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, backend: AttentionBackend, mlp: nn.Module | None = None):
+        """`mlp`: another feed-forward block in place of the dense one (Qwen3-MoE's experts)."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Qwen3Attention(cfg, tp, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = Qwen3MLP(cfg, tp)
+        self.mlp = mlp if mlp is not None else Qwen3MLP(cfg, tp)
 
     # A layer is pre -> attention -> post. Piecewise CUDA graphs capture post(i-1)+pre(i) as one
     # segment and run attention, whose shapes vary with the batch, eagerly in between. Each norm
@@ -87,7 +89,7 @@ class Qwen3DecoderLayer(nn.Module):
         q, k, v = self.self_attn.split_qkv(positions, qkv, meta)
         return q, k, v, residual
 
-    def post(self, o, residual, fused: FusedAllReduce | None = None):
+    def post(self, o, residual, fused: Exchange | None = None):
         """With `fused`, o_proj and down all-reduce their outputs in their own kernels."""
         x = self.self_attn.o_proj(o.flatten(1), fused=fused)
         gate_up, residual = self.mlp.gate_up_proj.forward_normed(self.post_attention_layernorm, x, residual)
@@ -109,16 +111,20 @@ class Qwen3ForCausalLM(nn.Module):
         divide(cfg.num_attention_heads, tp.world_size, "num_attention_heads")
         self.cfg = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp, backend) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(self.decoder_layer(cfg, tp, backend, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.embed_tokens.site, self.lm_head.site = EMBEDDING_SITE, GREEDY_SITE  # sites: tpfleet.comm.fused_ar
+        self.embed_tokens.site, self.lm_head.site = EMBEDDING_SITE, GREEDY_SITE
         for i, layer in enumerate(self.layers):
             layer.self_attn.o_proj.site, layer.mlp.down_proj.site = layer_sites(i)
         self.fused = tp.fused_all_reduce(site_count(len(self.layers)), cfg.hidden_size, torch.get_default_dtype(),
-                                         self._fusable())
+                                         self._fusable(), site_name)
+
+    def decoder_layer(self, cfg: ModelConfig, tp: TPGroup, backend: AttentionBackend, index: int) -> nn.Module:
+        """Layer `index`; a model whose layers differ (Qwen3-MoE) overrides this."""
+        return Qwen3DecoderLayer(cfg, tp, backend)
 
     def _fusable(self) -> bool:
         """Whether every batch-1 all-reduce can be fused: bias-free projections the GEMV kernel takes."""
@@ -128,8 +134,8 @@ class Qwen3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states for every token; `compute_logits` picks the rows that are sampled.
-        Batch-1 decode on GPUs fuses the all-reduces into the GEMVs (tpfleet.comm.fused_ar)."""
-        fused = self.fused if self.fuses(input_ids.shape[0]) else None
+        Batch-1 decode on GPUs fuses the all-reduces into the GEMVs (tpfleet.kernels.fused_ar)."""
+        fused = self.fused.exchange if self.fuses(input_ids.shape[0]) else None
         if fused is not None:
             fused.begin_step()
         x, residual = self.embed_tokens(input_ids, fused), None
@@ -155,4 +161,4 @@ class Qwen3ForCausalLM(nn.Module):
 
     def greedy_token(self, hidden: torch.Tensor) -> torch.Tensor:
         """The greedy token of that forward's one row, on every rank, without gathering logits."""
-        return self.lm_head.greedy(hidden, self.fused)
+        return self.lm_head.greedy(hidden, self.fused.exchange if self.fused is not None else None)

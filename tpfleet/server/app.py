@@ -96,12 +96,11 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
 
     @app.get("/get_server_info")
     async def get_server_info():
-        sched = engine.scheduler
-        return {**server_args, "version": __version__, "num_running_reqs": len(sched.running),
-                "num_waiting_reqs": len(sched.waiting), "kv_cache_usage": engine.block_manager.usage,
-                "num_kv_blocks": engine.block_manager.num_blocks, "max_total_num_tokens":
-                engine.block_manager.num_blocks * engine.cfg.block_size, "num_preemptions": sched.num_preemptions,
-                "engine_alive": aengine.alive}
+        state = engine.snapshot()
+        return {**server_args, "version": __version__, "num_running_reqs": state.num_running_reqs,
+                "num_waiting_reqs": state.num_waiting_reqs, "kv_cache_usage": state.kv_cache_usage,
+                "num_kv_blocks": state.num_kv_blocks, "max_total_num_tokens": state.max_total_num_tokens,
+                "num_preemptions": state.num_preemptions, "engine_alive": aengine.alive}
 
     @app.post("/flush_cache")
     async def flush_cache():
@@ -136,8 +135,7 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(req: UpdateWeightsFromDiskRequest):
         try:
-            ranks = await aengine.run_on_engine(lambda: engine.update_weights("update_weights_from_disk",
-                                                                               req.model_path))
+            ranks = await aengine.run_on_engine(lambda: engine.update_weights_from_disk(req.model_path))
         except (OSError, ValueError, RuntimeError) as e:
             raise InvalidRequest("model_path", str(e).splitlines()[-1]) from None
         return {"success": True, "message": f"loaded {req.model_path}", "ranks": ranks}
@@ -148,8 +146,8 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
         if n not in (1, engine.cfg.tp_size):
             raise InvalidRequest("serialized_named_tensors", f"give 1 or {engine.cfg.tp_size} payloads, not {n}")
         try:
-            ranks = await aengine.run_on_engine(lambda: engine.update_weights("update_weights_from_tensor",
-                                                                               req.serialized_named_tensors))
+            ranks = await aengine.run_on_engine(
+                lambda: engine.update_weights_from_tensor(req.serialized_named_tensors))
         except (ValueError, RuntimeError) as e:
             raise InvalidRequest("serialized_named_tensors", str(e).splitlines()[-1]) from None
         return {"success": True, "message": f"{ranks[0]['tensors']} tensors loaded", "ranks": ranks}

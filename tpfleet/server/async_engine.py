@@ -91,11 +91,7 @@ class AsyncEngine:
     def _publish(self, outputs) -> None:
         now = time.perf_counter()
         m = self.metrics
-        sched = self.engine.scheduler
-        m.running.set(len(sched.running))
-        m.queued.set(len(sched.waiting))
-        m.kv_usage.set(self.engine.block_manager.usage)
-        m.preemptions.set(sched.num_preemptions)
+        m.set_engine_state(self.engine.snapshot())
         for out in outputs:
             seq: Sequence = out.seq
             m.generation_tokens.inc()
@@ -160,9 +156,9 @@ class AsyncEngine:
         the last has finished=True. A caller that stops reading early aborts the request."""
         if not self.alive:
             raise EngineDead(self.error or "engine stopped")
-        if self.engine.released:
-            raise EngineUnavailable(f"memory released ({sorted(self.engine.released)}): "
-                                    f"POST /resume_memory_occupation first")
+        released = self.engine.snapshot().released
+        if released:
+            raise EngineUnavailable(f"memory released ({list(released)}): POST /resume_memory_occupation first")
         self.engine.validate(prompt_ids, params, field)
         rid = rid or uuid.uuid4().hex
         if rid in self._streams:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from tpfleet.engine.llm_engine import EngineSnapshot
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -25,6 +30,12 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("tpfleet_e2e_request_latency_seconds", "Request latency, arrival to finish",
                              buckets=_LATENCY_BUCKETS, registry=r)
+
+    def set_engine_state(self, snapshot: EngineSnapshot) -> None:
+        self.running.set(snapshot.num_running_reqs)
+        self.queued.set(snapshot.num_waiting_reqs)
+        self.kv_usage.set(snapshot.kv_cache_usage)
+        self.preemptions.set(snapshot.num_preemptions)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

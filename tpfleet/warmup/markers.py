@@ -16,26 +16,35 @@ import runpy
 import time
 from pathlib import Path
 
-from tpfleet import __version__
+from tpfleet import __version__, env
 from tpfleet.devices import visible_gpus
-from tpfleet.jit import cache_root, write_atomic
+from tpfleet.jit import write_atomic
 
-# Every source a JIT cache entry is built from: a change to any of them must invalidate the markers.
-KERNEL_SOURCES = ("comm/csrc/custom_all_reduce.cu", "attention/triton_kernels.py", "model/triton_ops.py",
-                  "model/gemv.py", "model/greedy.py", "pdl.py", "comm/fused_ar.py")
+# Every JIT cache entry is built from sources under tpfleet/kernels/ (Triton modules, CUDA files): a
+# change to any of them must invalidate the markers. Compiled Python is not a source.
+KERNELS_DIR = "kernels"
+SOURCE_SUFFIXES = (".py", ".cu", ".cuh", ".h", ".cpp")
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sources_hash(root: Path | None = None) -> str:
+def kernel_sources(root: Path | None = None) -> list[str]:
+    """Every kernel source file, as a path relative to the package root `root`, in sorted order."""
     root = root or Path(__file__).parents[1]
-    h = hashlib.sha256()
-    for rel in KERNEL_SOURCES:
-        h.update(rel.encode())
-        h.update((root / rel).read_bytes())
-    return h.hexdigest()[:16]
+    return sorted(str(path.relative_to(root)) for path in (root / KERNELS_DIR).rglob("*")
+                  if path.is_file() and path.suffix in SOURCE_SUFFIXES and "__pycache__" not in path.parts)
+
+
+def sources_hash(root: Path | None = None) -> str:
+    """A hash of every kernel source's relative path and content."""
+    root = root or Path(__file__).parents[1]
+    digest = hashlib.sha256()
+    for relative in kernel_sources(root):
+        digest.update(relative.encode())
+        digest.update((root / relative).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def environment_versions() -> dict:
@@ -88,7 +97,7 @@ def snapshot(paths: list[Path]) -> dict[str, int]:
 
 class MarkerStore:
     def __init__(self, root: Path | None = None):
-        self.root = Path(root or cache_root() / "warmup")
+        self.root = Path(root or env.cache_root() / "warmup")
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.json"

@@ -4,8 +4,9 @@ A batch-1 decode step is a few hundred kernels; every one costs microseconds eve
 graph. Written out in torch ops, an RMSNorm is about nine kernels and RoPE on q and k about twenty,
 so a Qwen3 layer was some sixty launches around its four GEMMs. Here each of them is one.
 
-Each kernel rounds where its torch reference in `layers.py` rounds (to the model dtype after the
-normalisation, after the weight, after SiLU), so both paths agree to the last bit or close to it.
+Each kernel rounds where its torch reference in `tpfleet.model.layers` rounds (to the model dtype
+after the normalisation, after the weight, after SiLU), so both paths agree to the last bit or close
+to it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tpfleet import pdl
-from tpfleet.comm import fused_ar
-from tpfleet.comm.fused_ar import FusedAllReduce
+from tpfleet.kernels import fused_ar, pdl
+from tpfleet.kernels.fused_ar import Exchange
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def _qk_norm_rope_kernel(qkv, positions, qw, kw, cos, sin, q_out, k_out, v_out, 
     offs = tl.arange(0, HALF_PAD)
     m = offs < HALF
     # Only qkv comes from the kernel before (the projection): under PDL the position's rotation, the
-    # norm weight and the slot are read while that kernel drains (tpfleet.pdl).
+    # norm weight and the slot are read while that kernel drains (tpfleet.kernels.pdl).
     pos = tl.load(positions + t)
     c = tl.load(cos + pos * HALF + offs, mask=m)
     s = tl.load(sin + pos * HALF + offs, mask=m)
@@ -151,14 +151,15 @@ def _embedding_kernel(ids, weight, out, start, end, H, xchg, site, rank, timeout
     fused_ar.all_reduce_block(xchg, site, rank, cols, row, out, H, timeout_ns, WORLD)
 
 
-def embedding_all_reduce(ids: torch.Tensor, weight: torch.Tensor, start: int, end: int, fused: FusedAllReduce,
+def embedding_all_reduce(ids: torch.Tensor, weight: torch.Tensor, start: int, end: int, exchange: Exchange,
                          site: int) -> torch.Tensor:
     """One token's row of a vocabulary-parallel embedding (`weight` holds rows start..end): the rank
-    holding it gives the row, the others zeros, and the fused all-reduce sums them block by block.
-    One launch where the torch path takes seven small kernels and an all-reduce."""
+    holding it gives the row, the others zeros, and the fused all-reduce sums them block by block
+    through `site` of `exchange`. One launch where the torch path takes seven small kernels and an
+    all-reduce."""
     hidden = weight.shape[1]
     out = weight.new_empty(1, hidden)
     block = min(512, hidden & -hidden)  # a power of two that divides the row: every block is full
-    _embedding_kernel[(hidden // block,)](ids, weight, out, start, end, hidden, fused.table, site, fused.rank,
-                                          fused.timeout_ns, BLOCK=block, WORLD=fused.world, num_warps=4)
+    _embedding_kernel[(hidden // block,)](ids, weight, out, start, end, hidden, exchange.table, site, exchange.rank,
+                                          exchange.timeout_ns, BLOCK=block, WORLD=exchange.world, num_warps=4)
     return out

@@ -5,7 +5,7 @@ block (8 us for Qwen3's 151936 tokens on H200); at TP > 1 the driver must first 
 vocabulary shard with NCCL and then broadcast its token back, because the next step's input lives
 on every rank. Here each block of one kernel reduces its slice of this rank's shard to its best
 (logit, token) and takes a ticket; the last block to arrive reduces those. At TP > 1 it then sends
-this rank's best to its peers through the fused all-reduce's slots (tpfleet.comm.fused_ar), takes
+this rank's best to its peers through the fused all-reduce's slots (tpfleet.kernels.fused_ar), takes
 theirs, and picks the winner. Every rank ends with the token: nothing is gathered or broadcast.
 
 Ties go to the lowest token, as torch's argmax breaks them: within a slice, across slices, and
@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tpfleet import pdl
-from tpfleet.comm import fused_ar
-from tpfleet.comm.fused_ar import FusedAllReduce
+from tpfleet.kernels import fused_ar, pdl
+from tpfleet.kernels.fused_ar import Exchange
 
 BLOCK = 2048  # logits per block: 38 blocks for a TP=2 shard of Qwen3's vocabulary, one wave
 
@@ -87,9 +86,9 @@ class GreedyScratch:
 
 
 def greedy_token(logits: torch.Tensor, start: int, scratch: GreedyScratch,
-                 fused: FusedAllReduce | None = None, site: int = 0) -> torch.Tensor:
+                 exchange: Exchange | None = None, site: int = 0) -> torch.Tensor:
     """The argmax token of one row of logits, [1] int64. `logits` is this rank's shard (column 0 is
-    token `start`); with `fused` (TP > 1) the ranks agree on the whole row's argmax through `site`,
+    token `start`); with `exchange` (TP > 1) the ranks agree on the whole row's argmax through `site`,
     and every rank returns it."""
     n = logits.shape[-1]
     if logits.shape[0] != 1 or logits.stride(-1) != 1 or n != scratch.n:
@@ -98,8 +97,8 @@ def greedy_token(logits: torch.Tensor, start: int, scratch: GreedyScratch,
     use_pdl = pdl.enabled(logits.device, 1)
     _greedy_kernel[(scratch.blocks,)](
         logits, n, start, scratch.logits, scratch.tokens, scratch.arrivals, out,
-        fused.table if fused is not None else out, site, fused.rank if fused else 0,
-        fused.hidden if fused else 0, fused.timeout_ns if fused else 0,
-        BLOCK=BLOCK, PARTS=triton.next_power_of_2(scratch.blocks), WORLD=fused.world if fused else 0, PDL=use_pdl,
-        launch_pdl=use_pdl, num_warps=8)
+        exchange.table if exchange is not None else out, site, exchange.rank if exchange else 0,
+        exchange.width if exchange else 0, exchange.timeout_ns if exchange else 0,
+        BLOCK=BLOCK, PARTS=triton.next_power_of_2(scratch.blocks), WORLD=exchange.world if exchange else 0,
+        PDL=use_pdl, launch_pdl=use_pdl, num_warps=8)
     return out

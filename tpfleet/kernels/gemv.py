@@ -11,13 +11,13 @@ on the (tiny, L2-resident) activation row as it is loaded:
 - `norm_linear`: y = rmsnorm(x + residual) @ W.T, also returning x + residual (qkv, gate_up);
 - `silu_mul_linear`: y = (silu(gate) * up) @ W.T for x = [gate | up] (down_proj).
 
-At TP > 1 the all-reduce after o_proj and down can be fused in too (tpfleet.comm.fused_ar): the
+At TP > 1 the all-reduce after o_proj and down can be fused in too (tpfleet.kernels.fused_ar): the
 row-parallel GEMV's blocks exchange their output rows with the same blocks of the other ranks
 and write the sum.
 
-Rounding follows the torch reference in `layers.py`: the transformed input is rounded to the model
-dtype before the product, which accumulates in fp32. `tpfleet bench gemv` compares each with
-cuBLAS (after the separate norm or activation kernel) and with the bandwidth floor.
+Rounding follows the torch reference in `tpfleet.model.layers`: the transformed input is rounded to
+the model dtype before the product, which accumulates in fp32. `tpfleet bench gemv` compares each
+with cuBLAS (after the separate norm or activation kernel) and with the bandwidth floor.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tpfleet import pdl
-from tpfleet.comm import fused_ar
-from tpfleet.comm.fused_ar import FusedAllReduce
+from tpfleet.kernels import fused_ar, pdl
+from tpfleet.kernels.fused_ar import Exchange
 
 PLAIN, NORM, NORM_RESIDUAL, SILU_MUL = (tl.constexpr(i) for i in range(4))  # the prologue kinds
 
@@ -56,7 +55,7 @@ def _gemv_kernel(x, res, res_out, norm_w, w, out, N, K, eps, xchg, site, rank, t
                  PROLOGUE: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  PDL: tl.constexpr, WORLD: tl.constexpr):
     """WORLD > 0: `out` is the sum of WORLD ranks' outputs, each block all-reducing its own rows with the
-    same block of the other ranks through `site` (tpfleet.comm.fused_ar)."""
+    same block of the other ranks through `site` (tpfleet.kernels.fused_ar)."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -117,28 +116,29 @@ def launch_config(n: int, k: int) -> dict:
 def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: int, out: torch.Tensor | None,
             res: torch.Tensor | None = None, res_out: torch.Tensor | None = None,
             norm_w: torch.Tensor | None = None, eps: float = 0.0, config: dict | None = None,
-            all_reduce: tuple[FusedAllReduce, int] | None = None) -> torch.Tensor:
-    """One launch. With `all_reduce` = (fused, site) the output is summed over the ranks in the kernel."""
+            all_reduce: tuple[Exchange, int] | None = None) -> torch.Tensor:
+    """One launch. With `all_reduce` = (exchange, site) the output is summed over the ranks in the kernel."""
     n, k = weight.shape
     cfg = config or launch_config(n, k)
     x = x.contiguous()
-    fused, site = all_reduce if all_reduce is not None else (None, 0)
-    if fused is not None and fused.hidden != n:
-        raise ValueError(f"a fused all-reduce needs {fused.hidden} output features, not {n}")
+    exchange, site = all_reduce if all_reduce is not None else (None, 0)
+    if exchange is not None and exchange.width != n:
+        raise ValueError(f"a fused all-reduce needs {exchange.width} output features, not {n}")
     if out is None:
         out = x.new_empty(1, n)
     use_pdl = pdl.enabled(x.device, x.shape[0])
     _gemv_kernel[(n // cfg["BLOCK_N"],)](
         x, res if res is not None else x, res_out if res_out is not None else x,
         norm_w if norm_w is not None else x, weight, out, n, k, eps,
-        fused.table if fused is not None else x, site, fused.rank if fused else 0, fused.timeout_ns if fused else 0,
-        PROLOGUE=prologue, K_POW2=triton.next_power_of_2(k), PDL=use_pdl, WORLD=fused.world if fused else 0,
+        exchange.table if exchange is not None else x, site, exchange.rank if exchange else 0,
+        exchange.timeout_ns if exchange else 0,
+        PROLOGUE=prologue, K_POW2=triton.next_power_of_2(k), PDL=use_pdl, WORLD=exchange.world if exchange else 0,
         launch_pdl=use_pdl, **cfg)
     return out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, config: dict | None = None,
-           all_reduce: tuple[FusedAllReduce, int] | None = None) -> torch.Tensor:
+           all_reduce: tuple[Exchange, int] | None = None) -> torch.Tensor:
     return _launch(x, weight, PLAIN, out, config=config, all_reduce=all_reduce)
 
 
@@ -155,7 +155,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
 
 
 def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
-                    config: dict | None = None, all_reduce: tuple[FusedAllReduce, int] | None = None
+                    config: dict | None = None, all_reduce: tuple[Exchange, int] | None = None
                     ) -> torch.Tensor:
     """(silu(gate) * up) @ W.T where x = [gate | up] along its last dim."""
     return _launch(x, weight, SILU_MUL, out, config=config, all_reduce=all_reduce)

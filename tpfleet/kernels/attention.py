@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tpfleet import pdl
+from tpfleet.kernels import pdl
 
 MAX_DECODE_SPLITS = 16  # KV splits per (sequence, kv head): parallelism for small batches and long contexts
 # Fewest tokens per split: one tile. More splits than a context has tiles only add partial results

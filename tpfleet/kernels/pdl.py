@@ -15,15 +15,16 @@ launch (`enter`). So at most two kernels overlap, and a kernel's wait, which fol
 predecessor's completion, also covers every kernel before that one. Kernels launched without PDL
 (cuBLAS, torch) serialise as usual.
 
-TPFLEET_PDL=0 turns it off, for A/B measurements or as an escape hatch.
+TPFLEET_PDL=0 (tpfleet.env.PDL) turns it off, for A/B measurements or as an escape hatch.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from tpfleet import env
 
 try:  # the kernels' half; CPU-only installs may lack Triton, and the custom all-reduce needs only `enabled`
     import triton
@@ -43,16 +44,18 @@ def enabled(device: torch.device, rows: int) -> bool:
     or later, for one row, unless turned off. Batch-1 decode is a chain of kernels too short to hide
     their own starts, and there PDL cut the step time. Larger batches launch as usual: PDL there has
     not been shown to help (an A/B that seemed to show an offline loss was confounded by run order,
-    docs/benchmarks.md, sixth session)."""
-    if rows != 1 or device.type != "cuda" or os.environ.get("TPFLEET_PDL", "1") == "0":
+    docs/benchmarks.md)."""
+    if rows != 1 or device.type != "cuda" or not env.PDL():
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
 if triton is not None:
     # Triton's interpreter has no grid dependency control, and runs one kernel at a time anyway: there
-    # a PDL kernel's code runs whole, with nothing to wait for (the CPU tests use this).
-    INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+    # a PDL kernel's code runs whole, with nothing to wait for (the CPU tests use this). A constexpr
+    # global, as Triton requires, so it is fixed when this module is imported, as Triton's own
+    # interpreter switch is.
+    INTERPRETED = tl.constexpr(env.triton_interpreted())
 
     @triton.jit
     def enter(PDL: tl.constexpr):

@@ -1,0 +1,180 @@
+"""The tensor-parallel ranks of one engine: rank 0 (the driver) in this process, ranks 1..N-1 each in
+a process of its own (tpfleet.engine.worker).
+
+The group starts the ranks and the rendezvous store they meet at, sends them each step and every
+other call, and watches them. A dead rank would leave the others blocked in a collective forever,
+so its death ends the engine at once, leaving exit records (tpfleet.exits) that say which rank died
+and how: the rank's own, written by the rank when it failed with an exception or else here from its
+exit status, and the engine's, with the ranks' records as its causes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+from tpfleet import env, exits
+from tpfleet.comm.group import create_store
+from tpfleet.config import EngineConfig
+from tpfleet.engine.model_runner import ModelRunner
+from tpfleet.engine.step_input import ModelInput
+from tpfleet.engine.worker import SERVING, call_method, record_rank_failure, worker_main
+from tpfleet.exits import ExitRecord
+from tpfleet.phases import current_phase, report_phase
+
+log = logging.getLogger("tpfleet.engine")
+
+RANK_DIED_EXIT_CODE = 70  # EX_SOFTWARE: the engine ended itself because one of its ranks died
+
+
+@dataclass
+class RankProcess:
+    rank: int
+    process: mp.Process
+    conn: Connection  # the driver's end of the pipe
+
+
+class RankGroup:
+    """Start every rank: ranks 1..N-1 first, then rank 0's own `ModelRunner` (`self.driver`), which
+    they all rendezvous with. A rank that fails to start makes this raise, with every rank stopped."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.tp_size = cfg.tp_size
+        self.workers: list[RankProcess] = []
+        self._stopping = False
+        self._serving = False
+        # The rendezvous store's server runs in this process: held here until every worker, its client,
+        # has exited (see `shutdown`).
+        self._store = create_store(cfg.tp_size) if cfg.tp_size > 1 else None
+        store_port = self._store.port if self._store else 0
+        context = mp.get_context("spawn")
+        for rank in range(1, cfg.tp_size):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(target=worker_main, args=(cfg, rank, store_port, child_end),
+                                      name=f"tpfleet-rank{rank}", daemon=True)
+            process.start()
+            child_end.close()
+            self.workers.append(RankProcess(rank, process, parent_end))
+        report_phase("ranks_started", pids=self.pids)
+        if self.workers:
+            threading.Thread(target=self._watch, name="tpfleet-watchdog", daemon=True).start()
+
+        try:
+            self.driver = ModelRunner(cfg, 0, store_port, self._store)
+        except Exception as exc:
+            record_rank_failure(exc, 0, current_phase())
+            self.stop()  # rank 0's own error is the story: no watchdog report of the others
+            raise
+        except BaseException:
+            self.stop()
+            raise
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self._serving = True
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids in rank order: this process is rank 0."""
+        return [os.getpid()] + [worker.process.pid for worker in self.workers]
+
+    @property
+    def phase(self) -> str:
+        """What an exit record says the engine was doing."""
+        return SERVING if self._serving else current_phase()
+
+    def _wait_ready(self) -> None:
+        for worker in self.workers:
+            status, info = worker.conn.recv()
+            if status != "ready":
+                raise RuntimeError(f"rank {worker.rank} failed to start:\n{info}")
+
+    # --- every rank at once -------------------------------------------------------------------------
+
+    def send_step(self, inp: ModelInput) -> None:
+        """Hand a step to ranks 1..N-1; the caller runs it on the driver. No reply: the collectives
+        inside the forward pass keep the ranks in step."""
+        for worker in self.workers:
+            worker.conn.send(("run", (inp,)))
+
+    def call_all(self, method: str, *args) -> list:
+        """Call `method` (a ModelRunner method, or a dotted path such as "colocation.release_memory")
+        on every rank; results in rank order. Every rank's answer is collected before any failure is
+        raised, so the pipes never hold a stale reply."""
+        for worker in self.workers:
+            worker.conn.send((method, args))
+        try:
+            replies = [("ok", call_method(self.driver, method, *args))]
+        except Exception:  # noqa: BLE001 - reported with the others below
+            replies = [("error", traceback.format_exc())]
+        replies += [worker.conn.recv() for worker in self.workers]
+        errors = [f"rank {rank}: {value.strip().splitlines()[-1]}"
+                  for rank, (status, value) in enumerate(replies) if status != "ok"]
+        if errors:
+            raise RuntimeError(f"{method} failed: " + "; ".join(errors))
+        return [value for _, value in replies]
+
+    # --- a rank's death -------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Wait for any worker to die; unless the group is stopping, record why and end the engine."""
+        by_sentinel = {worker.process.sentinel: worker for worker in self.workers}
+        ready = wait(list(by_sentinel))
+        died_at = time.time()
+        if self._stopping:
+            return
+        dead = by_sentinel[ready[0]]
+        dead.process.join(timeout=1)
+        phase = self.phase
+        record = ExitRecord.from_exit("rank", dead.rank, dead.process.pid, dead.process.exitcode, phase)
+        record.time = died_at
+        path = env.exit_record_path()
+        if path is not None:
+            rank_file = exits.rank_path(path, dead.rank)
+            if rank_file.exists():
+                record = exits.read(rank_file) or record  # its own account: the exception it raised
+            else:
+                exits.write(rank_file, record)
+        log.critical("%s; stopping the engine", record.describe())
+        for worker in self.workers:
+            if worker.process.is_alive():
+                worker.process.kill()
+        exits.write_engine_record(path, self.tp_size, ExitRecord.from_exit(
+            "engine", 0, os.getpid(), RANK_DIED_EXIT_CODE, phase, message=record.describe()))
+        os._exit(RANK_DIED_EXIT_CODE)
+
+    # --- stopping ---------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Kill ranks 1..N-1 at once (a failed start)."""
+        self._stopping = True
+        for worker in self.workers:
+            worker.process.kill()
+            worker.process.join(timeout=10)
+
+    def shutdown(self) -> None:
+        """Stop every rank in order: ask the workers to exit, shut the driver down, then wait for them."""
+        self._stopping = True
+        for worker in self.workers:
+            try:
+                worker.conn.send(("exit", ()))
+            except (BrokenPipeError, OSError):
+                pass
+        self.driver.shutdown()
+        for worker in self.workers:
+            worker.process.join(timeout=10)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+        self.workers = []
+        # Now that no client is left, stop the store's server thread here, not at interpreter exit.
+        self._store = None
