@@ -3,8 +3,13 @@
 Rank 0 (the driver) turns scheduled sequences into a `ModelInput` of plain lists (step_input.py),
 sends it to the other ranks, and runs the same forward itself; the collectives inside the layers
 keep the ranks in step. Only the driver receives logits, except that a greedy batch-1 step on GPUs
-picks its token on every rank without gathering them (the model's `greedy_token`). Giving memory to a
-colocated trainer and loading new weights in place is the business of `self.colocation`.
+picks its token on every rank without gathering them (the model's `greedy_token`); a step whose rows
+want logprobs, penalties or prompt scores takes the regular path. Giving memory to a colocated trainer
+and loading new weights in place is the business of `self.colocation`.
+
+Routing replay (MoE, `enable_return_routed_experts`): the driver files each forward's experts per token
+under the token's KV slot, so a sequence's routing is found through its block table, also for the
+positions the prefix cache served (recorded when they were computed).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from tpfleet.config import EngineConfig
 from tpfleet.devices import DeviceError, local_uuid
 from tpfleet.engine.colocation import Colocation
 from tpfleet.engine.cuda_graphs import capture as capture_graphs
+from tpfleet.engine.sampler import SamplerOutput
 from tpfleet.engine.step_input import ModelInput, StepLayout, fill_pending, to_device
 from tpfleet.jit import STATS as JIT_STATS
 from tpfleet.jit import track_triton
@@ -88,6 +94,11 @@ class ModelRunner:
 
         self.num_blocks = self._agree_on_num_blocks()
         self.allocate_kv_cache()
+        self.routed_by_slot: torch.Tensor | None = None  # [slots + 1, layers, top_k] int32; the last row: padding
+        if cfg.enable_return_routed_experts and rank == 0 and self.model_config.is_moe:
+            num_slots = self.num_blocks * cfg.block_size
+            shape = (num_slots + 1, self.model_config.num_hidden_layers, self.model_config.num_experts_per_tok)
+            self.routed_by_slot = torch.full(shape, -1, dtype=torch.int32, device=self.device)
         self._reached("kv_cache_allocated", blocks=self.num_blocks, tokens=self.num_blocks * cfg.block_size)
         self.decode_graphs = self.piecewise_graphs = None
         if cfg.resolved_graph_mode != "eager":
@@ -189,43 +200,62 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, inp: ModelInput,
-            sampler: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """One forward pass; on the driver, `sampler` turns the logits into tokens. Returns the
-        tokens, left on the device, or None when nothing was sampled. Under the overlap schedule
-        every rank keeps them (the driver broadcasts its own), because the next step, launched
-        before the host reads them, takes its pending input tokens from there."""
+            sampler: Callable[[torch.Tensor], SamplerOutput] | None = None) -> SamplerOutput | None:
+        """One forward pass; on the driver, `sampler` turns the logits of `inp.logits_indices` into
+        tokens and logprobs. Returns them, left on the device, or None when no logits were computed.
+        Under the overlap schedule every rank keeps the tokens (the driver broadcasts its own), because
+        the next step, launched before the host reads them, takes its pending input tokens from there."""
         num_seqs, logits_rows = len(inp.query_lens), None
         if self.decode_graphs is not None and inp.num_decodes == num_seqs and self.decode_graphs.can_run(num_seqs):
             hidden = self.decode_graphs.run(inp, self.sampled)  # stages its own inputs; the rows that sample
+            slots = self.decode_graphs.staged_slots  # padded to the bucket, padding rows -1
         else:
             ids, positions, meta, logits_rows = self._to_device(inp)
             if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(len(inp.input_ids)):
                 hidden = self.piecewise_graphs.run(ids, positions, meta)
             else:
                 hidden = self.model(ids, positions, meta)
-        tokens = None
+            slots = meta.slot_mapping
+        if self.routed_by_slot is not None:
+            self._record_routing(slots)
+        out = None
         if inp.logits_indices:
             rows = hidden if logits_rows is None else hidden[logits_rows]
             if inp.greedy and self.model.picks_greedy(len(inp.input_ids)):
-                tokens = self.model.greedy_token(rows)  # on every rank: nothing to broadcast
+                out = SamplerOutput(self.model.greedy_token(rows))  # on every rank: nothing to broadcast
             else:
-                tokens = self._sample(rows, sampler, len(inp.logits_indices))
+                out = self._sample(rows, sampler, inp.num_sampled)
             if self.cfg.overlap_schedule:
-                self.sampled = tokens
+                self.sampled = out.tokens
         self.tp.check()
-        return tokens
+        return out
 
-    def _sample(self, rows: torch.Tensor, sampler: Callable[[torch.Tensor], torch.Tensor] | None,
-                n: int) -> torch.Tensor | None:
+    def _sample(self, rows: torch.Tensor, sampler: Callable[[torch.Tensor], SamplerOutput] | None,
+                n: int) -> SamplerOutput:
         """The driver samples from the gathered logits; under the overlap schedule it broadcasts the n
         tokens, which the other ranks need for the next step's inputs."""
         logits = self.model.compute_logits(rows)
-        tokens = sampler(logits) if sampler is not None and logits is not None else None
-        if self.cfg.overlap_schedule and self.tp.world_size > 1:
-            if tokens is None:
-                tokens = torch.empty(n, dtype=torch.int64, device=self.device)
-            self.tp.broadcast_from_driver(tokens)
-        return tokens
+        out = sampler(logits) if sampler is not None and logits is not None else None
+        if out is None:
+            out = SamplerOutput(torch.empty(n, dtype=torch.int64, device=self.device))
+        if self.cfg.overlap_schedule and self.tp.world_size > 1 and n:
+            self.tp.broadcast_from_driver(out.tokens)
+        return out
+
+    def _record_routing(self, slots: torch.Tensor) -> None:
+        """File the last forward's experts per token under its KV slot; padding rows (slot -1) go to the
+        spare last row. No host round trip: a step's rows are written in the stream's order."""
+        routed = self.model.routed_experts_buffer[:slots.shape[0]]
+        spare = self.routed_by_slot.shape[0] - 1
+        self.routed_by_slot.index_copy_(0, torch.where(slots < 0, spare, slots), routed)
+
+    def routed_experts(self, block_table: list[int], num_positions: int) -> bytes:
+        """The experts of positions 0 .. num_positions-1 of a sequence with this block table:
+        little-endian int32, C order, [num_positions, layers, top_k]."""
+        bs = self.cfg.block_size
+        slots = [block_table[pos // bs] * bs + pos % bs for pos in range(num_positions)]
+        rows = self.routed_by_slot[torch.tensor(slots, dtype=torch.long, device=self.device)]
+        return rows.cpu().numpy().astype("<i4", copy=False).tobytes(order="C")
 
     def shutdown(self) -> None:
         self.decode_graphs = self.piecewise_graphs = self.colocation = None

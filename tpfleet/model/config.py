@@ -1,8 +1,9 @@
-"""The Qwen3 hyper-parameters tpfleet needs, read straight from a checkpoint's config.json.
+"""The Qwen3 and Qwen3-MoE hyper-parameters tpfleet needs, read straight from a checkpoint's config.json.
 
 We parse the JSON ourselves rather than going through transformers so that both the v4 layout
-(`rope_theta`, `torch_dtype` at the top level, as published checkpoints have it) and the v5 layout
-(`rope_parameters`, `dtype`) load, and so that an unsupported option fails with a clear message.
+(`rope_theta`, `torch_dtype`, `num_experts` at the top level, as published checkpoints have it) and the
+v5 layout (`rope_parameters`, `dtype`, `num_local_experts`) load, and so that an unsupported option
+fails with a clear message.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+MODEL_TYPES = ("qwen3", "qwen3_moe")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -39,6 +41,23 @@ class ModelConfig:
     attention_bias: bool
     dtype: torch.dtype
     eos_token_ids: tuple[int, ...]
+    model_type: str = "qwen3"
+    # Qwen3-MoE only; a dense model has no experts
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = False
+    moe_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    @property
+    def is_moe(self) -> bool:
+        return self.model_type == "qwen3_moe"
+
+    def is_moe_layer(self, index: int) -> bool:
+        """transformers' rule: sparse unless listed in mlp_only_layers, every decoder_sparse_step-th layer."""
+        return (index not in self.mlp_only_layers and self.num_experts > 0
+                and (index + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
@@ -46,8 +65,10 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: --model must be a Hugging Face checkpoint directory")
         raw = json.loads(path.read_text())
-        if raw.get("model_type") != "qwen3":
-            raise ValueError(f"{path}: model_type is {raw.get('model_type')!r}; tpfleet serves dense Qwen3 ('qwen3')")
+        model_type = raw.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"{path}: model_type is {model_type!r}; tpfleet serves Qwen3 ('qwen3') "
+                             "and Qwen3-MoE ('qwen3_moe')")
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
@@ -69,7 +90,30 @@ class ModelConfig:
             attention_bias=raw.get("attention_bias", False),
             dtype=parse_dtype(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
             eos_token_ids=_eos_ids(Path(model_dir), raw),
+            model_type=model_type,
+            **(_moe_fields(path, raw) if model_type == "qwen3_moe" else {}),
         )
+
+
+def _moe_fields(path: Path, raw: dict) -> dict:
+    """The expert settings; transformers 5 writes the expert count as `num_local_experts`."""
+    num_experts = raw.get("num_experts", raw.get("num_local_experts"))
+    if not num_experts:
+        raise ValueError(f"{path}: a qwen3_moe config needs num_experts (or num_local_experts)")
+    top_k = raw["num_experts_per_tok"]
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"{path}: num_experts_per_tok ({top_k}) must be between 1 and num_experts ({num_experts})")
+    step = raw.get("decoder_sparse_step", 1)
+    if step < 1:
+        raise ValueError(f"{path}: decoder_sparse_step must be at least 1, got {step}")
+    return {
+        "num_experts": num_experts,
+        "num_experts_per_tok": top_k,
+        "norm_topk_prob": raw.get("norm_topk_prob", False),
+        "moe_intermediate_size": raw["moe_intermediate_size"],
+        "decoder_sparse_step": step,
+        "mlp_only_layers": tuple(raw.get("mlp_only_layers") or ()),
+    }
 
 
 def _eos_ids(model_dir: Path, raw: dict) -> tuple[int, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -10,11 +11,17 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+# One expert's projection in the published per-expert layout: model.layers.{l}.mlp.experts.{e}.{proj}.weight
+_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")
+
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for name in names:  # an entry is a file of this checkpoint, not a path to anywhere else
+            if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"{index}: weight_map entry {name!r} leaves the checkpoint directory")
         return [model_dir / n for n in names]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -32,11 +39,7 @@ def load_named_tensors(model: nn.Module, named, where: str = "update") -> set[st
         name = ckpt_name.removeprefix("model.")
         if tied and name == "lm_head.weight":
             continue
-        shard_id = None
-        for hf, (ours, sid) in model.packed_modules.items():
-            if f".{hf}." in name:
-                name, shard_id = name.replace(f".{hf}.", f".{ours}."), sid
-                break
+        name, shard_id = _target(model, name)
         param = params.get(name)
         if param is None:
             raise ValueError(f"{where}: tensor {ckpt_name!r} has no place in the model")
@@ -47,6 +50,21 @@ def load_named_tensors(model: nn.Module, named, where: str = "update") -> set[st
                 param.weight_loader(param, tensor, shard_id)
         loaded.add(name if shard_id is None else f"{name}:{shard_id}")
     return loaded
+
+
+def _target(model: nn.Module, name: str) -> tuple[str, object]:
+    """Our parameter and shard id for a checkpoint name (without 'model.'). One expert's projection goes
+    into its layer's stacked experts parameter as shard (expert, part) (`model.expert_modules`); a part
+    of a packed module into the merged parameter (`model.packed_modules`); anything else whole."""
+    expert = _EXPERT.fullmatch(name)
+    expert_modules = getattr(model, "expert_modules", {})
+    if expert and expert[3] in expert_modules:
+        ours, part = expert_modules[expert[3]]
+        return f"{expert[1]}.{ours}", (int(expert[2]), part)
+    for hf, (ours, sid) in model.packed_modules.items():
+        if f".{hf}." in name:
+            return name.replace(f".{hf}.", f".{ours}."), sid
+    return name, None
 
 
 def _checkpoint_tensors(files: list[Path], bar):
@@ -66,10 +84,11 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool) -
         loaded = load_named_tensors(model, _checkpoint_tensors(files, bar), str(model_dir))
     tied = getattr(model.cfg, "tie_word_embeddings", False)
     expected = set()
-    for name, _ in model.named_parameters(remove_duplicate=False):
-        if tied and name == "lm_head.weight":
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if (tied and name == "lm_head.weight") or name in loaded:
             continue
         shards = {sid for (ours, sid) in model.packed_modules.values() if f".{ours}." in name}
+        shards |= set(getattr(param, "shard_ids", ()))  # stacked experts come whole or one expert at a time
         expected |= {f"{name}:{s}" for s in shards} if shards else {name}
     missing = sorted(expected - loaded)
     if missing:

@@ -1,8 +1,10 @@
-"""`tpfleet make-model`: write a randomly initialised Qwen3 checkpoint in Hugging Face format.
+"""`tpfleet make-model`: write a randomly initialised Qwen3 or Qwen3-MoE checkpoint in Hugging Face format.
 
 Nothing is downloaded: the tokenizer is a byte-level BPE trained on a small corpus shipped with
 the package, and the weights are seeded random normals. `tiny` is the default for tests and demos;
-`8b-shape` has Qwen3-8B's shapes so that GPU benchmarks move realistic bytes.
+`8b-shape` has Qwen3-8B's shapes so that GPU benchmarks move realistic bytes. `tiny-moe` and
+`30b-a3b-shape` (Qwen3-30B-A3B's shapes) are their Qwen3-MoE counterparts, written one tensor per
+expert projection as the published MoE checkpoints are.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class Preset:
     bpe_vocab: int  # merges requested from the tokenizer trainer
     vocab_size: int | None  # None: the tokenizer's size, made odd so no TP size divides it
     shard_bytes: int
+    # Qwen3-MoE; no experts: dense Qwen3 (intermediate_size is then every layer's MLP, else the dense layers')
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    mlp_only_layers: tuple[int, ...] = ()
 
 
 PRESETS = {
@@ -48,6 +55,11 @@ PRESETS = {
     "tiny": Preset(64, 160, 2, 4, 2, 32, 4096, False, "float32", 1000, None, 200_000),
     "small": Preset(512, 1536, 8, 8, 4, 64, 32768, True, "bfloat16", 1000, 32003, 64 << 20),
     "8b-shape": Preset(4096, 12288, 36, 32, 8, 128, 40960, False, "bfloat16", 1000, 151936, 4 << 30),
+    # The middle layer dense: a mixed model, as mlp_only_layers makes one.
+    "tiny-moe": Preset(64, 160, 3, 4, 2, 32, 4096, False, "float32", 1000, None, 200_000,
+                       num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, mlp_only_layers=(1,)),
+    "30b-a3b-shape": Preset(2048, 6144, 48, 32, 4, 128, 40960, False, "bfloat16", 1000, 151936, 4 << 30,
+                            num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
 }
 
 
@@ -68,8 +80,57 @@ def build_tokenizer(bpe_vocab: int):
     return tok
 
 
+def write_tokenizer(out: Path, bpe_vocab: int, max_position: int) -> tuple[int, dict[str, int]]:
+    """tokenizer.json and tokenizer_config.json in `out`; returns the vocabulary size and the special
+    tokens' ids."""
+    tok = build_tokenizer(bpe_vocab)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_position,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+    }, indent=2))
+    return tok.get_vocab_size(), {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+
+
+def _moe_config(p: Preset) -> dict:
+    """config.json's Qwen3-MoE entries, named as Qwen3-30B-A3B's are."""
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "num_experts": p.num_experts,
+        "num_experts_per_tok": p.num_experts_per_tok,
+        "moe_intermediate_size": p.moe_intermediate_size,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": list(p.mlp_only_layers),
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.001,
+    }
+
+
+def _mlp_shapes(cfg: dict, layer: int) -> list[tuple[str, tuple[int, ...]]]:
+    """One layer's feed-forward tensors: the dense MLP's, or the router's and every expert's."""
+    p, h = f"model.layers.{layer}.mlp.", cfg["hidden_size"]
+    if cfg.get("num_experts") and layer not in cfg["mlp_only_layers"]:
+        inter = cfg["moe_intermediate_size"]
+        shapes = [(p + "gate.weight", (cfg["num_experts"], h))]
+        for expert in range(cfg["num_experts"]):
+            e = f"{p}experts.{expert}."
+            shapes += [(e + "gate_proj.weight", (inter, h)), (e + "up_proj.weight", (inter, h)),
+                       (e + "down_proj.weight", (h, inter))]
+        return shapes
+    inter = cfg["intermediate_size"]
+    return [(p + "gate_proj.weight", (inter, h)), (p + "up_proj.weight", (inter, h)),
+            (p + "down_proj.weight", (h, inter))]
+
+
 def _weight_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
-    h, inter, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    h, d = cfg["hidden_size"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
     shapes = [("model.embed_tokens.weight", (cfg["vocab_size"], h))]
     for i in range(cfg["num_hidden_layers"]):
@@ -83,44 +144,17 @@ def _weight_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
             (p + "self_attn.q_norm.weight", (d,)),
             (p + "self_attn.k_norm.weight", (d,)),
             (p + "post_attention_layernorm.weight", (h,)),
-            (p + "mlp.gate_proj.weight", (inter, h)),
-            (p + "mlp.up_proj.weight", (inter, h)),
-            (p + "mlp.down_proj.weight", (h, inter)),
         ]
+        shapes += _mlp_shapes(cfg, i)
     shapes.append(("model.norm.weight", (h,)))
     if not cfg["tie_word_embeddings"]:
         shapes.append(("lm_head.weight", (cfg["vocab_size"], h)))
     return shapes
 
 
-def make_model(preset: str, out: str | Path, seed: int = 0, device: str = "cpu",
-               tie_word_embeddings: bool | None = None) -> Path:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    p = PRESETS[preset]
-    if tie_word_embeddings is not None:
-        p = dataclasses.replace(p, tie_word_embeddings=tie_word_embeddings)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    tok = build_tokenizer(p.bpe_vocab)
-    n_tok = tok.get_vocab_size()
-    vocab_size = p.vocab_size or (n_tok | 1)
-    if vocab_size < n_tok:
-        raise ValueError(f"preset vocab_size {vocab_size} is smaller than the tokenizer ({n_tok})")
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": p.max_position_embeddings,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "bos_token": None,
-        "chat_template": CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-    }, indent=2))
-
-    cfg = {
+def hf_config(p: Preset, vocab_size: int, special_ids: dict[str, int]) -> dict:
+    """config.json of a preset, in the layout published Qwen3 checkpoints have."""
+    return {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
         "vocab_size": vocab_size,
@@ -139,11 +173,30 @@ def make_model(preset: str, out: str | Path, seed: int = 0, device: str = "cpu",
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         "torch_dtype": p.dtype,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
+        "bos_token_id": special_ids["<|endoftext|>"],
+        "eos_token_id": special_ids["<|im_end|>"],
         "use_cache": True,
         "use_sliding_window": False,
+        **(_moe_config(p) if p.num_experts else {}),
     }
+
+
+def make_model(preset: str, out: str | Path, seed: int = 0, device: str = "cpu",
+               tie_word_embeddings: bool | None = None) -> Path:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    if tie_word_embeddings is not None:
+        p = dataclasses.replace(p, tie_word_embeddings=tie_word_embeddings)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    n_tok, ids = write_tokenizer(out, p.bpe_vocab, p.max_position_embeddings)
+    vocab_size = p.vocab_size or (n_tok | 1)
+    if vocab_size < n_tok:
+        raise ValueError(f"preset vocab_size {vocab_size} is smaller than the tokenizer ({n_tok})")
+
+    cfg = hf_config(p, vocab_size, ids)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}, indent=2))
