@@ -35,8 +35,8 @@ def main() -> int:
     # Trainer and engine both use the checkpoint's dtype (float32 for the tiny model), so the greedy
     # check below compares like with like; in bf16 two correct implementations drift apart.
     dtype = ModelConfig.from_dir(model).dtype
-    engine_args = ["--dtype", str(dtype).removeprefix("torch.")]
-    engine_args += ["--mem-fraction-static", "0.3"] if a.device == "cuda" else ["--kv-cache-tokens", "8192"]
+    engine = {"dtype": str(dtype).removeprefix("torch.")}
+    engine.update({"mem_fraction_static": 0.3} if a.device == "cuda" else {"kv_cache_tokens": 8192})
 
     tok = AutoTokenizer.from_pretrained(model)
     trainer = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(a.device)
@@ -45,7 +45,7 @@ def main() -> int:
     data = torch.tensor([tok("The quick brown fox jumps over the lazy dog. " * 4).input_ids], device=a.device)
 
     ok = True
-    with Fleet(FleetConfig(model=model, engines=1, tp=1, device=a.device, engine_args=engine_args)) as fleet:
+    with Fleet(FleetConfig(model=model, engines=1, tp_size=1, device=a.device, engine=engine)) as fleet:
         url = fleet.urls[0]
         for step in range(a.steps):
             freed = fleet.broadcast("/release_memory_occupation")[0]

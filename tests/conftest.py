@@ -54,7 +54,7 @@ def server(tiny_model):
     """One TP=2 CPU server for the HTTP tests, in its own process, as users run it."""
     from tpfleet.demo import start_server
 
-    proc, url = start_server(tiny_model, tp=2, extra_args=["--kv-cache-tokens", "8192"])
+    proc, url = start_server(tiny_model, tp_size=2, extra_args=["--kv-cache-tokens", "8192"])
     yield url
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0

@@ -16,14 +16,15 @@ import httpx
 import psutil
 import pytest
 
+from tpfleet.config import EngineConfig
 from tpfleet.devices import DeviceError, PhysicalGPU, parse_visible_devices
 from tpfleet.fleet import EngineFailure, Fleet, FleetConfig
-from tpfleet.fleet.placement import plan_placement, select_gpus
+from tpfleet.fleet.placement import BundleFacts, plan_from_bundles, plan_placement, select_gpus
 from tpfleet.fleet.processes import members
 from tpfleet.phases import PHASES
 
 GPUS = [PhysicalGPU(i, f"GPU-{i:08x}-1111-2222-3333-{i:012x}") for i in range(8)]
-SMALL_KV = ["--kv-cache-tokens", "4096"]
+SMALL_KV = {"kv_cache_tokens": 4096}
 TWO_TOKENS = {"text": "hi", "sampling_params": {"max_new_tokens": 2}}
 
 
@@ -57,11 +58,45 @@ def test_plan_errors_name_the_problem():
         select_gpus(["1", "1"], GPUS)
 
 
+def test_plan_from_bundles_takes_the_gpus_each_bundle_reports():
+    bundles = [BundleFacts("host-a", "10.0.0.1", ("3", "1"), (GPUS[3].uuid, GPUS[1].uuid), None),
+               BundleFacts("host-b", "10.0.0.2", (GPUS[5].uuid, GPUS[4].uuid), (GPUS[5].uuid, GPUS[4].uuid), "")]
+    plan = plan_from_bundles(bundles, 2, with_gpus=True)
+    assert [e.uuids for e in plan.engines] == [[GPUS[3].uuid, GPUS[1].uuid], [GPUS[5].uuid, GPUS[4].uuid]]
+    assert [[r.physical_index for r in e.ranks] for e in plan.engines] == [[3, 1], [-1, -1]]  # UUIDs: no index
+    assert [[r.local_index for r in e.ranks] for e in plan.engines] == [[0, 1], [0, 1]]
+    assert [e.host for e in plan.engines] == ["host-a", "host-b"]
+    assert [e.host for e in plan_from_bundles(bundles, 2, with_gpus=True, use_node_ip=True).engines] == \
+        ["10.0.0.1", "10.0.0.2"]
+    assert [e.ranks for e in plan_from_bundles(bundles, 2, with_gpus=False).engines] == [(), ()]
+    with pytest.raises(DeviceError, match="TP 4 needs 4"):
+        plan_from_bundles(bundles, 4, with_gpus=True)
+    twice = [bundles[0], BundleFacts("host-a", "10.0.0.1", ("1", "2"), (GPUS[1].uuid, GPUS[2].uuid), None)]
+    with pytest.raises(DeviceError, match=f"{GPUS[1].uuid} was granted to engines 0 and 1"):
+        plan_from_bundles(twice, 2, with_gpus=True)
+
+
+def test_fleet_config_checks_its_engine_fields():
+    cfg = FleetConfig(model="m", tp_size=2, engine={"kv_cache_tokens": 4096, "enable_prefix_caching": False})
+    assert cfg.engine_config(["GPU-a", "GPU-b"]) == EngineConfig(
+        model="m", tp_size=2, kv_cache_tokens=4096, enable_prefix_caching=False, gpu_uuids=["GPU-a", "GPU-b"])
+    with pytest.raises(ValueError, match="unknown engine config field 'kv_cache'"):
+        FleetConfig(model="m", engine={"kv_cache": 4096})
+    with pytest.raises(ValueError, match="'kv_cache_tokens' must be an integer or null"):
+        FleetConfig(model="m", engine={"kv_cache_tokens": "4096"})
+    with pytest.raises(ValueError, match="FleetConfig.tp_size"):
+        FleetConfig(model="m", engine={"tp_size": 2})
+    with pytest.raises(ValueError, match="placement plan"):
+        FleetConfig(model="m", engine={"gpu_uuids": ["GPU-a"]})
+    with pytest.raises(ValueError, match="backend"):
+        FleetConfig(model="m", backend="slurm")
+
+
 # --- start, diagnose, stop ------------------------------------------------------------------------
 
 def _fleet(model, tmp_path, **kw) -> tuple[Fleet, list]:
     events = []
-    cfg = FleetConfig(model=str(model), log_dir=str(tmp_path / "logs"), engine_args=SMALL_KV, **kw)
+    cfg = FleetConfig(model=str(model), log_dir=str(tmp_path / "logs"), engine=SMALL_KV, **kw)
     return Fleet(cfg, on_event=lambda e, ev, info: events.append((time.monotonic(), e, ev, info))), events
 
 
@@ -106,7 +141,8 @@ def _kill_when(events, phase, sig, which):
 @pytest.mark.parametrize("sig,name", [(signal.SIGKILL, "SIGKILL"), (signal.SIGSEGV, "SIGSEGV")])
 def test_a_rank_killed_during_startup_is_diagnosed_fast(tiny_model, tmp_path, sig, name):
     events = []
-    cfg = FleetConfig(model=str(tiny_model), tp=2, log_dir=str(tmp_path), engine_args=SMALL_KV, startup_timeout_s=120)
+    cfg = FleetConfig(model=str(tiny_model), tp_size=2, log_dir=str(tmp_path), engine=SMALL_KV,
+                      startup_timeout_s=120)
     fleet = Fleet(cfg, on_event=_kill_when(events, "ranks_started", sig, 1))
     t = time.monotonic()
     with pytest.raises(EngineFailure) as e:
@@ -122,7 +158,7 @@ def test_a_rank_killed_during_startup_is_diagnosed_fast(tiny_model, tmp_path, si
 
 
 def test_a_rank_killed_while_serving_takes_the_engine_down_and_is_restarted(tiny_model, tmp_path):
-    fleet, events = _fleet(tiny_model, tmp_path, engines=1, tp=2, restart_budget=1, restart_backoff_s=0.2)
+    fleet, events = _fleet(tiny_model, tmp_path, engines=1, tp_size=2, restart_budget=1, restart_backoff_s=0.2)
     fleet.start()
     try:
         pids = next(info["pids"] for _, _, ev, info in events if ev == "ranks_started")
@@ -162,9 +198,49 @@ def test_an_exception_while_loading_weights_fails_fast_with_its_traceback(tiny_m
     assert "Traceback" in text and "exit code 1" in text
 
 
+def test_an_engine_that_fails_at_start_is_reported_from_its_exit_record(tiny_model, tmp_path):
+    not_a_checkpoint = tmp_path / "empty"
+    not_a_checkpoint.mkdir()
+    fleet, events = _fleet(not_a_checkpoint, tmp_path, startup_timeout_s=120)
+    with pytest.raises(EngineFailure) as e:
+        fleet.start()
+    failure = e.value
+    engine = fleet.engines[0]
+    # The engine got its whole config as one document, and wrote why it failed to the path it was given.
+    assert EngineConfig.from_file(engine.config_path) == fleet.cfg.engine_config([])
+    assert "--config" in engine.command() and "--model" not in engine.command()
+    assert failure.exit_record_path == str(tmp_path / "logs" / "engine0.exit.json")
+    assert Path(failure.exit_record_path).is_file()
+    cause = failure.exit
+    assert cause is not None and cause.role == "engine" and cause.phase == "starting"
+    assert cause.exc_type and cause.pid == engine.proc.pid and cause.traceback
+    assert f"{cause.exc_type}: " in failure.reason and "in phase starting" in failure.reason
+    assert f"raised {cause.exc_type}" in str(failure) and "exit code 1" in str(failure)
+
+
+def test_an_engine_killed_while_serving_is_reported_from_its_exit_status(tiny_model, tmp_path):
+    fleet, events = _fleet(tiny_model, tmp_path, engines=1, restart_budget=0)
+    fleet.start()
+    try:
+        engine = fleet.engines[0]
+        os.kill(engine.proc.pid, signal.SIGKILL)
+        assert wait_for(lambda: any(ev == "died" for _, _, ev, _ in events), 5), "death not noticed within 5 s"
+        [failure] = fleet.failures
+        cause = failure.exit
+        assert cause is not None and cause.signal == "SIGKILL" and cause.exitcode == -signal.SIGKILL
+        assert cause.exc_type is None and cause.role == "engine" and cause.pid == engine.proc.pid
+        assert cause.phase == "ready"  # the last phase it reported
+        assert not Path(failure.exit_record_path).exists()  # it could write nothing: the record is the launcher's
+        assert "killed by SIGKILL" in failure.reason and "died while serving" in failure.reason
+        assert "rank 0" in str(failure) and "OOM" in str(failure)
+        assert wait_for(lambda: fleet.urls == [], 5)
+    finally:
+        fleet.stop()
+
+
 def test_a_hang_during_startup_misses_its_deadline_with_the_phase_named(tiny_model, tmp_path):
     events = []
-    cfg = FleetConfig(model=str(tiny_model), log_dir=str(tmp_path), engine_args=SMALL_KV, startup_timeout_s=6)
+    cfg = FleetConfig(model=str(tiny_model), log_dir=str(tmp_path), engine=SMALL_KV, startup_timeout_s=6)
 
     def freeze(engine, event, info):
         events.append(event)
@@ -186,8 +262,7 @@ def test_a_taken_port_is_reported_not_raced(tiny_model, tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        cfg = FleetConfig(model=str(tiny_model), log_dir=str(tmp_path), engine_args=["--port", str(port)],
-                          startup_timeout_s=60)
+        cfg = FleetConfig(model=str(tiny_model), log_dir=str(tmp_path), engine_port=port, startup_timeout_s=60)
         with pytest.raises(EngineFailure) as e:
             Fleet(cfg).start()
     assert f"cannot listen on 127.0.0.1:{port}" in str(e.value)
@@ -257,19 +332,19 @@ def ray_cluster(request, monkeypatch):
 
 def test_ray_backend_with_logical_gpus(tiny_model, tmp_path, ray_cluster):
     noset = ray_cluster
-    fleet, events = _fleet(tiny_model, tmp_path, engines=2, tp=2, backend="ray", ray_logical_gpus=True,
+    fleet, events = _fleet(tiny_model, tmp_path, engines=2, tp_size=2, backend="ray", ray_logical_gpus=True,
                            max_concurrent_starts=2)
     fleet.start()
     try:
-        facts = fleet._ray.facts
-        ids = [f["gpu_ids"] for f in facts]
+        facts = fleet.backend.facts
+        ids = [f.gpu_ids for f in facts]
         assert sorted(i for pair in ids for i in pair) == ["0", "1", "2", "3"]  # four distinct GPUs, two each
-        assert all(f["host"] == socket.gethostname() for f in facts)
+        assert all(f.host == socket.gethostname() for f in facts)
         for f in facts:
             if noset:
-                assert f["cuda_visible_devices"] in (None, "")  # Ray left it alone: the trap
+                assert f.cuda_visible_devices in (None, "")  # Ray left it alone: the trap
             else:
-                assert f["cuda_visible_devices"] == ",".join(f["gpu_ids"])
+                assert f.cuda_visible_devices == ",".join(f.gpu_ids)
         for u in fleet.urls:
             assert httpx.post(f"{u}/generate", json=TWO_TOKENS).status_code == 200
     finally:

@@ -13,7 +13,7 @@ from conftest import NUM_GPUS
 from tpfleet.fleet import Fleet, FleetConfig, StaleGPUProcesses
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 GPUs")]
-ENGINE_ARGS = ["--mem-fraction-static", "0.3"]
+ENGINE = {"mem_fraction_static": 0.3}
 
 
 def check_fleet(fleet: Fleet) -> None:
@@ -37,7 +37,7 @@ def test_remapped_visible_devices_place_engines_on_the_named_gpus(tiny_model, tm
 
     phys = physical_gpus()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
-    fleet = Fleet(FleetConfig(model=str(tiny_model), engines=2, tp=1, device="cuda", engine_args=ENGINE_ARGS,
+    fleet = Fleet(FleetConfig(model=str(tiny_model), engines=2, tp_size=1, device="cuda", engine=ENGINE,
                               log_dir=str(tmp_path), max_concurrent_starts=2))
     fleet.start()
     try:
@@ -50,7 +50,7 @@ def test_remapped_visible_devices_place_engines_on_the_named_gpus(tiny_model, tm
 
 def test_tp2_engine_under_reversed_devices(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
-    fleet = Fleet(FleetConfig(model=str(tiny_model), engines=1, tp=2, device="cuda", engine_args=ENGINE_ARGS,
+    fleet = Fleet(FleetConfig(model=str(tiny_model), engines=1, tp_size=2, device="cuda", engine=ENGINE,
                               log_dir=str(tmp_path)))
     fleet.start()
     try:
@@ -66,8 +66,8 @@ def test_ray_places_each_engine_on_its_own_gpus(tiny_model, tmp_path, monkeypatc
         monkeypatch.setenv("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "1")
     ray.init(num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False)
     try:
-        fleet = Fleet(FleetConfig(model=str(tiny_model), engines=2, tp=1, device="cuda", backend="ray",
-                                  engine_args=ENGINE_ARGS, log_dir=str(tmp_path), max_concurrent_starts=2))
+        fleet = Fleet(FleetConfig(model=str(tiny_model), engines=2, tp_size=1, device="cuda", backend="ray",
+                                  engine=ENGINE, log_dir=str(tmp_path), max_concurrent_starts=2))
         fleet.start()
         try:
             uuids = [u for e in fleet.plan.engines for u in e.uuids]
@@ -85,8 +85,8 @@ def test_stale_gpu_processes_are_refused_then_reaped(tiny_model, tmp_path):
                            stdout=subprocess.PIPE, text=True)
     try:
         assert hog.stdout.readline().strip() == "holding"
-        cfg = FleetConfig(model=str(tiny_model), engines=1, tp=1, device="cuda", gpus=["0"],
-                          engine_args=ENGINE_ARGS, log_dir=str(tmp_path))
+        cfg = FleetConfig(model=str(tiny_model), engines=1, tp_size=1, device="cuda", gpus=["0"],
+                          engine=ENGINE, log_dir=str(tmp_path))
         with pytest.raises(StaleGPUProcesses, match=f"pid {hog.pid}"):
             Fleet(cfg).start()
         cfg.reap_stale = True

@@ -16,8 +16,8 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 GPUs"))])
 def test_cuda_bf16_server_generates_streams_and_stops_clean(tiny_model, tp):
-    proc, url = start_server(tiny_model, tp=tp, device="cuda", extra_args=["--dtype", "bfloat16",
-                                                                          "--kv-cache-tokens", "16384"])
+    proc, url = start_server(tiny_model, tp_size=tp, device="cuda",
+                             extra_args=["--dtype", "bfloat16", "--kv-cache-tokens", "16384"])
     pids = process_family(proc.pid)
     try:
         body = {"text": ["Once upon a time", "The river flows"],

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import psutil
 
-from tpfleet.warmup.markers import MarkerStore, kernel_sources, marker_key, sources_hash
 from tpfleet.phases import WARMUP_RESULT_PREFIX
+from tpfleet.warmup.markers import MarkerStore, kernel_sources, marker_key, sources_hash
 from tpfleet.warmup.runner import Job, run_job, run_warmup
 
 VERSIONS = {"tpfleet": "0.1.0", "torch": "2.11", "triton": "3.6", "cuda": "13.0", "arch": "sm_90"}

@@ -3,197 +3,250 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from tpfleet import env, exits
+from tpfleet.config import (
+    PLACEMENT_FIELDS,
+    EngineConfig,
+    add_engine_arguments,
+    engine_config_from_args,
+    engine_fields_from_args,
+    non_default_fields,
+)
 from tpfleet.jit import default_triton_cache
 
-# Multicast (NVLS) must stay off on shared multi-GPU hosts; children inherit these.
-for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
-    os.environ.setdefault(_k, _v)
-
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face Qwen3 checkpoint directory")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1, 2, 4 or 8)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--device-ids", default="", help="comma-separated local CUDA indices, one per rank")
-    p.add_argument("--gpu-uuids", default="", help="the UUID each rank's device must have (set by the fleet)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--context-length", type=int, default=None)
-    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens")
-    p.add_argument("--mem-fraction-static", type=float, default=0.85)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="per-step budget = prefill chunk")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--disable-prefix-caching", action="store_true")
-    p.add_argument("--graph-mode", choices=["auto", "eager", "full", "piecewise"], default="auto",
-                   help="CUDA graphs: none, full decode graphs, or full plus piecewise (auto: full on GPU)")
-    p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
-    p.add_argument("--disable-overlap-schedule", action="store_true",
-                   help="read each step's tokens back before launching the next (the GPU idles meanwhile)")
-    p.add_argument("--disable-custom-all-reduce", action="store_true", help="use NCCL / symmetric memory only")
-    p.add_argument("--disable-symm-mem", action="store_true", help="never use PyTorch symmetric memory")
+Formatter = argparse.ArgumentDefaultsHelpFormatter
+GROUP_HELP = {"bench": "benchmarks (GPU)"}
 
 
 def _grids(text: str) -> list[tuple[int, int]]:
     """'64x256,128x256' -> [(64, 256), (128, 256)]; the custom kernel checks the ranges itself."""
     try:
-        return [(int(b), int(t)) for b, t in (g.split("x") for g in text.split(",") if g)]
+        return [(int(blocks), int(threads)) for blocks, threads in (g.split("x") for g in text.split(",") if g)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected BLOCKSxTHREADS,... e.g. 64x256,128x256") from None
 
 
-def engine_config(a: argparse.Namespace):
-    from tpfleet.config import EngineConfig
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
 
-    return EngineConfig(
-        model=a.model, tp_size=a.tp, device=a.device,
-        device_ids=[int(x) for x in a.device_ids.split(",") if x.strip()], dtype=a.dtype,
-        gpu_uuids=[x.strip() for x in a.gpu_uuids.split(",") if x.strip()],
-        context_length=a.context_length, kv_cache_tokens=a.kv_cache_tokens,
-        mem_fraction_static=a.mem_fraction_static, max_num_seqs=a.max_num_seqs,
-        max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
-        enable_prefix_caching=not a.disable_prefix_caching,
-        enable_custom_all_reduce=not a.disable_custom_all_reduce, enable_symm_mem=not a.disable_symm_mem,
-        graph_mode=a.graph_mode, attention_backend=a.attention_backend,
-        overlap_schedule=not a.disable_overlap_schedule,
-    )
+
+def engine_arg_parser() -> argparse.ArgumentParser:
+    """What `launch --engine-arg` takes: the engine flags a fleet leaves to its user."""
+    from tpfleet.fleet.fleet import FLEET_FIELDS
+
+    parser = argparse.ArgumentParser(prog="tpfleet launch --engine-arg", add_help=False, exit_on_error=False)
+    add_engine_arguments(parser, exclude=FLEET_FIELDS + PLACEMENT_FIELDS)
+    return parser
+
+
+def parse_engine_args(argv: list[str]) -> dict:
+    """`--engine-arg` values, parsed by the engine flags' parser, as EngineConfig overrides."""
+    try:
+        args, unknown = engine_arg_parser().parse_known_args(argv)
+    except argparse.ArgumentError as error:
+        raise ValueError(f"--engine-arg: {error}") from None
+    if unknown:
+        raise ValueError(f"--engine-arg: not an engine flag a fleet leaves to its user: {' '.join(unknown)}")
+    return non_default_fields(engine_fields_from_args(args))
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser, and its sub-parsers by command name ("serve", "bench decode", ...)."""
+    parser = argparse.ArgumentParser(prog="tpfleet", description=__doc__, formatter_class=Formatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    groups = {"": sub}
+    commands: dict[str, argparse.ArgumentParser] = {}
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        group, _, leaf = name.rpartition(" ")
+        if group not in groups:
+            groups[group] = sub.add_parser(group, help=GROUP_HELP[group], formatter_class=Formatter).add_subparsers(
+                dest="what", required=True)
+        commands[name] = groups[group].add_parser(leaf, help=text, formatter_class=Formatter)
+        return commands[name]
+
+    make_model_cmd = command("make-model", "write a random Qwen3 checkpoint (no network)")
+    make_model_cmd.add_argument("--preset", default="tiny", choices=["tiny", "small", "8b-shape"], help="model shape")
+    make_model_cmd.add_argument("--out", required=True, help="checkpoint directory to write")
+    make_model_cmd.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    make_model_cmd.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is faster)")
+
+    serve_cmd = command("serve", "serve one TP engine over HTTP")
+    serve_cmd.add_argument("--config", default=None,
+                           help="the engine's whole EngineConfig as a JSON document, inline or in a file; engine "
+                                "flags given as well override its fields")
+    add_engine_arguments(serve_cmd, model_required=False)
+    serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve_cmd.add_argument("--port", type=int, default=0, help="0: the kernel picks a free port (printed when ready)")
+    serve_cmd.add_argument("--served-model-name", default=None, help="model name in OpenAI API answers (None: --model)")
+
+    launch_cmd = command("launch", "start a fleet of engines and serve a router in front of them")
+    launch_cmd.add_argument("--engines", type=int, default=1, help="how many engines")
+    launch_cmd.add_argument("--gpus", default="", help="indices (of this process's visible GPUs) or UUIDs")
+    launch_cmd.add_argument("--backend", choices=["local", "ray"], default="local",
+                            help="engines as local processes, or in Ray actors")
+    launch_cmd.add_argument("--max-concurrent-starts", type=int, default=1, help="engines starting at once")
+    launch_cmd.add_argument("--startup-timeout", type=float, default=600.0,
+                            help="seconds for an engine to become ready")
+    launch_cmd.add_argument("--restart-budget", type=int, default=3, help="restarts per engine after it dies")
+    launch_cmd.add_argument("--reap-stale", action="store_true", help="kill processes already holding the GPUs")
+    launch_cmd.add_argument("--log-dir", default=None,
+                            help="engine logs, config documents and exit records (None: a fresh temp dir)")
+    launch_cmd.add_argument("--host", default="127.0.0.1", help="router address")
+    launch_cmd.add_argument("--engine-host", default="127.0.0.1",
+                            help="where engines listen; 'node' for each Ray node's IP when engines span machines")
+    launch_cmd.add_argument("--port", type=int, default=0, help="router port (0: the kernel picks)")
+    launch_cmd.add_argument("--engine-arg", action="append", default=[],
+                            help="an engine flag, as `tpfleet serve` takes it (repeat; e.g. "
+                                 "--engine-arg=--kv-cache-tokens --engine-arg=4096)")
+    add_engine_arguments(launch_cmd, exclude=PLACEMENT_FIELDS)
+
+    demo_cmd = command("demo", "build the tiny model, serve it with TP=2 on CPU, send requests, stop")
+    demo_cmd.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=2, help="tensor-parallel size")
+    demo_cmd.add_argument("--workdir", default=None, help="where to build the model (None: a fresh temp dir)")
+
+    decode_cmd = command("bench decode", "smoke benchmark: decode step time and tokens/s at given batch sizes")
+    add_engine_arguments(decode_cmd)
+    decode_cmd.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes")
+    decode_cmd.add_argument("--input-len", type=int, default=128, help="prompt tokens per sequence")
+    engine_cmd = command("bench engine", "decode latency, offline throughput, vs transformers and the floor")
+    add_engine_arguments(engine_cmd)
+    engine_cmd.add_argument("--num-seqs", type=int, default=256, help="sequences of the offline workload")
+    engine_cmd.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    engine_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
+    allreduce_cmd = command("bench allreduce", "all-reduce latency of every backend and the dispatcher")
+    allreduce_cmd.add_argument("--nproc", type=int, default=2, help="GPUs (one process each)")
+    allreduce_cmd.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                               help="element type")
+    allreduce_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
+    allreduce_cmd.add_argument("--grids", type=_grids, default=[],
+                               help="other custom-kernel launch grids to time in graph mode, as BLOCKSxTHREADS,... "
+                                    "(e.g. 64x256,128x256)")
+    gemv_cmd = command("bench gemv", "batch-1 GEMV kernels vs cuBLAS and the bandwidth floor, per projection")
+    gemv_cmd.add_argument("--tp-sizes", "--tp", dest="tp_sizes", type=_int_list, default="1,2",
+                          help="Qwen3-8B's shards at these tensor-parallel sizes (comma-separated)")
+    gemv_cmd.add_argument("--sweep", action="store_true", help="also time a grid of launch configs per projection")
+    gemv_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
+    attention_cmd = command("bench attention", "decode attention per KV-split policy vs the bandwidth floor")
+    attention_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
+
+    warmup_cmd = command("warmup", "build the JIT caches engine configs need; a no-op when still valid")
+    add_engine_arguments(warmup_cmd, exclude=PLACEMENT_FIELDS, several=("tp_size", "graph_mode"),
+                         defaults={"device": "cuda"})
+    warmup_cmd.add_argument("--timeout", type=float, default=900.0, help="seconds per config")
+
+    doctor_cmd = command("doctor", "check the launch environment; non-zero exit if a launch would break")
+    doctor_cmd.add_argument("--gpus", default="", help="limit to these GPUs (indices or UUID prefixes)")
+    doctor_cmd.add_argument("--compare-ray", action="store_true",
+                            help="diff a plain process's environment with a Ray actor's")
+    doctor_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser, commands
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse; for `serve --config`, the document's fields are the defaults that engine flags override."""
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd == "serve" and args.config is not None:
+        try:
+            document = EngineConfig.from_file_or_json(args.config)
+        except (OSError, ValueError) as error:
+            exits.record_engine_failure(error, 1)  # the launcher that wrote the document learns why
+            commands["serve"].error(f"--config: {error}")
+        commands["serve"].set_defaults(**document.to_dict())
+        args = parser.parse_args(argv)
+    if args.cmd == "serve" and args.model is None:
+        commands["serve"].error("the engine needs a model: give --model or --config")
+    return args
+
+
+def _engine_config(args: argparse.Namespace, command: str) -> EngineConfig:
+    try:
+        return engine_config_from_args(args)
+    except ValueError as error:
+        build_parser()[1][command].error(str(error))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tpfleet", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-
-    mm = sub.add_parser("make-model", help="write a random Qwen3 checkpoint (no network)")
-    mm.add_argument("--preset", default="tiny", choices=["tiny", "small", "8b-shape"])
-    mm.add_argument("--out", required=True)
-    mm.add_argument("--seed", type=int, default=0)
-    mm.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is faster)")
-
-    sv = sub.add_parser("serve", help="serve one TP engine over HTTP")
-    _engine_args(sv)
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=0, help="0: the kernel picks a free port (printed when ready)")
-    sv.add_argument("--served-model-name", default=None)
-
-    ln = sub.add_parser("launch", help="start a fleet of engines and serve a router in front of them")
-    ln.add_argument("--model", required=True)
-    ln.add_argument("--engines", type=int, default=1)
-    ln.add_argument("--tp", type=int, default=1)
-    ln.add_argument("--gpus", default="", help="indices (of this process's visible GPUs) or UUIDs")
-    ln.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ln.add_argument("--backend", choices=["local", "ray"], default="local")
-    ln.add_argument("--max-concurrent-starts", type=int, default=1)
-    ln.add_argument("--startup-timeout", type=float, default=600.0)
-    ln.add_argument("--restart-budget", type=int, default=3)
-    ln.add_argument("--reap-stale", action="store_true", help="kill processes already holding the GPUs")
-    ln.add_argument("--log-dir", default=None)
-    ln.add_argument("--host", default="127.0.0.1", help="router address")
-    ln.add_argument("--engine-host", default="127.0.0.1",
-                    help="where engines listen; 'node' for each Ray node's IP when engines span machines")
-    ln.add_argument("--port", type=int, default=0, help="router port (0: the kernel picks)")
-    ln.add_argument("--engine-arg", action="append", default=[], help="extra `tpfleet serve` argument (repeat)")
-
-    dm = sub.add_parser("demo", help="build the tiny model, serve it with TP=2 on CPU, send requests, stop")
-    dm.add_argument("--tp", type=int, default=2)
-    dm.add_argument("--workdir", default=None, help="where to build the model (default: a fresh temp dir)")
-
-    bench = sub.add_parser("bench", help="benchmarks (GPU)").add_subparsers(dest="what", required=True)
-    bd = bench.add_parser("decode", help="smoke benchmark: decode step time and tokens/s at given batch sizes")
-    _engine_args(bd)
-    bd.add_argument("--batch-sizes", default="1,64")
-    bd.add_argument("--input-len", type=int, default=128)
-    be = bench.add_parser("engine", help="decode latency, offline throughput, vs transformers and the floor")
-    _engine_args(be)
-    be.add_argument("--num-seqs", type=int, default=256)
-    be.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    be.add_argument("--out", default="bench-out")
-    ba = bench.add_parser("allreduce", help="all-reduce latency of every backend and the dispatcher")
-    ba.add_argument("--nproc", type=int, default=2, help="GPUs (one process each)")
-    ba.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ba.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
-    ba.add_argument("--grids", type=_grids, default=[], help="other custom-kernel launch grids to time in graph "
-                                                             "mode, as BLOCKSxTHREADS,... (e.g. 64x256,128x256)")
-    bg = bench.add_parser("gemv", help="batch-1 GEMV kernels vs cuBLAS and the bandwidth floor, per projection")
-    bg.add_argument("--tp", default="1,2", help="Qwen3-8B's shards at these TP sizes")
-    bg.add_argument("--sweep", action="store_true", help="also time a grid of launch configs per projection")
-    bg.add_argument("--out", default="bench-out")
-    bt = bench.add_parser("attention", help="decode attention per KV-split policy vs the bandwidth floor")
-    bt.add_argument("--out", default="bench-out")
-
-    wu = sub.add_parser("warmup", help="build the JIT caches engine configs need; a no-op when still valid")
-    wu.add_argument("--model", required=True)
-    wu.add_argument("--tp", default="1", help="comma-separated TP sizes: one config each")
-    wu.add_argument("--graph-mode", default="auto", help="comma-separated graph modes: one config each")
-    wu.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
-    wu.add_argument("--kv-cache-tokens", type=int, default=None)
-    wu.add_argument("--timeout", type=float, default=900.0, help="seconds per config")
-
-    dr = sub.add_parser("doctor", help="check the launch environment; non-zero exit if a launch would break")
-    dr.add_argument("--gpus", default="", help="limit to these GPUs (indices or UUID prefixes)")
-    dr.add_argument("--compare-ray", action="store_true", help="diff a plain process's environment with a Ray actor's")
-    dr.add_argument("--json", action="store_true")
-
-    a = parser.parse_args(argv)
+    env.apply_multicast_off()
+    args = parse_args(argv)
     default_triton_cache()
-    if a.cmd == "make-model":
+    if args.cmd == "make-model":
         from tpfleet.model.make_model import make_model
 
-        out = make_model(a.preset, a.out, a.seed, a.device)
-        print(f"wrote {a.preset} Qwen3 checkpoint to {out}")
-    elif a.cmd == "serve":
+        out = make_model(args.preset, args.out, args.seed, args.device)
+        print(f"wrote {args.preset} Qwen3 checkpoint to {out}")
+    elif args.cmd == "serve":
         from tpfleet.server.launch import serve
 
         try:
-            serve(engine_config(a), a.host, a.port, a.served_model_name)
+            cfg = engine_config_from_args(args)
+        except ValueError as error:
+            exits.record_engine_failure(error, 1)  # no rank has started: no rank records to attach
+            raise
+        try:
+            serve(cfg, args.host, args.port, args.served_model_name)
         except KeyboardInterrupt:
             pass
-    elif a.cmd == "launch":
-        from tpfleet.fleet.fleet import FleetConfig
+    elif args.cmd == "launch":
+        from tpfleet.fleet.fleet import FLEET_FIELDS, FleetConfig
         from tpfleet.fleet.launch import launch
 
-        return launch(FleetConfig(
-            model=a.model, engines=a.engines, tp=a.tp, device=a.device, backend=a.backend,
-            gpus=[g for g in a.gpus.split(",") if g.strip()] or None, max_concurrent_starts=a.max_concurrent_starts,
-            startup_timeout_s=a.startup_timeout, engine_args=a.engine_arg, log_dir=a.log_dir,
-            reap_stale=a.reap_stale, restart_budget=a.restart_budget, host=a.engine_host), a.host, a.port)
-    elif a.cmd == "warmup":
-        from tpfleet.warmup.cli import warmup_command
+        fields = engine_fields_from_args(args)
+        try:
+            engine = {**non_default_fields({k: v for k, v in fields.items() if k not in FLEET_FIELDS}),
+                      **parse_engine_args(args.engine_arg)}
+            cfg = FleetConfig(
+                model=args.model, engines=args.engines, tp_size=args.tp_size, device=args.device, engine=engine,
+                backend=args.backend, gpus=[g for g in args.gpus.split(",") if g.strip()] or None,
+                max_concurrent_starts=args.max_concurrent_starts, startup_timeout_s=args.startup_timeout,
+                log_dir=args.log_dir, reap_stale=args.reap_stale, restart_budget=args.restart_budget,
+                host=args.engine_host)
+        except ValueError as error:
+            build_parser()[1]["launch"].error(str(error))
+        return launch(cfg, args.host, args.port)
+    elif args.cmd == "warmup":
+        from tpfleet.warmup.cli import warmup_command, warmup_configs
 
-        extra = {"kv_cache_tokens": a.kv_cache_tokens} if a.kv_cache_tokens else {}
-        return warmup_command(a.model, [int(t) for t in a.tp.split(",")], a.graph_mode.split(","), a.device, extra,
-                              a.timeout)
-    elif a.cmd == "doctor":
+        fields = engine_fields_from_args(args)
+        tp_sizes, graph_modes = fields.pop("tp_size"), fields.pop("graph_mode")
+        try:
+            configs = warmup_configs(fields, tp_sizes, graph_modes)
+        except ValueError as error:
+            build_parser()[1]["warmup"].error(str(error))
+        return warmup_command(configs, args.timeout)
+    elif args.cmd == "doctor":
         from tpfleet.doctor.cli import doctor_command
 
-        return doctor_command([g for g in a.gpus.split(",") if g] or None, a.compare_ray, a.json)
-    elif a.cmd == "demo":
+        return doctor_command([g for g in args.gpus.split(",") if g] or None, args.compare_ray, args.json)
+    elif args.cmd == "demo":
         from tpfleet.demo import run_demo
 
-        return run_demo(a.tp, a.workdir)
-    elif a.cmd == "bench" and a.what == "decode":
+        return run_demo(args.tp_size, args.workdir)
+    elif args.cmd == "bench" and args.what == "decode":
         from tpfleet.bench.engine import bench_decode
 
-        bench_decode(engine_config(a), [int(b) for b in a.batch_sizes.split(",")], a.input_len)
-    elif a.cmd == "bench" and a.what == "engine":
+        bench_decode(_engine_config(args, "bench decode"), _int_list(args.batch_sizes), args.input_len)
+    elif args.cmd == "bench" and args.what == "engine":
         from tpfleet.bench.engine import bench_engine
 
-        bench_engine(engine_config(a), a.out, a.num_seqs, with_hf=not a.no_hf)
-    elif a.cmd == "bench" and a.what == "allreduce":
+        bench_engine(_engine_config(args, "bench engine"), args.out, args.num_seqs, with_hf=not args.no_hf)
+    elif args.cmd == "bench" and args.what == "allreduce":
         import torch
 
         from tpfleet.bench.allreduce import bench_allreduce
 
-        bench_allreduce(a.nproc, a.out, getattr(torch, a.dtype), grids=a.grids)
-    elif a.cmd == "bench" and a.what == "gemv":
+        bench_allreduce(args.nproc, args.out, getattr(torch, args.dtype), grids=args.grids)
+    elif args.cmd == "bench" and args.what == "gemv":
         from tpfleet.bench.gemv import bench_gemv
 
-        bench_gemv(a.out, [int(t) for t in a.tp.split(",")], a.sweep)
-    elif a.cmd == "bench" and a.what == "attention":
+        bench_gemv(args.out, args.tp_sizes, args.sweep)
+    elif args.cmd == "bench" and args.what == "attention":
         from tpfleet.bench.attention import bench_attention
 
-        bench_attention(a.out)
+        bench_attention(args.out)
     return 0
 
 

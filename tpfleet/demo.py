@@ -51,9 +51,10 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
     return [p.pid for p in running if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def start_server(model: Path, tp: int, device: str = "cpu", extra_args: list[str] = ()) -> tuple[subprocess.Popen, str]:
-    """`tpfleet serve` in a child process; returns it and its URL once it prints its ready line."""
-    cmd = [sys.executable, "-m", "tpfleet.cli", "serve", "--model", str(model), "--tp", str(tp),
+def start_server(model: Path, tp_size: int, device: str = "cpu",
+                 extra_args: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """`tpfleet serve` in a child process; returns it and its URL once it reports its ready phase."""
+    cmd = [sys.executable, "-m", "tpfleet.cli", "serve", "--model", str(model), "--tp-size", str(tp_size),
            "--device", device, *extra_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     found: list[str] = []
@@ -76,15 +77,15 @@ def start_server(model: Path, tp: int, device: str = "cpu", extra_args: list[str
     return proc, found[0]
 
 
-def run_demo(tp: int = 2, workdir: str | None = None) -> int:
+def run_demo(tp_size: int = 2, workdir: str | None = None) -> int:
     root = Path(workdir or tempfile.mkdtemp(prefix="tpfleet-demo-"))
     t = time.perf_counter()
     model = make_model("tiny", root / "tiny")
     print(f"built the tiny Qwen3 checkpoint in {root / 'tiny'} ({time.perf_counter() - t:.1f}s)")
 
     t = time.perf_counter()
-    proc, url = start_server(model, tp)
-    print(f"server up at {url} with TP={tp} on CPU ({time.perf_counter() - t:.1f}s including process start)\n")
+    proc, url = start_server(model, tp_size)
+    print(f"server up at {url} with TP={tp_size} on CPU ({time.perf_counter() - t:.1f}s including process start)\n")
     family = process_family(proc.pid)
     try:
         _requests(url)

@@ -17,6 +17,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tpfleet import env, phases
+
 
 @dataclass
 class ExitRecord:
@@ -118,3 +120,38 @@ def write_engine_record(path: str | Path | None, tp_size: int, record: ExitRecor
         return
     record.causes = [r for r in (read(rank_path(path, rank)) for rank in range(tp_size)) if r is not None]
     write(path, record)
+
+
+def rank_records(engine_path: str | Path) -> list[ExitRecord]:
+    """Every record the ranks of the engine whose record goes to `engine_path` have written so far."""
+    engine_path = Path(engine_path)
+    found = (read(p) for p in sorted(engine_path.parent.glob(f"{engine_path.name}.rank*")))
+    return sorted((r for r in found if r is not None), key=lambda r: (r.rank is None, r.rank))
+
+
+def present(engine_path: str | Path) -> bool:
+    """Whether the engine or any of its ranks has written a record: it has failed or is failing."""
+    engine_path = Path(engine_path)
+    return engine_path.exists() or any(engine_path.parent.glob(f"{engine_path.name}.rank*"))
+
+
+def clear(engine_path: str | Path) -> None:
+    """Remove the records of an earlier run at this path, so a record found later is this run's."""
+    engine_path = Path(engine_path)
+    for stale in [engine_path, *engine_path.parent.glob(f"{engine_path.name}.rank*")]:
+        stale.unlink(missing_ok=True)
+
+
+def ends_the_process(exc: BaseException) -> bool:
+    """A failure, not a requested stop (Ctrl-C, SIGTERM turned into one, a clean exit)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return False
+    return not (isinstance(exc, SystemExit) and exc.code in (0, None))
+
+
+def record_engine_failure(exc: BaseException, tp_size: int) -> None:
+    """The engine's exit record for `exc`, at the path its launcher named (no-op without one), unless
+    `exc` is a requested stop."""
+    if ends_the_process(exc):
+        write_engine_record(env.exit_record_path(), tp_size,
+                            ExitRecord.from_exception(exc, "engine", 0, phases.current_phase()))

@@ -1,5 +1,10 @@
-"""Start-up phases, printed as one parseable line each, so a launcher can show progress and say
-which phase an engine died in. Format: `tpfleet phase: NAME {json}`."""
+"""Every line tpfleet prints for another program to read, declared here and nowhere else.
+
+Start-up phases are printed as one parseable line each, so a launcher can show progress and learn
+an engine's URL: `tpfleet phase: NAME {json}`. The other machine-read lines: an engine's ready line
+(for people and scripts), the router's ready line of `tpfleet launch`, and a warm-up job's result.
+Why a process died is never read from its output: that is what exit records are for (tpfleet.exits).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,10 @@ import sys
 import time
 
 PHASE_PREFIX = "tpfleet phase:"
+READY_PREFIX = "tpfleet ready:"  # `tpfleet serve`: `tpfleet ready: URL (details)`
+ROUTER_READY_PREFIX = "tpfleet router ready:"  # `tpfleet launch`: `tpfleet router ready: URL`
+WARMUP_RESULT_PREFIX = "tpfleet warmup-result:"  # a warm-up job's cache statistics: `... {json}`
+
 PHASES = ("starting", "ranks_started", "weights_loaded", "kv_cache_allocated", "graphs_captured", "jit_caches",
           "ready")
 
@@ -35,3 +44,22 @@ def parse_phase(line: str) -> tuple[str, dict] | None:
         return name, json.loads(payload) if payload else {}
     except json.JSONDecodeError:
         return name, {}
+
+
+def after_prefix(prefix: str, line: str) -> str | None:
+    """The rest of `line` when it starts with `prefix`, stripped; None otherwise."""
+    return line[len(prefix):].strip() if line.startswith(prefix) else None
+
+
+def parse_warmup_result(line: str) -> dict | None:
+    payload = after_prefix(WARMUP_RESULT_PREFIX, line)
+    if payload is None:
+        return None
+    try:
+        return json.loads(payload)
+    except json.JSONDecodeError:
+        return None
+
+
+def format_warmup_result(stats: dict) -> str:
+    return f"{WARMUP_RESULT_PREFIX} {json.dumps(stats)}"

@@ -1,14 +1,15 @@
 """Launch, place, supervise and tear down fleets of TP engines (see fleet.py).
 
-The names below load on first use, so that a light module of this package (diagnostics, used by
-`tpfleet warmup`) can be imported without the engine and transformers behind `Fleet`.
+The names below load on first use, so that importing one light module of this package (placement,
+diagnostics) does not import the others and the HTTP client behind `Fleet`.
 """
 
 from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"EngineFailure": "diagnostics", "Fleet": "fleet", "FleetConfig": "fleet", "StaleGPUProcesses": "gpu_state"}
+_EXPORTS = {"EngineFailure": "diagnostics", "EngineHandle": "handle", "Fleet": "fleet", "FleetBackend": "handle",
+            "FleetConfig": "fleet", "StaleGPUProcesses": "gpu_state"}
 __all__ = list(_EXPORTS)
 
 

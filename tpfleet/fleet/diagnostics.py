@@ -1,5 +1,8 @@
 """Why an engine failed, on the first screen: which engine, GPUs, phase, how long, its URL, every rank's
-exit code or signal (with evidence when the kernel's OOM killer is the likely cause), and its log."""
+exit code or signal (with evidence when the kernel's OOM killer is the likely cause), and its log.
+
+The facts come from exit records (tpfleet.exits) and exit statuses; the log's last lines are shown
+for people, never read to learn what happened."""
 
 from __future__ import annotations
 
@@ -8,19 +11,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# A line containing one of these means the engine is going down; the launcher fails it at once.
-CRASH_MARKERS = (
-    "Traceback (most recent call last)",
-    "Fatal Python error",
-    "Segmentation fault",
-    "tpfleet rank-exit:",
-    " CRITICAL ",
-    "core dumped",
-)
-
-
-def is_crash_line(line: str) -> bool:
-    return any(m in line for m in CRASH_MARKERS)
+from tpfleet.exits import ExitRecord
 
 
 def describe_exit(code: int | None) -> str:
@@ -39,6 +30,39 @@ def describe_exit(code: int | None) -> str:
         "SIGBUS": " (bus error: often /dev/shm too small)",
     }.get(name, "")
     return f"killed by {name}{hint}"
+
+
+def rank_lines(engine_pid: int | None, engine_exitcode: int | None, rank_pids: list[int],
+               record: ExitRecord | None) -> list[str]:
+    """One line per rank: its exit code or signal and the exception it raised, from the engine's exit
+    record (its ranks' records are its causes) and the engine process's own exit status (rank 0)."""
+    own: dict[int, ExitRecord] = {}
+    for each in [record, *record.causes] if record else []:
+        if each.role == "rank" and each.rank is not None:
+            own.setdefault(each.rank, each)
+    engine_error = record if record is not None and record.role == "engine" and record.exc_type else None
+    lines = []
+    for rank in range(max(len(rank_pids), max(own, default=0) + 1, 1)):
+        mine = own.get(rank)
+        if mine is not None:
+            pid = mine.pid
+        elif rank == 0:
+            pid = engine_pid
+        else:
+            pid = rank_pids[rank] if rank < len(rank_pids) else "?"
+        if rank == 0:
+            code, error = engine_exitcode, mine if mine is not None and mine.exc_type else engine_error
+        elif mine is not None:
+            code, error = mine.exitcode, mine if mine.exc_type else None
+        else:
+            lines.append(f"rank {rank} (pid {pid}): ended with its engine")
+            continue
+        parts = [describe_exit(code)] if code is not None or error is None else []
+        if error is not None:
+            message = error.message.splitlines()[0] if error.message else ""
+            parts.append(f"raised {error.exc_type}: {message} (phase {error.phase})")
+        lines.append(f"rank {rank} (pid {pid}): {'; '.join(parts)}")
+    return lines
 
 
 def oom_evidence(pids: list[int], cgroup_oom_before: int | None) -> list[str]:
@@ -81,6 +105,8 @@ class EngineFailure(RuntimeError):
     evidence: list[str] = field(default_factory=list)
     log_path: str = ""
     log_tail: list[str] = field(default_factory=list)
+    exit: ExitRecord | None = None  # the root cause: the earliest failure among the exit records
+    exit_record_path: str = ""
 
     def __str__(self) -> str:
         lines = [f"engine {self.engine} failed: {self.reason}",
@@ -88,6 +114,11 @@ class EngineFailure(RuntimeError):
                  f"URL {self.url or 'not yet bound'}"]
         lines += [f"  {r}" for r in self.ranks]
         lines += [f"  evidence: {e}" for e in self.evidence]
+        if self.exit_record_path:
+            lines.append(f"  exit record: {self.exit_record_path}")
+        if self.exit is not None and self.exit.traceback:
+            lines.append(f"  traceback of {self.exit.describe().partition(':')[0]}:")
+            lines += [f"    | {line}" for line in self.exit.traceback.rstrip().splitlines()]
         if self.log_tail:
             lines.append(f"  last lines of {self.log_path}:")
             lines += [f"    | {line}" for line in self.log_tail]

@@ -1,16 +1,17 @@
 """A fleet of TP engines: placed by one plan, started K at a time, watched, restarted, torn down.
 
-    with Fleet(FleetConfig(model="m", engines=4, tp=2, device="cuda")) as fleet:
+    with Fleet(FleetConfig(model="m", engines=4, tp_size=2, device="cuda")) as fleet:
         print(fleet.urls)
 
-Engines run as local processes by default, or inside Ray actors (backend="ray"); both share the
-placement plan, the start-up supervision and the diagnostics.
+Engines run as local processes by default, or inside Ray actors (backend="ray"). A backend makes
+the placement plan, claims its GPUs and hands out engine handles (tpfleet.fleet.handle); this
+module schedules, supervises and diagnoses through those interfaces alone, whichever backend it is.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-import socket
 import tempfile
 import threading
 import time
@@ -20,36 +21,60 @@ from pathlib import Path
 
 import httpx
 
+from tpfleet.config import PLACEMENT_FIELDS, EngineConfig
 from tpfleet.fleet.diagnostics import EngineFailure
-from tpfleet.fleet.engine_process import EngineProcess, State, TeardownReport
-from tpfleet.fleet.gpu_state import claim_gpus
-from tpfleet.fleet.placement import PlacementPlan, cpu_plan, plan_placement, select_gpus
+from tpfleet.fleet.handle import EngineHandle, EventSink, FleetBackend, State, TeardownReport
+from tpfleet.fleet.placement import PlacementPlan
 
 log = logging.getLogger("tpfleet.fleet")
+
+BACKENDS = {"local": "tpfleet.fleet.local_backend:LocalBackend", "ray": "tpfleet.fleet.ray_backend:RayBackend"}
+FLEET_FIELDS = ("model", "tp_size", "device")  # EngineConfig fields that FleetConfig holds itself
 
 
 @dataclass
 class FleetConfig:
     model: str
     engines: int = 1
-    tp: int = 1
+    tp_size: int = 1
     device: str = "cpu"
+    engine: dict = field(default_factory=dict)  # every other EngineConfig field to set, e.g. {"kv_cache_tokens": 4096}
     gpus: list[str] | None = None  # indices into this process's visible GPUs, or UUIDs
     backend: str = "local"  # "local" or "ray"
     max_concurrent_starts: int = 1
     startup_timeout_s: float = 600.0
-    engine_args: list[str] = field(default_factory=list)  # extra `tpfleet serve` arguments
     log_dir: str | None = None
     reap_stale: bool = False
     restart_budget: int = 3
     restart_backoff_s: float = 1.0
     host: str = "127.0.0.1"  # where engines listen; "node": the node's IP (Ray across machines)
+    engine_port: int = 0  # where engines listen; 0: each takes a free port the kernel picks
     ray_address: str | None = None
     ray_logical_gpus: bool = False  # CPU engines that still claim GPUs from Ray (tests, dry runs)
     colocated_pids: list[int] = field(default_factory=list)  # processes sharing the GPUs on purpose (trainers)
 
-    def serve_args(self) -> list[str]:
-        return ["--model", self.model, "--tp", str(self.tp), "--device", self.device, *self.engine_args]
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.max_concurrent_starts < 1:
+            raise ValueError("max_concurrent_starts must be at least 1")
+        for name in FLEET_FIELDS:
+            if name in self.engine:
+                raise ValueError(f"engine field {name!r} is FleetConfig.{name}: set it there")
+        for name in PLACEMENT_FIELDS:
+            if name in self.engine:
+                raise ValueError(f"engine field {name!r} comes from the placement plan")
+        self.engine_config([])  # a field that is not an EngineConfig field, or a bad value, fails here
+
+    def engine_config(self, gpu_uuids: list[str]) -> EngineConfig:
+        """The whole configuration of one engine, whose ranks run on `gpu_uuids` (empty on CPUs)."""
+        return EngineConfig.from_dict({**self.engine, "model": str(self.model), "tp_size": self.tp_size,
+                                       "device": self.device, "gpu_uuids": list(gpu_uuids)})
+
+
+def make_backend(cfg: FleetConfig, log_dir: Path, on_event: EventSink) -> FleetBackend:
+    module, _, name = BACKENDS[cfg.backend].partition(":")
+    return getattr(importlib.import_module(module), name)(cfg, log_dir, on_event)
 
 
 @dataclass
@@ -63,17 +88,15 @@ class EngineInfo:
 
 
 class Fleet:
-    def __init__(self, cfg: FleetConfig, on_event=None):
-        if cfg.backend not in ("local", "ray"):
-            raise ValueError(f"backend must be 'local' or 'ray', not {cfg.backend!r}")
-        if cfg.max_concurrent_starts < 1:
-            raise ValueError("max_concurrent_starts must be at least 1")
+    def __init__(self, cfg: FleetConfig, on_event: EventSink | None = None):
         self.cfg = cfg
         self.on_event = on_event or (lambda engine, event, info: None)
         self.log_dir = Path(cfg.log_dir or tempfile.mkdtemp(prefix="tpfleet-logs-"))
+        self.backend = make_backend(cfg, self.log_dir, self._event)
         self.plan: PlacementPlan | None = None
-        self.engines: list = []
+        self.engines: list[EngineHandle] = []
         self.restarts: dict[int, int] = {}
+        self.failures: list[EngineFailure] = []  # every death while serving and every failed restart, in order
         self.gpu_baseline: dict[str, int] = {}
         self.timeline: list[tuple[float, int, str]] = []  # (time, engine, event): start-up order, for audits
         self.max_starting_seen = 0
@@ -83,23 +106,6 @@ class Fleet:
         # Parent-death signals follow the thread that spawned a process: spawn from one that lives as
         # long as the fleet, whichever thread of the caller's calls start().
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpfleet-spawner")
-        self._ray = None
-
-    # --- plan -------------------------------------------------------------------------------------
-
-    def _make_plan(self) -> PlacementPlan:
-        cfg = self.cfg
-        if cfg.backend == "ray":
-            from tpfleet.fleet.ray_backend import RayEngines
-
-            self._ray = RayEngines(cfg, self.log_dir, self._event)
-            return self._ray.plan
-        if cfg.device == "cpu":
-            return cpu_plan(cfg.engines, socket.gethostname())
-        from tpfleet.devices import visible_gpus
-
-        gpus = select_gpus(cfg.gpus, visible_gpus())
-        return plan_placement(gpus, cfg.engines, cfg.tp, socket.gethostname())
 
     # --- start ------------------------------------------------------------------------------------
 
@@ -108,38 +114,28 @@ class Fleet:
             self.timeline.append((time.monotonic(), engine, event))
         self.on_event(engine, event, info)
 
-    def _new_engine(self, e: int):
-        if self._ray is not None:
-            return self._ray.engine(e)
-        host = socket.gethostbyname(socket.gethostname()) if self.cfg.host == "node" else self.cfg.host
-        return EngineProcess(e, self.plan.engines[e], self.cfg.serve_args(), self.log_dir, host, self._event)
-
     def start(self) -> list[EngineInfo]:
         cfg = self.cfg
-        self.plan = self._make_plan()
-        uuids = [u for e in self.plan.engines for u in e.uuids if not u.startswith("logical-")]
-        if self._ray is not None:
-            self.gpu_baseline = self._ray.claim_gpus(cfg.reap_stale, set(cfg.colocated_pids))
-        elif uuids:
-            self.gpu_baseline = claim_gpus(uuids, cfg.reap_stale, set(cfg.colocated_pids))
-        self.engines = [self._new_engine(e) for e in range(cfg.engines)]
-        pending = list(self.engines)
-        starting: dict[Future, object] = {}
+        starting: dict[Future, EngineHandle] = {}
         waiters = ThreadPoolExecutor(max_workers=cfg.max_concurrent_starts, thread_name_prefix="tpfleet-wait")
         try:
+            self.plan = self.backend.plan()
+            self.gpu_baseline = self.backend.claim_gpus(cfg.reap_stale, set(cfg.colocated_pids))
+            self.engines = [self.backend.engine(index, 0) for index in range(cfg.engines)]
+            pending = list(self.engines)
             while pending or starting:
                 while pending and len(starting) < cfg.max_concurrent_starts:
-                    eng = pending.pop(0)
-                    self._spawner.submit(eng.start).result()
-                    starting[waiters.submit(eng.wait_ready, cfg.startup_timeout_s)] = eng
+                    handle = pending.pop(0)
+                    self._spawner.submit(handle.start).result()
+                    starting[waiters.submit(handle.wait_ready, cfg.startup_timeout_s)] = handle
                     self.max_starting_seen = max(self.max_starting_seen, len(starting))
                 done, _ = wait(starting, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    starting.pop(fut)
-                    fut.result()  # raises EngineFailure
+                for future in done:
+                    starting.pop(future)
+                    future.result()  # raises EngineFailure
         except BaseException:
-            for fut in starting:
-                fut.cancel()
+            for future in starting:
+                future.cancel()
             self.stop()
             raise
         finally:
@@ -158,49 +154,52 @@ class Fleet:
     def urls(self) -> list[str]:
         return [e.url for e in self.engines if e.state is State.READY]
 
-    def healthy(self) -> list:
+    def healthy(self) -> list[EngineHandle]:
         return [e for e in self.engines if e.state is State.READY]
 
     def _watch(self) -> None:
         """Take dead engines out of rotation, diagnose them, restart within budget with backoff."""
         while not self._stop.wait(0.5):
-            for i, eng in enumerate(list(self.engines)):
-                if eng.state is not State.READY or eng.poll() is not State.FAILED:
+            for position, handle in enumerate(list(self.engines)):
+                if handle.state is not State.READY or handle.poll() is not State.FAILED:
                     continue
-                failure = eng.failure("the engine died while serving")
+                failure = handle.failure("the engine died while serving")
+                self.failures.append(failure)
                 log.error("%s", failure)
-                self._event(eng.engine, "died", {"reason": failure.reason})
-                eng.stop(gpu_baseline=self._baseline_of(eng))
-                self._restart(i, eng.engine)
+                self._event(handle.engine, "died", {"reason": failure.reason})
+                handle.stop(gpu_baseline=self._baseline_of(handle))
+                self._restart(position, handle.engine)
 
-    def _restart(self, i: int, engine: int) -> None:
+    def _restart(self, position: int, engine: int) -> None:
         """New engines for a dead one, with exponential backoff, until one is ready or the budget is spent."""
         while self.restarts.get(engine, 0) < self.cfg.restart_budget:
-            n = self.restarts.get(engine, 0)
-            if self._stop.wait(self.cfg.restart_backoff_s * 2 ** n):
+            done = self.restarts.get(engine, 0)
+            if self._stop.wait(self.cfg.restart_backoff_s * 2 ** done):
                 return
-            self.restarts[engine] = n + 1
-            fresh = self._new_engine(engine)
-            self.engines[i] = fresh
+            self.restarts[engine] = done + 1
+            fresh = self.backend.engine(engine, done + 1)
+            self.engines[position] = fresh
             self._spawner.submit(fresh.start).result()
             try:
                 fresh.wait_ready(self.cfg.startup_timeout_s)
                 return
-            except EngineFailure as f:
-                log.error("restart %d of engine %d failed:\n%s", n + 1, engine, f)
+            except EngineFailure as failure:
+                self.failures.append(failure)
+                log.error("restart %d of engine %d failed:\n%s", done + 1, engine, failure)
                 fresh.stop(gpu_baseline=self._baseline_of(fresh))
         log.error("engine %d is out of restarts (%d); leaving it down", engine, self.cfg.restart_budget)
 
-    def _baseline_of(self, eng) -> dict[str, int]:
-        return {u: self.gpu_baseline[u] for u in eng.placement.uuids if u in self.gpu_baseline}
+    def _baseline_of(self, handle: EngineHandle) -> dict[str, int]:
+        return {u: self.gpu_baseline[u] for u in handle.placement.uuids if u in self.gpu_baseline}
 
     def broadcast(self, path: str, body: dict | None = None, timeout: float = 300) -> list[dict]:
         """POST to every serving engine; returns each engine's JSON answer (or its error)."""
         out = []
-        for e in self.healthy():
-            r = httpx.post(f"{e.url}{path}", json=body or {}, timeout=timeout)
-            out.append({"engine": e.engine, "status": r.status_code,
-                        **(r.json() if r.headers.get("content-type", "").startswith("application/json") else {})})
+        for handle in self.healthy():
+            response = httpx.post(f"{handle.url}{path}", json=body or {}, timeout=timeout)
+            is_json = response.headers.get("content-type", "").startswith("application/json")
+            out.append({"engine": handle.engine, "status": response.status_code,
+                        **(response.json() if is_json else {})})
         return out
 
     # --- stop -------------------------------------------------------------------------------------
@@ -209,12 +208,10 @@ class Fleet:
         self._stop.set()
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=30)
-        reports = []
         with ThreadPoolExecutor(max_workers=max(1, len(self.engines))) as pool:
             futures = [pool.submit(e.stop, 10.0, self._baseline_of(e)) for e in self.engines if e.proc_started]
             reports = [f.result() for f in futures]
-        if self._ray is not None:
-            self._ray.close()
+        self.backend.close()
         self._spawner.shutdown(wait=False)
         return reports
 

@@ -11,9 +11,8 @@ from tpfleet.fleet.fleet import Fleet, FleetConfig
 from tpfleet.fleet.gpu_state import StaleGPUProcesses
 from tpfleet.fleet.router import create_router_app
 from tpfleet.lifecycle import sigterm_as_interrupt
+from tpfleet.phases import ROUTER_READY_PREFIX
 from tpfleet.server.launch import bind_socket, url_of
-
-ROUTER_READY_PREFIX = "tpfleet router ready:"
 
 
 def _progress(engine: int, event: str, info: dict) -> None:
@@ -27,13 +26,13 @@ def launch(cfg: FleetConfig, router_host: str = "127.0.0.1", router_port: int = 
     try:
         try:
             infos = fleet.start()
-        except (EngineFailure, StaleGPUProcesses) as e:
-            print(f"\nlaunch failed:\n{e}", flush=True)
+        except (EngineFailure, StaleGPUProcesses) as error:
+            print(f"\nlaunch failed:\n{error}", flush=True)
             return 1
         print(f"\nplacement:\n{fleet.plan.table() if any(e.ranks for e in fleet.plan.engines) else '(cpu engines)'}")
         print(f"\n{'engine':>6}  {'GPUs':<10}  {'URL':<28}  startup s")
-        for i in infos:
-            print(f"{i.engine:>6}  {i.gpus:<10}  {i.url or '-':<28}  {i.startup_s or 0:9.1f}")
+        for info in infos:
+            print(f"{info.engine:>6}  {info.gpus:<10}  {info.url or '-':<28}  {info.startup_s or 0:9.1f}")
         print(f"logs: {fleet.log_dir}", flush=True)
         sock = bind_socket(router_host, router_port)
         print(f"{ROUTER_READY_PREFIX} {url_of(sock)}", flush=True)
@@ -42,8 +41,9 @@ def launch(cfg: FleetConfig, router_host: str = "127.0.0.1", router_port: int = 
         pass
     finally:
         reports = fleet.stop()
-        for r in reports:
-            mem = "; ".join(f"{u[:12]} {b / 2**20:.0f}->{a / 2**20:.0f} MiB" for u, (b, a) in r.gpu_memory.items())
-            print(f"[engine {r.engine}] stopped in {r.seconds:.1f}s; processes left: {r.leftover or 'none'}"
-                  + (f"; GPU memory {mem}" if mem else ""), flush=True)
+        for report in reports:
+            memory = "; ".join(f"{gpu_uuid[:12]} {before / 2**20:.0f}->{after / 2**20:.0f} MiB"
+                               for gpu_uuid, (before, after) in report.gpu_memory.items())
+            print(f"[engine {report.engine}] stopped in {report.seconds:.1f}s; processes left: "
+                  f"{report.leftover or 'none'}" + (f"; GPU memory {memory}" if memory else ""), flush=True)
     return 0

@@ -84,17 +84,51 @@ def select_gpus(requested: list[str] | None, visible: list[PhysicalGPU]) -> list
     return chosen
 
 
-def plan_placement(gpus: list[PhysicalGPU], num_engines: int, tp: int, host: str = "localhost") -> PlacementPlan:
-    """Engines take consecutive groups of `tp` GPUs, in the order given."""
-    need = num_engines * tp
+def plan_placement(gpus: list[PhysicalGPU], num_engines: int, tp_size: int, host: str = "localhost") -> PlacementPlan:
+    """Engines take consecutive groups of `tp_size` GPUs, in the order given."""
+    need = num_engines * tp_size
     if need > len(gpus):
-        raise DeviceError(f"{num_engines} engines x TP {tp} need {need} GPUs; only {len(gpus)} are available "
+        raise DeviceError(f"{num_engines} engines x TP {tp_size} need {need} GPUs; only {len(gpus)} are available "
                           f"({[g.uuid for g in gpus]})")
     engines = []
-    for e in range(num_engines):
-        group = gpus[e * tp:(e + 1) * tp]
-        ranks = tuple(RankPlacement(e, r, g.uuid, g.index, r, host) for r, g in enumerate(group))
-        engines.append(EnginePlacement(e, host, ranks))
+    for engine in range(num_engines):
+        group = gpus[engine * tp_size:(engine + 1) * tp_size]
+        ranks = tuple(RankPlacement(engine, rank, g.uuid, g.index, rank, host) for rank, g in enumerate(group))
+        engines.append(EnginePlacement(engine, host, ranks))
+    return PlacementPlan(tuple(engines))
+
+
+@dataclass(frozen=True)
+class BundleFacts:
+    """What a process placed on one engine's resources measured there (a Ray actor in its bundle)."""
+    host: str
+    ip: str
+    gpu_ids: tuple[str, ...]  # the GPUs granted to it (Ray: physical indices, or UUIDs)
+    uuids: tuple[str, ...]  # the same GPUs' UUIDs, from NVML on that host ("logical-N" where there is none)
+    cuda_visible_devices: str | None  # what its environment said: masked per actor, or not at all
+
+
+def plan_from_bundles(bundles: list[BundleFacts], tp_size: int, with_gpus: bool,
+                      use_node_ip: bool = False) -> PlacementPlan:
+    """Engine e runs where bundle e is, on the GPUs measured there, in the order reported. Without
+    GPUs (CPU engines) the plan has no ranks. `use_node_ip`: engines are addressed by node IP."""
+    engines = []
+    seen: dict[str, int] = {}
+    for engine, bundle in enumerate(bundles):
+        host = bundle.ip if use_node_ip else bundle.host
+        if not with_gpus:
+            engines.append(EnginePlacement(engine, host, ()))
+            continue
+        if len(bundle.uuids) != tp_size or len(bundle.gpu_ids) != tp_size:
+            raise DeviceError(f"engine {engine} on {bundle.host} was granted GPUs {list(bundle.gpu_ids)} "
+                              f"({list(bundle.uuids)}); TP {tp_size} needs {tp_size}")
+        for gpu_uuid in bundle.uuids:
+            if gpu_uuid in seen:
+                raise DeviceError(f"GPU {gpu_uuid} was granted to engines {seen[gpu_uuid]} and {engine}")
+            seen[gpu_uuid] = engine
+        ranks = tuple(RankPlacement(engine, rank, gpu_uuid, int(gpu_id) if gpu_id.isdigit() else -1, rank, host)
+                      for rank, (gpu_id, gpu_uuid) in enumerate(zip(bundle.gpu_ids, bundle.uuids)))
+        engines.append(EnginePlacement(engine, host, ranks))
     return PlacementPlan(tuple(engines))
 
 

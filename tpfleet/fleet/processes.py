@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-MARKER_ENV = "TPFLEET_ENGINE_ID"
+from tpfleet import env
 
 
 def members(sid: int, marker: str) -> list[psutil.Process]:
@@ -22,7 +22,7 @@ def members(sid: int, marker: str) -> list[psutil.Process]:
         try:
             if p.pid == os.getpid():
                 continue
-            if os.getsid(p.pid) == sid or p.environ().get(MARKER_ENV) == marker:
+            if os.getsid(p.pid) == sid or p.environ().get(env.ENGINE_ID) == marker:
                 if p.status() != psutil.STATUS_ZOMBIE:
                     found.append(p)
         except (psutil.Error, ProcessLookupError, PermissionError):

@@ -13,10 +13,16 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from tpfleet.config import EngineConfig
 from tpfleet.fleet.diagnostics import EngineFailure
-from tpfleet.fleet.engine_process import EngineProcess, State, TeardownReport
-from tpfleet.fleet.placement import EnginePlacement, PlacementPlan, RankPlacement
+from tpfleet.fleet.engine_process import EngineProcess
+from tpfleet.fleet.handle import EventSink, State, TeardownReport
+from tpfleet.fleet.placement import BundleFacts, EnginePlacement, PlacementPlan, plan_from_bundles
+
+if TYPE_CHECKING:
+    from tpfleet.fleet.fleet import FleetConfig
 
 
 class EngineActor:
@@ -26,12 +32,12 @@ class EngineActor:
         self.proc: EngineProcess | None = None
         self.events: list[tuple[int, str, dict]] = []
 
-    def describe(self) -> dict:
+    def describe(self) -> BundleFacts:
         import ray
 
-        ids = [str(i) for i in ray.get_gpu_ids()]
-        return {"host": socket.gethostname(), "ip": ray.util.get_node_ip_address(), "gpu_ids": ids,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "uuids": _uuids_of(ids)}
+        ids = tuple(str(i) for i in ray.get_gpu_ids())
+        return BundleFacts(socket.gethostname(), ray.util.get_node_ip_address(), ids, tuple(_uuids_of(list(ids))),
+                           os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def claim_gpus(self, uuids: list[str], reap: bool, allowed_pids: set[int]) -> tuple[dict[str, int], str | None]:
         """The stale-process check and memory baseline, on this actor's node (NVML is per host)."""
@@ -39,12 +45,13 @@ class EngineActor:
 
         try:
             return claim_gpus(uuids, reap, allowed_pids), None
-        except StaleGPUProcesses as e:
-            return {}, f"{socket.gethostname()}: {e}"
+        except StaleGPUProcesses as error:
+            return {}, f"{socket.gethostname()}: {error}"
 
-    def start(self, engine: int, placement: EnginePlacement, serve_args: list[str], log_dir: str, host: str) -> int:
-        self.proc = EngineProcess(engine, placement, serve_args, Path(log_dir), host,
-                                  lambda e, ev, info: self.events.append((e, ev, info)))
+    def start(self, engine: int, placement: EnginePlacement, config: EngineConfig, log_dir: str, host: str,
+              port: int, attempt: int) -> int:
+        self.proc = EngineProcess(engine, placement, config, Path(log_dir), host, port, attempt,
+                                  lambda index, event, info: self.events.append((index, event, info)))
         self.proc.start()
         return self.proc.proc.pid
 
@@ -52,8 +59,8 @@ class EngineActor:
         try:
             self.proc.wait_ready(timeout_s)
             return None, self.proc.url, self.proc.ready_s
-        except EngineFailure as f:
-            return f, None, None
+        except EngineFailure as failure:
+            return failure, None, None
 
     def poll(self) -> str:
         return self.proc.poll().value
@@ -81,11 +88,12 @@ def _uuids_of(ids: list[str]) -> list[str]:
 
 
 class RayEngine:
-    """The driver's handle on one engine actor: the same surface as EngineProcess."""
+    """The driver's handle on one engine actor: the Ray implementation of `EngineHandle`."""
 
-    def __init__(self, engine: int, actor, placement: EnginePlacement, cfg, log_dir: Path, on_event):
-        self.engine, self.actor, self.placement = engine, actor, placement
-        self.cfg, self.log_dir, self.on_event = cfg, log_dir, on_event
+    def __init__(self, engine: int, attempt: int, actor, placement: EnginePlacement, config: EngineConfig,
+                 log_dir: Path, host: str, port: int, on_event: EventSink):
+        self.engine, self.attempt, self.actor, self.placement, self.config = engine, attempt, actor, placement, config
+        self.log_dir, self.host, self.port, self.on_event = log_dir, host, port, on_event
         self.url: str | None = None
         self.ready_s: float | None = None
         self.state = State.STARTING
@@ -94,8 +102,8 @@ class RayEngine:
     def start(self) -> None:
         import ray
 
-        host = self.placement.host if self.cfg.host == "node" else self.cfg.host
-        ray.get(self.actor.start.remote(self.engine, self.placement, self.cfg.serve_args(), str(self.log_dir), host))
+        ray.get(self.actor.start.remote(self.engine, self.placement, self.config, str(self.log_dir), self.host,
+                                        self.port, self.attempt))
         self.proc_started = True
         self.on_event(self.engine, "spawned", {"actor": True})
 
@@ -103,9 +111,9 @@ class RayEngine:
         import ray
 
         failure, url, ready_s = ray.get(self.actor.wait_ready.remote(timeout_s))
-        for e, ev, info in ray.get(self.actor.drain_events.remote()):
-            if ev != "spawned":
-                self.on_event(e, ev, info)
+        for engine, event, info in ray.get(self.actor.drain_events.remote()):
+            if event != "spawned":
+                self.on_event(engine, event, info)
         if failure is not None:
             self.state = State.FAILED
             raise failure
@@ -131,60 +139,73 @@ class RayEngine:
         return report
 
 
-class RayEngines:
-    def __init__(self, cfg, log_dir: Path, on_event):
+class RayBackend:
+    """The Ray implementation of `FleetBackend`: one placement group of one bundle per engine, one
+    actor in each, and the plan built from what the actors measure in their bundles."""
+
+    def __init__(self, cfg: FleetConfig, log_dir: Path, on_event: EventSink):
+        self.cfg, self.log_dir, self.on_event = cfg, log_dir, on_event
+        self.groups: list = []
+        self.actors: list = []
+        self.facts: list[BundleFacts] = []
+        self._plan: PlacementPlan | None = None
+        self._owns_ray = False
+
+    @property
+    def _with_gpus(self) -> bool:
+        return self.cfg.device == "cuda"
+
+    def plan(self) -> PlacementPlan:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
+        cfg = self.cfg
+        if not ray.is_initialized():
             ray.init(address=cfg.ray_address, log_to_driver=False, include_dashboard=False)
-        self.cfg, self.log_dir, self.on_event = cfg, log_dir, on_event
-        gpus = cfg.tp if (cfg.device == "cuda" or cfg.ray_logical_gpus) else 0
+            self._owns_ray = True
+        gpus = cfg.tp_size if (self._with_gpus or cfg.ray_logical_gpus) else 0
         bundle = {"CPU": 1, **({"GPU": gpus} if gpus else {})}
         self.groups = [placement_group([bundle], strategy="STRICT_PACK") for _ in range(cfg.engines)]
-        ray.get([g.ready() for g in self.groups], timeout=cfg.startup_timeout_s)
+        ray.get([group.ready() for group in self.groups], timeout=cfg.startup_timeout_s)
         actor_cls = ray.remote(EngineActor)
         self.actors = [
             actor_cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=g, placement_group_bundle_index=0)).remote()
-            for g in self.groups]
-        facts = ray.get([a.describe.remote() for a in self.actors])
-        engines = []
-        for e, f in enumerate(facts):
-            host = f["ip"] if cfg.host == "node" else f["host"]
-            ranks = () if cfg.device == "cpu" else tuple(
-                RankPlacement(e, r, u, int(i) if i.isdigit() else -1, r, host)
-                for r, (i, u) in enumerate(zip(f["gpu_ids"], f["uuids"])))
-            engines.append(EnginePlacement(e, host, ranks))
-        self.facts = facts
-        self.plan = PlacementPlan(tuple(engines))
+                placement_group=group, placement_group_bundle_index=0)).remote()
+            for group in self.groups]
+        self.facts = ray.get([actor.describe.remote() for actor in self.actors])
+        self._plan = plan_from_bundles(self.facts, cfg.tp_size, self._with_gpus, use_node_ip=cfg.host == "node")
+        return self._plan
 
     def claim_gpus(self, reap: bool, allowed_pids: set[int]) -> dict[str, int]:
         import ray
 
         from tpfleet.fleet.gpu_state import StaleGPUProcesses
 
-        if self.cfg.device == "cpu":
+        if not any(engine.ranks for engine in self._plan.engines):
             return {}
-        answers = ray.get([a.claim_gpus.remote(e.uuids, reap, allowed_pids)
-                           for a, e in zip(self.actors, self.plan.engines)])
-        errors = [err for _, err in answers if err]
+        answers = ray.get([actor.claim_gpus.remote(engine.uuids, reap, allowed_pids)
+                           for actor, engine in zip(self.actors, self._plan.engines)])
+        errors = [error for _, error in answers if error]
         if errors:
             raise StaleGPUProcesses("; ".join(errors))
-        return {u: used for baseline, _ in answers for u, used in baseline.items()}
+        return {gpu_uuid: used for baseline, _ in answers for gpu_uuid, used in baseline.items()}
 
-    def engine(self, e: int) -> RayEngine:
-        return RayEngine(e, self.actors[e], self.plan.engines[e], self.cfg, self.log_dir, self.on_event)
+    def engine(self, index: int, attempt: int) -> RayEngine:
+        placement = self._plan.engines[index]
+        host = placement.host if self.cfg.host == "node" else self.cfg.host
+        return RayEngine(index, attempt, self.actors[index], placement, self.cfg.engine_config(placement.uuids),
+                         self.log_dir, host, self.cfg.engine_port, self.on_event)
 
     def close(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for a in self.actors:
-            ray.kill(a)
-        for g in self.groups:
-            remove_placement_group(g)
+        for actor in self.actors:
+            ray.kill(actor)
+        for group in self.groups:
+            remove_placement_group(group)
+        self.actors, self.groups = [], []
         if self._owns_ray:
             ray.shutdown()
+            self._owns_ray = False

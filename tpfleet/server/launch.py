@@ -2,6 +2,10 @@
 
 The listening socket is bound before the engine starts, on the requested port or on one the kernel
 picks (port 0), and handed to uvicorn as is: no probe-then-bind race with other processes.
+
+An exception that ends the engine is written to the exit record its launcher named in
+TPFLEET_EXIT_RECORD (tpfleet.exits), with whatever its ranks recorded attached: the launcher learns
+why from that record, not from the log.
 """
 
 from __future__ import annotations
@@ -12,14 +16,10 @@ import socket
 import sys
 import time
 
-import uvicorn
-
+from tpfleet import exits
 from tpfleet.config import EngineConfig
-from tpfleet.engine.llm_engine import LLMEngine
 from tpfleet.lifecycle import sigterm_as_interrupt
-from tpfleet.phases import report_phase
-from tpfleet.server.app import create_app
-from tpfleet.server.async_engine import AsyncEngine
+from tpfleet.phases import READY_PREFIX, report_phase
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -43,10 +43,24 @@ def url_of(sock: socket.socket) -> str:
 
 def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 0, served_model_name: str | None = None,
           log_level: str = "warning") -> None:
+    try:
+        _serve(cfg, host, port, served_model_name, log_level)
+    except BaseException as exc:
+        exits.record_engine_failure(exc, cfg.tp_size)
+        raise
+
+
+def _serve(cfg: EngineConfig, host: str, port: int, served_model_name: str | None, log_level: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     report_phase("starting", pid=os.getpid())
+    import uvicorn
+
+    from tpfleet.engine.llm_engine import LLMEngine
+    from tpfleet.server.app import create_app
+    from tpfleet.server.async_engine import AsyncEngine
+
     sock = bind_socket(host, port)
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     engine = LLMEngine(cfg)
     aengine = AsyncEngine(engine)
     try:
@@ -55,9 +69,9 @@ def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 0, served_mode
 
         def ready() -> None:
             report_phase("ready", url=url_of(sock))
-            print(f"tpfleet ready: {url_of(sock)} (model {cfg.model}, tp {cfg.tp_size}, device {cfg.device}, "
+            print(f"{READY_PREFIX} {url_of(sock)} (model {cfg.model}, tp {cfg.tp_size}, device {cfg.device}, "
                   f"{engine.block_manager.num_blocks * cfg.block_size} KV tokens, "
-                  f"started in {time.perf_counter() - t0:.1f}s)", flush=True)
+                  f"started in {time.perf_counter() - started:.1f}s)", flush=True)
 
         app = create_app(aengine, args, on_ready=ready)
         # uvicorn re-raises SIGTERM once it has shut down gracefully; make that a clean exit, not a kill.

@@ -1,24 +1,36 @@
 """One warm-up job: start an engine for a config, run the shapes it will run, report cache use.
 
     python -m tpfleet.warmup.child '{"model": "...", "tp_size": 2, "device": "cuda", ...}'
+
+The argument is an EngineConfig document (EngineConfig.to_json). A failure is written to the exit
+record the runner names in TPFLEET_EXIT_RECORD (tpfleet.exits).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
+from tpfleet import env, exits
 from tpfleet.config import EngineConfig
-from tpfleet.engine.llm_engine import LLMEngine
-from tpfleet.engine.sequence import SamplingParams
-from tpfleet.jit import STATS, cache_root
-from tpfleet.warmup.runner import RESULT_PREFIX
+from tpfleet.jit import STATS
+from tpfleet.phases import format_warmup_result
 
 
 def main(argv: list[str]) -> int:
-    cfg = EngineConfig(**json.loads(argv[0]))
-    t0 = time.perf_counter()
+    cfg = EngineConfig.from_json(argv[0])
+    try:
+        return warm_up(cfg)
+    except BaseException as exc:
+        exits.record_engine_failure(exc, cfg.tp_size)
+        raise
+
+
+def warm_up(cfg: EngineConfig) -> int:
+    from tpfleet.engine.llm_engine import LLMEngine
+    from tpfleet.engine.sequence import SamplingParams
+
+    started = time.perf_counter()
     engine = LLMEngine(cfg)
     try:
         params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
@@ -30,10 +42,10 @@ def main(argv: list[str]) -> int:
             engine.step()
     finally:
         engine.shutdown()
-    tuning = [str(p) for p in (cache_root() / "tuning").glob("*.json")]
-    print(RESULT_PREFIX + " " + json.dumps({"hits": STATS.hits, "misses": STATS.misses, "jit": STATS.report(),
-                                            "entries": STATS.entries + tuning,
-                                            "seconds": time.perf_counter() - t0}), flush=True)
+    tuning = [str(p) for p in (env.cache_root() / "tuning").glob("*.json")]
+    print(format_warmup_result({"hits": STATS.hits, "misses": STATS.misses, "jit": STATS.report(),
+                                "entries": STATS.entries + tuning, "seconds": time.perf_counter() - started}),
+          flush=True)
     return 0
 
 

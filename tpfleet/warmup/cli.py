@@ -3,30 +3,37 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sys
 from pathlib import Path
 
-from tpfleet.jit import cache_root
+from tpfleet import env
+from tpfleet.config import EngineConfig
 from tpfleet.warmup.markers import environment_versions, marker_key, sources_hash
 from tpfleet.warmup.runner import Job, format_table, run_warmup
 
 
 def cache_dirs() -> list[Path]:
-    return [cache_root() / "jit", Path(os.environ["TRITON_CACHE_DIR"]), cache_root() / "tuning"]
+    return [env.cache_root() / "jit", Path(os.environ[env.TRITON_CACHE_DIR]), env.cache_root() / "tuning"]
 
 
-def warmup_command(model: str, tps: list[int], graph_modes: list[str], device: str, extra: dict,
-                   timeout_s: float) -> int:
+def warmup_configs(fields: dict, tp_sizes: list[int], graph_modes: list[str]) -> list[EngineConfig]:
+    """One engine config per (tp_size, graph_mode) pair, each made of `fields` and that pair."""
+    model = str(Path(fields["model"]).resolve())
+    return [EngineConfig.from_dict({**fields, "model": model, "tp_size": tp_size, "graph_mode": mode})
+            for tp_size, mode in itertools.product(tp_sizes, graph_modes)]
+
+
+def warmup_command(configs: list[EngineConfig], timeout_s: float) -> int:
+    """One warm-up job per engine config, keyed by its whole document."""
     versions = environment_versions()
     sources = sources_hash()
     jobs = []
-    for tp, mode in itertools.product(tps, graph_modes):
-        config = {"model": str(Path(model).resolve()), "tp_size": tp, "device": device, "graph_mode": mode, **extra}
-        name = f"tp{tp}-{mode}-{device}"
-        jobs.append(Job(name, [sys.executable, "-m", "tpfleet.warmup.child", json.dumps(config)],
-                        marker_key(config, versions, sources), config, versions, timeout_s))
+    for config in configs:
+        document = config.to_dict()
+        name = f"tp{config.tp_size}-{config.graph_mode}-{config.device}"
+        jobs.append(Job(name, [sys.executable, "-m", "tpfleet.warmup.child", config.to_json()],
+                        marker_key(document, versions, sources), document, versions, timeout_s))
     results = run_warmup(jobs, cache_dirs())
     print("\n" + format_table(results))
     return 0 if all(r.status in ("built", "cached") for r in results) else 1

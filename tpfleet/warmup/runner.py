@@ -1,26 +1,30 @@
-"""Run warm-up jobs: one child process group each, streamed, bounded, and killed on a crash marker.
+"""Run warm-up jobs: one child process group each, streamed, bounded, and killed once it has failed.
 
 A job is any command; `tpfleet warmup` makes one per engine config (warmup/child.py), tests use
-small fake ones. A job reports its cache statistics on a line `tpfleet warmup-result: {json}`.
+small fake ones. A job reports its cache statistics on a `tpfleet warmup-result: {json}` line
+(tpfleet.phases). It has failed when it exits non-zero or writes an exit record (tpfleet.exits) to
+the path the runner gives it in TPFLEET_EXIT_RECORD: a rank that dies can leave the others blocked in
+a collective, so a recorded failure ends the job's whole process group without waiting for the
+deadline. Its output is shown to people, never read to learn why it failed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tpfleet.fleet.diagnostics import is_crash_line
+from tpfleet import env, exits
+from tpfleet.exits import ExitRecord
+from tpfleet.phases import parse_warmup_result
 from tpfleet.warmup.markers import MarkerStore, snapshot
-
-RESULT_PREFIX = "tpfleet warmup-result:"
 
 
 @dataclass
@@ -53,44 +57,58 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def run_job(job: Job, tail_lines: int = 20, crash_grace_s: float = 1.0, out=sys.stdout) -> tuple[JobResult, dict]:
-    """Run one job to completion, timeout or crash. Returns its result and its reported stats."""
-    t0 = time.monotonic()
+    """Run one job to completion, timeout or recorded failure. Returns its result and its reported stats."""
+    with tempfile.TemporaryDirectory(prefix="tpfleet-warmup-") as records:
+        return _run_job(job, Path(records) / "exit.json", tail_lines, crash_grace_s, out)
+
+
+def _run_job(job: Job, record_path: Path, tail_lines: int, crash_grace_s: float, out) -> tuple[JobResult, dict]:
+    started = time.monotonic()
+    job_env = env.child_env(**{env.EXIT_RECORD: str(record_path), **job.env})
     proc = subprocess.Popen(job.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, **job.env}, start_new_session=True, text=True, bufsize=1)
+                            env=job_env, start_new_session=True, text=True, bufsize=1)
     tail: deque[str] = deque(maxlen=tail_lines)
     stats: dict = {}
-    crash = threading.Event()
 
     def pump():
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)
             print(f"[{job.name}] {line}", file=out, flush=True)
-            if line.startswith(RESULT_PREFIX):
-                stats.update(json.loads(line[len(RESULT_PREFIX):]))
-            elif is_crash_line(line):
-                crash.set()
+            result = parse_warmup_result(line)
+            if result is not None:
+                stats.update(result)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     status, detail = "built", ""
     while proc.poll() is None:
-        if crash.wait(0.05):
-            time.sleep(crash_grace_s)  # let the traceback finish printing
-            _kill_group(proc)
-            status, detail = "crashed", "crash marker in its output; process group killed"
+        if exits.present(record_path):
+            try:
+                proc.wait(timeout=crash_grace_s)  # a failing job that exits by itself says more
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                status, detail = "crashed", "it recorded a failure and did not exit; process group killed"
             break
-        if time.monotonic() - t0 > job.timeout_s:
+        if time.monotonic() - started > job.timeout_s:
             _kill_group(proc)
             status, detail = "timeout", f"no result within {job.timeout_s:.0f}s; process group killed"
             break
+        time.sleep(0.05)
     code = proc.wait()
     _kill_group(proc)  # anything the job left behind in its group
     reader.join(timeout=5)
-    if status == "built" and (code != 0 or crash.is_set()):
+    record = exits.read(record_path)
+    if record is None and exits.present(record_path):
+        record = ExitRecord.from_exit("engine", 0, proc.pid, code, "unknown")
+        record.causes = exits.rank_records(record_path)
+    cause = exits.root_cause([record]) if record is not None else None
+    if status == "built" and (code != 0 or cause is not None):
         status, detail = "failed", f"exit code {code}"
-    result = JobResult(job.name, status, time.monotonic() - t0, stats.get("hits", 0), stats.get("misses", 0), detail,
-                       list(tail))
+    if cause is not None:
+        detail = f"{detail}; {cause.describe()}" if detail else cause.describe()
+    result = JobResult(job.name, status, time.monotonic() - started, stats.get("hits", 0), stats.get("misses", 0),
+                       detail, list(tail))
     print(f"[{job.name}] {status} in {result.seconds:.1f}s{': ' + detail if detail else ''}; last lines:", file=out)
     for line in tail:
         print(f"[{job.name}]   | {line}", file=out)
@@ -104,10 +122,10 @@ def run_warmup(jobs: list[Job], cache_dirs: list[Path], store: MarkerStore | Non
     store = store or MarkerStore()
     results = []
     for job in jobs:
-        t0 = time.monotonic()
+        checked_at = time.monotonic()
         valid, why = store.check(job.key)
         if valid:
-            results.append(JobResult(job.name, "cached", time.monotonic() - t0, detail="done-marker valid"))
+            results.append(JobResult(job.name, "cached", time.monotonic() - checked_at, detail="done-marker valid"))
             continue
         print(f"[{job.name}] warming up ({why})", file=out, flush=True)
         before = snapshot(cache_dirs)
