@@ -69,7 +69,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     make_model_cmd = command("make-model", "write a random Qwen3 or Qwen3-MoE checkpoint (no network)")
     presets = ["tiny", "small", "8b-shape", "tiny-moe", "30b-a3b-shape"]
-    make_model_cmd.add_argument("--preset", default="tiny", choices=presets, help="model shape (the -moe and -a3b presets are Qwen3-MoE)")
+    make_model_cmd.add_argument("--preset", default="tiny", choices=presets,
+                                help="model shape (the -moe and -a3b presets are Qwen3-MoE)")
     make_model_cmd.add_argument("--out", required=True, help="checkpoint directory to write")
     make_model_cmd.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     make_model_cmd.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is faster)")
