@@ -112,5 +112,22 @@ LLMEngine(EngineConfig(model='$MODEL', tp_size=2, device='cuda', graph_mode='ful
     log "warmup, second run"
     time python3 -m tpfleet warmup --model "$MODEL" --tp 1,2 --graph-mode full | tail -4
     ;;
-  *) echo "usage: $0 tests|ops|kernels|check|engine|pdl|warm|fleet" >&2; exit 2 ;;
+  compare)
+    # One-GPU check of a tree against a baseline tree (both package copies, e.g. `git archive` exports):
+    # the GPU tests of TREE, then the TP=1 engine benchmark of BASE, TREE, BASE, TREE in turn.
+    make_model
+    log "GPU tests of ${TREE:?set TREE}"
+    (cd "$TREE" && PYTHONPATH=/tmp/site:$PWD timeout 240 python3 -m pytest -q -rf -x -m gpu -p no:cacheprovider \
+      tests/test_triton_ops.py tests/test_gemv.py tests/test_attention.py tests/test_greedy.py \
+      tests/test_model_parity.py tests/test_graphs_gpu.py tests/test_moe.py -k "not interpreter") \
+      > "$OUT/tests.log" 2>&1
+    echo "pytest exit $?"; tail -4 "$OUT/tests.log"
+    for run in 1 2; do for tree in "${BASE:?set BASE}" "$TREE"; do
+      log "engine TP=1 ($tree, run $run)"
+      PYTHONPATH=/tmp/site:$PWD/$tree timeout 150 python3 -m tpfleet bench engine --model "$MODEL" --device cuda \
+        --tp 1 --graph-mode piecewise --no-hf --num-seqs 128 --out "$OUT/$(basename $tree)_$run" 2>/dev/null \
+        | grep -E "^ +(1|8|64|256) |measured|^offline|^mixed"
+    done; done
+    ;;
+  *) echo "usage: $0 tests|ops|kernels|check|engine|pdl|warm|fleet|compare" >&2; exit 2 ;;
 esac
