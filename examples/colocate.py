@@ -19,10 +19,10 @@ import httpx
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tpfleet.engine.weight_sync import serialize_named_tensors
 from tpfleet.fleet import Fleet, FleetConfig
 from tpfleet.model.config import ModelConfig
 from tpfleet.model.make_model import make_model
+from tpfleet.weight_sync import FlattenedBucketSender, update_weights_from_tensor_request
 
 
 def main() -> int:
@@ -56,8 +56,9 @@ def main() -> int:
             opt.zero_grad(set_to_none=True)
             fleet.broadcast("/resume_memory_occupation")
             named = [(n, p.detach()) for n, p in trainer.state_dict().items()]
-            payload = {"serialized_named_tensors": [serialize_named_tensors(named)]}
-            r = fleet.broadcast("/update_weights_from_tensor", payload)
+            with FlattenedBucketSender(named, device=a.device) as sender:
+                r = fleet.broadcast("/update_weights_from_tensor",
+                                    update_weights_from_tensor_request([sender.payload()]))
             rollout = httpx.post(f"{url}/generate", json={"input_ids": prompt, "sampling_params": {
                 "max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}, timeout=120).json()
             trainer.eval()

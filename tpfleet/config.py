@@ -45,6 +45,7 @@ class EngineConfig:
     enable_symm_mem: bool = True
     seed: int = 0
     enable_return_routed_experts: bool = False
+    weights_root: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.tp_size not in TP_SIZES:
@@ -147,6 +148,8 @@ FIELD_HELP = {
     "enable_symm_mem": "PyTorch symmetric-memory all-reduce",
     "seed": "seed of torch's random number generators on every rank",
     "enable_return_routed_experts": "MoE routing replay: requests may ask for the experts chosen per token",
+    "weights_root": "comma-separated directories update_weights_from_disk may load from (empty: the parent of "
+                    "the model's directory)",
 }
 
 FIELD_CHOICES = {

@@ -2,17 +2,16 @@
 
 Each rank's `ModelRunner` owns a `Colocation`; the driver reaches every rank's at once through
 `RankGroup.call_all("colocation.<method>", ...)`, and each method answers with a per-rank report.
+Weight updates are `self.weights` (tpfleet.engine.weight_updates), reached as "colocation.weights.<method>".
 """
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import torch
 
-from tpfleet.engine.weight_sync import deserialize_named_tensors
-from tpfleet.model.loader import load_named_tensors, load_weights
+from tpfleet.engine.weight_updates import RankWeights
 
 if TYPE_CHECKING:
     from tpfleet.engine.model_runner import ModelRunner
@@ -21,6 +20,7 @@ if TYPE_CHECKING:
 class Colocation:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
+        self.weights = RankWeights(runner)
 
     @property
     def _on_gpu(self) -> bool:
@@ -55,17 +55,3 @@ class Colocation:
         if runner.has_graphs:
             runner.capture_graphs()  # the graphs point at the old addresses of weights and KV cache
         return {"rank": runner.rank, "device_taken_bytes": free_before - self._device_free()}
-
-    def update_weights_from_disk(self, model_dir: str) -> dict:
-        started = time.perf_counter()
-        load_weights(self.runner.model, model_dir, show_progress=False)
-        return {"rank": self.runner.rank, "seconds": time.perf_counter() - started}
-
-    def update_weights_from_tensor(self, payloads: list[str]) -> dict:
-        """`payloads` has one entry for all ranks, or one per rank (each made on that rank's GPU)."""
-        runner = self.runner
-        named = deserialize_named_tensors(payloads[runner.rank if len(payloads) > 1 else 0])
-        loaded = load_named_tensors(runner.model, named)
-        if self._on_gpu:
-            torch.cuda.synchronize(runner.device)  # the sender may free its tensors once we answer
-        return {"rank": runner.rank, "tensors": len(named), "params": len(loaded)}
