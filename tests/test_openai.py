@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -17,8 +18,6 @@ def test_models_lists_the_served_model(client):
 
 
 def test_completion_from_text_and_tokens(client, server):
-    import httpx
-
     native = httpx.post(f"{server}/generate", json={"text": "The river flows",
                                                      "sampling_params": {"max_new_tokens": 8, "temperature": 0}}).json()
     c = client.completions.create(model="tiny", prompt="The river flows", max_tokens=8, temperature=0)
@@ -55,5 +54,44 @@ def test_bad_openai_request_is_a_400_naming_the_field(client):
         client.completions.create(model="tiny", prompt="x", max_tokens=-2)
     assert "max_tokens" in str(e.value)
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=3)
-    assert "n" in e.value.body["param"]
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs"
+
+
+def test_chat_logprobs_in_openai_format(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Count."}],
+                                       max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens > 0
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        assert c.logprob <= 0 and bytes(c.bytes).decode("utf-8") == c.token
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5)
+    parts = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Count."}],
+                                                max_tokens=6, temperature=0, logprobs=True, stream=True))
+    streamed = [c for p in parts if p.choices and p.choices[0].logprobs for c in p.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+
+
+def test_completion_logprobs_in_openai_format(client, server):
+    c = client.completions.create(model="tiny", prompt="The river flows", max_tokens=5, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    count = c.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == count > 0
+    assert "".join(lp.tokens) == c.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(count)]
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-5)
+               for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
+    native = httpx.post(f"{server}/generate", json={"text": "The river flows", "return_logprob": True,
+                                                     "sampling_params": {"max_new_tokens": 5, "temperature": 0}}).json()
+    assert lp.token_logprobs == pytest.approx([e[0] for e in native["meta_info"]["output_token_logprobs"]], abs=1e-5)
+
+
+def test_n_choices(client):
+    c = client.completions.create(model="tiny", prompt=["Hello", "Goodbye"], max_tokens=4, temperature=1.0, n=3)
+    assert sorted(choice.index for choice in c.choices) == list(range(6))
+    assert len(c.choices) == 6 and c.usage.completion_tokens <= 24
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                       n=2, temperature=0)
+    assert [choice.index for choice in r.choices] == [0, 1]
+    assert r.choices[0].message.content == r.choices[1].message.content  # greedy: both the same

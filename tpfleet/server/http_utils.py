@@ -14,8 +14,10 @@ from tpfleet.server.async_engine import RequestOutput
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status == 400 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+    """One body for both APIs: OpenAI clients read `error`, SGLang's clients `success` and `message`."""
+    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    return JSONResponse({"success": False, "message": message,
+                         "error": {"message": message, "type": kind, "param": param, "code": status}}, status)
 
 
 def validation_error_response(exc: RequestValidationError) -> JSONResponse:

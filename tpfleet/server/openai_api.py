@@ -1,20 +1,23 @@
-"""OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions."""
+"""OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions (logprobs and `n` included)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tpfleet.engine.sequence import InvalidRequest
+from tpfleet.engine.sequence import InvalidRequest, OutputOptions
 from tpfleet.server.async_engine import AsyncEngine, RequestOutput
+from tpfleet.server.guard import tokenize_off_loop
 from tpfleet.server.http_utils import last_output, merge, sse, unless_disconnected
 from tpfleet.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAISampling
 
 DEFAULT_COMPLETION_TOKENS = 16
+MAX_TOP_LOGPROBS = 20
 
 
 def _finish_reason(out: RequestOutput) -> str | None:
@@ -28,35 +31,80 @@ def _usage(outs: list[RequestOutput]) -> dict:
             "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in outs)}}
 
 
-def _check_supported(req: OpenAISampling) -> None:
-    if req.n != 1:
-        raise InvalidRequest("n", "only n=1 is supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise InvalidRequest(name, "penalties are not supported; leave at 0")
-
-
 def _openai_field(e: InvalidRequest) -> InvalidRequest:
     """Engine validation speaks in SGLang's names; translate to the OpenAI request's."""
-    field = e.field.removeprefix("sampling_params.").replace("max_new_tokens", "max_tokens")
+    field = (e.field.removeprefix("sampling_params.").replace("max_new_tokens", "max_tokens")
+             .replace("min_new_tokens", "min_tokens"))
     return InvalidRequest(field, e.message)
+
+
+def _top_logprobs_num(value: int | None, field: str) -> int:
+    if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(field, f"must be in [0, {MAX_TOP_LOGPROBS}], got {value}")
+    return value or 0
+
+
+class LogprobFormat:
+    """The logprobs of tokens [start, end) of an output, in either API's shape."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.texts: dict[int, str] = {}
+
+    def text(self, token_id: int) -> str:
+        if token_id not in self.texts:
+            self.texts[token_id] = self.tokenizer.decode([token_id])
+        return self.texts[token_id]
+
+    def chat(self, out: RequestOutput, start: int, end: int) -> dict:
+        def entry(logprob: float, token_id: int) -> dict:
+            token = self.text(token_id)
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+        content = []
+        for pos in range(start, end):
+            top = out.output_top_logprobs[pos] if pos < len(out.output_top_logprobs) else []
+            content.append({**entry(out.output_logprobs[pos], out.output_ids[pos]),
+                            "top_logprobs": [entry(lp, tid) for lp, tid in top]})
+        return {"content": content}
+
+    def completion(self, out: RequestOutput, start: int, end: int, offset: int) -> dict:
+        """`offset`: characters of the completion before token `start`."""
+        tokens, offsets = [], []
+        for pos in range(start, end):
+            offsets.append(offset)
+            tokens.append(self.text(out.output_ids[pos]))
+            offset += len(tokens[-1])
+        tops = [{self.text(tid): lp for lp, tid in (out.output_top_logprobs[pos] if pos < len(out.output_top_logprobs)
+                                                     else [])} for pos in range(start, end)]
+        return {"tokens": tokens, "token_logprobs": list(out.output_logprobs[start:end]), "top_logprobs": tops,
+                "text_offset": offsets}
 
 
 def openai_router() -> APIRouter:
     router = APIRouter(prefix="/v1")
 
-    def start(aengine: AsyncEngine, prompts: list[list[int]], req: OpenAISampling, field: str,
-              default_max: int):
-        params = req.to_params(default_max)
+    def start(request: Request, prompts: list[list[int]], req: OpenAISampling, field: str, default_max: int,
+              options: OutputOptions):
+        """n streams per prompt, prompt-major: choice i*n + j is prompt i's j-th sample."""
+        aengine: AsyncEngine = request.app.state.aengine
+        limits = request.app.state.request_limits
+        n = req.n if req.n is not None else 1
+        if n < 1:
+            raise InvalidRequest("n", f"must be >= 1, got {n}")
+        limits.check_batch(len(prompts) * n, "n" if n > 1 else field)
         try:
+            params = req.to_params(default_max)
+            limits.check_stop(params.stop, "stop")
             for i, ids in enumerate(prompts):
-                aengine.engine.validate(ids, params, field if len(prompts) == 1 else f"{field}[{i}]")
+                aengine.engine.validate(ids, params, field if len(prompts) == 1 else f"{field}[{i}]", options)
         except InvalidRequest as e:
             raise _openai_field(e) from None
-        return [aengine.generate(ids, params) for ids in prompts]
+        return [aengine.generate(ids, params, options=options) for ids in prompts for _ in range(n)]
 
     async def respond(request: Request, streams, req: OpenAISampling, kind: str, model: str,
-                      choice, chunk_choice):
+                      choice: Callable[[int, RequestOutput], dict],
+                      chunk_choice: Callable[[int, RequestOutput, int], dict]):
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         obj = "chat.completion" if kind == "chat" else "text_completion"
@@ -70,6 +118,7 @@ def openai_router() -> APIRouter:
 
         async def events():
             finals: dict[int, RequestOutput] = {}
+            sent = [0] * len(streams)  # tokens of each choice already streamed
             if kind == "chat":
                 for i in range(len(streams)):
                     yield sse({**base, "object": chunk_obj, "choices": [
@@ -77,7 +126,8 @@ def openai_router() -> APIRouter:
             async for i, out in merge(streams):
                 if out.finished:
                     finals[i] = out
-                yield sse({**base, "object": chunk_obj, "choices": [chunk_choice(i, out)]})
+                yield sse({**base, "object": chunk_obj, "choices": [chunk_choice(i, out, sent[i])]})
+                sent[i] = len(out.output_ids)
             if include_usage:
                 yield sse({**base, "object": chunk_obj, "choices": [], "usage": _usage(list(finals.values()))})
             yield sse("[DONE]")
@@ -93,32 +143,45 @@ def openai_router() -> APIRouter:
 
     @router.post("/completions")
     async def completions(req: CompletionRequest, request: Request):
-        _check_supported(req)
-        if req.echo or req.logprobs is not None:
-            raise InvalidRequest("echo" if req.echo else "logprobs", "not supported")
+        if req.echo:
+            raise InvalidRequest("echo", "tpfleet does not support echo")
         aengine: AsyncEngine = request.app.state.aengine
         tok = aengine.engine.tokenizer
         p = req.prompt
         if isinstance(p, str):
-            prompts = [tok(p).input_ids]
+            prompts = await tokenize_off_loop(tok, [p], "prompt")
         elif p and isinstance(p[0], str):
-            prompts = [tok(x).input_ids for x in p]
+            prompts = await tokenize_off_loop(tok, p, "prompt")
         elif p and isinstance(p[0], list):
             prompts = list(p)
         else:
             prompts = [p]
-        streams = start(aengine, prompts, req, "prompt", DEFAULT_COMPLETION_TOKENS)
+        wants_logprobs = req.logprobs is not None
+        options = OutputOptions(return_logprob=wants_logprobs, top_logprobs_num=_top_logprobs_num(req.logprobs,
+                                                                                                  "logprobs"))
+        streams = start(request, prompts, req, "prompt", DEFAULT_COMPLETION_TOKENS, options)
+        fmt = LogprobFormat(tok)
+        text_sent: dict[int, int] = {}  # characters of each choice already streamed, for text_offset
+
+        def logprobs(i: int, o: RequestOutput, start: int) -> dict | None:
+            if not wants_logprobs:
+                return None
+            result = fmt.completion(o, start, len(o.output_ids), text_sent.get(i, 0))
+            text_sent[i] = len(o.text)
+            return result
+
         return await respond(
             request, streams, req, "text", req.model or request.app.state.served_model_name,
-            lambda i, o: {"index": i, "text": o.text, "logprobs": None, "finish_reason": _finish_reason(o)},
-            lambda i, o: {"index": i, "text": o.delta, "logprobs": None, "finish_reason": _finish_reason(o)},
+            lambda i, o: {"index": i, "text": o.text, "logprobs": logprobs(i, o, 0),
+                          "finish_reason": _finish_reason(o)},
+            lambda i, o, start: {"index": i, "text": o.delta, "logprobs": logprobs(i, o, start),
+                                 "finish_reason": _finish_reason(o)},
         )
 
     @router.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        _check_supported(req)
-        if req.logprobs:
-            raise InvalidRequest("logprobs", "not supported")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidRequest("top_logprobs", "needs logprobs: true")
         if not req.messages:
             raise InvalidRequest("messages", "must not be empty")
         aengine: AsyncEngine = request.app.state.aengine
@@ -130,15 +193,22 @@ def openai_router() -> APIRouter:
                                        add_generation_prompt=True)
         if req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
-        prompt = tok(text).input_ids
+        [prompt] = await tokenize_off_loop(tok, [text], "messages")
+        options = OutputOptions(return_logprob=bool(req.logprobs),
+                                top_logprobs_num=_top_logprobs_num(req.top_logprobs, "top_logprobs"))
         # Unset, a chat reply may use whatever context the prompt leaves.
-        streams = start(aengine, [prompt], req, "messages", max(1, engine.context_length - 1 - len(prompt)))
+        streams = start(request, [prompt], req, "messages", max(1, engine.context_length - 1 - len(prompt)), options)
+        fmt = LogprobFormat(tok)
+
+        def logprobs(o: RequestOutput, start: int) -> dict | None:
+            return fmt.chat(o, start, len(o.output_ids)) if req.logprobs else None
+
         return await respond(
             request, streams, req, "chat", req.model or request.app.state.served_model_name,
             lambda i, o: {"index": i, "message": {"role": "assistant", "content": o.text},
-                          "logprobs": None, "finish_reason": _finish_reason(o)},
-            lambda i, o: {"index": i, "delta": {"content": o.delta}, "logprobs": None,
-                          "finish_reason": _finish_reason(o)},
+                          "logprobs": logprobs(o, 0), "finish_reason": _finish_reason(o)},
+            lambda i, o, start: {"index": i, "delta": {"content": o.delta}, "logprobs": logprobs(o, start),
+                                 "finish_reason": _finish_reason(o)},
         )
 
     return router
