@@ -1,6 +1,7 @@
 """`tpfleet demo`: the whole path on a laptop. Build the tiny model, serve it with TP=2 on CPU as a
 separate process, send a few kinds of request, print replies and timings, then stop the server
-and check that no process of it is left."""
+and check that no process of it is left. Then what tpfleet is for: a few steps of RL (GRPO) with a
+trainer pushing its weights into a fleet of two engines behind the router (tpfleet.rl_loop)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import psutil
 
 from tpfleet.model.make_model import make_model
 from tpfleet.phases import parse_phase
+
+RL_ENGINES = 2
+RL_STEPS = 5  # the toy reward starts to climb at the fourth step
 
 
 def post(url: str, body: dict) -> dict:
@@ -96,7 +100,27 @@ def run_demo(tp_size: int = 2, workdir: str | None = None) -> int:
         left = wait_gone(family, timeout=5)
         print(f"\nserver stopped with exit code {code} in {time.perf_counter() - t:.1f}s; "
               f"{len(family)} processes started, {len(left)} left{': ' + str(left) if left else ''}")
-    return 1 if left else 0
+    rl_left = _rl_steps(model, tp_size)
+    return 1 if left or rl_left else 0
+
+
+def _rl_steps(model: Path, tp_size: int) -> list[str]:
+    """RL against a fleet; returns the engine processes it left behind."""
+    from transformers.utils import logging as hf_logging
+
+    from tpfleet.rl_loop import RLConfig, train
+
+    print(f"\nRL: a transformers trainer on the same checkpoint, {RL_ENGINES} engines of TP={tp_size} behind the "
+          f"router, {RL_STEPS} GRPO steps; before each rollout the trainer pushes its weights into every engine")
+    t = time.perf_counter()
+    hf_logging.disable_progress_bar()
+    result = train(RLConfig(model=str(model), engines=RL_ENGINES, tp_size=tp_size, steps=RL_STEPS),
+                   log=lambda line: print(f"  {line}", flush=True))
+    left = result["processes_left"]
+    print(f"RL: reward {result['rewards'][0]:.3f} -> {result['rewards'][-1]:.3f} in {RL_STEPS} steps; largest "
+          f"logprob mismatch {max(result['mismatch_max']):.1e} (float32); fleet stopped, {len(left)} processes "
+          f"left{': ' + str(left) if left else ''} ({time.perf_counter() - t:.1f}s in all)")
+    return left
 
 
 def _requests(url: str) -> None:

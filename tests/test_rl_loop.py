@@ -1,0 +1,108 @@
+"""The RL loop of examples/rl_loop.py (tpfleet.rl_loop): a trainer and a fleet behind the router,
+GRPO steps with weights pushed before every rollout. On CPU in float32 the engines' log-probs must
+match the trainer's to 1e-4 and the toy reward must rise."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tpfleet.rl_loop import RLConfig, WeightPusher, group_advantages, reward, rollout
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "rl_loop.py"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("rl_loop_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_group_advantages_are_normalised_within_each_group():
+    rewards = torch.tensor([[0.0, 1.0, 0.5, 0.5], [0.2, 0.2, 0.2, 0.6]])
+    advantages = group_advantages(rewards)
+    torch.testing.assert_close(advantages.mean(dim=1), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(advantages.std(dim=1), torch.ones(2), atol=1e-4, rtol=0)
+    assert advantages[0, 1] > advantages[0, 2] > advantages[0, 0]
+    # a group whose samples all score the same teaches nothing
+    assert group_advantages(torch.full((1, 4), 0.3)).abs().max() == 0
+
+
+def test_reward_is_the_fraction_of_target_tokens():
+    targets = torch.tensor([False, True, False, True])
+    assert reward([1, 3, 0, 2], targets) == 0.5
+    assert reward([1, 1], targets) == 1.0
+    assert reward([], targets) == 0.0
+
+
+def test_rollout_refuses_a_sample_from_other_weights():
+    def engine(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        assert body["return_logprob"] is True and body["sampling_params"]["temperature"] == 1.0
+        return httpx.Response(200, json={"text": "", "output_ids": [5], "meta_info": {
+            "weight_version": "0", "output_token_logprobs": [[-0.5, 5, None]]}})
+
+    cfg = RLConfig(model="unused", num_prompts=1, group_size=2, max_new_tokens=1)
+    seeds = torch.zeros(1, 2, dtype=torch.long)
+    with httpx.Client(transport=httpx.MockTransport(engine)) as client, ThreadPoolExecutor(2) as pool:
+        samples = rollout(client, pool, "http://router", [[1, 2]], cfg, seeds, "0", torch.ones(6, dtype=torch.bool))
+        assert [(s.token_ids, s.engine_logprobs, s.reward) for s in samples] == [([5], [-0.5], 1.0)] * 2
+        with pytest.raises(RuntimeError, match="weight_version '0', not '1'"):
+            rollout(client, pool, "http://router", [[1, 2]], cfg, seeds, "1", torch.ones(6, dtype=torch.bool))
+
+
+def test_an_engine_refusing_a_collective_fails_the_trainer_at_once():
+    """The trainer's broadcast would wait for the refusing engine until the group timeout."""
+    class NoEngines:
+        def healthy(self):
+            return []
+
+    release = threading.Event()
+    with ThreadPoolExecutor(4) as pool:
+        pusher = WeightPusher(NoEngines(), "cpu", pool, client=None)
+        refusal = pool.submit(lambda: httpx.Response(400, json={"success": False, "message": "names[0]: unknown"}))
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="names\\[0\\]: unknown"):
+            pusher._alongside("/update_weights_from_distributed", [refusal], lambda: release.wait(60))
+        assert time.monotonic() - started < 10
+        release.set()
+
+
+def test_rl_loop_raises_the_reward_with_matching_logprobs(tiny_model):
+    """Two engines of TP 2 on CPU, both weight-sync routes alternating: gloo broadcast on even steps,
+    shared memory on odd ones. The rewards are measured on the engines' rollouts, so they rise only if
+    the pushes arrive; the mismatch bound says they arrived whole."""
+    result = load_example().main(["--model", str(tiny_model), "--engines", "2", "--tp-size", "2", "--steps", "5",
+                                  "--num-prompts", "4", "--group-size", "8", "--max-new-tokens", "8",
+                                  "--weight-sync", "both", "--seed", "0"])
+    assert result["weight_versions"] == ["0", "1", "2", "3", "4"]
+    assert result["weight_sync"] == ["distributed", "tensor", "distributed", "tensor", "distributed"]
+    assert max(result["mismatch_max"]) < 1e-4, result["mismatch_max"]
+    rewards = result["rewards"]
+    assert sum(rewards[-2:]) / 2 > rewards[0] + 0.1, rewards
+    assert result["processes_left"] == []
+
+
+@pytest.mark.gpu
+def test_rl_loop_on_gpus(tiny_model):
+    """As many engines as the GPUs allow; with a GPU to spare the trainer takes it and alternates NCCL
+    broadcasts with CUDA IPC, else it shares the first engine's GPU and sends CUDA IPC handles only."""
+    gpus = torch.cuda.device_count()
+    engines, tp_size = (2, 2) if gpus >= 5 else (2, 1) if gpus >= 3 else (1, 1)
+    result = load_example().main(["--model", str(tiny_model), "--device", "cuda", "--engines", str(engines),
+                                  "--tp-size", str(tp_size), "--steps", "5", "--seed", "0"])
+    spare = gpus > engines * tp_size
+    assert result["weight_sync"] == ((["distributed", "tensor"] * 3)[:5] if spare else ["tensor"] * 5)
+    assert result["weight_versions"] == ["0", "1", "2", "3", "4"]
+    assert max(result["mismatch_max"]) < 1e-2, result["mismatch_max"]
+    assert sum(result["rewards"][-2:]) / 2 > result["rewards"][0] + 0.1, result["rewards"]
+    assert result["processes_left"] == []
