@@ -12,7 +12,7 @@ def seqs(*params):
 
 def draw(x, batch):
     """The sampled tokens, read back: `sample` leaves them on the device."""
-    return sample(x, batch).tolist()
+    return sample(x, batch).tokens.tolist()
 
 
 def logits(rows=1, vocab=50, seed=0):

@@ -8,7 +8,8 @@ from tpfleet.engine.sequence import SamplingParams, Sequence, SequenceStatus
 
 
 def seq(n, rid):
-    return Sequence(rid, list(range(1, n + 1)), SamplingParams(), (), 10_000, torch.device("cpu"))
+    """A prompt of n tokens that begins with the request id's own token: no two prompts share a block."""
+    return Sequence(rid, [100 + ord(rid)] + list(range(2, n + 1)), SamplingParams(), (), 10_000, torch.device("cpu"))
 
 
 def advance(batch):
@@ -79,3 +80,29 @@ def test_finish_returns_blocks_and_admits_the_next():
     sched.finish(a, {"type": "length"})
     assert bm.num_free_blocks == 2 and a.status is SequenceStatus.FINISHED
     assert [s.seq.rid for s in sched.schedule()] == ["b"]
+
+
+def test_a_request_waits_for_prompt_blocks_that_another_is_computing():
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    prompt = list(range(1, 11))  # two full blocks, then a tail
+    a, b, c = (Sequence(rid, prompt, SamplingParams(), (), 10_000, torch.device("cpu")) for rid in "abc")
+    other = seq(5, "o")
+    for s in (a, b, other):
+        sched.add(s)
+    batch = sched.schedule()
+    assert [s.seq.rid for s in batch] == ["a", "o"]  # b waits for a's blocks; o, behind it, does not
+    advance(batch)
+    bm.commit_full_blocks(a)
+    batch = sched.schedule()
+    assert [(s.seq.rid, s.num_tokens) for s in batch if s.seq is b] == [("b", 2)]
+    assert b.num_cached_tokens == 8
+    # A follower is not left waiting on a leader that goes away before its blocks are computed.
+    sched.add(c)
+    leader = Sequence("d", [9] * 10, SamplingParams(), (), 10_000, torch.device("cpu"))
+    follower = Sequence("e", [9] * 10, SamplingParams(), (), 10_000, torch.device("cpu"))
+    sched.add(leader)
+    sched.add(follower)
+    assert [s.seq.rid for s in sched.schedule() if s.seq.rid in "de"] == ["d"]
+    sched.finish(leader, {"type": "abort", "message": "gone"})
+    assert [s.seq.rid for s in sched.schedule() if s.seq.rid in "de"] == ["e"]

@@ -5,6 +5,10 @@ its tokens in order. Every full block is registered under a hash chained over al
 it, so a later request with the same prefix reuses those blocks instead of recomputing them.
 Freed blocks keep their contents and hash until the pool hands them out again (least recently
 freed first), which is what makes the cache outlive the requests that filled it.
+
+Blocks that a running sequence is computing, but has not registered yet, are claimed under their
+hash: a waiting request with the same prefix (the other samples of a group) waits for them rather
+than computing them a second time.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # chain hash -> block id
+        self.computing: dict[int, Sequence] = {}  # chain hash -> the running sequence computing that block
 
     @property
     def num_free_blocks(self) -> int:
@@ -48,17 +53,30 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def block_hash(self, seq: Sequence, index: int) -> int:
+        """The chain hash of `seq`'s full block `index`, remembered on the sequence (its tokens only grow)."""
+        hashes, bs = seq.block_hashes, self.block_size
+        while len(hashes) <= index:
+            i = len(hashes)
+            hashes.append(chain_hash(hashes[-1] if hashes else None, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+        return hashes[index]
+
+    def matchable_blocks(self, seq: Sequence) -> int:
+        """How many leading blocks may come from the cache. The last token is always left to compute,
+        because sampling needs its logits; so is every prompt position whose logprob was asked for."""
+        limit = (seq.num_tokens - 1) // self.block_size
+        if seq.scores_prompt:
+            limit = min(limit, seq.next_scored_position // self.block_size)
+        return limit
+
     def match_prefix(self, seq: Sequence) -> int:
-        """Take every cached full block of `seq`'s leading tokens; returns the number of tokens reused.
-        The last token is always left to compute, because sampling needs its logits."""
+        """Take every cached full block of `seq`'s leading tokens; returns the number of tokens reused."""
         assert not seq.block_table
         if not self.enable_prefix_caching:
             return 0
-        h = None
-        for i in range((seq.num_tokens - 1) // self.block_size):
+        for i in range(self.matchable_blocks(seq)):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            h = chain_hash(h, tokens)
-            block_id = self.cached.get(h)
+            block_id = self.cached.get(self.block_hash(seq, i))
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
             block = self.blocks[block_id]
@@ -69,6 +87,27 @@ class BlockManager:
         seq.num_hashed_blocks = len(seq.block_table)
         seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * self.block_size
         return seq.num_cached_tokens
+
+    def prefix_in_progress(self, seq: Sequence) -> bool:
+        """Whether the first block `seq` would compute is being computed by another running sequence
+        (call after match_prefix): then waiting for it costs less than computing it twice."""
+        index = len(seq.block_table)
+        if not self.enable_prefix_caching or index >= self.matchable_blocks(seq):
+            return False
+        owner = self.computing.get(self.block_hash(seq, index))
+        return owner is not None and owner is not seq
+
+    def claim_blocks(self, seq: Sequence) -> None:
+        """Announce the full blocks of known tokens that `seq`, just admitted, will compute."""
+        if not self.enable_prefix_caching:
+            return
+        for i in range(seq.num_hashed_blocks, len(seq.token_ids) // self.block_size):
+            self.computing.setdefault(self.block_hash(seq, i), seq)
+
+    def _unclaim(self, seq: Sequence, hashes) -> None:
+        for h in hashes:
+            if self.computing.get(h) is seq:
+                del self.computing[h]
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Make room for `num_new_tokens` more tokens of `seq`; all or nothing."""
@@ -90,14 +129,16 @@ class BlockManager:
             return
         bs = self.block_size
         for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):
-            prev = self.blocks[seq.block_table[i - 1]].hash if i else None
             block = self.blocks[seq.block_table[i]]
             block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            block.hash = chain_hash(prev, block.token_ids)
+            block.hash = self.block_hash(seq, i)
             self.cached.setdefault(block.hash, block.id)
+            self._unclaim(seq, [block.hash])
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, seq.num_computed_tokens // bs)
 
     def free(self, seq: Sequence) -> None:
+        if self.computing:
+            self._unclaim(seq, seq.block_hashes)
         # Tail blocks go to the front of the eviction order: a shared prefix outlives its suffixes.
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]

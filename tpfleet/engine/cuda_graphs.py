@@ -51,6 +51,7 @@ class DecodeGraphs:
         self.tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.staged_slots: torch.Tensor | None = None  # the last replay's KV slots, padded to its bucket
         for bucket in tqdm(sorted(self.buckets, reverse=True), desc="Capturing decode graphs",
                            disable=not show_progress):
             layout = StepLayout.padding(bucket)
@@ -86,6 +87,7 @@ class DecodeGraphs:
             fill_pending(self.longs[layout.input_ids], self.longs[layout.pending_rows],
                          self.longs[layout.pending_src], sampled, inp.pending_rows)
         self.graphs[bucket].replay()
+        self.staged_slots = self.longs[layout.slot_mapping]
         hidden = self.outputs[bucket][:batch]
         return hidden[self.longs[layout.sampled_rows]] if layout.num_sampled else hidden
 

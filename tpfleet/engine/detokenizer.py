@@ -5,7 +5,8 @@ Byte-level BPE tokens need not end on a character boundary; the tokenizers libra
 Decoding a window of recent tokens twice per token cost about 5 us per token, over a millisecond
 per step at batch 256.
 Text that might be the start of a stop string is held back until it is known not to be one,
-so a stream never shows a client the beginning of a stop string.
+so a stream never shows a client the beginning of a stop string. A matched stop string is cut
+from the text, or kept with `no_stop_trim`.
 """
 
 from __future__ import annotations
@@ -14,24 +15,28 @@ from tokenizers.decoders import DecodeStream
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], skip_special_tokens: bool = True, no_stop_trim: bool = False):
         self.tokenizer = tokenizer.backend_tokenizer  # a fast (Rust) tokenizer, as every Qwen3 checkpoint has
-        self.stream = DecodeStream(skip_special_tokens=True)
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self.stop = stop
+        self.no_stop_trim = no_stop_trim
         self.text = ""  # all decoded text (stop string removed once matched)
         self.emitted = 0  # characters of `text` handed out so far
         self.matched_stop: str | None = None
 
-    def add(self, token_id: int) -> None:
+    def add(self, token_id: int, check_stop: bool = True) -> None:
+        """`check_stop` False: too early for stop strings (min_new_tokens); one that ends later is still found."""
         chunk = self.stream.step(self.tokenizer, token_id)
         if not chunk:
             return  # an incomplete character (or a skipped special token): wait for the next token
         before = len(self.text)
         self.text += chunk
+        if not check_stop:
+            return
         for s in self.stop:
             i = self.text.find(s, max(0, before - len(s) + 1))
             if i != -1:
-                self.text = self.text[:i]
+                self.text = self.text[:i + len(s) if self.no_stop_trim else i]
                 self.matched_stop = s
                 return
 

@@ -1,6 +1,8 @@
 """The driver: owns the scheduler and the ranks (tpfleet.engine.rank_group), and turns logits into text.
 
 `step()` is synchronous and single-threaded; `AsyncEngine` runs it on a thread for the server.
+Tokens, logprobs and prompt scores of a step come home in one copy (see InFlightStep). `pause`
+stops scheduling in one of three ways (PAUSE_MODES) and returns once no step is in flight.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ from tpfleet.config import EngineConfig
 from tpfleet.engine.block_manager import BlockManager
 from tpfleet.engine.detokenizer import IncrementalDetokenizer
 from tpfleet.engine.rank_group import RankGroup
-from tpfleet.engine.sampler import sample
+from tpfleet.engine.sampler import SamplerOutput, sample, score_prompt
 from tpfleet.engine.scheduler import ScheduledSeq, Scheduler
-from tpfleet.engine.sequence import InvalidRequest, SamplingParams, Sequence
+from tpfleet.engine.sequence import InvalidRequest, OutputOptions, SamplingParams, Sequence
 from tpfleet.engine.step_input import ModelInput
 from tpfleet.jit import default_triton_cache
+
+# abort: end every request with what it has; retract: free every running request's KV and queue it to
+# resume from its prefix; in_place: keep everything where it is
+PAUSE_MODES = ("abort", "retract", "in_place")
+MAX_TOP_LOGPROBS = 100
 
 
 @dataclass
@@ -38,20 +45,23 @@ class EngineSnapshot:
     max_total_num_tokens: int  # KV-cache capacity in tokens
     num_preemptions: int  # since start
     released: tuple[str, ...]  # memory tags given to a colocated trainer and not resumed yet, sorted
+    paused: bool = False
+    weight_version: str = "default"
 
 
 @dataclass
 class InFlightStep:
-    """A launched step whose sampled tokens may not have reached the host yet."""
+    """A launched step whose sampled tokens (and logprobs) may not have reached the host yet."""
     batch: list[ScheduledSeq]
-    sampled: list[Sequence]  # in the order of `tokens`
-    tokens: torch.Tensor | None  # host memory, valid once `copied` has fired
+    sampled: list[Sequence]  # in the order of the results' rows
+    scored: list[tuple[Sequence, range]]  # prompt positions scored, in the order of the prompt rows
+    results: dict[str, torch.Tensor]  # SamplerOutput's fields; host memory once `copied` has fired
     copied: torch.cuda.Event | None = None
 
-    def token_ids(self) -> list[int]:
+    def host_results(self) -> dict[str, list]:
         if self.copied is not None:
             self.copied.synchronize()  # this step's copy only, not the work queued after it
-        return self.tokens.tolist() if self.sampled else []
+        return {name: values.tolist() for name, values in self.results.items()}
 
 
 class LLMEngine:
@@ -72,11 +82,16 @@ class LLMEngine:
         # thread's snapshot reads a consistent set.
         self.released: frozenset[str] = frozenset()
         self.in_flight: InFlightStep | None = None
+        self.paused = False
+        self.weight_version = "default"
+        self.held_outputs: list[StepOutput] = []  # read back by pause, handed out by the next step
 
     # --- requests -----------------------------------------------------------------------------
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams, field: str = "input_ids") -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams, field: str = "input_ids",
+                 options: OutputOptions | None = None) -> None:
         """Raise InvalidRequest naming the field at fault. Reads only constants: safe from any thread."""
+        options = options or OutputOptions()
         vocab = self.model_config.vocab_size
         if not prompt_ids:
             raise InvalidRequest(field, "the prompt is empty")
@@ -86,34 +101,66 @@ class LLMEngine:
         if len(prompt_ids) >= self.max_seq_len:
             raise InvalidRequest(field, f"the prompt has {len(prompt_ids)} tokens; the context holds at most "
                                         f"{self.max_seq_len} including at least one generated token")
-        params.verify(vocab)
+        params.verify(vocab, scoring=options.return_logprob and options.logprob_start_len == 0)
         if params.max_new_tokens > self.context_length:
             raise InvalidRequest("sampling_params.max_new_tokens",
                                  f"{params.max_new_tokens} exceeds the context length {self.context_length}")
+        self._validate_options(options, len(prompt_ids))
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None) -> Sequence:
-        self.validate(prompt_ids, params)
+    def _validate_options(self, options: OutputOptions, prompt_len: int) -> None:
+        start = options.logprob_start_len
+        if not isinstance(start, int) or not -1 <= start < prompt_len:
+            raise InvalidRequest("logprob_start_len", f"must be -1 (no prompt logprobs) or a prompt position in "
+                                                      f"[0, {prompt_len}), got {start!r}")
+        k = options.top_logprobs_num
+        if not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest("top_logprobs_num", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {k!r}")
+        if options.return_routed_experts and self.runner.routed_by_slot is None:
+            why = ("the model is dense" if not self.model_config.is_moe
+                   else "the engine was started without enable_return_routed_experts")
+            raise InvalidRequest("return_routed_experts", f"routing replay is unavailable: {why}")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
+                    options: OutputOptions | None = None) -> Sequence:
+        self.validate(prompt_ids, params, options=options)
         rid = rid or uuid.uuid4().hex
         if rid in self.seqs:
             raise InvalidRequest("rid", f"request id {rid!r} is already in use")
         seq = Sequence(rid, prompt_ids, params, self.model_config.eos_token_ids, self.max_seq_len,
-                       self.runner.device)
+                       self.runner.device, options)
+        seq.weight_version = self.weight_version
         self.seqs[rid] = seq
-        self.detoks[rid] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        self.detoks[rid] = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
+                                                  params.no_stop_trim)
         self.scheduler.add(seq)
         return seq
 
-    def abort(self, rid: str) -> Sequence | None:
-        seq = self.seqs.pop(rid, None)
+    def abort(self, rid: str, message: str = "aborted") -> Sequence | None:
+        """End the request, keeping what it produced (tokens, text, logprobs) but dropping a step in flight."""
+        seq = self.seqs.get(rid)
         if seq is not None:
-            self.detoks.pop(rid)
-            self.scheduler.finish(seq, {"type": "abort", "message": "aborted"})
+            self._end(seq, {"type": "abort", "message": message})
         return seq
 
+    def _end(self, seq: Sequence, reason: dict) -> None:
+        """Finish `seq`: collect its routing if asked (before its blocks go back), then free it."""
+        if seq.options.return_routed_experts:
+            num_positions = len(seq.token_ids) - 1  # every token a forward took
+            if seq.num_computed_tokens >= num_positions:
+                seq.routed_experts = self.runner.routed_experts(seq.block_table, num_positions)
+        self.scheduler.finish(seq, reason)
+        del self.seqs[seq.rid], self.detoks[seq.rid]
+
     def has_work(self) -> bool:
-        """Requests to schedule, or a step in flight whose tokens someone still waits for."""
-        return self.scheduler.has_work() or (self.in_flight is not None and
-                                             any(not seq.is_finished for seq in self.in_flight.sampled))
+        """Requests to schedule (unless paused), outputs to hand out, or a step in flight whose tokens
+        someone still waits for."""
+        return ((not self.paused and self.scheduler.has_work()) or bool(self.held_outputs) or
+                (self.in_flight is not None and any(not seq.is_finished for seq in self.in_flight.sampled)))
+
+    def loads(self) -> dict:
+        scheduler = self.scheduler
+        return {"num_running_reqs": len(scheduler.running), "num_waiting_reqs": len(scheduler.waiting),
+                "num_reqs": len(scheduler.running) + len(scheduler.waiting)}
 
     def snapshot(self) -> EngineSnapshot:
         """Counts and sizes only: safe to take from another thread than the engine's."""
@@ -121,13 +168,42 @@ class LLMEngine:
         return EngineSnapshot(num_running_reqs=len(scheduler.running), num_waiting_reqs=len(scheduler.waiting),
                               kv_cache_usage=blocks.usage, num_kv_blocks=blocks.num_blocks,
                               max_total_num_tokens=blocks.num_blocks * self.cfg.block_size,
-                              num_preemptions=scheduler.num_preemptions, released=tuple(sorted(self.released)))
+                              num_preemptions=scheduler.num_preemptions, released=tuple(sorted(self.released)),
+                              paused=self.paused, weight_version=self.weight_version)
+
+    def set_weight_version(self, version: str) -> None:
+        """Name the weights now loaded; requests admitted from now on report it."""
+        self.weight_version = version
+
+    # --- pausing --------------------------------------------------------------------------------
+
+    def pause(self, mode: str = "abort") -> list[Sequence]:
+        """Stop scheduling until continue_generation(); returns the requests aborted (mode abort). The
+        step in flight is read back first (its outputs come with the next step()), so the engine is
+        quiet when this returns."""
+        if mode not in PAUSE_MODES:
+            raise InvalidRequest("mode", f"must be one of {list(PAUSE_MODES)}, got {mode!r}")
+        self.held_outputs += self.drain()
+        self.paused = True
+        if mode == "retract":
+            self.scheduler.retract_all()
+        if mode != "abort":
+            return []
+        aborted = [self.seqs[rid] for rid in list(self.seqs)]
+        for seq in aborted:
+            self._end(seq, {"type": "abort", "message": "generation paused (mode abort)"})
+        return aborted
+
+    def continue_generation(self) -> None:
+        self.paused = False
 
     # --- every rank at once: memory and weights, for colocation with a trainer -------------------
 
     def release_memory(self, tags: list[str]) -> list[dict]:
-        if self.has_work():
-            raise InvalidRequest("tags", "requests are in flight: finish or abort them before releasing memory")
+        """Allowed while requests only wait (retracted by a pause): they hold no KV."""
+        if self.scheduler.running or (self.scheduler.waiting and not self.paused):
+            raise InvalidRequest("tags", "requests are in flight: finish, abort or retract them (pause_generation "
+                                         "mode retract) before releasing memory")
         self.drain()  # a step of aborted requests may still be on the GPU
         out = self.ranks.call_all("colocation.release_memory", tags)
         self.released = self.released | set(tags)
@@ -139,19 +215,11 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()  # the KV contents did not survive
         return out
 
-    def update_weights_from_disk(self, model_dir: str) -> list[dict]:
-        return self._update_weights("colocation.update_weights_from_disk", model_dir)
-
-    def update_weights_from_tensor(self, payloads: list[str]) -> list[dict]:
-        """`payloads`: one serialized payload for every rank, or one per rank."""
-        return self._update_weights("colocation.update_weights_from_tensor", payloads)
-
-    def _update_weights(self, method: str, arg) -> list[dict]:
-        out = self.ranks.call_all(method, arg)
-        self.block_manager.reset_prefix_cache()  # cached prefixes were computed by the old weights
-        return out
-
     def flush_cache(self) -> bool:
+        """Forget every cached prefix; False (nothing done) while requests are running or waiting."""
+        if self.seqs:
+            return False
+        self.drain()  # a step of aborted requests may still hold blocks' contents in use
         return self.block_manager.reset_prefix_cache()
 
     # --- one engine step ------------------------------------------------------------------------
@@ -159,11 +227,16 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         """Launch the next step, then read back the one before it. Under the overlap schedule the
         GPU runs step N+1 while the host turns step N's tokens into text: a sequence that stops at
-        N has one discarded row in N+1. Without it each step is read back at once."""
-        batch = self.scheduler.schedule()
+        N has one discarded row in N+1. Without it each step is read back at once, and so is a step
+        that sampled for a request with penalties, which read its every token on the host."""
+        outputs, self.held_outputs = self.held_outputs, []
+        if self.in_flight is not None and any(seq.params.has_penalties and not seq.is_finished
+                                              for seq in self.in_flight.sampled):
+            outputs += self.drain()
+        batch = [] if self.paused else self.scheduler.schedule()
         launched = self._launch(batch) if batch else None  # reads self.in_flight for pending tokens
         done, self.in_flight = self.in_flight, launched
-        outputs = self._read_back(done) if done else []
+        outputs += self._read_back(done) if done else []
         if not self.cfg.overlap_schedule:
             outputs += self.drain()
         return outputs
@@ -178,47 +251,94 @@ class LLMEngine:
         inp = ModelInput.build(batch, self.cfg.block_size, pending)
         self.ranks.send_step(inp)
         sampled = [s.seq for s in batch if s.samples]
-        tokens = self.runner.run(inp, lambda logits: sample(logits, sampled))
+        scored = [(s.seq, positions) for s in batch if (positions := s.scored_positions())]
+        out = self.runner.run(inp, lambda logits: self._sample(logits, inp, sampled, scored))
+        for seq, positions in scored:
+            seq.next_scored_position = positions.stop
         for s in batch:
             s.seq.num_computed_tokens += s.num_tokens
         for seq in sampled:
             seq.num_pending += 1
-        step = InFlightStep(batch, sampled, tokens)
-        if tokens is not None and tokens.is_cuda:
-            # Queue the copy home now, behind this step only: a .tolist() at read-back time would
-            # sit behind the next step too, and wait for it.
-            step.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            step.tokens.copy_(tokens, non_blocking=True)
+        step = InFlightStep(batch, sampled, scored, out.tensors() if out is not None else {})
+        if any(values.is_cuda for values in step.results.values()):
+            # Queue the copies home now, behind this step only, under one event: a .tolist() at
+            # read-back time would sit behind the next step too, and wait for it.
+            for name, values in step.results.items():
+                step.results[name] = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                step.results[name].copy_(values, non_blocking=True)
             step.copied = torch.cuda.Event()
             step.copied.record()
         return step
 
+    @staticmethod
+    def _sample(logits: torch.Tensor, inp: ModelInput, sampled: list[Sequence],
+                scored: list[tuple[Sequence, range]]) -> SamplerOutput:
+        """Sample the sampled rows; score the prompt rows (input logprobs) with the next prompt token."""
+        if not inp.scored:
+            return sample(logits, sampled)
+        is_scored = torch.zeros(logits.shape[0], dtype=torch.bool)
+        is_scored[inp.scored] = True
+        sample_rows = (~is_scored).nonzero().squeeze(1).to(logits.device)
+        if sampled:
+            out = sample(logits[sample_rows], sampled)
+        else:
+            out = SamplerOutput(torch.empty(0, dtype=torch.int64, device=logits.device))
+        seqs = [seq for seq, positions in scored for _ in positions]
+        targets = [seq.token_ids[pos + 1] for seq, positions in scored for pos in positions]
+        score_prompt(logits[torch.tensor(inp.scored, device=logits.device)], seqs, targets, out)
+        return out
+
     def _read_back(self, step: InFlightStep) -> list[StepOutput]:
-        token_ids = step.token_ids()
-        live = [(seq, t) for seq, t in zip(step.sampled, token_ids) if not seq.is_finished]
-        for seq, t in live:
+        results = step.host_results()
+        row = 0
+        for seq, positions in step.scored:
+            if not seq.is_finished:
+                seq.input_logprobs += results["prompt_logprobs"][row:row + len(positions)]
+                k = seq.options.top_logprobs_num
+                if k:
+                    values = results["prompt_top_logprobs"][row:row + len(positions)]
+                    ids = results["prompt_top_ids"][row:row + len(positions)]
+                    seq.input_top_logprobs += [list(zip(v[:k], i[:k])) for v, i in zip(values, ids)]
+            row += len(positions)
+        live = [(i, seq) for i, seq in enumerate(step.sampled) if not seq.is_finished]
+        for i, seq in live:
             seq.num_pending -= 1
-            seq.token_ids.append(t)
+            if seq.params.max_new_tokens == 0:  # a scoring request: its sample is not an output
+                continue
+            seq.token_ids.append(results["tokens"][i])
+            if seq.options.return_logprob:
+                seq.output_logprobs.append(results["logprobs"][i])
+                k = seq.options.top_logprobs_num
+                if k:
+                    seq.output_top_logprobs.append(list(zip(results["top_logprobs"][i][:k],
+                                                            results["top_ids"][i][:k])))
         for s in step.batch:  # every token it computed is known now
             if not s.seq.is_finished:
                 self.block_manager.commit_full_blocks(s.seq)
-        return [self._finish_token(seq, t) for seq, t in live]
+        return [self._finish_token(seq) for _, seq in live]
 
-    def _finish_token(self, seq: Sequence, token_id: int) -> StepOutput:
-        """Detokenize the newly read-back token and end the sequence if it stops here."""
+    def _finish_token(self, seq: Sequence) -> StepOutput:
+        """Detokenize the newly read-back token and end the sequence if it stops here. Before
+        min_new_tokens are out no stop string counts (stop tokens were never sampled)."""
+        if seq.params.max_new_tokens == 0:
+            self._end(seq, {"type": "length", "length": 0})
+            return StepOutput(seq, "")
+        token_id = seq.token_ids[-1]
         detok = self.detoks[seq.rid]
+        stops = seq.num_completion_tokens >= seq.params.min_new_tokens
         reason = None
-        if token_id in seq.stop_ids:
+        if stops and token_id in seq.stop_ids:
             reason = {"type": "stop", "matched": token_id}
+            if seq.params.no_stop_trim:
+                detok.add(token_id, check_stop=False)
         else:
-            detok.add(token_id)
+            detok.add(token_id, check_stop=stops)
             if detok.matched_stop is not None:
                 reason = {"type": "stop", "matched": detok.matched_stop}
             elif seq.reaches_length(len(seq.token_ids)):  # the known tokens; one more may be pending
                 reason = {"type": "length", "length": seq.num_completion_tokens}
         if reason is not None:
-            self.scheduler.finish(seq, reason)
-            del self.seqs[seq.rid], self.detoks[seq.rid]
+            self._end(seq, reason)
         new_text = detok.take(final=reason is not None)
         seq.output_text += new_text
         return StepOutput(seq, new_text)
@@ -227,3 +347,37 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.ranks.shutdown()
+
+    # --- new weights (tpfleet.engine.weight_updates): each checked in full on every rank, then applied
+    # on all of them or on none; InvalidRequest names the field at fault ------------------------------
+
+    @property
+    def weights(self):
+        """The driver's tpfleet.engine.weight_updates.EngineWeights, made on first use."""
+        if getattr(self, "_weights", None) is None:
+            from tpfleet.engine.weight_updates import EngineWeights
+
+            self._weights = EngineWeights(self)
+        return self._weights
+
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> list[dict]:
+        return self.weights.update_from_disk(model_path, weight_version)
+
+    def update_weights_from_tensor(self, serialized_named_tensors: list[str], load_format: str | None = None,
+                                   weight_version: str | None = None) -> list[dict]:
+        """One payload (tpfleet.weight_sync's format) for every TP rank, or one per rank."""
+        return self.weights.update_from_tensor(serialized_named_tensors, load_format, weight_version)
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str, backend: str) -> list[dict]:
+        """Join a trainer's group as ranks rank_offset + r; blocks until every member has joined."""
+        return self.weights.init_group(master_address, master_port, rank_offset, world_size, group_name, backend)
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        group_name: str, weight_version: str | None = None,
+                                        load_format: str | None = None) -> list[dict]:
+        """Receive each named full tensor by broadcast from the group's rank 0, in order."""
+        return self.weights.update_from_distributed(names, dtypes, shapes, group_name, weight_version, load_format)
+
+    def destroy_weights_update_group(self, group_name: str) -> list[dict]:
+        return self.weights.destroy_group(group_name)

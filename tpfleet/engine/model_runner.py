@@ -95,7 +95,7 @@ class ModelRunner:
         self.num_blocks = self._agree_on_num_blocks()
         self.allocate_kv_cache()
         self.routed_by_slot: torch.Tensor | None = None  # [slots + 1, layers, top_k] int32; the last row: padding
-        if cfg.enable_return_routed_experts and rank == 0 and self.model_config.is_moe:
+        if self.records_routing:
             num_slots = self.num_blocks * cfg.block_size
             shape = (num_slots + 1, self.model_config.num_hidden_layers, self.model_config.num_experts_per_tok)
             self.routed_by_slot = torch.full(shape, -1, dtype=torch.int32, device=self.device)
@@ -129,10 +129,18 @@ class ModelRunner:
 
     # --- KV cache -----------------------------------------------------------------------------
 
+    @property
+    def records_routing(self) -> bool:
+        """Whether this rank files each token's experts by KV slot (routing replay: the driver only)."""
+        return self.cfg.enable_return_routed_experts and self.rank == 0 and self.model_config.is_moe
+
     def _bytes_per_block(self) -> int:
+        """KV bytes of one block, plus its routing-replay rows where this rank records routing."""
         attn = self.model.layers[0].self_attn
-        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize
-        return per_token * self.cfg.block_size * len(self.model.layers)
+        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize * len(self.model.layers)
+        if self.records_routing:
+            per_token += self.model_config.num_hidden_layers * self.model_config.num_experts_per_tok * 4
+        return per_token * self.cfg.block_size
 
     def _agree_on_num_blocks(self) -> int:
         """Every rank must hold the same number of blocks: take the minimum over ranks."""

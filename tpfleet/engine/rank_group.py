@@ -5,7 +5,9 @@ The group starts the ranks and the rendezvous store they meet at, sends them eac
 other call, and watches them. A dead rank would leave the others blocked in a collective forever,
 so its death ends the engine at once, leaving exit records (tpfleet.exits) that say which rank died
 and how: the rank's own, written by the rank when it failed with an exception or else here from its
-exit status, and the engine's, with the ranks' records as its causes.
+exit status, and the engine's, with the ranks' records as its causes. A rank that is alive but makes
+no progress (tpfleet.engine.hang_watch) ends the engine the same way, once `hung` has said so for
+HUNG_EXIT_GRACE_S so that /health answers 503 before the process goes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from multiprocessing.connection import Connection, wait
 from tpfleet import env, exits
 from tpfleet.comm.group import create_store
 from tpfleet.config import EngineConfig
+from tpfleet.engine.hang_watch import Hang, HangWatch, ProgressTable, hang_timeouts
 from tpfleet.engine.model_runner import ModelRunner
 from tpfleet.engine.step_input import ModelInput
 from tpfleet.engine.worker import SERVING, call_method, record_rank_failure, worker_main
@@ -31,6 +34,8 @@ from tpfleet.phases import current_phase, report_phase
 log = logging.getLogger("tpfleet.engine")
 
 RANK_DIED_EXIT_CODE = 70  # EX_SOFTWARE: the engine ended itself because one of its ranks died
+RANK_HUNG_EXIT_CODE = 75  # EX_TEMPFAIL: the engine ended itself because one of its ranks hung; restart it
+HUNG_EXIT_GRACE_S = 1.0
 
 
 @dataclass
@@ -49,6 +54,8 @@ class RankGroup:
         self.workers: list[RankProcess] = []
         self._stopping = False
         self._serving = False
+        self.hung: str | None = None  # why the engine is unhealthy: a rank stopped making progress
+        self._progress = ProgressTable(cfg.tp_size)
         # The rendezvous store's server runs in this process: held here until every worker, its client,
         # has exited (see `shutdown`).
         self._store = create_store(cfg.tp_size) if cfg.tp_size > 1 else None
@@ -56,7 +63,7 @@ class RankGroup:
         context = mp.get_context("spawn")
         for rank in range(1, cfg.tp_size):
             parent_end, child_end = context.Pipe()
-            process = context.Process(target=worker_main, args=(cfg, rank, store_port, child_end),
+            process = context.Process(target=worker_main, args=(cfg, rank, store_port, child_end, self._progress),
                                       name=f"tpfleet-rank{rank}", daemon=True)
             process.start()
             child_end.close()
@@ -64,6 +71,7 @@ class RankGroup:
         report_phase("ranks_started", pids=self.pids)
         if self.workers:
             threading.Thread(target=self._watch, name="tpfleet-watchdog", daemon=True).start()
+            HangWatch(self._progress, hang_timeouts(cfg), self._on_hang, lambda: self._stopping).start()
 
         try:
             self.driver = ModelRunner(cfg, 0, store_port, self._store)
@@ -150,6 +158,25 @@ class RankGroup:
         exits.write_engine_record(path, self.tp_size, ExitRecord.from_exit(
             "engine", 0, os.getpid(), RANK_DIED_EXIT_CODE, phase, message=record.describe()))
         os._exit(RANK_DIED_EXIT_CODE)
+
+    def _on_hang(self, hang: Hang) -> None:
+        """Say the engine is unhealthy, record the stuck rank, and end the engine: its fleet restarts it."""
+        if self._stopping:
+            return
+        self.hung = hang.message
+        log.critical("%s; stopping the engine in %gs", hang.message, HUNG_EXIT_GRACE_S)
+        stuck = next(worker for worker in self.workers if worker.rank == hang.rank)
+        record = ExitRecord("rank", hang.rank, stuck.process.pid, hang.phase, "RankHung", hang.message)
+        path = env.exit_record_path()
+        if path is not None:
+            exits.write(exits.rank_path(path, hang.rank), record)
+        time.sleep(HUNG_EXIT_GRACE_S)
+        self._stopping = True  # the kills below are not deaths to report
+        for worker in self.workers:
+            worker.process.kill()
+        exits.write_engine_record(path, self.tp_size, ExitRecord.from_exit(
+            "engine", 0, os.getpid(), RANK_HUNG_EXIT_CODE, self.phase, message=record.describe()))
+        os._exit(RANK_HUNG_EXIT_CODE)
 
     # --- stopping ---------------------------------------------------------------------------------------
 

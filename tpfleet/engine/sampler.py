@@ -1,37 +1,97 @@
-"""Per-request sampling over a batch of logits: greedy, temperature, top-k, top-p, min-p and seeds.
+"""Per-request sampling over a batch of logits: penalties, greedy, temperature, top-k, top-p, min-p,
+seeds, and the logprobs of what was sampled.
+
+Before sampling, a row's logits are adjusted in this order: `logit_bias` added; repetition penalty
+(SGLang's rule: over the prompt and output tokens, a positive logit is divided by it, a negative one
+multiplied); frequency and presence penalties (over the output tokens); and, until `min_new_tokens`
+are out, the stop tokens masked. The row is then divided by its temperature (0 counts as 1).
 
 Sampling uses the exponential-race form (argmax of p / E with E ~ Exp(1)), which draws exactly
-from p. A request with a seed draws its noise from its own generator, so its output does not
-depend on what else shares the batch.
+from p; it sorts the vocabulary only for rows with top-k or top-p. A request with a seed draws its
+noise from its own generator, so its output does not depend on what else shares the batch.
+
+Logprobs are those of the distribution actually sampled from, after the adjustments and the
+temperature: log_softmax(adjusted logits / temperature), in float32. They stay on the device with
+the tokens, so the one copy home that reads the tokens reads them too.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 
 from tpfleet.engine.sequence import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """One token per row, left on the logits' device: reading it back is the caller's choice."""
-    logits = logits.float()
-    greedy_ids = logits.argmax(dim=-1)
-    if all(s.params.greedy for s in seqs):
-        return greedy_ids
+@dataclass
+class SamplerOutput:
+    """One step's results on the device: a row per sampled sequence, and a row per scored prompt
+    position (input logprobs). Fields a step did not ask for are None."""
+    tokens: torch.Tensor  # [rows] int64
+    logprobs: torch.Tensor | None = None  # [rows] float32: each sampled token's
+    top_logprobs: torch.Tensor | None = None  # [rows, k] float32, most likely first
+    top_ids: torch.Tensor | None = None  # [rows, k] int64
+    prompt_logprobs: torch.Tensor | None = None  # [scored] float32: each next prompt token's
+    prompt_top_logprobs: torch.Tensor | None = None  # [scored, k] float32
+    prompt_top_ids: torch.Tensor | None = None  # [scored, k] int64
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def temperatures(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+    return torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
+
+
+def adjust_logits(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Apply logit bias, penalties and the min_new_tokens mask in place (see the module doc). Penalties
+    read each sequence's tokens on the host: the engine reads back a penalized sequence's every step
+    before launching the next."""
     dev = logits.device
-    temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=dev)
-    sorted_logits, order = (logits / temps[:, None]).sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
+    for row, seq in enumerate(seqs):
+        params = seq.params
+        if not params.adjusts_logits:
+            continue
+        if params.logit_bias:
+            ids = torch.tensor(list(params.logit_bias), device=dev)
+            logits[row].index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), device=dev,
+                                                        dtype=logits.dtype))
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), device=dev)
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty,
+                                            values * params.repetition_penalty)
+        if params.frequency_penalty or params.presence_penalty:
+            counts = torch.bincount(torch.tensor(seq.completion_ids, dtype=torch.long, device=dev),
+                                    minlength=logits.shape[-1]).to(logits.dtype)
+            logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+        if seq.num_tokens - seq.num_prompt_tokens < params.min_new_tokens and seq.stop_ids:
+            logits[row, torch.tensor(sorted(seq.stop_ids), device=dev)] = float("-inf")
 
-    vocab = logits.shape[-1]
-    top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device=dev)
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
-    min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
-    rank = torch.arange(vocab, device=dev)[None, :]
-    drop = rank >= top_k[:, None]
-    drop |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]  # keeps the token that crosses top_p
-    drop |= probs < min_p[:, None] * probs[:, :1]
+
+def _draw(scaled: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """One token per row from softmax(scaled), filtered by each row's top-k, top-p and min-p."""
+    dev = scaled.device
+    vocab = scaled.shape[-1]
+    order = None
+    if any(s.params.top_k > 0 or s.params.top_p < 1.0 for s in seqs):
+        scaled, order = scaled.sort(dim=-1, descending=True)
+        probs = scaled.softmax(dim=-1)
+        top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device=dev)
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
+        rank = torch.arange(vocab, device=dev)[None, :]
+        drop = rank >= top_k[:, None]
+        drop |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]  # keeps the token that crosses top_p
+        highest = probs[:, :1]
+    else:
+        probs = scaled.softmax(dim=-1)
+        drop = torch.zeros_like(probs, dtype=torch.bool)
+        highest = probs.amax(dim=-1, keepdim=True)
+    if any(s.params.min_p > 0.0 for s in seqs):
+        min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
+        drop |= probs < min_p[:, None] * highest
     probs = probs.masked_fill(drop, 0.0)
 
     noise = torch.empty_like(probs).exponential_()
@@ -39,6 +99,42 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         if s.generator is not None:
             noise[i].exponential_(generator=s.generator)
     choice = (probs / noise).argmax(dim=-1)
-    sampled = order.gather(1, choice[:, None]).squeeze(1)
-    is_greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
-    return torch.where(is_greedy, greedy_ids, sampled)
+    return choice if order is None else order.gather(1, choice[:, None]).squeeze(1)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+    """One token per row, and the logprobs the rows' requests ask for, left on the logits' device:
+    reading them back is the caller's choice."""
+    logits = logits.float()
+    if any(s.params.adjusts_logits for s in seqs):
+        logits = logits.clone()  # the caller's logits stay as the model gave them
+        adjust_logits(logits, seqs)
+    greedy_ids = logits.argmax(dim=-1)
+    wants_logprobs = any(s.options.return_logprob for s in seqs)
+    if all(s.params.greedy for s in seqs) and not wants_logprobs:
+        return SamplerOutput(greedy_ids)
+
+    scaled = logits / temperatures(seqs, logits.device)[:, None]
+    tokens = greedy_ids
+    if not all(s.params.greedy for s in seqs):
+        is_greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+        tokens = torch.where(is_greedy, greedy_ids, _draw(scaled, seqs))
+    out = SamplerOutput(tokens)
+    if wants_logprobs:
+        logprobs = scaled.log_softmax(dim=-1)
+        out.logprobs = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        k = max(s.options.top_logprobs_num for s in seqs)
+        if k:
+            out.top_logprobs, out.top_ids = logprobs.topk(k, dim=-1)
+    return out
+
+
+def score_prompt(logits: torch.Tensor, seqs: list[Sequence], targets: list[int], out: SamplerOutput) -> None:
+    """Input logprobs: row i's logits predict prompt token targets[i] of seqs[i]. Scaled by the request's
+    temperature as its samples are; no penalties (nothing was sampled there)."""
+    dev = logits.device
+    logprobs = (logits.float() / temperatures(seqs, dev)[:, None]).log_softmax(dim=-1)
+    out.prompt_logprobs = logprobs.gather(1, torch.tensor(targets, device=dev)[:, None]).squeeze(1)
+    k = max(s.options.top_logprobs_num for s in seqs)
+    if k:
+        out.prompt_top_logprobs, out.prompt_top_ids = logprobs.topk(k, dim=-1)

@@ -6,6 +6,10 @@ waiting queue while budget, sequence slots and KV blocks last; a long prompt is 
 chunks across steps so it never stalls the decodes behind it. When KV blocks run out, the newest
 running sequence is preempted: its blocks are freed and it goes back to the front of the queue,
 to be recomputed (cheaply, often from the prefix cache) once memory is available.
+
+A waiting request whose next prompt block another running sequence is computing right now (the
+G samples of a group arrive together) is passed over until that block is in the prefix cache, so a
+shared prompt is computed once.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ class ScheduledSeq:
     def samples(self) -> bool:
         """Whether this step reaches the end of the sequence, so its last logits are sampled."""
         return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+    def scored_positions(self) -> range:
+        """Prompt positions of this step whose logits give an input logprob, of the token after each."""
+        seq = self.seq
+        start = max(seq.num_computed_tokens, seq.next_scored_position)
+        return range(start, max(start, min(seq.num_computed_tokens + self.num_tokens, seq.num_prompt_tokens - 1)))
 
 
 class Scheduler:
@@ -51,7 +61,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.reaches_length(seq.num_tokens):  # its last token is pending: it ends when read back
+            if seq.num_pending and seq.reaches_length(seq.num_tokens):  # the last token: it ends when read back
                 i += 1
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -67,14 +77,20 @@ class Scheduler:
                 i += 1
 
         # After a preemption the pool is short: admitting new work would only thrash.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[i]
             self.bm.match_prefix(seq)
+            if self.bm.prefix_in_progress(seq):
+                self.bm.free(seq)
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.bm.allocate_slots(seq, n):
                 self.bm.free(seq)  # hold nothing while waiting
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
+            self.bm.claim_blocks(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.append(ScheduledSeq(seq, n))
@@ -89,6 +105,15 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def retract_all(self) -> None:
+        """Take every running sequence off the device, back to the front of the queue in its order: its
+        KV is freed and recomputed, mostly from the prefix cache, when it is scheduled again."""
+        for seq in reversed(self.running):
+            self.bm.free(seq)
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+        self.running = []
 
     def finish(self, seq: Sequence, reason: dict) -> None:
         """End `seq` (done, or aborted) wherever it is, and return its blocks to the pool."""

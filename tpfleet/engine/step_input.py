@@ -34,16 +34,17 @@ class ModelInput:
     context_lens: list[int]
     query_lens: list[int]
     num_decodes: int
-    logits_indices: list[int]  # token rows whose logits are sampled
+    logits_indices: list[int]  # token rows whose logits are computed: sampled rows and scored prompt rows
     pending_rows: list[int]  # rows whose token is the previous step's sample number pending_src[i]
     pending_src: list[int]
-    greedy: bool = False  # every sampled row is greedy
+    greedy: bool = False  # every sampled row takes the plain argmax, and nothing else needs logits
+    scored: list[int] | None = None  # entries of logits_indices that score a prompt token rather than sample
 
     @classmethod
     def build(cls, batch: list[ScheduledSeq], block_size: int, pending: dict[str, int] | None = None) -> ModelInput:
         """`pending` maps a request id to its row among the previous step's samples, which the
         device still holds: its next input token is read from there, never from the host."""
-        inp = cls([], [], [], [], [], [], 0, [], [], [])
+        inp = cls([], [], [], [], [], [], 0, [], [], [], scored=[])
         for scheduled in batch:
             seq, start = scheduled.seq, scheduled.seq.num_computed_tokens
             end = start + scheduled.num_tokens
@@ -60,10 +61,21 @@ class ModelInput:
             inp.context_lens.append(end)
             inp.query_lens.append(scheduled.num_tokens)
             inp.num_decodes += scheduled.num_tokens == 1
+            first_row = len(inp.input_ids) - scheduled.num_tokens
+            for pos in scheduled.scored_positions():
+                inp.scored.append(len(inp.logits_indices))
+                inp.logits_indices.append(first_row + pos - start)
             if scheduled.samples:
                 inp.logits_indices.append(len(inp.input_ids) - 1)
-        inp.greedy = all(s.seq.params.greedy for s in batch if s.samples)
+        inp.greedy = not inp.scored and all(
+            s.seq.params.greedy and not s.seq.params.adjusts_logits and not s.seq.options.return_logprob
+            for s in batch if s.samples)
         return inp
+
+    @property
+    def num_sampled(self) -> int:
+        """Rows that sample a token (the rest of logits_indices score prompt tokens)."""
+        return len(self.logits_indices) - len(self.scored or ())
 
     @property
     def samples_every_row(self) -> bool:

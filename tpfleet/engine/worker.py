@@ -3,7 +3,9 @@
 A pipe is anonymous, so nothing here has a name that another engine could collide with. The
 worker dies with its parent (PR_SET_PDEATHSIG), ignores Ctrl-C (the driver decides when to stop),
 and exits when the pipe closes, so it can never outlive the engine that started it. A rank that
-fails with an exception writes its own exit record (tpfleet.exits) before it dies.
+fails with an exception writes its own exit record (tpfleet.exits) before it dies. Its progress
+(heartbeat, phase, steps and calls begun and done) goes to the driver's hang watch
+(tpfleet.engine.hang_watch) through shared memory.
 """
 
 from __future__ import annotations
@@ -15,25 +17,35 @@ from typing import TYPE_CHECKING
 
 from tpfleet import env, exits
 from tpfleet.config import EngineConfig
+from tpfleet.engine.hang_watch import (
+    CALLS_BEGUN,
+    CALLS_DONE,
+    SERVING,
+    STEPS_BEGUN,
+    STEPS_DONE,
+    ProgressTable,
+    RankBeacon,
+)
 from tpfleet.exits import ExitRecord
 from tpfleet.lifecycle import die_with_parent
 
 if TYPE_CHECKING:
     from tpfleet.engine.model_runner import ModelRunner
 
-SERVING = "serving"  # the phase of a rank that finished starting
-
 
 class RankProgress:
     """The phase a rank has reached: the start-up phases its ModelRunner passes, then "serving" for
-    good (a re-capture of graphs after a memory resume is not start-up)."""
+    good (a re-capture of graphs after a memory resume is not start-up). Mirrored in its beacon."""
 
-    def __init__(self) -> None:
+    def __init__(self, beacon: RankBeacon) -> None:
+        self.beacon = beacon
         self.phase = "ranks_started"
+        beacon.reach(self.phase)
 
     def reach(self, phase: str) -> None:
         if self.phase != SERVING:
             self.phase = phase
+            self.beacon.reach(phase)
 
 
 def record_rank_failure(exc: BaseException, rank: int, phase: str) -> None:
@@ -52,10 +64,12 @@ def call_method(runner: ModelRunner, name: str, *args):
     return target(*args)
 
 
-def worker_main(cfg: EngineConfig, rank: int, store_port: int, conn: Connection) -> None:
+def worker_main(cfg: EngineConfig, rank: int, store_port: int, conn: Connection, table: ProgressTable) -> None:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    progress = RankProgress()
+    beacon = RankBeacon(table, rank)
+    beacon.start_heartbeat()
+    progress = RankProgress(beacon)
     try:
         _serve(cfg, rank, store_port, conn, progress)
     except Exception as exc:
@@ -81,10 +95,14 @@ def _serve(cfg: EngineConfig, rank: int, store_port: int, conn: Connection, prog
         if method == "exit":
             break
         if method == "run":  # the hot path: no reply, the collectives keep ranks in step
+            progress.beacon.bump(STEPS_BEGUN)
             runner.run(*args)
+            progress.beacon.bump(STEPS_DONE)
             continue
+        progress.beacon.bump(CALLS_BEGUN)
         try:
             conn.send(("ok", call_method(runner, method, *args)))
         except Exception:  # noqa: BLE001 - reported to the driver, which decides
             conn.send(("error", traceback.format_exc()))
+        progress.beacon.bump(CALLS_DONE)
     runner.shutdown()

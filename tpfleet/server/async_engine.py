@@ -1,7 +1,8 @@
 """Runs `LLMEngine.step()` on one thread and streams results to asyncio callers.
 
 Every mutation of engine state happens on the engine thread: callers post closures to an inbox,
-so the scheduler needs no locks. Outputs travel back with `call_soon_threadsafe`.
+so the scheduler needs no locks. Outputs travel back with `call_soon_threadsafe`. An aborted
+request's stream ends with what it produced and finish_reason {"type": "abort", ...}, never an error.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from tpfleet.engine.llm_engine import LLMEngine
-from tpfleet.engine.sequence import InvalidRequest, SamplingParams, Sequence
+from tpfleet.engine.llm_engine import PAUSE_MODES, LLMEngine
+from tpfleet.engine.sequence import InvalidRequest, OutputOptions, SamplingParams, Sequence
 from tpfleet.server.metrics import Metrics
 
 log = logging.getLogger("tpfleet.engine")
@@ -34,6 +35,13 @@ class RequestOutput:
     prompt_tokens: int
     cached_tokens: int
     e2e_latency: float
+    # Cumulative, as on tpfleet.engine.sequence.Sequence; empty unless asked for
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    input_logprobs: list[float | None] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    weight_version: str = "default"
+    routed_experts: bytes | None = None  # only in the final output
 
     @property
     def completion_tokens(self) -> int:
@@ -94,7 +102,8 @@ class AsyncEngine:
         m.set_engine_state(self.engine.snapshot())
         for out in outputs:
             seq: Sequence = out.seq
-            m.generation_tokens.inc()
+            if seq.params.max_new_tokens:  # a scoring request's output carries no token
+                m.generation_tokens.inc()
             last = self._last_token_time.get(seq.rid)
             if last is None:
                 seq.first_token_time = now
@@ -118,9 +127,12 @@ class AsyncEngine:
 
     @staticmethod
     def _output(seq: Sequence, delta: str, now: float) -> RequestOutput:
+        """A snapshot of `seq`: lists are copied, since the engine thread keeps appending to them."""
         return RequestOutput(seq.rid, seq.completion_ids, seq.output_text, delta, seq.is_finished,
                              seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens,
-                             now - seq.arrival_time)
+                             now - seq.arrival_time, list(seq.output_logprobs), list(seq.output_top_logprobs),
+                             list(seq.input_logprobs), list(seq.input_top_logprobs), seq.weight_version,
+                             seq.routed_experts if seq.is_finished else None)
 
     def _post(self, fn: Callable[[], None]) -> None:
         self._inbox.put(fn)
@@ -151,7 +163,7 @@ class AsyncEngine:
         return await fut
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
-                 field: str = "input_ids") -> AsyncIterator[RequestOutput]:
+                 field: str = "input_ids", options: OutputOptions | None = None) -> AsyncIterator[RequestOutput]:
         """Validate now (raising InvalidRequest), then return a stream with an output per new token;
         the last has finished=True. A caller that stops reading early aborts the request."""
         if not self.alive:
@@ -159,7 +171,7 @@ class AsyncEngine:
         released = self.engine.snapshot().released
         if released:
             raise EngineUnavailable(f"memory released ({list(released)}): POST /resume_memory_occupation first")
-        self.engine.validate(prompt_ids, params, field)
+        self.engine.validate(prompt_ids, params, field, options)
         rid = rid or uuid.uuid4().hex
         if rid in self._streams:
             raise InvalidRequest("rid", f"request id {rid!r} is already in use")
@@ -169,7 +181,7 @@ class AsyncEngine:
 
         def add():
             try:
-                self.engine.add_request(prompt_ids, params, rid)
+                self.engine.add_request(prompt_ids, params, rid, options)
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 self._streams.pop(rid, None)
                 loop.call_soon_threadsafe(q.put_nowait, e)
@@ -190,23 +202,45 @@ class AsyncEngine:
             if not finished:
                 self.abort(rid)
 
-    def abort(self, rid: str) -> None:
+    def abort(self, rid: str) -> bool:
+        """Abort `rid` on the engine thread soon; returns whether such a request is in flight now (it
+        may still finish on its own first)."""
+        exists = rid in self._streams or rid in self.engine.seqs  # single dict lookups: safe across threads
         self._post(lambda: self._abort_now(rid))
+        return exists
 
     def abort_all(self) -> None:
         self._post(lambda: [self._abort_now(rid) for rid in list(self.engine.seqs)])
 
     def _abort_now(self, rid: str) -> None:
         """On the engine thread: free the request, and tell its caller if it is still listening."""
-        self._last_token_time.pop(rid, None)
         seq = self.engine.abort(rid)
-        if seq is None:
-            return
+        if seq is not None:
+            self._aborted(seq)
+
+    def _aborted(self, seq: Sequence) -> None:
+        """On the engine thread: hand an aborted request's caller its partial output as the last one."""
+        self._last_token_time.pop(seq.rid, None)
         self.metrics.requests.labels("abort").inc()
-        target = self._streams.pop(rid, None)
+        target = self._streams.pop(seq.rid, None)
         if target is not None:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, self._output(seq, "", time.perf_counter()))
+
+    async def pause_generation(self, mode: str = "abort") -> None:
+        """Stop scheduling (see LLMEngine.pause); returns once no step is in flight."""
+        if mode not in PAUSE_MODES:
+            raise InvalidRequest("mode", f"must be one of {list(PAUSE_MODES)}, got {mode!r}")
+
+        def pause() -> None:
+            self._publish(self.engine.drain())  # the step in flight reaches its streams first
+            for seq in self.engine.pause(mode):
+                self._aborted(seq)
+
+        await self.run_on_engine(pause)
+
+    async def continue_generation(self) -> None:
+        await self.run_on_engine(self.engine.continue_generation)
 
     def shutdown(self) -> None:
         """Stop the loop and every rank. Safe to call more than once."""
