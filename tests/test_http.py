@@ -223,3 +223,13 @@ def test_colocation_endpoints_refuse_while_busy_release_and_resume(server):
     assert httpx.post(f"{server}/generate", json={"text": "hi", "sampling_params": GREEDY}).status_code == 200
     bad = httpx.post(f"{server}/update_weights_from_disk", json={"model_path": "/nonexistent/model"}, timeout=30)
     assert bad.status_code == 400 and bad.json()["success"] is False and "model_path" in bad.json()["message"]
+
+
+def test_n_samples_with_a_seed_differ_yet_reproduce(server):
+    body = {"input_ids": [5, 6, 7, 8], "sampling_params": {"n": 3, "sampling_seed": 11, "temperature": 1.0,
+                                                             "max_new_tokens": 12, "ignore_eos": True}}
+    first = httpx.post(f"{server}/generate", json=body, timeout=60).json()
+    again = httpx.post(f"{server}/generate", json=body, timeout=60).json()
+    outputs = [tuple(answer["output_ids"]) for answer in first]
+    assert len(set(outputs)) == 3
+    assert outputs == [tuple(answer["output_ids"]) for answer in again]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import uuid
 from dataclasses import dataclass
 
@@ -83,8 +84,16 @@ async def plan(req: GenerateRequest, engine, limits: RequestLimits) -> tuple[lis
         limits.check_stop(params.stop, f"{prefix}.stop")
         options = output_options(req, index, num_prompts)
         where = f"{field}[{index}]" if batched else field
-        jobs += [Job(ids, params, options, rids[index * n + sample], where) for sample in range(n)]
+        jobs += [Job(ids, seeded(params, sample), options, rids[index * n + sample], where) for sample in range(n)]
     return jobs, as_list
+
+
+def seeded(params: SamplingParams, sample: int) -> SamplingParams:
+    """The `sample`-th of n samples: a seeded request's samples must differ from each other, yet each
+    stays reproducible, so sample i draws with seed + i."""
+    if params.seed is None or sample == 0:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + sample) % 2**63)
 
 
 async def _prompts(req: GenerateRequest, tokenizer) -> tuple[list[list[int]], str, bool]:
