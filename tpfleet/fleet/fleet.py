@@ -25,6 +25,7 @@ from tpfleet.config import PLACEMENT_FIELDS, EngineConfig
 from tpfleet.fleet.diagnostics import EngineFailure
 from tpfleet.fleet.handle import EngineHandle, EventSink, FleetBackend, State, TeardownReport
 from tpfleet.fleet.placement import PlacementPlan
+from tpfleet.fleet.workers import WorkerRegistry
 
 log = logging.getLogger("tpfleet.fleet")
 
@@ -51,6 +52,12 @@ class FleetConfig:
     engine_port: int = 0  # where engines listen; 0: each takes a free port the kernel picks
     ray_address: str | None = None
     ray_logical_gpus: bool = False  # CPU engines that still claim GPUs from Ray (tests, dry runs)
+    # Ray, into resources the caller owns (a trainer's placement group): engine e's rank r runs on bundle
+    # bundle_indices[e * tp_size + r] of `placement_group` (the group, its name or id), asking that bundle for
+    # num_gpus_per_actor GPUs (a fraction beside a trainer's actor, e.g. 0.2 beside 0.8).
+    placement_group: object | None = None
+    bundle_indices: list[int] | None = None
+    num_gpus_per_actor: float = 1.0
     colocated_pids: list[int] = field(default_factory=list)  # processes sharing the GPUs on purpose (trainers)
 
     def __post_init__(self) -> None:
@@ -64,6 +71,19 @@ class FleetConfig:
         for name in PLACEMENT_FIELDS:
             if name in self.engine:
                 raise ValueError(f"engine field {name!r} comes from the placement plan")
+        if self.placement_group is not None:
+            if self.backend != "ray":
+                raise ValueError("placement_group needs backend='ray'")
+            wanted = self.engines * self.tp_size
+            if self.bundle_indices is None or len(self.bundle_indices) != wanted:
+                raise ValueError(f"bundle_indices: give one bundle per rank of each engine ({self.engines} engines "
+                                 f"x TP {self.tp_size} = {wanted}), not {self.bundle_indices!r}")
+            if len(set(self.bundle_indices)) != wanted:
+                raise ValueError(f"bundle_indices: {self.bundle_indices} names a bundle twice")
+        elif self.bundle_indices is not None:
+            raise ValueError("bundle_indices needs placement_group")
+        if not 0 < self.num_gpus_per_actor <= 1:
+            raise ValueError(f"num_gpus_per_actor must be in (0, 1], not {self.num_gpus_per_actor}")
         self.engine_config([])  # a field that is not an EngineConfig field, or a bad value, fails here
 
     def engine_config(self, gpu_uuids: list[str]) -> EngineConfig:
@@ -95,6 +115,7 @@ class Fleet:
         self.backend = make_backend(cfg, self.log_dir, self._event)
         self.plan: PlacementPlan | None = None
         self.engines: list[EngineHandle] = []
+        self.workers = WorkerRegistry()  # what a router in front of this fleet sends traffic to
         self.restarts: dict[int, int] = {}
         self.failures: list[EngineFailure] = []  # every death while serving and every failed restart, in order
         self.gpu_baseline: dict[str, int] = {}
@@ -131,8 +152,9 @@ class Fleet:
                     self.max_starting_seen = max(self.max_starting_seen, len(starting))
                 done, _ = wait(starting, return_when=FIRST_COMPLETED)
                 for future in done:
-                    starting.pop(future)
+                    handle = starting.pop(future)
                     future.result()  # raises EngineFailure
+                    self.workers.add(handle.url, engine=handle.engine, healthy=True)
         except BaseException:
             for future in starting:
                 future.cancel()
@@ -167,6 +189,7 @@ class Fleet:
                 self.failures.append(failure)
                 log.error("%s", failure)
                 self._event(handle.engine, "died", {"reason": failure.reason})
+                self.workers.remove(handle.url)
                 handle.stop(gpu_baseline=self._baseline_of(handle))
                 self._restart(position, handle.engine)
 
@@ -182,6 +205,7 @@ class Fleet:
             self._spawner.submit(fresh.start).result()
             try:
                 fresh.wait_ready(self.cfg.startup_timeout_s)
+                self.workers.add(fresh.url, engine=engine, healthy=True)
                 return
             except EngineFailure as failure:
                 self.failures.append(failure)
@@ -206,6 +230,9 @@ class Fleet:
 
     def stop(self) -> list[TeardownReport]:
         self._stop.set()
+        for worker in self.workers.all():
+            if worker.engine is not None:
+                self.workers.remove(worker.url)
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=30)
         with ThreadPoolExecutor(max_workers=max(1, len(self.engines))) as pool:

@@ -1,4 +1,5 @@
-"""`tpfleet launch`: start a fleet with progress per engine, serve its router, tear down on exit."""
+"""`tpfleet launch`: start a fleet with progress per engine, serve its router, tear down on exit; and
+`tpfleet router`: a router with no fleet, whose engines register over HTTP."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import uvicorn
 from tpfleet.fleet.diagnostics import EngineFailure
 from tpfleet.fleet.fleet import Fleet, FleetConfig
 from tpfleet.fleet.gpu_state import StaleGPUProcesses
-from tpfleet.fleet.router import create_router_app
+from tpfleet.fleet.router import RouterConfig, create_router_app
+from tpfleet.fleet.workers import WorkerRegistry
 from tpfleet.lifecycle import sigterm_as_interrupt
 from tpfleet.phases import ROUTER_READY_PREFIX
 from tpfleet.server.launch import bind_socket, url_of
@@ -20,7 +22,8 @@ def _progress(engine: int, event: str, info: dict) -> None:
     print(f"[engine {engine}] {event} {json.dumps(detail) if detail else ''}".rstrip(), flush=True)
 
 
-def launch(cfg: FleetConfig, router_host: str = "127.0.0.1", router_port: int = 0) -> int:
+def launch(cfg: FleetConfig, router_host: str = "127.0.0.1", router_port: int = 0,
+           router_config: RouterConfig | None = None) -> int:
     fleet = Fleet(cfg, on_event=_progress)
     sigterm_as_interrupt()
     try:
@@ -36,7 +39,8 @@ def launch(cfg: FleetConfig, router_host: str = "127.0.0.1", router_port: int = 
         print(f"logs: {fleet.log_dir}", flush=True)
         sock = bind_socket(router_host, router_port)
         print(f"{ROUTER_READY_PREFIX} {url_of(sock)}", flush=True)
-        uvicorn.Server(uvicorn.Config(create_router_app(fleet), log_level="warning")).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(create_router_app(fleet, router_config), log_level="warning")).run(
+            sockets=[sock])
     except KeyboardInterrupt:
         pass
     finally:
@@ -46,4 +50,20 @@ def launch(cfg: FleetConfig, router_host: str = "127.0.0.1", router_port: int = 
                                for gpu_uuid, (before, after) in report.gpu_memory.items())
             print(f"[engine {report.engine}] stopped in {report.seconds:.1f}s; processes left: "
                   f"{report.leftover or 'none'}" + (f"; GPU memory {memory}" if memory else ""), flush=True)
+    return 0
+
+
+def serve_router(worker_urls: list[str], host: str = "127.0.0.1", port: int = 0,
+                 config: RouterConfig | None = None) -> int:
+    """Serve a router in front of `worker_urls` and whatever registers later, until SIGINT or SIGTERM."""
+    registry = WorkerRegistry()
+    for url in worker_urls:
+        registry.add(url)
+    sock = bind_socket(host, port)
+    print(f"{ROUTER_READY_PREFIX} {url_of(sock)}", flush=True)
+    sigterm_as_interrupt()
+    try:
+        uvicorn.Server(uvicorn.Config(create_router_app(registry, config), log_level="warning")).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
     return 0

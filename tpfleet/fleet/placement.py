@@ -29,6 +29,7 @@ class EnginePlacement:
     engine: int
     host: str
     ranks: tuple[RankPlacement, ...]
+    node_id: str = ""  # the Ray node it runs on (hosts can repeat: several Ray nodes on one machine)
 
     @property
     def uuids(self) -> list[str]:
@@ -106,6 +107,24 @@ class BundleFacts:
     gpu_ids: tuple[str, ...]  # the GPUs granted to it (Ray: physical indices, or UUIDs)
     uuids: tuple[str, ...]  # the same GPUs' UUIDs, from NVML on that host ("logical-N" where there is none)
     cuda_visible_devices: str | None  # what its environment said: masked per actor, or not at all
+    node_id: str = ""  # the Ray node
+
+
+def merge_rank_facts(engine: int, ranks: list[BundleFacts], with_gpus: bool) -> BundleFacts:
+    """One engine's facts from its ranks' bundles (one actor per rank): they must share a node, and
+    with GPUs each rank holds exactly one, so rank r's GPU is the one rank r's bundle holds."""
+    nodes = sorted({r.node_id for r in ranks})
+    if len(nodes) > 1:
+        raise DeviceError(f"engine {engine}'s ranks were placed on nodes {nodes}: the ranks of one engine must "
+                          "share a node; pick bundle_indices on one node")
+    if with_gpus:
+        for rank, facts in enumerate(ranks):
+            if len(facts.uuids) != 1:
+                raise DeviceError(f"engine {engine} rank {rank} on {facts.host} was granted GPUs "
+                                  f"{list(facts.gpu_ids)}; each rank's bundle must give it exactly one")
+    first = ranks[0]
+    return BundleFacts(first.host, first.ip, tuple(i for r in ranks for i in r.gpu_ids),
+                       tuple(u for r in ranks for u in r.uuids), first.cuda_visible_devices, first.node_id)
 
 
 def plan_from_bundles(bundles: list[BundleFacts], tp_size: int, with_gpus: bool,
@@ -117,7 +136,7 @@ def plan_from_bundles(bundles: list[BundleFacts], tp_size: int, with_gpus: bool,
     for engine, bundle in enumerate(bundles):
         host = bundle.ip if use_node_ip else bundle.host
         if not with_gpus:
-            engines.append(EnginePlacement(engine, host, ()))
+            engines.append(EnginePlacement(engine, host, (), bundle.node_id))
             continue
         if len(bundle.uuids) != tp_size or len(bundle.gpu_ids) != tp_size:
             raise DeviceError(f"engine {engine} on {bundle.host} was granted GPUs {list(bundle.gpu_ids)} "
@@ -128,7 +147,7 @@ def plan_from_bundles(bundles: list[BundleFacts], tp_size: int, with_gpus: bool,
             seen[gpu_uuid] = engine
         ranks = tuple(RankPlacement(engine, rank, gpu_uuid, int(gpu_id) if gpu_id.isdigit() else -1, rank, host)
                       for rank, (gpu_id, gpu_uuid) in enumerate(zip(bundle.gpu_ids, bundle.uuids)))
-        engines.append(EnginePlacement(engine, host, ranks))
+        engines.append(EnginePlacement(engine, host, ranks, bundle.node_id))
     return PlacementPlan(tuple(engines))
 
 

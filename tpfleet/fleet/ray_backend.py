@@ -1,4 +1,5 @@
-"""Engines inside Ray actors, one placement group per engine (its GPUs on one node).
+"""Engines inside Ray actors: one placement group per engine (its GPUs on one node), or the bundles of a
+placement group the caller owns (a trainer's), one actor per engine rank on the bundle named for it.
 
 The plan is built from what each actor measures, not from what the driver assumes: its host, its
 node IP, and the physical GPU ids Ray granted it (`ray.get_gpu_ids()`), turned into UUIDs by NVML on
@@ -6,6 +7,10 @@ that node. The engine process is then started by the actor with CUDA_VISIBLE_DEV
 UUIDs. That holds both when Ray masks CUDA_VISIBLE_DEVICES per actor and under
 RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1, where every actor sees all GPUs and `cuda:0` would
 be the same device for all of them.
+
+In a caller's placement group, each rank's actor asks its bundle for a share of one GPU (e.g. 0.2 beside
+a trainer actor's 0.8), so Ray grants it the GPU that bundle holds; rank 0's actor runs the engine on
+all its ranks' GPUs, and the others hold their bundles' reservations for as long as the engine lives.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tpfleet.config import EngineConfig
+from tpfleet.devices import DeviceError
 from tpfleet.fleet.diagnostics import EngineFailure
 from tpfleet.fleet.engine_process import EngineProcess
 from tpfleet.fleet.handle import EventSink, State, TeardownReport
-from tpfleet.fleet.placement import BundleFacts, EnginePlacement, PlacementPlan, plan_from_bundles
+from tpfleet.fleet.placement import BundleFacts, EnginePlacement, PlacementPlan, merge_rank_facts, plan_from_bundles
 
 if TYPE_CHECKING:
     from tpfleet.fleet.fleet import FleetConfig
@@ -37,12 +43,16 @@ class EngineActor:
 
         ids = tuple(str(i) for i in ray.get_gpu_ids())
         return BundleFacts(socket.gethostname(), ray.util.get_node_ip_address(), ids, tuple(_uuids_of(list(ids))),
-                           os.environ.get("CUDA_VISIBLE_DEVICES"))
+                           os.environ.get("CUDA_VISIBLE_DEVICES"), ray.get_runtime_context().get_node_id())
 
-    def claim_gpus(self, uuids: list[str], reap: bool, allowed_pids: set[int]) -> tuple[dict[str, int], str | None]:
-        """The stale-process check and memory baseline, on this actor's node (NVML is per host)."""
-        from tpfleet.fleet.gpu_state import StaleGPUProcesses, claim_gpus
+    def claim_gpus(self, uuids: list[str], reap: bool, allowed_pids: set[int],
+                   shared: bool = False) -> tuple[dict[str, int], str | None]:
+        """The stale-process check and memory baseline, on this actor's node (NVML is per host). `shared`:
+        the GPUs are a caller's, shared on purpose (a trainer's bundles): whatever runs there may stay."""
+        from tpfleet.fleet.gpu_state import StaleGPUProcesses, claim_gpus, processes_on
 
+        if shared:
+            allowed_pids = allowed_pids | {p.pid for p in processes_on(uuids)}
         try:
             return claim_gpus(uuids, reap, allowed_pids), None
         except StaleGPUProcesses as error:
@@ -145,9 +155,11 @@ class RayBackend:
 
     def __init__(self, cfg: FleetConfig, log_dir: Path, on_event: EventSink):
         self.cfg, self.log_dir, self.on_event = cfg, log_dir, on_event
-        self.groups: list = []
-        self.actors: list = []
-        self.facts: list[BundleFacts] = []
+        self.groups: list = []  # the placement groups this backend made (never the caller's)
+        self.actors: list = []  # per engine: the actor that runs it (its rank 0's)
+        self.rank_actors: list = []  # every actor, one per rank in a caller's placement group
+        self.facts: list[BundleFacts] = []  # per engine, its ranks' facts merged in rank order
+        self.rank_facts: list[BundleFacts] = []
         self._plan: PlacementPlan | None = None
         self._owns_ray = False
 
@@ -164,6 +176,8 @@ class RayBackend:
         if not ray.is_initialized():
             ray.init(address=cfg.ray_address, log_to_driver=False, include_dashboard=False)
             self._owns_ray = True
+        if cfg.placement_group is not None:
+            return self._plan_in_callers_group()
         gpus = cfg.tp_size if (self._with_gpus or cfg.ray_logical_gpus) else 0
         bundle = {"CPU": 1, **({"GPU": gpus} if gpus else {})}
         self.groups = [placement_group([bundle], strategy="STRICT_PACK") for _ in range(cfg.engines)]
@@ -177,6 +191,33 @@ class RayBackend:
         self._plan = plan_from_bundles(self.facts, cfg.tp_size, self._with_gpus, use_node_ip=cfg.host == "node")
         return self._plan
 
+    def _plan_in_callers_group(self) -> PlacementPlan:
+        """Rank r of engine e on bundle `bundle_indices[e * tp_size + r]` of the caller's group."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        cfg = self.cfg
+        group = resolve_placement_group(cfg.placement_group)
+        ray.get(group.ready(), timeout=cfg.startup_timeout_s)
+        if max(cfg.bundle_indices) >= group.bundle_count:
+            raise DeviceError(f"bundle_indices {cfg.bundle_indices} name bundles the placement group does not have "
+                              f"(it has {group.bundle_count})")
+        gpus = cfg.num_gpus_per_actor if (self._with_gpus or cfg.ray_logical_gpus) else 0
+        actor_cls = ray.remote(EngineActor)
+        self.rank_actors = [
+            actor_cls.options(num_cpus=0, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=bundle,
+                placement_group_capture_child_tasks=False)).remote()
+            for bundle in cfg.bundle_indices]
+        self.rank_facts = ray.get([actor.describe.remote() for actor in self.rank_actors],
+                                  timeout=cfg.startup_timeout_s)
+        tp = cfg.tp_size
+        self.actors = self.rank_actors[::tp]
+        self.facts = [merge_rank_facts(engine, self.rank_facts[engine * tp:(engine + 1) * tp], self._with_gpus)
+                      for engine in range(cfg.engines)]
+        self._plan = plan_from_bundles(self.facts, tp, self._with_gpus, use_node_ip=cfg.host == "node")
+        return self._plan
+
     def claim_gpus(self, reap: bool, allowed_pids: set[int]) -> dict[str, int]:
         import ray
 
@@ -184,7 +225,8 @@ class RayBackend:
 
         if not any(engine.ranks for engine in self._plan.engines):
             return {}
-        answers = ray.get([actor.claim_gpus.remote(engine.uuids, reap, allowed_pids)
+        shared = self.cfg.placement_group is not None
+        answers = ray.get([actor.claim_gpus.remote(engine.uuids, reap, allowed_pids, shared)
                            for actor, engine in zip(self.actors, self._plan.engines)])
         errors = [error for _, error in answers if error]
         if errors:
@@ -201,11 +243,30 @@ class RayBackend:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for actor in self.actors:
+        for actor in self.rank_actors or self.actors:
             ray.kill(actor)
         for group in self.groups:
             remove_placement_group(group)
-        self.actors, self.groups = [], []
+        self.actors, self.rank_actors, self.groups = [], [], []
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+
+
+def resolve_placement_group(value):
+    """A PlacementGroup as given, or the one with this name, or with this id (hex)."""
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    if isinstance(value, PlacementGroup):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"placement_group must be a ray PlacementGroup, its name or its id, not {value!r}")
+    try:
+        return ray.util.get_placement_group(value)  # by name, in this job's namespace
+    except ValueError:
+        pass
+    for group_id, info in ray.util.placement_group_table().items():  # by id, or by name in any namespace
+        if value in (group_id, info.get("name")) and info.get("state") != "REMOVED":
+            return PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id)))
+    raise ValueError(f"placement_group: no placement group is named {value!r} or has that id")
