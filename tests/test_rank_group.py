@@ -50,12 +50,12 @@ class RankStartFailed(RuntimeError):
     pass
 
 
-def raising_worker(cfg, rank, store_port, conn):
+def raising_worker(cfg, rank, store_port, conn, table):
     def fail(self, *args, **kwargs):
         raise RankStartFailed(f"rank {rank} cannot start")
 
     model_runner.ModelRunner.__init__ = fail
-    worker.worker_main(cfg, rank, store_port, conn)
+    worker.worker_main(cfg, rank, store_port, conn, table)
 """
 
 

@@ -3,20 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
+import tpfleet
 from tpfleet import env, exits
 from tpfleet.config import (
     PLACEMENT_FIELDS,
     EngineConfig,
     add_engine_arguments,
+    check_checkpoint_dir,
     engine_config_from_args,
     engine_fields_from_args,
     non_default_fields,
 )
+from tpfleet.devices import DEVICE_CHOICES, DeviceError, require_cuda, resolve_device
 from tpfleet.jit import default_triton_cache
+from tpfleet.lifecycle import sigterm_as_interrupt
 
-Formatter = argparse.ArgumentDefaultsHelpFormatter
+INTERRUPTED = 128 + signal.SIGINT  # the shell's code for a command ended by Ctrl-C
+GPU_ONLY = ("bench allreduce", "bench gemv", "bench attention")  # commands with no CPU path
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where there is none to show: a required option,
+    or an empty-string default whose meaning the help text gives."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 GROUP_HELP = {"bench": "benchmarks (GPU)"}
 
 
@@ -54,7 +73,9 @@ def parse_engine_args(argv: list[str]) -> dict:
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser, and its sub-parsers by command name ("serve", "bench decode", ...)."""
-    parser = argparse.ArgumentParser(prog="tpfleet", description=__doc__, formatter_class=Formatter)
+    parser = argparse.ArgumentParser(prog="tpfleet", description=tpfleet.__doc__, formatter_class=Formatter)
+    parser.add_argument("--version", action="version", version=f"tpfleet {tpfleet.__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="cmd", required=True)
     groups = {"": sub}
     commands: dict[str, argparse.ArgumentParser] = {}
@@ -62,9 +83,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     def command(name: str, text: str) -> argparse.ArgumentParser:
         group, _, leaf = name.rpartition(" ")
         if group not in groups:
-            groups[group] = sub.add_parser(group, help=GROUP_HELP[group], formatter_class=Formatter).add_subparsers(
-                dest="what", required=True)
-        commands[name] = groups[group].add_parser(leaf, help=text, formatter_class=Formatter)
+            groups[group] = sub.add_parser(group, help=GROUP_HELP[group], description=GROUP_HELP[group],
+                                           formatter_class=Formatter).add_subparsers(dest="what", required=True)
+        commands[name] = groups[group].add_parser(leaf, help=text, description=text, formatter_class=Formatter)
         return commands[name]
 
     make_model_cmd = command("make-model", "write a random Qwen3 or Qwen3-MoE checkpoint (no network)")
@@ -73,7 +94,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                                 help="model shape (the -moe and -a3b presets are Qwen3-MoE)")
     make_model_cmd.add_argument("--out", required=True, help="checkpoint directory to write")
     make_model_cmd.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    make_model_cmd.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is faster)")
+    make_model_cmd.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                                help="where to draw the random weights (cuda is faster); 'auto': cuda where this "
+                                     "machine sees a GPU, else cpu")
 
     serve_cmd = command("serve", "serve one TP engine over HTTP")
     serve_cmd.add_argument("--config", default=None,
@@ -86,7 +109,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     launch_cmd = command("launch", "start a fleet of engines and serve a router in front of them")
     launch_cmd.add_argument("--engines", type=int, default=1, help="how many engines")
-    launch_cmd.add_argument("--gpus", default="", help="indices (of this process's visible GPUs) or UUIDs")
+    launch_cmd.add_argument("--gpus", default="",
+                            help="comma-separated indices (of this process's visible GPUs) or UUIDs; none given: "
+                                 "every GPU this process sees")
     launch_cmd.add_argument("--backend", choices=["local", "ray"], default="local",
                             help="engines as local processes, or in Ray actors")
     launch_cmd.add_argument("--max-concurrent-starts", type=int, default=1, help="engines starting at once")
@@ -118,6 +143,29 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     engine_cmd.add_argument("--num-seqs", type=int, default=256, help="sequences of the offline workload")
     engine_cmd.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     engine_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
+    engine_cmd.add_argument("--batches", type=_int_list, default="1,8,64,256,512",
+                            help="decode batch sizes (comma-separated); one above --max-num-seqs is skipped")
+    engine_cmd.add_argument("--contexts", type=_int_list, default="128,1024,4096,8192",
+                            help="decode contexts in tokens per sequence (comma-separated); combos whose KV "
+                                 "does not fit are skipped")
+    engine_cmd.add_argument("--decode-steps", type=int, default=32, help="timed decode steps per point")
+    engine_cmd.add_argument("--offline-max-len", type=int, default=1024,
+                            help="offline workload: prompt and output lengths uniform in [max/10, max]")
+    engine_cmd.add_argument("--logprobs", choices=["both", "on", "off"], default="both",
+                            help="offline runs with return_logprob, without, or both (the logprob cost)")
+    engine_cmd.add_argument("--workload", choices=["decode", "rl"], default="decode",
+                            help="decode: the step-time sweep and offline throughput; rl: an RL rollout batch "
+                                 "in-process and over HTTP through the router")
+    engine_cmd.add_argument("--rl-prompts", type=int, default=64, help="rl: prompts")
+    engine_cmd.add_argument("--rl-samples", type=int, default=8, help="rl: samples per prompt (separate requests)")
+    engine_cmd.add_argument("--rl-max-output", type=int, default=4096, help="rl: the output length cap")
+    engine_cmd.add_argument("--rl-prompt-len", type=_int_list, default="256,2048",
+                            help="rl: MIN,MAX prompt length (uniform)")
+    engine_cmd.add_argument("--no-http", action="store_true", help="rl: skip the run over HTTP")
+    start_cmd = command("bench start", "cold and warm time-to-ready of `tpfleet serve`, per start-up phase")
+    add_engine_arguments(start_cmd)
+    start_cmd.add_argument("--out", default="bench-out", help="directory for the JSON")
+    start_cmd.add_argument("--timeout", type=float, default=900.0, help="seconds for each start")
     allreduce_cmd = command("bench allreduce", "all-reduce latency of every backend and the dispatcher")
     allreduce_cmd.add_argument("--nproc", type=int, default=2, help="GPUs (one process each)")
     allreduce_cmd.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
@@ -135,12 +183,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     attention_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
 
     warmup_cmd = command("warmup", "build the JIT caches engine configs need; a no-op when still valid")
-    add_engine_arguments(warmup_cmd, exclude=PLACEMENT_FIELDS, several=("tp_size", "graph_mode"),
-                         defaults={"device": "cuda"})
+    add_engine_arguments(warmup_cmd, exclude=PLACEMENT_FIELDS, several=("tp_size", "graph_mode"))
     warmup_cmd.add_argument("--timeout", type=float, default=900.0, help="seconds per config")
 
     doctor_cmd = command("doctor", "check the launch environment; non-zero exit if a launch would break")
-    doctor_cmd.add_argument("--gpus", default="", help="limit to these GPUs (indices or UUID prefixes)")
+    doctor_cmd.add_argument("--gpus", default="",
+                            help="limit to these GPUs (comma-separated indices or UUID prefixes); none given: every "
+                                 "GPU")
     doctor_cmd.add_argument("--compare-ray", action="store_true",
                             help="diff a plain process's environment with a Ray actor's")
     doctor_cmd.add_argument("--json", action="store_true", help="machine-readable output")
@@ -171,14 +220,54 @@ def _engine_config(args: argparse.Namespace, command: str) -> EngineConfig:
         build_parser()[1][command].error(str(error))
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """"serve", "bench decode", ...: the key of `build_parser`'s sub-parsers."""
+    return f"{args.cmd} {args.what}" if getattr(args, "what", None) else args.cmd
+
+
+def check_local_inputs(args: argparse.Namespace) -> None:
+    """What would fail minutes later inside an engine, checked before anything starts: `--model` must be a
+    local checkpoint directory, `--device cuda` needs a GPU here. A Ray fleet's engines run on other
+    machines, so `launch --backend ray` leaves both to them."""
+    name = command_name(args)
+    if name == "launch" and args.backend == "ray":
+        return
+    if getattr(args, "model", None) is not None:
+        check_checkpoint_dir(args.model)
+    if getattr(args, "device", None) == "cuda":
+        require_cuda()
+    if name in GPU_ONLY:
+        require_cuda(f"tpfleet {name} needs a CUDA GPU")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Ctrl-C or SIGTERM ends any stage quietly: exit code 130, or 0 where stopping is the
+    command's normal end (serve, launch). A bad --model or --device is one line on stderr and exit code 2."""
     env.apply_multicast_off()
-    args = parse_args(argv)
+    env.apply_hub_offline()
+    if threading.current_thread() is threading.main_thread():
+        sigterm_as_interrupt()
+    try:
+        args = parse_args(argv)
+        try:
+            check_local_inputs(args)
+        except (ValueError, DeviceError) as error:
+            if args.cmd == "serve":
+                exits.record_engine_failure(error, 1)  # the launcher that started this engine learns why
+            print(f"tpfleet {command_name(args)}: error: {error}", file=sys.stderr)
+            return 2
+        return run_command(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def run_command(args: argparse.Namespace) -> int:
     default_triton_cache()
     if args.cmd == "make-model":
         from tpfleet.model.make_model import make_model
 
-        out = make_model(args.preset, args.out, args.seed, args.device)
+        out = make_model(args.preset, args.out, args.seed, resolve_device(args.device))
         print(f"wrote {args.preset} Qwen3 checkpoint to {out}")
     elif args.cmd == "serve":
         from tpfleet.server.launch import serve
@@ -187,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = engine_config_from_args(args)
         except ValueError as error:
             exits.record_engine_failure(error, 1)  # no rank has started: no rank records to attach
-            raise
+            build_parser()[1]["serve"].error(str(error))
         try:
             serve(cfg, args.host, args.port, args.served_model_name)
         except KeyboardInterrupt:
@@ -201,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             engine = {**non_default_fields({k: v for k, v in fields.items() if k not in FLEET_FIELDS}),
                       **parse_engine_args(args.engine_arg)}
             cfg = FleetConfig(
-                model=args.model, engines=args.engines, tp_size=args.tp_size, device=args.device, engine=engine,
+                model=args.model, engines=args.engines, tp_size=args.tp_size, device=fields["device"], engine=engine,
                 backend=args.backend, gpus=[g for g in args.gpus.split(",") if g.strip()] or None,
                 max_concurrent_starts=args.max_concurrent_starts, startup_timeout_s=args.startup_timeout,
                 log_dir=args.log_dir, reap_stale=args.reap_stale, restart_budget=args.restart_budget,
@@ -234,7 +323,22 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "bench" and args.what == "engine":
         from tpfleet.bench.engine import bench_engine
 
-        bench_engine(_engine_config(args, "bench engine"), args.out, args.num_seqs, with_hf=not args.no_hf)
+        cfg = _engine_config(args, "bench engine")
+        if args.workload == "rl":
+            from tpfleet.bench.workloads import RLWorkload, bench_rl
+
+            if len(args.rl_prompt_len) != 2 or not 1 <= args.rl_prompt_len[0] <= args.rl_prompt_len[1]:
+                build_parser()[1]["bench engine"].error("--rl-prompt-len: expected MIN,MAX with 1 <= MIN <= MAX")
+            workload = RLWorkload(args.rl_prompts, args.rl_samples, *args.rl_prompt_len, args.rl_max_output)
+            bench_rl(cfg, args.out, workload, args.logprobs, over_http=not args.no_http)
+        else:
+            bench_engine(cfg, args.out, args.num_seqs, with_hf=not args.no_hf, batches=args.batches,
+                         contexts=args.contexts, steps=args.decode_steps, logprobs=args.logprobs,
+                         offline_max_len=args.offline_max_len)
+    elif args.cmd == "bench" and args.what == "start":
+        from tpfleet.bench.start import bench_start
+
+        bench_start(_engine_config(args, "bench start"), args.out, args.timeout)
     elif args.cmd == "bench" and args.what == "allreduce":
         import torch
 

@@ -17,6 +17,8 @@ import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tpfleet.devices import DEVICE_CHOICES, resolve_device
+
 DEVICES = ("cpu", "cuda")
 GRAPH_MODES = ("auto", "eager", "full", "piecewise")
 TP_SIZES = (1, 2, 4, 8)
@@ -46,6 +48,8 @@ class EngineConfig:
     seed: int = 0
     enable_return_routed_experts: bool = False
     weights_root: list[str] = field(default_factory=list)
+    hang_timeout: float = 60.0
+    startup_hang_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         if self.tp_size not in TP_SIZES:
@@ -125,10 +129,11 @@ class EngineConfig:
 # --- fields: their types, help texts and command-line flags -------------------------------------------
 
 FIELD_HELP = {
-    "model": "Hugging Face Qwen3 checkpoint directory",
+    "model": "local Hugging Face Qwen3 checkpoint directory (config.json, *.safetensors, tokenizer); never "
+             "fetched from a model hub",
     "tp_size": "tensor-parallel size: ranks, one process and one device each (1, 2, 4 or 8)",
     "ep_size": "MoE: experts divided among this many of the tp_size ranks (1: every rank holds every expert)",
-    "device": "where the ranks run",
+    "device": "where the ranks run; 'auto': cuda where this machine sees a GPU, else cpu",
     "device_ids": "comma-separated local CUDA indices, one per rank (empty: 0..tp_size-1)",
     "gpu_uuids": "comma-separated UUIDs each rank's device must have (set by the fleet from its placement plan)",
     "dtype": "weights and activations; 'auto' takes the checkpoint's dtype",
@@ -148,6 +153,9 @@ FIELD_HELP = {
     "enable_symm_mem": "PyTorch symmetric-memory all-reduce",
     "seed": "seed of torch's random number generators on every rank",
     "enable_return_routed_experts": "MoE routing replay: requests may ask for the experts chosen per token",
+    "hang_timeout": "seconds a rank may make no progress in a step or collective before the engine reports it "
+                    "hung and exits (so the fleet restarts it)",
+    "startup_hang_timeout": "the same limit during start-up and long calls (weight loads, graph capture)",
     "weights_root": "comma-separated directories update_weights_from_disk may load from (empty: the parent of "
                     "the model's directory)",
 }
@@ -161,6 +169,10 @@ FIELD_CHOICES = {
 }
 
 FLAG_ALIASES = {"tp_size": ("--tp",)}
+# Flags that take more than their field: "auto" picks the device of the machine the command runs on, and
+# `engine_fields_from_args` resolves it, so a config document always names its device.
+FLAG_DEFAULTS = {"device": "auto"}
+FLAG_CHOICES = {"device": DEVICE_CHOICES}
 PLACEMENT_FIELDS = ("gpu_uuids", "device_ids")  # where the ranks run: a launcher's placement plan decides
 
 
@@ -244,9 +256,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, exclude: tuple[str,
         if name in exclude:
             continue
         flags = (flag_name(name), *FLAG_ALIASES.get(name, ()))
-        default = defaults.get(name, _field_default(name))
+        default = defaults.get(name, FLAG_DEFAULTS.get(name, _field_default(name)))
         text = FIELD_HELP[name]
-        choices = FIELD_CHOICES.get(name)
+        choices = FLAG_CHOICES.get(name, FIELD_CHOICES.get(name))
         item = _optional_inner(hint) or hint
         if name in several:
             group.add_argument(*flags, dest=name, type=_comma_list(item),
@@ -267,8 +279,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, exclude: tuple[str,
 
 
 def engine_fields_from_args(args: argparse.Namespace) -> dict:
-    """The EngineConfig fields present on a namespace parsed by `add_engine_arguments`."""
-    return {name: getattr(args, name) for name in field_types() if hasattr(args, name)}
+    """The EngineConfig fields present on a namespace parsed by `add_engine_arguments`, device resolved."""
+    fields = {name: getattr(args, name) for name in field_types() if hasattr(args, name)}
+    if fields.get("device") == "auto":
+        fields["device"] = resolve_device("auto")
+    return fields
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
@@ -278,3 +293,30 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
 def non_default_fields(values: dict) -> dict:
     """The entries of `values` (EngineConfig fields) that differ from the fields' defaults."""
     return {name: value for name, value in values.items() if value != _field_default(name)}
+
+
+def check_checkpoint_dir(path: str) -> None:
+    """A ValueError naming `path` and what it lacks unless it is a local checkpoint directory an engine can
+    load: tpfleet reads checkpoints from disk only, so a wrong path fails here, before any process starts."""
+    where = Path(path)
+    if not where.exists():
+        raise ValueError(f"--model {path}: no such directory (tpfleet loads local checkpoints only; a hub model "
+                         f"must be downloaded first, e.g. `huggingface-cli download ORG/NAME --local-dir DIR`)")
+    if not where.is_dir():
+        raise ValueError(f"--model {path}: not a directory (give the checkpoint's directory)")
+    if not (where / "config.json").is_file():
+        raise ValueError(f"--model {path}: no config.json, so not a Hugging Face checkpoint directory")
+    index = where / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError) as error:
+            raise ValueError(f"--model {path}: unreadable model.safetensors.index.json ({error!r})") from None
+        missing = sorted(name for name in shards if not (where / name).is_file())
+        if missing:
+            raise ValueError(f"--model {path}: model.safetensors.index.json names missing shards: "
+                             f"{', '.join(missing)}")
+    elif not any(where.glob("*.safetensors")):
+        raise ValueError(f"--model {path}: no *.safetensors weights")
+    if not any((where / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise ValueError(f"--model {path}: no tokenizer (tokenizer.json or tokenizer_config.json)")

@@ -22,6 +22,7 @@ PHASES = ("starting", "ranks_started", "weights_loaded", "kv_cache_allocated", "
 
 
 _current = "starting"
+_reached: list[tuple[str, float]] = []  # (phase, time.time() it was reported), in order
 
 
 def current_phase() -> str:
@@ -32,8 +33,31 @@ def current_phase() -> str:
 def report_phase(name: str, **info) -> None:
     global _current
     _current = name
-    info["t"] = round(time.time(), 3)
+    now = time.time()
+    _reached.append((name, now))
+    info["t"] = round(now, 3)
     print(f"{PHASE_PREFIX} {name} {json.dumps(info)}", file=sys.stdout, flush=True)
+
+
+def process_start_time() -> float:
+    """When this process was created (time.time() scale): the start of its start-up."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def phase_seconds(reached: list[tuple[str, float]], since: float) -> list[tuple[str, float]]:
+    """Each phase's seconds: from the phase before it (the first: from `since`) until it was reached."""
+    seconds, before = [], since
+    for name, at in reached:
+        seconds.append((name, max(0.0, at - before)))
+        before = at
+    return seconds
+
+
+def reached_phases() -> list[tuple[str, float]]:
+    """The phases this process reported, with when."""
+    return list(_reached)
 
 
 def parse_phase(line: str) -> tuple[str, dict] | None:

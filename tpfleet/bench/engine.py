@@ -1,81 +1,177 @@
-"""`tpfleet bench engine`: decode step latency, offline throughput, and their peers in the same run.
+"""`tpfleet bench engine`: decode step time over batch sizes and contexts against its floor, offline
+throughput, and their peers in the same run.
 
-Peers: the memory-bandwidth floor (weights plus KV read per step, over a device-to-device copy
-bandwidth measured here, on this GPU), and transformers' generate on the same checkpoint with a
-static cache. The mixed-batch measurement times one 256-token step (64 decodes plus a 192-token
-prefill chunk) with piecewise graphs and eagerly, same inputs, same process.
+The floor of a decode step is the larger of two times, both from rates measured in the same run on
+the same device: the bytes one rank must move (its weight shard once, the KV of every sequence's
+context) over a large copy's bandwidth, and the operations it must do (2 x parameters x batch, plus
+attention) over a large matmul's rate. The host's share of a step is the driver's time in the step
+not spent blocked on the device's results (definition in `HOST_SHARE`). transformers' generate on the
+same checkpoint runs after the engine has freed its memory. The mixed-batch measurement times one
+256-token step (64 decodes plus a 192-token prefill chunk) with piecewise graphs and eagerly.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import platform
 import random
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from tpfleet.config import EngineConfig
+from tpfleet.engine import llm_engine
 from tpfleet.engine.llm_engine import LLMEngine
+from tpfleet.engine.sequence import OutputOptions, SamplingParams
 from tpfleet.engine.step_input import ModelInput
-from tpfleet.engine.sequence import SamplingParams
 from tpfleet.kernels import pdl
 
-DECODE_BATCHES = (1, 8, 64, 256)
+DECODE_BATCHES = (1, 8, 64, 256, 512)
+DECODE_CONTEXTS = (128, 1024, 4096, 8192)
+HF_CONTEXT = 128  # transformers' decode steps are timed with prompts of this length
+HOST_SHARE = ("host_ms: per step, the driver's wall time in LLMEngine.step() minus the time it sat blocked "
+              "waiting for the device's results at read-back; host_share = host_ms / step_ms. Near 1 the "
+              "device waits for the host; on CPU the forward runs on the host, so the share is 1 by definition.")
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
-    """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize(device)
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(op: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 3) -> float:
+    """Median time of `op` on `device`: CUDA events on a GPU, the wall clock on the CPU."""
+    for _ in range(warmup):
+        op()
+    sync_device(device)
     times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            op()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """Bytes per second of a large copy on `device`, counting bytes read plus bytes written. 4 GiB on a
+    GPU; 256 MiB on the CPU, well past its caches."""
+    nbytes = nbytes or (4 << 30 if device.type == "cuda" else 256 << 20)
+
+    def timed() -> float:
+        src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+        dst = torch.empty_like(src)
+        return _median_seconds(lambda: dst.copy_(src), device)
+
+    seconds = timed()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * nbytes / seconds
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """Operations per second of one large square matmul on random data, in the engine's dtype: 8192
+    on a GPU (its tensor cores' practical peak), 512 on the CPU."""
+    n = n or (8192 if device.type == "cuda" else 512)
+
+    def timed() -> float:
+        left = torch.randn(n, n, device=device).to(dtype)
+        right = torch.randn(n, n, device=device).to(dtype)
+        return _median_seconds(lambda: left @ right, device)
+
+    seconds = timed()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * n ** 3 / seconds
+
+
+def free_device_memory(device: torch.device) -> dict:
+    """Collect garbage and give cached blocks back, then say what the device has free: run once an
+    engine is gone and before the next user of the device starts."""
+    gc.collect()
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
-    return 2 * nbytes / statistics.median(times)
+    free, total = torch.cuda.mem_get_info(device)
+    return {"free_gib": free / 2**30, "total_gib": total / 2**30}
 
 
-def _sync(engine: LLMEngine) -> None:
-    if engine.runner.device.type == "cuda":
-        torch.cuda.synchronize(engine.runner.device)
+@contextmanager
+def device_wait_clock() -> Iterator[list[float]]:
+    """Sum, in [0], the seconds the driver sits blocked on a step's results at read-back (the one
+    place a step waits for the device): the rest of a step's wall time is host work."""
+    waited = [0.0]
+    original = llm_engine.InFlightStep.host_results
+
+    def timed(step: llm_engine.InFlightStep) -> dict[str, list]:
+        if step.copied is not None:
+            t = time.perf_counter()
+            step.copied.synchronize()
+            waited[0] += time.perf_counter() - t
+        return original(step)
+
+    llm_engine.InFlightStep.host_results = timed
+    try:
+        yield waited
+    finally:
+        llm_engine.InFlightStep.host_results = original
 
 
 def _random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(vocab) for _ in range(n)]
 
 
-def decode_latency(engine: LLMEngine, bs: int, prompt_len: int = 128, steps: int = 32, overlap: bool = True,
-                   profile: bool = True) -> dict:
-    rng = random.Random(bs)
+def decode_latency(engine: LLMEngine, bs: int, context: int = 128, steps: int = 32, overlap: bool = True,
+                   profile: bool = True, host_top: bool = False) -> dict:
+    """The step time of `bs` sequences decoding around `context` tokens each (prompts of distinct
+    random tokens: nothing shared through the prefix cache), and the host's share of it."""
+    device = engine.runner.device
+    prompt_len = prompt_len_for(context, steps)
+    rng = random.Random(bs * 100_003 + context)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_new_tokens=steps + 64, temperature=0.0, ignore_eos=True)  # + profiled steps
+    params = SamplingParams(max_new_tokens=steps + EXTRA_STEPS, temperature=0.0, ignore_eos=True)
     seqs = [engine.add_request(_random_prompt(rng, prompt_len, vocab), params) for _ in range(bs)]
     while any(s.num_completion_tokens == 0 for s in seqs):
         engine.step()
     # Steps back to back, as a serving loop runs them: under the overlap schedule a step's host work
     # hides behind the GPU work of the one before, so only the loop's total time says what a step costs.
-    _sync(engine)
-    t = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-        if not overlap:
-            engine.drain()  # each step read back before the next is launched
     engine.drain()
-    row = {"batch": bs, "step_ms": 1e3 * (time.perf_counter() - t) / steps, "mean_context": prompt_len + steps // 2}
-    if engine.runner.device.type == "cuda" and profile:
+    sync_device(device)
+    with device_wait_clock() as waited:
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+            if not overlap:
+                engine.drain()  # each step read back before the next is launched
+        engine.drain()
+        seconds = time.perf_counter() - t
+    row = {"batch": bs, "context": context, "step_ms": 1e3 * seconds / steps,
+           "mean_context": prompt_len + 1 + steps // 2, "tokens_per_s": bs * steps / seconds,
+           "host_ms": 1e3 * (seconds - waited[0]) / steps}
+    row["host_share"] = row["host_ms"] / row["step_ms"]
+    if host_top:
+        row["host_top"] = host_profile(engine)
+    if device.type == "cuda" and profile:
         row["kernels"] = kernel_profile(engine)
-        if bs == 1:
-            row["host"] = host_profile(engine)
         if engine.cfg.tp_size == 1:
             row["forward_ms"] = forward_ms(engine)
     for s in seqs:
@@ -83,10 +179,33 @@ def decode_latency(engine: LLMEngine, bs: int, prompt_len: int = 128, steps: int
     return row
 
 
-def sequential_ms(engine: LLMEngine) -> float:
+EXTRA_STEPS = 64  # decode steps a point may run past its timed ones: profiler, host profile, read-back lag
+
+
+def prompt_len_for(context: int, steps: int) -> int:
+    """The prompt that puts the middle of the timed steps at `context` tokens."""
+    return max(1, context - 1 - steps // 2)
+
+
+def why_not_fits(engine: LLMEngine, bs: int, context: int, steps: int) -> str | None:
+    """Why `bs` sequences at `context` cannot all be resident for the whole measurement, or None."""
+    block = engine.cfg.block_size
+    tokens = prompt_len_for(context, steps) + steps + EXTRA_STEPS
+    if bs > engine.cfg.max_num_seqs:
+        return f"batch {bs} exceeds max_num_seqs {engine.cfg.max_num_seqs}"
+    if tokens > engine.max_seq_len:
+        return f"{tokens} tokens per sequence exceed the context the engine holds ({engine.max_seq_len})"
+    needed = bs * -(-tokens // block)
+    if needed > engine.block_manager.num_blocks:
+        return (f"KV cache too small: {bs} x {tokens} tokens need {needed * block} KV tokens, "
+                f"the engine holds {engine.block_manager.num_blocks * block}")
+    return None
+
+
+def sequential_ms(engine: LLMEngine, context: int, steps: int = 32) -> float:
     """The batch-1 step with every step read back before the next is launched, same process: what
     the overlap schedule buys."""
-    return decode_latency(engine, 1, overlap=False, profile=False)["step_ms"]
+    return decode_latency(engine, 1, context, steps, overlap=False, profile=False)["step_ms"]
 
 
 def forward_ms(engine: LLMEngine, repeats: int = 20) -> float:
@@ -116,7 +235,7 @@ def kernel_profile(engine: LLMEngine, steps: int = 5, top: int = 12) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
-        _sync(engine)
+        sync_device(engine.runner.device)
     per_name: dict[str, list[float]] = {}
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
@@ -155,7 +274,6 @@ def bench_decode(cfg: EngineConfig, batch_sizes: list[int], prompt_len: int = 12
         rows = []
         for bs in batch_sizes:
             row = decode_latency(engine, bs, prompt_len)
-            row["tokens_per_s"] = bs * 1e3 / row["step_ms"]
             rows.append(row)
             print(f"batch {bs:4d}: {row['step_ms']:8.2f} ms/step  {row['tokens_per_s']:10.1f} tokens/s", flush=True)
             engine.flush_cache()
@@ -164,35 +282,88 @@ def bench_decode(cfg: EngineConfig, batch_sizes: list[int], prompt_len: int = 12
         engine.shutdown()
 
 
-def floor_ms(engine: LLMEngine, bs: int, ctx: int, bandwidth: float) -> float:
-    """Bytes one rank must read per decode step (its weight shard, its KV heads for every context
-    token), over the measured bandwidth. An untied embedding table is left out: a step reads only
-    its tokens' rows of it."""
+def floor(engine: LLMEngine, bs: int, context: int, bandwidth: float, matmul_rate: float) -> dict:
+    """The least time one rank needs for a decode step of `bs` sequences at `context` tokens: the
+    larger of its bytes over the copy bandwidth and its operations over the matmul rate.
+
+    Bytes: the rank's weight shard once (an untied embedding table is left out: a step reads only
+    its tokens' rows), and its KV heads for every context token. For MoE, the expert weights count
+    by the fraction of experts a batch is expected to touch (uniform routing); operations count the
+    top-k experts each token uses. Operations: 2 per weight per token, plus attention's 4 per head
+    dimension per query head per context token."""
     runner = engine.runner
     model = runner.model
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if model.embed_tokens.weight is not model.lm_head.weight:
-        weights -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    mcfg = engine.model_config
+    expert_params = weight_params = weight_bytes = expert_bytes = 0
+    for name, p in model.named_parameters():
+        if p is model.embed_tokens.weight and p is not model.lm_head.weight:
+            continue
+        if ".experts." in name:
+            expert_params += p.numel()
+            expert_bytes += p.numel() * p.element_size()
+        else:
+            weight_params += p.numel()
+            weight_bytes += p.numel() * p.element_size()
+    expert_share = mcfg.num_experts_per_tok / mcfg.num_experts if mcfg.num_experts else 0.0
+    touched = 1 - (1 - expert_share) ** bs
     attn = model.layers[0].self_attn
-    kv = bs * ctx * 2 * attn.num_kv_heads * attn.head_dim * runner.dtype.itemsize * len(model.layers)
-    return 1e3 * (weights + kv) / bandwidth
+    layers = len(model.layers)
+    kv_bytes = bs * context * 2 * attn.num_kv_heads * attn.head_dim * runner.dtype.itemsize * layers
+    bytes_moved = weight_bytes + expert_bytes * touched + kv_bytes
+    attention_ops = 4 * bs * context * attn.num_heads * attn.head_dim * layers
+    ops = 2 * (weight_params + expert_params * expert_share) * bs + attention_ops
+    memory_ms, compute_ms = 1e3 * bytes_moved / bandwidth, 1e3 * ops / matmul_rate
+    return {"bytes": bytes_moved, "kv_bytes": kv_bytes, "ops": ops, "memory_ms": memory_ms,
+            "compute_ms": compute_ms, "floor_ms": max(memory_ms, compute_ms),
+            "bound": "memory" if memory_ms >= compute_ms else "compute"}
 
 
-def offline_throughput(engine: LLMEngine, lens: list[tuple[int, int]], seed: int = 0) -> dict:
+def decode_sweep(engine: LLMEngine, batches: list[int], contexts: list[int], rates: dict,
+                 steps: int = 32) -> list[dict]:
+    """Every (batch, context) point that fits; those that do not are listed with the reason. An
+    untimed batch-1 point first: the first steps of a process pay for lazy initialisation."""
+    if contexts and why_not_fits(engine, 1, contexts[0], steps) is None:
+        decode_latency(engine, 1, contexts[0], steps, profile=False)
+        engine.flush_cache()
+    rows = []
+    for context in contexts:
+        for bs in batches:
+            reason = why_not_fits(engine, bs, context, steps)
+            if reason is not None:
+                rows.append({"batch": bs, "context": context, "skipped": reason})
+                print(f"batch {bs:4d} context {context:5d}: skipped: {reason}", flush=True)
+                continue
+            row = decode_latency(engine, bs, context, steps, host_top=bs == 1 and not rows)
+            row["floor"] = floor(engine, bs, row["mean_context"], rates["copy_bandwidth_gbs"] * 1e9,
+                                 rates["matmul_tflops"] * 1e12)
+            row["floor_ms"] = row["floor"]["floor_ms"]
+            row["over_floor"] = row["step_ms"] / row["floor_ms"]
+            rows.append(row)
+            print(f"batch {bs:4d} context {context:5d}: {row['step_ms']:8.2f} ms/step, floor {row['floor_ms']:.3f} ms "
+                  f"({row['floor']['bound']}), {row['over_floor']:.2f}x floor, host share {row['host_share']:.2f}",
+                  flush=True)
+            engine.flush_cache()
+    return rows
+
+
+def offline_throughput(engine: LLMEngine, lens: list[tuple[int, int]], seed: int = 0,
+                       return_logprob: bool = False) -> dict:
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
+    options = OutputOptions(return_logprob=return_logprob)
     seqs = []
-    torch.cuda.synchronize()
+    sync_device(engine.runner.device)
     t = time.perf_counter()
     for n_in, n_out in lens:
         seqs.append(engine.add_request(_random_prompt(rng, n_in, vocab),
-                                       SamplingParams(max_new_tokens=n_out, temperature=0.0, ignore_eos=True)))
+                                       SamplingParams(max_new_tokens=n_out, temperature=0.0, ignore_eos=True),
+                                       options=options))
     while engine.has_work():
         engine.step()
     dt = time.perf_counter() - t
     out = sum(s.num_completion_tokens for s in seqs)
     return {"seconds": dt, "output_tokens": out, "output_tok_s": out / dt,
-            "total_tok_s": (out + sum(n for n, _ in lens)) / dt}
+            "total_tok_s": (out + sum(n for n, _ in lens)) / dt, "return_logprob": return_logprob}
 
 
 def mixed_step(engine: LLMEngine, repeats: int = 20) -> dict | None:
@@ -274,7 +445,7 @@ def hf_baseline(model_dir: str, lens: list[tuple[int, int]], batches: tuple[int,
 
     out = {"decode": []}
     for bs in batches:
-        prompts = [_random_prompt(rng, 128, vocab) for _ in range(bs)]
+        prompts = [_random_prompt(rng, HF_CONTEXT, vocab) for _ in range(bs)]
         t_short, t_long = generate(prompts, 1, 256), generate(prompts, 33, 256)
         out["decode"].append({"batch": bs, "step_ms": 1e3 * (t_long - t_short) / 32})
     rng = random.Random(0)
@@ -291,76 +462,133 @@ def hf_baseline(model_dir: str, lens: list[tuple[int, int]], batches: tuple[int,
     return out
 
 
-def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: bool = True) -> dict:
-    rng = random.Random(0)
-    lens = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(num_seqs)]
+def measure_rates(device: torch.device, dtype: torch.dtype) -> dict:
+    rates = {"copy_bandwidth_gbs": copy_bandwidth(device) / 1e9, "matmul_tflops": matmul_rate(device, dtype) / 1e12,
+             "matmul_dtype": str(dtype).removeprefix("torch.")}
+    if device.type != "cuda":
+        rates["note"] = "measured on the CPU with small buffers: the floor is indicative only"
+    return rates
+
+
+def offline_lens(num_seqs: int, max_len: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(prompt, output) lengths of the offline workload, each uniform in [max_len / 10, max_len]."""
+    rng = random.Random(seed)
+    low = max(1, max_len // 10)
+    return [(rng.randint(low, max_len), rng.randint(low, max_len)) for _ in range(num_seqs)]
+
+
+def _engine_part(cfg: EngineConfig, lens: list[tuple[int, int]], batches: list[int], contexts: list[int],
+                 steps: int, logprobs: str) -> tuple[dict, torch.device]:
+    """Everything measured on the engine; the engine is gone when this returns."""
     engine = LLMEngine(cfg)
     device = engine.runner.device
-    result = {"config": cfg.to_dict(), "num_seqs": num_seqs, "gpu": torch.cuda.get_device_name(device),
+    result = {"config": cfg.to_dict(), "num_seqs": len(lens), "gpu": device_name(device),
               "torch": torch.__version__, "pdl": pdl.enabled(device, 1),
-              "graph_capture_s": engine.runner.timings.get("graph_capture_s")}
+              "graph_capture_s": engine.runner.timings.get("graph_capture_s"), "host_share_definition": HOST_SHARE}
+    if device.type != "cuda":
+        result["notes"] = ["CPU run: no CUDA profiler kernel breakdown, no forward-only time, no mixed-step "
+                           "graph comparison; copy bandwidth and matmul rate measured on the CPU"]
     try:
-        bw = copy_bandwidth(device)
-        result["copy_bandwidth_gbs"] = bw / 1e9
-        result["decode"] = []
-        for bs in DECODE_BATCHES:
-            row = decode_latency(engine, bs)
-            row["floor_ms"] = floor_ms(engine, bs, row["mean_context"], bw)
-            row["over_floor"] = row["step_ms"] / row["floor_ms"]
-            result["decode"].append(row)
-            engine.flush_cache()
-        result["batch1_sequential_ms"] = sequential_ms(engine)
-        # The bar is on the batch-1 step: say how far one measurement of it can be trusted.
-        result["batch1_repeats_ms"] = [decode_latency(engine, 1, profile=False)["step_ms"] for _ in range(5)]
+        result["rates"] = measure_rates(device, engine.runner.dtype)
+        result["copy_bandwidth_gbs"] = result["rates"]["copy_bandwidth_gbs"]
+        result["decode"] = decode_sweep(engine, batches, contexts, result["rates"], steps)
+        batch1 = [d["context"] for d in result["decode"] if d["batch"] == 1 and "skipped" not in d]
+        if batch1:
+            context = batch1[0]
+            result["batch1_sequential_ms"] = sequential_ms(engine, context, steps)
+            # The bar is on the batch-1 step: say how far one measurement of it can be trusted.
+            result["batch1_repeats_ms"] = [decode_latency(engine, 1, context, steps, profile=False)["step_ms"]
+                                           for _ in range(5)]
         result["mixed_256"] = mixed_step(engine)
         engine.flush_cache()
-        # Untimed first, as transformers' compile warm-up is: the same workload with other prompts, so
-        # that every kernel the timed run needs is compiled, then the prefix cache is emptied so that the
-        # timed run reuses nothing. Measured: the first run in a process is up to 1.5x slower; after a
-        # 64-sequence warm-up, a fresh machine's first process still ran 13% slower than its second
-        # (docs/benchmarks.md).
-        result["offline_warmup"] = offline_throughput(engine, lens, seed=1)
-        engine.flush_cache()
-        result["offline"] = offline_throughput(engine, lens)
+        if lens:
+            # Untimed first, as transformers' compile warm-up is: the same workload with other prompts, so
+            # that every kernel the timed run needs is compiled, then the prefix cache is emptied so that
+            # the timed run reuses nothing. Measured: the first run in a process is up to 1.5x slower;
+            # after a 64-sequence warm-up, a fresh machine's first process still ran 13% slower than its
+            # second (docs/benchmarks.md).
+            result["offline_warmup"] = offline_throughput(engine, lens, seed=1)
+            engine.flush_cache()
+            result["offline"] = offline_throughput(engine, lens, return_logprob=logprobs == "on")
+            if logprobs == "both":
+                engine.flush_cache()
+                result["offline_logprob"] = offline_throughput(engine, lens, return_logprob=True)
+                with_logprobs, without = result["offline_logprob"], result["offline"]
+                result["logprob_cost"] = 1 - with_logprobs["output_tok_s"] / without["output_tok_s"]
     finally:
         engine.shutdown()
+    return result, device
+
+
+def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: bool = True,
+                 batches: list[int] = DECODE_BATCHES, contexts: list[int] = DECODE_CONTEXTS, steps: int = 32,
+                 logprobs: str = "both", offline_max_len: int = 1024) -> dict:
+    lens = offline_lens(num_seqs, offline_max_len)
+    result, device = _engine_part(cfg, lens, list(batches), list(contexts), steps, logprobs)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = Path(out_dir) / f"engine_tp{cfg.tp_size}_{cfg.resolved_graph_mode}.json"
     path.write_text(json.dumps(result, indent=1))  # kept even if the slow baseline below is cut off
     print(format_result(result), flush=True)
-    if with_hf and cfg.tp_size == 1:
-        result["transformers"] = hf_baseline(cfg.model, lens, DECODE_BATCHES, str(device))
+    why_no_hf = ("not asked for" if not with_hf else "TP=1 only" if cfg.tp_size > 1
+                 else "GPU only (its compiled static-cache path)" if device.type != "cuda"
+                 else "no offline workload" if not lens else None)
+    if why_no_hf is None:
+        # The engine is gone: transformers gets the whole card, so the baseline fits on an 80 GB one.
+        memory = free_device_memory(device)
+        memory["checkpoint_gib"] = sum(f.stat().st_size for f in Path(cfg.model).glob("*.safetensors")) / 2**30
+        result["memory_before_transformers"] = memory
+        print(f"before the transformers baseline: {memory['free_gib']:.1f} of {memory['total_gib']:.1f} GiB free, "
+              f"checkpoint {memory['checkpoint_gib']:.1f} GiB", flush=True)
+        decode_batches = sorted({d["batch"] for d in result["decode"] if "skipped" not in d})
+        result["transformers"] = hf_baseline(cfg.model, lens, tuple(decode_batches), str(device))
         path.write_text(json.dumps(result, indent=1))
         print(format_result(result), flush=True)
+    else:
+        result["transformers_skipped"] = why_no_hf
+        path.write_text(json.dumps(result, indent=1))
+    result["json"] = str(path)
     _plot(result, path.with_suffix(".png"))
     return result
 
 
 def format_result(r: dict) -> str:
     c = r["config"]
+    rates = r["rates"]
     lines = [f"engine bench: {r['gpu']}, TP={c['tp_size']}, graph mode {c['graph_mode']}, "
-             f"copy bandwidth {r['copy_bandwidth_gbs']:.0f} GB/s, graph capture {r['graph_capture_s']} s, "
+             f"copy bandwidth {rates['copy_bandwidth_gbs']:.0f} GB/s, {rates['matmul_dtype']} matmul "
+             f"{rates['matmul_tflops']:.3g} TFLOP/s, graph capture {r['graph_capture_s']} s, "
              f"PDL {'on' if r.get('pdl') else 'off'}"]
+    lines += [f"note: {n}" for n in r.get("notes", []) + ([rates["note"]] if "note" in rates else [])]
+    lines.append(f"host share: {r['host_share_definition']}")
     hf = {d["batch"]: d["step_ms"] for d in r.get("transformers", {}).get("decode", [])}
-    lines.append(f"{'batch':>6} {'step ms':>9} {'fwd ms':>9} {'busy ms':>9} {'kernels':>8} {'floor ms':>9} "
-                 f"{'x floor':>8} {'HF ms':>9}")
+    if hf:
+        lines.append(f"HF ms: transformers' decode step at context {HF_CONTEXT}")
+    lines.append(f"{'batch':>6} {'context':>7} {'step ms':>9} {'host ms':>8} {'host %':>6} {'fwd ms':>8} "
+                 f"{'busy ms':>8} {'kernels':>7} {'floor ms':>9} {'bound':>7} {'x floor':>8} {'HF ms':>8}")
     for d in r["decode"]:
-        h = f"{hf[d['batch']]:9.2f}" if d["batch"] in hf else f"{'-':>9}"
-        fwd = f"{d['forward_ms']:9.2f}" if "forward_ms" in d else f"{'-':>9}"
-        k = d.get("kernels") or {"busy_ms": float("nan"), "per_step": float("nan")}
-        lines.append(f"{d['batch']:>6} {d['step_ms']:9.2f} {fwd} {k['busy_ms']:9.2f} {k['per_step']:8.0f} "
-                     f"{d['floor_ms']:9.2f} {d['over_floor']:8.2f} {h}")
-    top = r["decode"][0].get("kernels", {}).get("top", [])
-    if top:
-        lines.append(f"costliest kernels of a batch-{r['decode'][0]['batch']} step (per step):")
-        lines += [f"  {t['us_per_step']:8.1f} us {t['per_step']:6.0f}x  {t['name']}" for t in top]
-    host = r["decode"][0].get("host", [])
+        if "skipped" in d:
+            lines.append(f"{d['batch']:>6} {d['context']:>7}  skipped: {d['skipped']}")
+            continue
+        h = f"{hf[d['batch']]:8.2f}" if d["batch"] in hf and d["context"] == HF_CONTEXT else f"{'-':>8}"
+        fwd = f"{d['forward_ms']:8.2f}" if "forward_ms" in d else f"{'-':>8}"
+        k = d.get("kernels")
+        busy = f"{k['busy_ms']:8.2f} {k['per_step']:7.0f}" if k else f"{'-':>8} {'-':>7}"
+        lines.append(f"{d['batch']:>6} {d['context']:>7} {d['step_ms']:9.2f} {d['host_ms']:8.2f} "
+                     f"{100 * d['host_share']:5.0f}% {fwd} {busy} {d['floor_ms']:9.3f} {d['floor']['bound']:>7} "
+                     f"{d['over_floor']:8.2f} {h}")
+    for d in r["decode"]:
+        top = d.get("kernels", {}).get("top", [])[:5]
+        if top:
+            lines.append(f"costliest kernels, batch {d['batch']} context {d['context']} (per step):")
+            lines += [f"  {t['us_per_step']:8.1f} us {t['per_step']:6.0f}x  {t['name']}" for t in top]
+    host = next((d["host_top"] for d in r["decode"] if "host_top" in d), [])
     if host:
-        lines.append(f"driver's Python time in a batch-{r['decode'][0]['batch']} step (own us, cumulative us, calls):")
+        lines.append("driver's Python time in a batch-1 step (own us, cumulative us, calls):")
         lines += [f"  {h['own_us_per_step']:8.1f} {h['cum_us_per_step']:8.1f} {h['calls_per_step']:5.0f}x  "
                   f"{h['function']}" for h in host]
     if "batch1_sequential_ms" in r:
-        lines.append(f"batch-1 step {r['decode'][0]['step_ms']:.2f} ms; without the overlap schedule "
+        first = next(d for d in r["decode"] if d["batch"] == 1 and "skipped" not in d)
+        lines.append(f"batch-1 step {first['step_ms']:.2f} ms; without the overlap schedule "
                      f"{r['batch1_sequential_ms']:.2f} ms")
     if "batch1_repeats_ms" in r:
         reps = sorted(r["batch1_repeats_ms"])
@@ -370,15 +598,21 @@ def format_result(r: dict) -> str:
     if m:
         lines.append(f"mixed 256-token step: piecewise {m['piecewise_ms']:.2f} ms, eager {m['eager_ms']:.2f} ms "
                      f"({100 * (1 - m['piecewise_ms'] / m['eager_ms']):.0f}% less)")
-    o = r["offline"]
-    warm = f" (after an untimed warm-up: {r['offline_warmup']['seconds']:.1f} s)" if "offline_warmup" in r else ""
-    lines.append(f"offline ({r['num_seqs']} seqs): {o['output_tok_s']:.0f} output tok/s, "
-                 f"{o['total_tok_s']:.0f} total tok/s, {o['seconds']:.1f} s{warm}")
+    if "offline" in r:
+        o = r["offline"]
+        warm = f" (after an untimed warm-up: {r['offline_warmup']['seconds']:.1f} s)" if "offline_warmup" in r else ""
+        lines.append(f"offline ({r['num_seqs']} seqs, return_logprob {o['return_logprob']}): {o['output_tok_s']:.0f} "
+                     f"output tok/s, {o['total_tok_s']:.0f} total tok/s, {o['seconds']:.1f} s{warm}")
+    if "offline_logprob" in r:
+        lines.append(f"offline with return_logprob: {r['offline_logprob']['output_tok_s']:.0f} output tok/s; "
+                     f"logprobs cost {100 * r['logprob_cost']:.1f}% of throughput")
     if "transformers" in r:
         t = r["transformers"]["offline"]
         lines.append(f"transformers offline: {t['output_tok_s']:.0f} output tok/s ({t['seconds']:.1f} s, after "
                      f"{r['transformers']['warmup_s']:.0f} s of untimed compile warm-up); "
-                     f"engine / transformers = {o['output_tok_s'] / t['output_tok_s']:.1f}x")
+                     f"engine / transformers = {r['offline']['output_tok_s'] / t['output_tok_s']:.1f}x")
+    elif "transformers_skipped" in r:
+        lines.append(f"transformers baseline skipped: {r['transformers_skipped']}")
     return "\n".join(lines)
 
 
@@ -391,15 +625,19 @@ def _plot(r: dict, path: Path) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    b = [d["batch"] for d in r["decode"]]
-    ax.plot(b, [d["step_ms"] for d in r["decode"]], marker="o", label="tpfleet")
-    ax.plot(b, [d["floor_ms"] for d in r["decode"]], ls="--", label="bandwidth floor")
+    measured = [d for d in r["decode"] if "skipped" not in d]
+    for context in sorted({d["context"] for d in measured}):
+        points = [d for d in measured if d["context"] == context]
+        line, = ax.plot([d["batch"] for d in points], [d["step_ms"] for d in points], marker="o",
+                        label=f"tpfleet, context {context}")
+        ax.plot([d["batch"] for d in points], [d["floor_ms"] for d in points], ls="--", color=line.get_color())
     if "transformers" in r:
         ax.plot([d["batch"] for d in r["transformers"]["decode"]], [d["step_ms"] for d in r["transformers"]["decode"]],
-                marker="s", label="transformers (static cache)")
-    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode step (ms)",
+                marker="s", color="black", label="transformers (static cache)")
+    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode step (ms); dashed: floor",
            title=f"{r['gpu']}, TP={r['config']['tp_size']}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)

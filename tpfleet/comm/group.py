@@ -1,12 +1,14 @@
 """The tensor-parallel group of one engine: the collectives the model's layers call.
 
-Rendezvous goes through a TCPStore that rank 0 binds to port 0, so the kernel picks the port and
-several engines on one machine can never collide; the port travels to the other ranks in their
-start-up arguments. The same group object is later the place where faster all-reduce backends plug in.
+Rendezvous goes through a TCPStore that rank 0 binds to port 0 on the loopback address, so the
+kernel picks the port, several engines on one machine can never collide, and no other machine can
+reach it; the port travels to the other ranks in their start-up arguments. The same group object
+is later the place where faster all-reduce backends plug in.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -88,8 +90,21 @@ class TPGroup:
 
 
 def create_store(world_size: int, host: str = "127.0.0.1") -> dist.TCPStore:
-    """Rank 0's store, on a port the kernel chose (read it back from `store.port`)."""
-    return dist.TCPStore(host, 0, world_size, is_master=True, timeout=timedelta(seconds=120), wait_for_workers=False)
+    """Rank 0's store, on a port the kernel chose (read it back from `store.port`), listening on `host`
+    only. TCPStore itself would listen on every interface whatever its host argument (that only tells
+    clients where to connect), letting anyone who can reach the machine write into the rendezvous, so
+    the listening socket is bound here and handed over."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(world_size + 16)
+    except OSError:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]
+    return dist.TCPStore(host, port, world_size, is_master=True, timeout=timedelta(seconds=120),
+                         wait_for_workers=False, master_listen_fd=sock.detach())
 
 
 def init_tp_group(rank: int, world_size: int, device: torch.device, store_host: str, store_port: int,

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import RawArray
 
+from tpfleet.config import EngineConfig
 from tpfleet.phases import PHASES
 
 HEARTBEAT_INTERVAL_S = 0.5
@@ -35,15 +36,12 @@ _COLUMNS = 6
 
 @dataclass(frozen=True)
 class HangTimeouts:
-    step: float = 60.0  # a step while serving, and a serving rank's heartbeat
-    startup: float = 600.0  # start-up phases and calls (weight loads, memory resume)
+    step: float  # a step while serving, and a serving rank's heartbeat
+    startup: float  # start-up phases and calls (weight loads, memory resume)
 
 
-def hang_timeouts(cfg) -> HangTimeouts:
-    """The engine config's timeouts; the defaults where it has none."""
-    default = HangTimeouts()
-    return HangTimeouts(getattr(cfg, "hang_timeout", default.step),
-                        getattr(cfg, "startup_hang_timeout", default.startup))
+def hang_timeouts(cfg: EngineConfig) -> HangTimeouts:
+    return HangTimeouts(cfg.hang_timeout, cfg.startup_hang_timeout)
 
 
 class ProgressTable:

@@ -67,12 +67,17 @@ class AsyncEngine:
         self._running = True
         self._stopped = False
         self.error: str | None = None
+        self._step_started: float | None = None  # monotonic time the step in progress began
         self._thread = threading.Thread(target=self._loop, name="tpfleet-engine", daemon=True)
         self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        """False once the engine loop failed, a rank stopped making progress (it is about to exit), or
+        the driver's own step has run past the hang timeout (a kernel that never finishes blocks it)."""
+        started = self._step_started
+        stuck = started is not None and time.monotonic() - started > self.engine.cfg.hang_timeout
+        return self.error is None and self._thread.is_alive() and self.engine.ranks.hung is None and not stuck
 
     # --- engine thread ------------------------------------------------------------------------
 
@@ -85,7 +90,10 @@ class AsyncEngine:
                     except queue.Empty:
                         break
                 if self.engine.has_work():
-                    self._publish(self.engine.step())
+                    self._step_started = time.monotonic()
+                    outputs = self.engine.step()
+                    self._step_started = None
+                    self._publish(outputs)
                 else:
                     self._wake.wait(0.05)
                     self._wake.clear()

@@ -16,6 +16,8 @@ class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("tpfleet_requests", "Finished requests, by finish reason", ["reason"], registry=r)
+        self.rejected = Counter("tpfleet_rejected_requests", "Requests answered with a 4xx, by reason (see "
+                                "tpfleet.server.guard)", ["reason"], registry=r)
         self.prompt_tokens = Counter("tpfleet_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.cached_tokens = Counter("tpfleet_cached_prompt_tokens", "Prompt tokens served by the prefix cache",
                                      registry=r)

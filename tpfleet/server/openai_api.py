@@ -149,7 +149,7 @@ def openai_router() -> APIRouter:
         tok = aengine.engine.tokenizer
         p = req.prompt
         if isinstance(p, str):
-            prompts = await tokenize_off_loop(tok, [p], "prompt")
+            prompts = [await tokenize_off_loop(tok, p, "prompt")]
         elif p and isinstance(p[0], str):
             prompts = await tokenize_off_loop(tok, p, "prompt")
         elif p and isinstance(p[0], list):

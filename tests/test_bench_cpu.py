@@ -1,0 +1,85 @@
+"""The benchmarks' CPU paths on the tiny model: `bench engine` (the decode sweep with its floor and the
+host's share, the RL rollout workload in-process and over HTTP) and `bench start`."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from tpfleet.bench.start import bench_start
+from tpfleet.bench.workloads import RLWorkload, bench_rl
+from tpfleet.config import EngineConfig
+from tpfleet.phases import PHASES
+
+
+def test_bench_engine_cli_reports_every_point_against_its_floor(tiny_model, tmp_path):
+    cmd = [sys.executable, "-m", "tpfleet.cli", "bench", "engine", "--model", str(tiny_model), "--device", "cpu",
+           "--kv-cache-tokens", "2048", "--batches", "1,2", "--contexts", "16,8192", "--decode-steps", "4",
+           "--num-seqs", "2", "--offline-max-len", "16", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "engine_tp1_eager.json").read_text())
+    assert result["rates"]["copy_bandwidth_gbs"] > 0 and result["rates"]["matmul_tflops"] > 0
+    measured = [d for d in result["decode"] if "skipped" not in d]
+    skipped = [d for d in result["decode"] if "skipped" in d]
+    assert [(d["batch"], d["context"]) for d in measured] == [(1, 16), (2, 16)]
+    # The tiny model holds 4096 positions: 8192 cannot fit, and the reason says so.
+    assert [(d["batch"], d["context"]) for d in skipped] == [(1, 8192), (2, 8192)]
+    assert all("context" in d["skipped"] for d in skipped)
+    for d in measured:
+        floor = d["floor"]
+        assert d["step_ms"] > 0 and floor["floor_ms"] > 0 and d["over_floor"] > 0
+        assert floor["floor_ms"] == max(floor["memory_ms"], floor["compute_ms"])
+        assert math.isclose(d["over_floor"], d["step_ms"] / d["floor_ms"])
+        # tiny: 2 layers, 2 KV heads of 32, float32: K and V of every context token of every sequence
+        assert floor["kv_bytes"] == d["batch"] * d["mean_context"] * 2 * 2 * 32 * 4 * 2
+        assert 0 < d["host_ms"] <= d["step_ms"] * 1.000001 and 0 < d["host_share"] <= 1.000001
+    assert measured[1]["floor"]["ops"] > measured[0]["floor"]["ops"]
+    assert "host_top" in measured[0] and "read-back" in result["host_share_definition"]
+    for key in ("offline", "offline_logprob"):
+        assert result[key]["output_tokens"] > 0 and result[key]["output_tok_s"] > 0
+    assert result["offline_logprob"]["return_logprob"] and not result["offline"]["return_logprob"]
+    assert math.isfinite(result["logprob_cost"])
+    assert "GPU only" in result["transformers_skipped"]
+
+
+def test_rl_workload_draws_groups_of_one_prompt_with_long_tailed_lengths():
+    workload = RLWorkload(prompts=50, samples=4, min_prompt=5, max_prompt=9, max_output=64)
+    requests = workload.requests(vocab=100)
+    assert len(requests) == 200 and requests == workload.requests(vocab=100)
+    for group in range(50):
+        prompts = [p for p, _ in requests[4 * group:4 * group + 4]]
+        assert all(p == prompts[0] for p in prompts) and 5 <= len(prompts[0]) <= 9
+    lengths = [n for _, n in requests]
+    assert min(lengths) >= 16 and max(lengths) <= 64
+    assert lengths.count(64) >= 1 and len(set(lengths)) > 10  # a spread, with some at the cap
+
+
+def test_rl_workload_finishes_every_request_in_process_and_over_http(tiny_model, tmp_path):
+    cfg = EngineConfig(model=str(tiny_model), device="cpu", kv_cache_tokens=4096)
+    workload = RLWorkload(prompts=3, samples=2, min_prompt=20, max_prompt=40, max_output=24)
+    result = bench_rl(cfg, str(tmp_path), workload)
+    for key in ("in_process", "in_process_no_logprob", "http"):
+        run = result[key]
+        assert run["complete"] and run["requests"] == 6 and run["output_tokens"] == result["wanted_output_tokens"]
+        assert len(run["finish_s"]) == 6 and run["tail_s"] == max(run["finish_s"])
+        assert all(0 < t <= run["tail_s"] <= run["seconds"] for t in run["finish_s"])
+    assert result["in_process"]["logprobs_complete"] and result["http"]["logprobs_complete"]
+    assert result["http"]["server_exit_code"] == 0 and result["http_over_in_process"] > 0
+    assert result["http"]["kv_tokens"] == result["kv_tokens"] == 4096  # both engines got the same KV cache
+    assert json.loads((tmp_path / "rl_tp1_cpu.json").read_text())["http"]["requests"] == 6
+
+
+def test_bench_start_reports_phases_in_order(tiny_model, tmp_path):
+    result = bench_start(EngineConfig(model=str(tiny_model), device="cpu", kv_cache_tokens=2048), str(tmp_path))
+    for run in (result["cold"], result["warm"]):
+        names = [p["phase"] for p in run["phases"]]
+        assert names[0] == "starting" and names[-1] == "ready" and run["exit_code"] == 0
+        assert [PHASES.index(n) for n in names] == sorted(PHASES.index(n) for n in names)
+        assert all(p["seconds"] >= 0 for p in run["phases"])
+        assert math.isclose(run["total_s"], sum(p["seconds"] for p in run["phases"]), abs_tol=0.01)
+        # The server's own ready line says each phase's seconds and the total.
+        assert "started in" in run["ready_line"] and all(f"{n} " in run["ready_line"] for n in names)
+    assert result["serve_imports_s"] > 0

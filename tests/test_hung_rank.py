@@ -1,0 +1,159 @@
+"""Hung ranks (tpfleet.engine.hang_watch): a rank that is alive but makes no progress ends the engine
+with an exit record naming it. The end-to-end test stops rank 1 of a TP=2 CPU engine with SIGSTOP
+while it is generating; the engine runs in a child process because a hang ends it with os._exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from tpfleet import env, exits
+from tpfleet.engine.hang_watch import (
+    CALLS_BEGUN,
+    HEARTBEAT,
+    PHASE,
+    STEPS_BEGUN,
+    STEPS_DONE,
+    HangTimeouts,
+    HangWatch,
+    ProgressTable,
+    RankBeacon,
+)
+from tpfleet.engine.rank_group import HUNG_EXIT_GRACE_S, RANK_HUNG_EXIT_CODE
+from tpfleet.phases import PHASES, parse_phase
+
+HANG_TIMEOUT = 3.0
+
+# `python engine_main.py MODEL TIMEOUT`: a TP=2 engine that generates without end, printing "hung: ..."
+# as soon as its ranks say so.
+ENGINE_MAIN = """
+import sys
+import threading
+import time
+
+from tpfleet.config import EngineConfig
+from tpfleet.engine.llm_engine import LLMEngine
+from tpfleet.engine.sequence import SamplingParams
+
+if __name__ == "__main__":
+    cfg = EngineConfig(model=sys.argv[1], tp_size=2, kv_cache_tokens=4096)
+    cfg.hang_timeout = float(sys.argv[2])
+    engine = LLMEngine(cfg)
+
+    def report():
+        while engine.ranks.hung is None:
+            time.sleep(0.05)
+        print("hung:", engine.ranks.hung, flush=True)
+
+    threading.Thread(target=report, daemon=True).start()
+    print("engine ready", flush=True)
+    while True:
+        if not engine.has_work():
+            engine.add_request([1, 2, 3, 4], SamplingParams(max_new_tokens=64, ignore_eos=True))
+        engine.step()
+"""
+
+
+def _table(steps_begun: float, steps_done: float, phase: str = "serving") -> ProgressTable:
+    table = ProgressTable(2)
+    beacon = RankBeacon(table, 1)
+    beacon.reach(phase)
+    for _ in range(int(steps_begun)):
+        beacon.bump(STEPS_BEGUN)
+    for _ in range(int(steps_done)):
+        beacon.bump(STEPS_DONE)
+    return table
+
+
+def _set_heartbeat(table: ProgressTable, when: float) -> None:
+    """Rank 1's last heartbeat, as its thread would have written it."""
+    table.values[len(table.values) // 2 + HEARTBEAT] = when
+
+
+def test_a_step_without_progress_past_the_timeout_is_a_hang():
+    table = _table(steps_begun=5, steps_done=4)
+    watch = HangWatch(table, HangTimeouts(step=2.0, startup=100.0), lambda hang: None, lambda: False)
+    start = time.time()
+    _set_heartbeat(table, start + 10)  # rank 1's heartbeat stays fresh: it waits in a collective
+    assert watch.check(start + 1.0) is None
+    hang = watch.check(start + 2.5)
+    assert hang is not None and hang.rank == 1 and hang.phase == "serving"
+    assert "no progress in step 5" in hang.message
+
+
+def test_progress_and_idle_ranks_are_not_hangs():
+    table = _table(steps_begun=5, steps_done=5)
+    watch = HangWatch(table, HangTimeouts(step=2.0, startup=100.0), lambda hang: None, lambda: False)
+    start = time.time()
+    _set_heartbeat(table, start + 50)
+    assert watch.check(start + 30) is None  # idle: no step begun and not finished
+    RankBeacon(table, 1).bump(STEPS_BEGUN)
+    assert watch.check(start + 31) is None  # it moved: the clock restarts
+    assert watch.check(start + 32.5) is None
+    assert watch.check(start + 33.5) is not None
+
+
+def test_calls_and_start_up_get_the_longer_timeout():
+    table = _table(steps_begun=0, steps_done=0, phase="weights_loaded")
+    watch = HangWatch(table, HangTimeouts(step=2.0, startup=100.0), lambda hang: None, lambda: False)
+    start = table.get(1, HEARTBEAT)
+    assert PHASES[int(table.get(1, PHASE))] == "weights_loaded"
+    assert watch.check(start + 50) is None  # a silent heartbeat during start-up: not yet
+    hang = watch.check(start + 101)
+    assert hang is not None and hang.phase == "weights_loaded" and "no heartbeat" in hang.message
+
+    table = _table(steps_begun=3, steps_done=3)
+    RankBeacon(table, 1).bump(CALLS_BEGUN)  # e.g. a weight update from disk
+    watch = HangWatch(table, HangTimeouts(step=2.0, startup=100.0), lambda hang: None, lambda: False)
+    start = time.time()
+    _set_heartbeat(table, start + 200)
+    assert watch.check(start + 50) is None
+    assert "no progress in call 1" in watch.check(start + 101).message
+
+
+def test_a_stopped_rank_is_detected_and_named_in_the_exit_record(tmp_path, tiny_model):
+    (tmp_path / "engine_main.py").write_text(textwrap.dedent(ENGINE_MAIN))
+    record_path = tmp_path / "records" / "engine.json"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "engine_main.py"), str(tiny_model), str(HANG_TIMEOUT)],
+                            cwd=tmp_path, env={**os.environ, env.EXIT_RECORD: str(record_path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    rank1_pid = None
+    try:
+        for line in proc.stdout:
+            output.append(line.rstrip())
+            phase = parse_phase(line)
+            if phase is not None and phase[0] == "ranks_started":
+                rank1_pid = phase[1]["pids"][1]
+            if line.startswith("engine ready"):
+                break
+        assert rank1_pid is not None, "\n".join(output)
+        time.sleep(0.5)  # generating now
+        os.kill(rank1_pid, signal.SIGSTOP)
+        stopped_at = time.time()
+        code = proc.wait(timeout=HANG_TIMEOUT + 5 + HUNG_EXIT_GRACE_S + 30)
+        output += proc.stdout.read().splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if rank1_pid is not None:
+            try:
+                os.kill(rank1_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    log = "\n".join(output[-40:])
+    assert code == RANK_HUNG_EXIT_CODE, log
+    assert any(line.startswith("hung: rank 1 ") for line in output), log
+
+    rank = exits.read(exits.rank_path(record_path, 1))
+    assert rank is not None, log
+    assert (rank.role, rank.rank, rank.pid, rank.exc_type, rank.phase) == ("rank", 1, rank1_pid, "RankHung", "serving")
+    assert rank.time - stopped_at < HANG_TIMEOUT + 5, log
+    record = exits.read(record_path)
+    assert record is not None and record.exitcode == RANK_HUNG_EXIT_CODE, log
+    cause = exits.root_cause([record])
+    assert (cause.rank, cause.exc_type) == (1, "RankHung")
