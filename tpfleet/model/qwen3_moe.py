@@ -27,6 +27,11 @@ from tpfleet.model.config import ModelConfig
 from tpfleet.model.layers import _param, divide
 from tpfleet.model.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 
+try:  # the fused GPU path; CPU-only installs may lack Triton and use the reference
+    from tpfleet.kernels import moe_triton
+except ImportError:
+    moe_triton = None
+
 if TYPE_CHECKING:
     from tpfleet.kernels.fused_ar import Exchange
 
@@ -108,10 +113,11 @@ class StackedExperts(nn.Module):
             param.data[local].copy_(loaded.narrow(1, self.inter_start, self.inter))
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise NotImplementedError("MoE layers have no CUDA-graph-safe kernel yet: serve Qwen3-MoE with "
-                                      "graph_mode='eager'")
-        out = moe_reference(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights, self.first_expert)
+        if moe_triton is not None and moe_triton.supports(x, self.gate_up_proj, self.down_proj):
+            out = moe_triton.fused_moe(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights,
+                                       self.first_expert)
+        else:  # the CPU path, and the oracle the fused kernel is tested against
+            out = moe_reference(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights, self.first_expert)
         return self.tp.all_reduce(out)
 
 
