@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -71,8 +72,13 @@ def parse_engine_args(argv: list[str]) -> dict:
     return non_default_fields(engine_fields_from_args(args))
 
 
+SERVER_SETTINGS = ("api_key", "admin_api_key", "max_body_bytes", "max_stop_strings", "max_batch_size")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser, and its sub-parsers by command name ("serve", "bench decode", ...)."""
+    from tpfleet.server.guard import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_STOP_STRINGS
+
     parser = argparse.ArgumentParser(prog="tpfleet", description=tpfleet.__doc__, formatter_class=Formatter)
     parser.add_argument("--version", action="version", version=f"tpfleet {tpfleet.__version__}",
                         help="print the version and exit")
@@ -106,6 +112,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve_cmd.add_argument("--port", type=int, default=0, help="0: the kernel picks a free port (printed when ready)")
     serve_cmd.add_argument("--served-model-name", default=None, help="model name in OpenAI API answers (None: --model)")
+    serve_cmd.add_argument("--api-key", default=None,
+                           help=f"key generation routes require as `Authorization: Bearer KEY` (None: ${env.API_KEY})")
+    serve_cmd.add_argument("--admin-api-key", default=None,
+                           help="key the admin routes (weights, memory, pause, abort, flush) require "
+                                f"(None: ${env.ADMIN_API_KEY}); needed to listen beyond loopback")
+    serve_cmd.add_argument("--allow-unauthenticated-admin", action="store_true",
+                           help="listen beyond loopback without --admin-api-key (a network you trust)")
+    serve_cmd.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                           help="largest request body; larger ones get 413")
+    serve_cmd.add_argument("--max-stop-strings", type=int, default=DEFAULT_MAX_STOP_STRINGS,
+                           help="most stop strings per request")
+    serve_cmd.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                           help="most sequences per request (prompts times n)")
 
     launch_cmd = command("launch", "start a fleet of engines and serve a router in front of them")
     launch_cmd.add_argument("--engines", type=int, default=1, help="how many engines")
@@ -128,7 +147,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     launch_cmd.add_argument("--engine-arg", action="append", default=[],
                             help="an engine flag, as `tpfleet serve` takes it (repeat; e.g. "
                                  "--engine-arg=--kv-cache-tokens --engine-arg=4096)")
+    launch_cmd.add_argument("--ray-address", default=None,
+                            help="Ray cluster to join with --backend ray (None: start one)")
+    launch_cmd.add_argument("--placement-group", default=None,
+                            help="--backend ray: place engine ranks in this existing placement group (name or id)")
+    launch_cmd.add_argument("--bundle-indices", type=_int_list, default=None,
+                            help="with --placement-group: the bundle of each rank of each engine, in order")
+    launch_cmd.add_argument("--num-gpus-per-actor", type=float, default=1.0,
+                            help="GPU share each rank asks of its bundle (e.g. 0.2 beside a trainer's 0.8)")
+    launch_cmd.add_argument("--api-key", default=None,
+                            help=f"key every engine's generation routes require, passed to them as ${env.API_KEY} "
+                                 f"(None: ${env.API_KEY})")
+    launch_cmd.add_argument("--admin-api-key", default=None,
+                            help="key every engine's admin routes and the router's worker routes require, passed "
+                                 f"to engines as ${env.ADMIN_API_KEY} (None: ${env.ADMIN_API_KEY})")
+    launch_cmd.add_argument("--router-read-timeout", type=float, default=600.0,
+                            help="seconds the router waits for an engine's next bytes before answering 504")
     add_engine_arguments(launch_cmd, exclude=PLACEMENT_FIELDS)
+
+    router_cmd = command("router", "serve a router alone; engines register over HTTP (POST /workers or /add_worker)")
+    router_cmd.add_argument("--worker-urls", nargs="*", default=[], help="engines to start with")
+    router_cmd.add_argument("--host", default="127.0.0.1", help="router address")
+    router_cmd.add_argument("--port", type=int, default=0, help="router port (0: the kernel picks)")
+    router_cmd.add_argument("--read-timeout", type=float, default=600.0,
+                            help="seconds the router waits for an engine's next bytes before answering 504")
+    router_cmd.add_argument("--admin-api-key", default=None,
+                            help=f"key needed to register or remove workers (None: ${env.ADMIN_API_KEY})")
 
     demo_cmd = command("demo", "build the tiny model, serve it with TP=2 on CPU, send requests, stop")
     demo_cmd.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=2, help="tensor-parallel size")
@@ -264,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     default_triton_cache()
+    for name, variable in (("api_key", env.API_KEY), ("admin_api_key", env.ADMIN_API_KEY)):
+        if hasattr(args, name) and getattr(args, name) is None:  # keys come from the environment, never a default
+            setattr(args, name, os.environ.get(variable))
     if args.cmd == "make-model":
         from tpfleet.model.make_model import make_model
 
@@ -277,15 +324,27 @@ def run_command(args: argparse.Namespace) -> int:
         except ValueError as error:
             exits.record_engine_failure(error, 1)  # no rank has started: no rank records to attach
             build_parser()[1]["serve"].error(str(error))
+        from tpfleet.server.guard import UnsafeBind, check_bind
+
+        settings = {name: getattr(args, name) for name in SERVER_SETTINGS}
         try:
-            serve(cfg, args.host, args.port, args.served_model_name)
+            check_bind(args.host, args.admin_api_key, args.allow_unauthenticated_admin)
+        except UnsafeBind as error:
+            exits.record_engine_failure(error, 1)
+            build_parser()[1]["serve"].error(str(error))
+        try:
+            serve(cfg, args.host, args.port, args.served_model_name, settings=settings)
         except KeyboardInterrupt:
             pass
     elif args.cmd == "launch":
         from tpfleet.fleet.fleet import FLEET_FIELDS, FleetConfig
         from tpfleet.fleet.launch import launch
+        from tpfleet.fleet.router import RouterConfig
 
         fields = engine_fields_from_args(args)
+        for name, value in ((env.API_KEY, args.api_key), (env.ADMIN_API_KEY, args.admin_api_key)):
+            if value:
+                os.environ[name] = value  # the engines inherit it; a key never appears in their argv
         try:
             engine = {**non_default_fields({k: v for k, v in fields.items() if k not in FLEET_FIELDS}),
                       **parse_engine_args(args.engine_arg)}
@@ -294,10 +353,18 @@ def run_command(args: argparse.Namespace) -> int:
                 backend=args.backend, gpus=[g for g in args.gpus.split(",") if g.strip()] or None,
                 max_concurrent_starts=args.max_concurrent_starts, startup_timeout_s=args.startup_timeout,
                 log_dir=args.log_dir, reap_stale=args.reap_stale, restart_budget=args.restart_budget,
-                host=args.engine_host)
+                host=args.engine_host, ray_address=args.ray_address, placement_group=args.placement_group,
+                bundle_indices=args.bundle_indices, num_gpus_per_actor=args.num_gpus_per_actor)
         except ValueError as error:
             build_parser()[1]["launch"].error(str(error))
-        return launch(cfg, args.host, args.port)
+        return launch(cfg, args.host, args.port, RouterConfig(read_timeout_s=args.router_read_timeout,
+                                                              admin_api_key=args.admin_api_key))
+    elif args.cmd == "router":
+        from tpfleet.fleet.launch import serve_router
+        from tpfleet.fleet.router import RouterConfig
+
+        return serve_router(args.worker_urls, args.host, args.port,
+                            RouterConfig(read_timeout_s=args.read_timeout, admin_api_key=args.admin_api_key))
     elif args.cmd == "warmup":
         from tpfleet.warmup.cli import warmup_command, warmup_configs
 

@@ -29,6 +29,8 @@ FUSED_AR = Switch("TPFLEET_FUSED_AR", True, "all-reduces fused into batch-1 deco
 CACHE_DIR = "TPFLEET_CACHE_DIR"  # JIT builds, tuning tables, warm-up markers; default $XDG_CACHE_HOME/tpfleet
 ENGINE_ID = "TPFLEET_ENGINE_ID"  # inherited by every process of one fleet engine, to find them all at teardown
 EXIT_RECORD = "TPFLEET_EXIT_RECORD"  # where an engine writes its exit record (tpfleet.exits); set by its parent
+API_KEY = "TPFLEET_API_KEY"  # default of --api-key: engines a fleet starts inherit it (keys stay out of argv)
+ADMIN_API_KEY = "TPFLEET_ADMIN_API_KEY"  # default of --admin-api-key, likewise
 TRITON_CACHE_DIR = "TRITON_CACHE_DIR"
 TRITON_INTERPRET = "TRITON_INTERPRET"
 
@@ -46,8 +48,8 @@ def apply_multicast_off(environ: MutableMapping[str, str] | None = None) -> Muta
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a process tpfleet starts: this one's, multicast off, unbuffered output."""
-    env = {**os.environ, **MULTICAST_OFF, "PYTHONUNBUFFERED": "1"}
+    """The environment of a process tpfleet starts: this one's, multicast off, no model hub, unbuffered output."""
+    env = {**HUB_OFFLINE, **os.environ, **MULTICAST_OFF, "PYTHONUNBUFFERED": "1"}
     env.update(extra)
     return env
 
@@ -64,3 +66,16 @@ def triton_interpreted() -> bool:
 
 def exit_record_path() -> str | None:
     return os.environ.get(EXIT_RECORD) or None
+
+
+# tpfleet loads checkpoints from local directories only: a model name that is not one must fail at once,
+# not after minutes of retried hub look-ups. Set where unset (a user's explicit value wins).
+HUB_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def apply_hub_offline(environ: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
+    """Set the hub-offline variables in `environ` (default: this process's) where they are unset."""
+    environ = os.environ if environ is None else environ
+    for key, value in HUB_OFFLINE.items():
+        environ.setdefault(key, value)
+    return environ

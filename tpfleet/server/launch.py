@@ -43,9 +43,10 @@ def url_of(sock: socket.socket) -> str:
 
 
 def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 0, served_model_name: str | None = None,
-          log_level: str = "warning") -> None:
+          log_level: str = "warning", settings: dict | None = None) -> None:
+    """`settings`: the HTTP guard's (tpfleet.server.guard.install_guards): keys and request limits."""
     try:
-        _serve(cfg, host, port, served_model_name, log_level)
+        _serve(cfg, host, port, served_model_name, log_level, settings or {})
     except BaseException as exc:
         exits.record_engine_failure(exc, cfg.tp_size)
         raise
@@ -59,7 +60,8 @@ def startup_summary() -> str:
     return f"started in {total:.1f}s: " + ", ".join(f"{name} {s:.1f}s" for name, s in seconds)
 
 
-def _serve(cfg: EngineConfig, host: str, port: int, served_model_name: str | None, log_level: str) -> None:
+def _serve(cfg: EngineConfig, host: str, port: int, served_model_name: str | None, log_level: str,
+           settings: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     report_phase("starting", pid=os.getpid())
     import uvicorn
@@ -72,7 +74,7 @@ def _serve(cfg: EngineConfig, host: str, port: int, served_model_name: str | Non
     engine = LLMEngine(cfg)
     aengine = AsyncEngine(engine)
     try:
-        args = {**cfg.to_dict(), "host": host, "port": sock.getsockname()[1],
+        args = {**cfg.to_dict(), **settings, "host": host, "port": sock.getsockname()[1],
                 "served_model_name": served_model_name}
 
         def ready() -> None:
