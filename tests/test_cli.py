@@ -18,6 +18,7 @@ from tpfleet import exits
 from tpfleet.cli import build_parser, parse_args, parse_engine_args
 from tpfleet.config import FIELD_HELP, EngineConfig, field_types, flag_name
 from tpfleet.demo import process_family, start_server, wait_gone
+from tpfleet.devices import resolve_device
 from tpfleet.model.make_model import make_model
 
 # Every field away from its default, so that a field the flags lose cannot go unnoticed.
@@ -27,7 +28,7 @@ NON_DEFAULT = EngineConfig(
     kv_cache_tokens=8192, mem_fraction_static=0.5, enable_prefix_caching=False, attention_backend="triton",
     graph_mode="piecewise", overlap_schedule=False, enable_custom_all_reduce=False, enable_symm_mem=False, seed=7,
     enable_return_routed_experts=True, weights_root=["/ckpt/a", "/ckpt/b"], hang_timeout=30.0,
-    startup_hang_timeout=900.0)
+    startup_hang_timeout=900.0, enable_memory_saver=True, weights_cpu_backup=True)
 
 
 def as_flags(cfg: EngineConfig) -> list[str]:
@@ -99,10 +100,11 @@ def test_flags_parse_back_to_an_equal_engine_config():
 
     for command in ("serve", "bench decode", "bench engine"):
         assert engine_config_from_args(parse_args([*command.split(), *argv])) == NON_DEFAULT
-    assert engine_config_from_args(parse_args(["serve", "--model", "m"])) == EngineConfig(model="m")
+    device = resolve_device("auto")  # --device defaults to auto: cuda where this machine sees a GPU
+    assert engine_config_from_args(parse_args(["serve", "--model", "m"])) == EngineConfig(model="m", device=device)
     old_style = ["serve", "--model", "m", "--tp", "2", "--disable-prefix-caching", "--kv-cache-tokens", "4096"]
     assert engine_config_from_args(parse_args(old_style)) == EngineConfig(
-        model="m", tp_size=2, enable_prefix_caching=False, kv_cache_tokens=4096)
+        model="m", tp_size=2, enable_prefix_caching=False, kv_cache_tokens=4096, device=device)
 
 
 def test_serve_takes_a_config_document_that_flags_override(tmp_path):

@@ -215,7 +215,8 @@ def test_an_engine_that_fails_at_start_is_reported_from_its_exit_record(tiny_mod
     assert cause is not None and cause.role == "engine" and cause.phase == "starting"
     assert cause.exc_type and cause.pid == engine.proc.pid and cause.traceback
     assert f"{cause.exc_type}: " in failure.reason and "in phase starting" in failure.reason
-    assert f"raised {cause.exc_type}" in str(failure) and "exit code 1" in str(failure)
+    # A checkpoint that is not one is a usage error, refused before the engine starts: exit code 2.
+    assert f"raised {cause.exc_type}" in str(failure) and "exit code 2" in str(failure)
 
 
 def test_an_engine_killed_while_serving_is_reported_from_its_exit_status(tiny_model, tmp_path):

@@ -24,7 +24,7 @@ from tpfleet.jit import default_triton_cache
 from tpfleet.lifecycle import sigterm_as_interrupt
 
 INTERRUPTED = 128 + signal.SIGINT  # the shell's code for a command ended by Ctrl-C
-GPU_ONLY = ("bench allreduce", "bench gemv", "bench attention")  # commands with no CPU path
+GPU_ONLY = ("bench allreduce", "bench gemv", "bench attention", "bench moe")  # commands with no CPU path
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -226,6 +226,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     attention_cmd = command("bench attention", "decode attention per KV-split policy vs the bandwidth floor")
     attention_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
 
+    colocate_cmd = command("bench colocate",
+                           "release/resume/weight-update cycles with a colocated trainer vs the floor")
+    add_engine_arguments(colocate_cmd)
+    colocate_cmd.add_argument("--cycles", type=int, default=20, help="release, resume and update cycles")
+    colocate_cmd.add_argument("--out", default="bench-out", help="directory for the JSON")
+    moe_cmd = command("bench moe",
+                      "fused MoE layer vs the torch reference, a dense GEMM and the floor, per token count")
+    moe_cmd.add_argument("--tp-sizes", "--tp", dest="tp_sizes", type=_int_list, default="1",
+                         help="Qwen3-30B-A3B's expert shards at these TP sizes")
+    moe_cmd.add_argument("--tokens", type=_int_list, default=None, help="token counts (None: 1, 2, 4, ..., 8192)")
+    moe_cmd.add_argument("--sweep", action="store_true", help="time candidate tiles per token count first and cache "
+                                                              "the fastest")
+    moe_cmd.add_argument("--out", default="bench-out", help="directory for the JSON")
+
     warmup_cmd = command("warmup", "build the JIT caches engine configs need; a no-op when still valid")
     add_engine_arguments(warmup_cmd, exclude=PLACEMENT_FIELDS, several=("tp_size", "graph_mode"))
     warmup_cmd.add_argument("--timeout", type=float, default=900.0, help="seconds per config")
@@ -416,6 +430,14 @@ def run_command(args: argparse.Namespace) -> int:
         from tpfleet.bench.gemv import bench_gemv
 
         bench_gemv(args.out, args.tp_sizes, args.sweep)
+    elif args.cmd == "bench" and args.what == "colocate":
+        from tpfleet.bench.colocate import bench_colocate
+
+        bench_colocate(_engine_config(args, "bench colocate"), args.out, args.cycles)
+    elif args.cmd == "bench" and args.what == "moe":
+        from tpfleet.bench.moe import QWEN3_30B_A3B, bench_moe
+
+        bench_moe(args.out, [QWEN3_30B_A3B.at_tp(tp_size) for tp_size in args.tp_sizes], args.tokens, args.sweep)
     elif args.cmd == "bench" and args.what == "attention":
         from tpfleet.bench.attention import bench_attention
 

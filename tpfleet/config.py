@@ -50,6 +50,8 @@ class EngineConfig:
     weights_root: list[str] = field(default_factory=list)
     hang_timeout: float = 60.0
     startup_hang_timeout: float = 600.0
+    enable_memory_saver: bool = False
+    weights_cpu_backup: bool = False
 
     def __post_init__(self) -> None:
         if self.tp_size not in TP_SIZES:
@@ -156,6 +158,12 @@ FIELD_HELP = {
     "hang_timeout": "seconds a rank may make no progress in a step or collective before the engine reports it "
                     "hung and exits (so the fleet restarts it)",
     "startup_hang_timeout": "the same limit during start-up and long calls (weight loads, graph capture)",
+    "enable_memory_saver": "weights, KV cache and CUDA-graph memory in regions tpfleet maps itself: releasing "
+                           "memory frees them without copies, resuming maps them back at the same addresses, "
+                           "and graphs are not re-captured",
+    "weights_cpu_backup": "with the memory saver: keep a pinned host copy of the weights on release and restore "
+                          "it on resume (off: weights come back undefined until the next weight update, as "
+                          "SGLang's default)",
     "weights_root": "comma-separated directories update_weights_from_disk may load from (empty: the parent of "
                     "the model's directory)",
 }

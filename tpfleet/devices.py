@@ -96,3 +96,32 @@ def local_index_of(uuid: str) -> int:
     visible = [local_uuid(i) for i in range(n)]
     raise DeviceError(f"GPU {uuid} is not visible in this process (CUDA_VISIBLE_DEVICES="
                       f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}; visible: {visible})")
+
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")  # what --device takes; "auto" never reaches a config document
+
+
+def cuda_missing_reason() -> str | None:
+    """Why this process cannot use a CUDA GPU, or None when it can."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return (f"no CUDA GPU is visible (torch.cuda.is_available() is False; "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' where this process sees a GPU, else 'cpu'; 'cpu' and 'cuda' as they are."""
+    if device not in DEVICE_CHOICES:
+        raise DeviceError(f"device must be one of {', '.join(DEVICE_CHOICES)}, not {device!r}")
+    if device != "auto":
+        return device
+    return "cpu" if cuda_missing_reason() else "cuda"
+
+
+def require_cuda(what: str = "--device cuda") -> None:
+    """A DeviceError naming `what` when this process has no CUDA GPU to run it on."""
+    reason = cuda_missing_reason()
+    if reason is not None:
+        raise DeviceError(f"{what}: {reason}")

@@ -31,6 +31,8 @@ ENGINE_ID = "TPFLEET_ENGINE_ID"  # inherited by every process of one fleet engin
 EXIT_RECORD = "TPFLEET_EXIT_RECORD"  # where an engine writes its exit record (tpfleet.exits); set by its parent
 API_KEY = "TPFLEET_API_KEY"  # default of --api-key: engines a fleet starts inherit it (keys stay out of argv)
 ADMIN_API_KEY = "TPFLEET_ADMIN_API_KEY"  # default of --admin-api-key, likewise
+NCCL_GRAPH_REGISTER = "NCCL_GRAPH_REGISTER"  # "0" on engine ranks while the memory saver is on: its memory
+# cannot be registered with NCCL, and graphs must not try
 TRITON_CACHE_DIR = "TRITON_CACHE_DIR"
 TRITON_INTERPRET = "TRITON_INTERPRET"
 

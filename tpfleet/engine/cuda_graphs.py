@@ -10,6 +10,10 @@ all-reduces, the next layer's norm and qkv projection) is one graph, and attenti
 between them.
 
 Both kinds contain the tensor-parallel all-reduces; tpfleet.comm's kernels are graph-safe as is.
+
+Graphs are captured through the rank's memory saver (tpfleet.memory): their pool and their fixed input
+buffers belong to its `cuda_graph` tag, so with the saver on they are released and mapped back at the
+same addresses, and replay after a resume without re-capture.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from tqdm import tqdm
 
 from tpfleet.attention.backend import AttentionMetadata
 from tpfleet.engine.step_input import ModelInput, StepLayout, copy_from_host, fill_pending
+from tpfleet.memory import CUDA_GRAPH, Saver
 
 DECODE_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
 # Piecewise graphs pay off while a step is launch-bound (a 256-token step: 31% less time). Larger
@@ -41,14 +46,15 @@ class DecodeGraphs:
     read in place."""
 
     def __init__(self, model, device: torch.device, block_size: int, max_batch: int, max_blocks: int,
-                 pool, show_progress: bool):
+                 saver: Saver, show_progress: bool):
         self.model = model
         self.buckets = [b for b in DECODE_BUCKETS if b <= max_batch] or [1]
         largest = self.buckets[-1]
         num_longs, num_ints = StepLayout.capacity(largest, max_blocks)
-        self.longs = torch.zeros(num_longs, dtype=torch.int64, device=device)
-        self.ints = torch.zeros(num_ints, dtype=torch.int32, device=device)
-        self.tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
+        with saver.region(CUDA_GRAPH):
+            self.longs = torch.zeros(num_longs, dtype=torch.int64, device=device)
+            self.ints = torch.zeros(num_ints, dtype=torch.int32, device=device)
+            self.tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.staged_slots: torch.Tensor | None = None  # the last replay's KV slots, padded to its bucket
@@ -63,7 +69,7 @@ class DecodeGraphs:
                                      [1] * bucket, bucket, block_size)
             self.model(ids, positions, meta)  # warm-up: kernels compiled, handles made
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with saver.graph(graph):
                 self.outputs[bucket] = self.model(ids, positions, meta)
             self.graphs[bucket] = graph
 
@@ -93,7 +99,7 @@ class DecodeGraphs:
 
 
 class PiecewiseGraphs:
-    def __init__(self, model, device: torch.device, max_tokens: int, pool, show_progress: bool):
+    def __init__(self, model, device: torch.device, max_tokens: int, saver: Saver, show_progress: bool):
         self.model = model
         self.buckets = [b for b in TOKEN_BUCKETS if b <= max_tokens]
         attn = model.layers[0].self_attn
@@ -101,13 +107,14 @@ class PiecewiseGraphs:
         n = self.buckets[-1] if self.buckets else 0
         # Every segment reads and writes these fixed buffers (sliced per bucket), so a graph never
         # depends on a tensor that another capture or a warm-up made.
-        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.o = torch.zeros(n, attn.num_heads, attn.head_dim, dtype=dtype, device=device)
-        self.q = torch.zeros(n, attn.num_heads, attn.head_dim, dtype=dtype, device=device)
-        self.k = torch.zeros(n, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.res = torch.zeros(n, model.cfg.hidden_size, dtype=dtype, device=device)
+        with saver.region(CUDA_GRAPH):
+            self.ids = torch.zeros(n, dtype=torch.int64, device=device)
+            self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+            self.o = torch.zeros(n, attn.num_heads, attn.head_dim, dtype=dtype, device=device)
+            self.q = torch.zeros(n, attn.num_heads, attn.head_dim, dtype=dtype, device=device)
+            self.k = torch.zeros(n, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=device)
+            self.v = torch.zeros_like(self.k)
+            self.res = torch.zeros(n, model.cfg.hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.hidden: dict[int, torch.Tensor] = {}
         for t in tqdm(sorted(self.buckets, reverse=True), desc="Capturing piecewise graphs",
@@ -116,7 +123,7 @@ class PiecewiseGraphs:
             for seg in self._segments(t):
                 seg()  # warm-up outside the graph
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
+                with saver.graph(g):
                     out = seg()
                 graphs.append(g)
             self.graphs[t] = graphs
@@ -165,14 +172,14 @@ class PiecewiseGraphs:
 
 
 def capture(model, device, block_size: int, max_batch: int, max_blocks: int, max_tokens: int, mode: str,
-            show_progress: bool) -> tuple[DecodeGraphs | None, PiecewiseGraphs | None, dict]:
-    """Capture the graphs `mode` asks for ('full' or 'piecewise', which is full plus piecewise)."""
+            saver: Saver, show_progress: bool) -> tuple[DecodeGraphs | None, PiecewiseGraphs | None, dict]:
+    """Capture the graphs `mode` asks for ('full' or 'piecewise', which is full plus piecewise), all
+    into the pool of the saver's cuda_graph tag."""
     torch.cuda.synchronize(device)
     free_before = torch.cuda.mem_get_info(device)[0]
     t0 = time.perf_counter()
-    pool = torch.cuda.graph_pool_handle()
-    decode = DecodeGraphs(model, device, block_size, max_batch, max_blocks, pool, show_progress)
-    piecewise = PiecewiseGraphs(model, device, max_tokens, pool, show_progress) if mode == "piecewise" else None
+    decode = DecodeGraphs(model, device, block_size, max_batch, max_blocks, saver, show_progress)
+    piecewise = PiecewiseGraphs(model, device, max_tokens, saver, show_progress) if mode == "piecewise" else None
     torch.cuda.synchronize(device)
     stats = {"seconds": round(time.perf_counter() - t0, 2),
              "memory_bytes": free_before - torch.cuda.mem_get_info(device)[0],

@@ -81,6 +81,9 @@ class LLMEngine:
         # Memory tags given back to a colocated trainer; replaced, never changed in place, so that another
         # thread's snapshot reads a consistent set.
         self.released: frozenset[str] = frozenset()
+        # Checkpoint tensors no update has written since the weights were released without a host copy
+        # (memory saver): the engine refuses to generate until this is None again.
+        self.stale_weights: frozenset[str] | None = None
         self.in_flight: InFlightStep | None = None
         self.paused = False
         self.weight_version = "default"
@@ -200,20 +203,38 @@ class LLMEngine:
     # --- every rank at once: memory and weights, for colocation with a trainer -------------------
 
     def release_memory(self, tags: list[str]) -> list[dict]:
-        """Allowed while requests only wait (retracted by a pause): they hold no KV."""
+        """Allowed while requests only wait (retracted by a pause): they hold no KV. Each rank reports
+        the bytes it released per tag and what the driver shows freed (tpfleet.engine.colocation)."""
         if self.scheduler.running or (self.scheduler.waiting and not self.paused):
             raise InvalidRequest("tags", "requests are in flight: finish, abort or retract them (pause_generation "
                                          "mode retract) before releasing memory")
         self.drain()  # a step of aborted requests may still be on the GPU
+        if "kv_cache" in tags:
+            self.block_manager.reset_prefix_cache()  # no block is in use: every one is free and forgotten
         out = self.ranks.call_all("colocation.release_memory", tags)
         self.released = self.released | set(tags)
+        if "weights" in tags and self.runner.saver.enabled and not self.cfg.weights_cpu_backup:
+            self.stale_weights = frozenset(self.weights.required_names())
         return out
 
     def resume_memory(self, tags: list[str]) -> list[dict]:
+        """With the memory saver the tags come back at their old addresses and the graphs replay as
+        captured; weights released without a host copy hold no values until a weight update."""
         out = self.ranks.call_all("colocation.resume_memory", tags)
         self.released = self.released - set(tags)
         self.block_manager.reset_prefix_cache()  # the KV contents did not survive
         return out
+
+    def unavailable_reason(self) -> str | None:
+        """Why generation is refused now (a 503 for the caller), or None: memory given to a trainer, or
+        weights that came back without values."""
+        if self.released:
+            return f"memory released ({sorted(self.released)}): POST /resume_memory_occupation first"
+        if self.stale_weights:
+            return (f"the weights were released without a host copy and {len(self.stale_weights)} checkpoint "
+                    "tensors have not been loaded since: update the weights (/update_weights_from_tensor, "
+                    "_from_disk or _from_distributed) first")
+        return None
 
     def flush_cache(self) -> bool:
         """Forget every cached prefix; False (nothing done) while requests are running or waiting."""

@@ -7,6 +7,11 @@ picks its token on every rank without gathering them (the model's `greedy_token`
 want logprobs, penalties or prompt scores takes the regular path. Giving memory to a colocated trainer
 and loading new weights in place is the business of `self.colocation`.
 
+Memory (tpfleet.memory): each rank makes its saver right after choosing its device. The weights, the
+KV cache (with the routing table) and the CUDA graphs are allocated in its regions; the communication
+buffers never are, since they must stay exportable over IPC and resident: the TP group is set up
+first, outside every region.
+
 Routing replay (MoE, `enable_return_routed_experts`): the driver files each forward's experts per token
 under the token's KV slot, so a sequence's routing is found through its block table, also for the
 positions the prefix cache served (recorded when they were computed).
@@ -32,6 +37,7 @@ from tpfleet.engine.sampler import SamplerOutput
 from tpfleet.engine.step_input import ModelInput, StepLayout, fill_pending, to_device
 from tpfleet.jit import STATS as JIT_STATS
 from tpfleet.jit import track_triton
+from tpfleet.memory import KV_CACHE, WEIGHTS, make_saver
 from tpfleet.model.config import ModelConfig, parse_dtype
 from tpfleet.model.loader import load_weights
 from tpfleet.model.registry import build_model
@@ -69,6 +75,12 @@ class ModelRunner:
                 check_device(rank, self.device, cfg.gpu_uuids[rank])
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.tp_size))
+        self.saver = make_saver(self.device, cfg.enable_memory_saver, (WEIGHTS,) if cfg.weights_cpu_backup else ())
+        if self.saver.enabled:
+            # NCCL must not register saver memory for its graphs: a released range would stay registered
+            os.environ.setdefault(env.NCCL_GRAPH_REGISTER, "0")
+        self.num_graph_captures = 0
+        self.graph_memory_bytes = 0  # what the last capture took, as the driver saw it
         self.model_config = ModelConfig.from_dir(cfg.model)
         max_pos = self.model_config.max_position_embeddings
         self.context_length = min(cfg.context_length or max_pos, max_pos)
@@ -83,22 +95,20 @@ class ModelRunner:
         torch.manual_seed(cfg.seed)
         prev = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
-        with torch.device(self.device):
-            self.model = build_model(self.model_config, self.tp, get_backend(cfg.resolved_attention_backend),
-                                     ep_size=cfg.ep_size,
-                                     max_num_tokens=max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
-        torch.set_default_dtype(prev)
-        load_weights(self.model, cfg.model, show_progress=rank == 0)
+        with self.saver.region(WEIGHTS):
+            with torch.device(self.device):
+                self.model = build_model(self.model_config, self.tp, get_backend(cfg.resolved_attention_backend),
+                                         ep_size=cfg.ep_size,
+                                         max_num_tokens=max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
+            torch.set_default_dtype(prev)
+            load_weights(self.model, cfg.model, show_progress=rank == 0)
+        self._buffers_out_of_weights()
         self.timings["load_weights_s"] = time.perf_counter() - t0
         self._reached("weights_loaded", seconds=round(self.timings["load_weights_s"], 2))
 
         self.num_blocks = self._agree_on_num_blocks()
-        self.allocate_kv_cache()
         self.routed_by_slot: torch.Tensor | None = None  # [slots + 1, layers, top_k] int32; the last row: padding
-        if self.records_routing:
-            num_slots = self.num_blocks * cfg.block_size
-            shape = (num_slots + 1, self.model_config.num_hidden_layers, self.model_config.num_experts_per_tok)
-            self.routed_by_slot = torch.full(shape, -1, dtype=torch.int32, device=self.device)
+        self.allocate_kv_cache()
         self._reached("kv_cache_allocated", blocks=self.num_blocks, tokens=self.num_blocks * cfg.block_size)
         self.decode_graphs = self.piecewise_graphs = None
         if cfg.resolved_graph_mode != "eager":
@@ -112,18 +122,31 @@ class ModelRunner:
         if self.on_phase is not None:
             self.on_phase(phase)
 
+    def _buffers_out_of_weights(self) -> None:
+        """Move the model's buffers (rotary tables) out of the weights region: released without a
+        backup, the region comes back undefined, and a weight update restores parameters only."""
+        if not self.saver.enabled:
+            return
+        for module in self.model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module.register_buffer(name, buffer.clone(), persistent=name not in module._non_persistent_buffers_set)
+        torch.cuda.empty_cache()  # the originals' blocks: cached in the weights pool, which nothing else can use
+
     @property
     def has_graphs(self) -> bool:
         return self.decode_graphs is not None
 
     def capture_graphs(self) -> None:
-        """Capture (again: the graphs hold the addresses of the weights and the KV cache they saw)."""
+        """Capture (again, without the saver: the graphs hold the addresses of the weights and the KV
+        cache they saw)."""
         cfg = self.cfg
         self.decode_graphs = self.piecewise_graphs = None  # free the old ones before capturing anew
         max_blocks = -(-self.context_length // cfg.block_size)
         self.decode_graphs, self.piecewise_graphs, stats = capture_graphs(
             self.model, self.device, cfg.block_size, min(cfg.max_num_seqs, 512), max_blocks,
-            cfg.max_num_batched_tokens, cfg.resolved_graph_mode, show_progress=self.rank == 0)
+            cfg.max_num_batched_tokens, cfg.resolved_graph_mode, self.saver, show_progress=self.rank == 0)
+        self.num_graph_captures += 1
+        self.graph_memory_bytes = stats["memory_bytes"]
         self.timings["graph_capture_s"] = stats["seconds"]
         self._reached("graphs_captured", **stats)
 
@@ -162,19 +185,26 @@ class ModelRunner:
         return n
 
     def allocate_kv_cache(self) -> None:
+        """The KV pool and, where this rank records routing, the experts-per-slot table."""
         attn = self.model.layers[0].self_attn
         shape = (2, len(self.model.layers), self.num_blocks, self.cfg.block_size, attn.num_kv_heads, attn.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        with self.saver.region(KV_CACHE):
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if self.records_routing:
+                num_slots = self.num_blocks * self.cfg.block_size
+                routing = (num_slots + 1, self.model_config.num_hidden_layers, self.model_config.num_experts_per_tok)
+                self.routed_by_slot = torch.full(routing, -1, dtype=torch.int32, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]
 
     def free_kv_cache(self) -> int:
-        """Drop the KV cache; returns its size in bytes (0 when there was none)."""
+        """Drop the KV cache and the routing table (the saver off); returns their size in bytes (0 when
+        there was none)."""
         if self.kv_cache is None:
             return 0
-        size = self.kv_cache.numel() * self.kv_cache.element_size()
-        self.kv_cache = None
+        size = sum(t.numel() * t.element_size() for t in (self.kv_cache, self.routed_by_slot) if t is not None)
+        self.kv_cache = self.routed_by_slot = None
         for layer in self.model.layers:
             layer.self_attn.k_cache = layer.self_attn.v_cache = torch.empty(0)
         return size
@@ -268,6 +298,7 @@ class ModelRunner:
     def shutdown(self) -> None:
         self.decode_graphs = self.piecewise_graphs = self.colocation = None
         self.tp.destroy()
-        self.model = self.kv_cache = None
+        self.model = self.kv_cache = self.routed_by_slot = None
+        self.saver = None  # after every tensor of its regions
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

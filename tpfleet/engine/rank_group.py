@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 import traceback
@@ -65,7 +66,13 @@ class RankGroup:
             parent_end, child_end = context.Pipe()
             process = context.Process(target=worker_main, args=(cfg, rank, store_port, child_end, self._progress),
                                       name=f"tpfleet-rank{rank}", daemon=True)
-            process.start()
+            # Born with SIGINT blocked: a Ctrl-C in the terminal reaches every process of its group, and a
+            # rank still starting up would die of it before it could ignore it. The driver stops the ranks.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                process.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             child_end.close()
             self.workers.append(RankProcess(rank, process, parent_end))
         report_phase("ranks_started", pids=self.pids)

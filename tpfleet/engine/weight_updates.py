@@ -8,6 +8,12 @@ it does any rank commit, writing in place through the parameters' weight loaders
 shard; fused qkv and gate_up included). A rejected update leaves the old weights serving and the
 old weight_version. `EngineWeights` is the driver's part, reached through LLMEngine's methods;
 `RankWeights` is each rank's, reached as "colocation.weights.<method>" through RankGroup.call_all.
+
+Parameters are written in place (`param.data[...].copy_`, never a new `.data`): with the memory saver
+their addresses are what the CUDA graphs replay. From a colocated trainer's CUDA IPC buckets the copies
+go device to device straight into the live (fused, sharded) parameters, queued back to back with one
+synchronisation at the end and no staging copy; every bucket is opened and checked at staging, before
+any rank copies anything, which is what keeps an update all-or-nothing across ranks.
 """
 
 from __future__ import annotations
@@ -313,7 +319,18 @@ class EngineWeights:
         self.local: RankWeights = engine.runner.colocation.weights  # rank 0, in this process
         self.group_names: set[str] = set()
 
+    def required_names(self) -> set[str]:
+        """The checkpoint tensors a complete update writes."""
+        manifest = self.local.manifest
+        return set(manifest.shapes) - manifest.optional
+
+    def _check_resident(self) -> None:
+        if "weights" in self.engine.released:
+            raise InvalidRequest("weights", "the weights are released: POST /resume_memory_occupation with tags "
+                                            "['weights'] before updating them")
+
     def update_from_disk(self, model_path: str, weight_version: str | None) -> list[dict]:
+        self._check_resident()
         check_version(weight_version)
         roots = allowed_roots(self.engine.cfg)
         check_checkpoint(model_path, roots, self.local.manifest)
@@ -321,6 +338,7 @@ class EngineWeights:
 
     def update_from_tensor(self, payloads: list[str], load_format: str | None,
                            weight_version: str | None) -> list[dict]:
+        self._check_resident()
         check_version(weight_version)
         tp_size = self.engine.cfg.tp_size
         if load_format not in (None, "flattened_bucket"):
@@ -340,6 +358,7 @@ class EngineWeights:
     def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                 group_name: str, weight_version: str | None,
                                 load_format: str | None = None) -> list[dict]:
+        self._check_resident()
         check_version(weight_version)
         check_distributed_request(self.local.manifest, names, dtypes, shapes, load_format)
         if group_name not in self.group_names:
@@ -392,6 +411,10 @@ class EngineWeights:
             self.ranks.call_all("colocation.weights.discard")
             raise
         self.ranks.call_all("colocation.weights.commit")
+        stale = self.engine.stale_weights
+        if stale is not None:  # a checkpoint directory is complete; the other sources name what they wrote
+            written = stale if stage == "stage_disk" else set(reports[0]["names"])
+            self.engine.stale_weights = (stale - written) or None
         if weight_version is not None:
             self.engine.set_weight_version(weight_version)
         self.engine.block_manager.reset_prefix_cache()  # cached prefixes were computed by the old weights

@@ -177,11 +177,11 @@ def _block_of(pid, num_blocks_m, num_blocks_n, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _grouped_gate_up_kernel(hidden, w, act, sorted_ids, block_expert, rows_used, num_pairs, H, I, top_k,
+def _grouped_gate_up_kernel(hidden, w, act, sorted_ids, block_expert, rows_used, num_pairs, HIDDEN, INTER, top_k,
                             max_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP: tl.constexpr, PRECISION: tl.constexpr):
     """act[slot] = silu(x @ gate.T) * (x @ up.T) for the BLOCK_M sorted slots of one expert."""
-    pid_m, pid_n = _block_of(tl.program_id(0), max_blocks, tl.cdiv(I, BLOCK_N), GROUP)
+    pid_m, pid_n = _block_of(tl.program_id(0), max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP)
     if pid_m * BLOCK_M >= tl.load(rows_used):
         return
     expert = tl.load(block_expert + pid_m).to(tl.int64)
@@ -191,14 +191,14 @@ def _grouped_gate_up_kernel(hidden, w, act, sorted_ids, block_expert, rows_used,
     tokens = (pairs // top_k).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    n_ok = rn < I
-    x_ptr = hidden + tokens[:, None] * H + rk[None, :]
-    gate_ptr = w + expert * 2 * I * H + rn[None, :].to(tl.int64) * H + rk[:, None]  # [BLOCK_K, BLOCK_N]
-    up_ptr = gate_ptr + I * H
+    n_ok = rn < INTER
+    x_ptr = hidden + tokens[:, None] * HIDDEN + rk[None, :]
+    gate_ptr = w + expert * 2 * INTER * HIDDEN + rn[None, :].to(tl.int64) * HIDDEN + rk[:, None]  # [BLOCK_K, BLOCK_N]
+    up_ptr = gate_ptr + INTER * HIDDEN
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k_ok = rk < H - k0
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        k_ok = rk < HIDDEN - k0
         x = tl.load(x_ptr, mask=valid[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & n_ok[None, :]
         acc_gate = tl.dot(x, tl.load(gate_ptr, mask=w_mask, other=0.0), acc_gate, input_precision=PRECISION)
@@ -207,15 +207,15 @@ def _grouped_gate_up_kernel(hidden, w, act, sorted_ids, block_expert, rows_used,
         gate_ptr += BLOCK_K
         up_ptr += BLOCK_K
     y = _silu_mul(acc_gate, acc_up, act.dtype.element_ty)
-    tl.store(act + slots[:, None].to(tl.int64) * I + rn[None, :], y, mask=valid[:, None] & n_ok[None, :])
+    tl.store(act + slots[:, None].to(tl.int64) * INTER + rn[None, :], y, mask=valid[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _grouped_down_kernel(act, w, expert_out, sorted_ids, block_expert, rows_used, num_pairs, H, I, max_blocks,
+def _grouped_down_kernel(act, w, expert_out, sorted_ids, block_expert, rows_used, num_pairs, HIDDEN, INTER, max_blocks,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP: tl.constexpr, PRECISION: tl.constexpr):
     """expert_out[pair] = act[slot] @ down.T for the BLOCK_M sorted slots of one expert."""
-    pid_m, pid_n = _block_of(tl.program_id(0), max_blocks, tl.cdiv(H, BLOCK_N), GROUP)
+    pid_m, pid_n = _block_of(tl.program_id(0), max_blocks, tl.cdiv(HIDDEN, BLOCK_N), GROUP)
     if pid_m * BLOCK_M >= tl.load(rows_used):
         return
     expert = tl.load(block_expert + pid_m).to(tl.int64)
@@ -224,39 +224,39 @@ def _grouped_down_kernel(act, w, expert_out, sorted_ids, block_expert, rows_used
     valid = pairs < num_pairs
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    n_ok = rn < H
-    a_ptr = act + slots[:, None].to(tl.int64) * I + rk[None, :]
-    w_ptr = w + expert * H * I + rn[None, :].to(tl.int64) * I + rk[:, None]  # [BLOCK_K, BLOCK_N]
+    n_ok = rn < HIDDEN
+    a_ptr = act + slots[:, None].to(tl.int64) * INTER + rk[None, :]
+    w_ptr = w + expert * HIDDEN * INTER + rn[None, :].to(tl.int64) * INTER + rk[:, None]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        k_ok = rk < I - k0
+    for k0 in range(0, INTER, BLOCK_K):
+        k_ok = rk < INTER - k0
         a = tl.load(a_ptr, mask=valid[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(a, tl.load(w_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc,
                      input_precision=PRECISION)
         a_ptr += BLOCK_K
         w_ptr += BLOCK_K
-    out_ptr = expert_out + pairs[:, None].to(tl.int64) * H + rn[None, :]
+    out_ptr = expert_out + pairs[:, None].to(tl.int64) * HIDDEN + rn[None, :]
     tl.store(out_ptr, acc.to(expert_out.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _combine_kernel(expert_out, ids, weights, out, first, num_local, H, top_k, BLOCK: tl.constexpr):
+def _combine_kernel(expert_out, ids, weights, out, first, num_local, HIDDEN, top_k, BLOCK: tl.constexpr):
     """out[token] = sum over its local experts, in slot order, of weight * expert output, in fp32."""
     token = tl.program_id(0).to(tl.int64)
     rh = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    h_ok = rh < H
+    h_ok = rh < HIDDEN
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(0, top_k):
         pair = token * top_k + j
         local = tl.load(ids + pair).to(tl.int32) - first
         if (local >= 0) & (local < num_local):
-            y = tl.load(expert_out + pair * H + rh, mask=h_ok, other=0.0).to(tl.float32)
+            y = tl.load(expert_out + pair * HIDDEN + rh, mask=h_ok, other=0.0).to(tl.float32)
             acc += tl.load(weights + pair).to(tl.float32) * y
-    tl.store(out + token * H + rh, acc.to(out.dtype.element_ty), mask=h_ok)
+    tl.store(out + token * HIDDEN + rh, acc.to(out.dtype.element_ty), mask=h_ok)
 
 
 @triton.jit
-def _gemv_gate_up_kernel(hidden, w, ids, act, first, num_local, H, I, top_k,
+def _gemv_gate_up_kernel(hidden, w, ids, act, first, num_local, HIDDEN, INTER, top_k,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """act[pair] = silu(x @ gate.T) * (x @ up.T) for BLOCK_N features of one pair's expert."""
     pair = tl.program_id(0).to(tl.int64)
@@ -264,47 +264,47 @@ def _gemv_gate_up_kernel(hidden, w, ids, act, first, num_local, H, I, top_k,
     if (local >= 0) & (local < num_local):
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        n_ok = rn < I
-        x_row = hidden + (pair // top_k) * H
-        gate_rows = w + local.to(tl.int64) * 2 * I * H + rn[:, None].to(tl.int64) * H
-        up_rows = gate_rows + I * H
+        n_ok = rn < INTER
+        x_row = hidden + (pair // top_k) * HIDDEN
+        gate_rows = w + local.to(tl.int64) * 2 * INTER * HIDDEN + rn[:, None].to(tl.int64) * HIDDEN
+        up_rows = gate_rows + INTER * HIDDEN
         acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            k_ok = k0 + rk < H
+        for k0 in range(0, HIDDEN, BLOCK_K):
+            k_ok = k0 + rk < HIDDEN
             x = tl.load(x_row + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             w_mask = n_ok[:, None] & k_ok[None, :]
             acc_gate += tl.load(gate_rows + k0 + rk[None, :], mask=w_mask, other=0.0).to(tl.float32) * x
             acc_up += tl.load(up_rows + k0 + rk[None, :], mask=w_mask, other=0.0).to(tl.float32) * x
         y = _silu_mul(tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1), act.dtype.element_ty)
-        tl.store(act + pair * I + rn, y, mask=n_ok)
+        tl.store(act + pair * INTER + rn, y, mask=n_ok)
 
 
 @triton.jit
-def _gemv_down_kernel(act, w, ids, weights, out, first, num_local, H, I, top_k,
+def _gemv_down_kernel(act, w, ids, weights, out, first, num_local, HIDDEN, INTER, top_k,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[token] for BLOCK_N features: the token's experts' down rows streamed one expert after the
     other, each output rounded to the model dtype, weighted and summed in fp32."""
     token = tl.program_id(0).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    n_ok = rn < H
+    n_ok = rn < HIDDEN
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in range(0, top_k):
         pair = token * top_k + j
         local = tl.load(ids + pair).to(tl.int32) - first
         if (local >= 0) & (local < num_local):
-            rows = w + local.to(tl.int64) * H * I + rn[:, None].to(tl.int64) * I
-            a_row = act + pair * I
+            rows = w + local.to(tl.int64) * HIDDEN * INTER + rn[:, None].to(tl.int64) * INTER
+            a_row = act + pair * INTER
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, I, BLOCK_K):
-                k_ok = k0 + rk < I
+            for k0 in range(0, INTER, BLOCK_K):
+                k_ok = k0 + rk < INTER
                 a = tl.load(a_row + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
                 w_tile = tl.load(rows + k0 + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 acc += w_tile.to(tl.float32) * a
             y = tl.sum(acc, axis=1).to(out.dtype.element_ty).to(tl.float32)
             total += tl.load(weights + pair).to(tl.float32) * y
-    tl.store(out + token * H + rn, total.to(out.dtype.element_ty), mask=n_ok)
+    tl.store(out + token * HIDDEN + rn, total.to(out.dtype.element_ty), mask=n_ok)
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -176,9 +176,9 @@ class AsyncEngine:
         the last has finished=True. A caller that stops reading early aborts the request."""
         if not self.alive:
             raise EngineDead(self.error or "engine stopped")
-        released = self.engine.snapshot().released
-        if released:
-            raise EngineUnavailable(f"memory released ({list(released)}): POST /resume_memory_occupation first")
+        reason = self.engine.unavailable_reason()
+        if reason is not None:
+            raise EngineUnavailable(reason)
         self.engine.validate(prompt_ids, params, field, options)
         rid = rid or uuid.uuid4().hex
         if rid in self._streams:

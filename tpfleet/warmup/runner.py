@@ -82,19 +82,23 @@ def _run_job(job: Job, record_path: Path, tail_lines: int, crash_grace_s: float,
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     status, detail = "built", ""
-    while proc.poll() is None:
-        if exits.present(record_path):
-            try:
-                proc.wait(timeout=crash_grace_s)  # a failing job that exits by itself says more
-            except subprocess.TimeoutExpired:
+    try:
+        while proc.poll() is None:
+            if exits.present(record_path):
+                try:
+                    proc.wait(timeout=crash_grace_s)  # a failing job that exits by itself says more
+                except subprocess.TimeoutExpired:
+                    _kill_group(proc)
+                    status, detail = "crashed", "it recorded a failure and did not exit; process group killed"
+                break
+            if time.monotonic() - started > job.timeout_s:
                 _kill_group(proc)
-                status, detail = "crashed", "it recorded a failure and did not exit; process group killed"
-            break
-        if time.monotonic() - started > job.timeout_s:
-            _kill_group(proc)
-            status, detail = "timeout", f"no result within {job.timeout_s:.0f}s; process group killed"
-            break
-        time.sleep(0.05)
+                status, detail = "timeout", f"no result within {job.timeout_s:.0f}s; process group killed"
+                break
+            time.sleep(0.05)
+    except BaseException:  # Ctrl-C: the job runs in a session of its own, so nothing else would end it
+        _kill_group(proc)
+        raise
     code = proc.wait()
     _kill_group(proc)  # anything the job left behind in its group
     reader.join(timeout=5)
