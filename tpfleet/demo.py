@@ -82,7 +82,13 @@ def start_server(model: Path, tp_size: int, device: str = "cpu",
 
 
 def run_demo(tp_size: int = 2, workdir: str | None = None) -> int:
-    root = Path(workdir or tempfile.mkdtemp(prefix="tpfleet-demo-"))
+    if workdir is not None:
+        return _run_demo(tp_size, Path(workdir))
+    with tempfile.TemporaryDirectory(prefix="tpfleet-demo-") as root:  # removed when the demo ends
+        return _run_demo(tp_size, Path(root))
+
+
+def _run_demo(tp_size: int, root: Path) -> int:
     t = time.perf_counter()
     model = make_model("tiny", root / "tiny")
     print(f"built the tiny Qwen3 checkpoint in {root / 'tiny'} ({time.perf_counter() - t:.1f}s)")
