@@ -15,7 +15,6 @@ so with the saver and no backup their floor is 0 and their times stand alone.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import statistics
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from tpfleet.bench import report
 from tpfleet.bench.engine import copy_bandwidth, device_name
 from tpfleet.config import EngineConfig
 from tpfleet.engine.llm_engine import LLMEngine
@@ -163,12 +163,7 @@ def bench_colocate(cfg: EngineConfig, out_dir: str, cycles: int = 20) -> dict:
         "resume": _summary([r["resume_s"] for r in rows], host_floor),
         "update": _summary([r["update_s"] for r in rows], 2 * weight_bytes / device_bw),
     })
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / f"colocate_tp{cfg.tp_size}.json"
-    path.write_text(json.dumps(result, indent=1))
-    result["json"] = str(path)
-    print(format_result(result), flush=True)
-    return result
+    return report(result, out_dir, f"colocate_tp{cfg.tp_size}", format_result)
 
 
 def _cycles(engine: LLMEngine, payload: str, cycles: int) -> dict:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpfleet import env
+from tpfleet.bench import report
 from tpfleet.config import EngineConfig
 from tpfleet.phases import PHASES, READY_PREFIX, ROUTER_READY_PREFIX, after_prefix, parse_phase, phase_seconds
 
@@ -156,12 +157,7 @@ def bench_start(cfg: EngineConfig, out_dir: str, timeout: float = 900.0) -> dict
         result = {"config": cfg.to_dict(), "phase_order": list(PHASES), "caches": "fresh temp dir",
                   "cold": time_start(cfg, extra_env, timeout), "warm": time_start(cfg, extra_env, timeout),
                   "serve_imports_s": import_seconds()}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / f"start_tp{cfg.tp_size}_{cfg.device}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(format_start(result), flush=True)
-    result["json"] = str(path)
-    return result
+    return report(result, out_dir, f"start_tp{cfg.tp_size}_{cfg.device}", format_start)
 
 
 def format_start(result: dict) -> str:

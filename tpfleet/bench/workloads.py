@@ -14,16 +14,15 @@ go to the router at once from an httpx.AsyncClient, as an RL framework sends the
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import httpx
 
+from tpfleet.bench import report
 from tpfleet.bench.engine import device_name, free_device_memory, sync_device
 from tpfleet.bench.start import start_router, start_serve
 from tpfleet.config import EngineConfig
@@ -169,12 +168,7 @@ def bench_rl(cfg: EngineConfig, out_dir: str, workload: RLWorkload, logprobs: st
         result["http"] = run_over_http(cfg, workload, vocab, return_logprob=logprobs != "off")
         baseline = result.get("in_process") or result["in_process_no_logprob"]
         result["http_over_in_process"] = result["http"]["output_tok_s"] / baseline["output_tok_s"]
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / f"rl_tp{cfg.tp_size}_{cfg.device}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(format_rl(result), flush=True)
-    result["json"] = str(path)
-    return result
+    return report(result, out_dir, f"rl_tp{cfg.tp_size}_{cfg.device}", format_rl)
 
 
 def format_rl(r: dict) -> str:
