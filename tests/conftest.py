@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,9 +51,7 @@ def tied_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(tiny_model):
     """One TP=2 CPU server for the HTTP tests, in its own process, as users run it."""
-    from tpfleet.demo import start_server
+    from servers import serving
 
-    proc, url = start_server(tiny_model, tp_size=2, extra_args=["--kv-cache-tokens", "8192"])
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    with serving(tiny_model, 2, "--kv-cache-tokens", "8192") as url:
+        yield url

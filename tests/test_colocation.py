@@ -6,7 +6,6 @@ bookkeeping for weights that come back without values; the GPU tests run the mem
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import httpx
@@ -14,6 +13,7 @@ import pytest
 import torch
 from conftest import NUM_GPUS
 from safetensors import safe_open
+from servers import serving
 
 from tpfleet.bench.colocate import trainer_payload
 from tpfleet.config import EngineConfig
@@ -37,12 +37,8 @@ def checkpoint_tensors(model_dir: Path) -> list[tuple[str, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def colocated(tiny_model):
-    from tpfleet.demo import start_server
-
-    proc, url = start_server(tiny_model, tp_size=1, extra_args=["--kv-cache-tokens", "4096"])
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    with serving(tiny_model, 1, "--kv-cache-tokens", "4096") as url:
+        yield url
 
 
 def generate(url: str) -> httpx.Response:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
-import signal
 import threading
 import time
 
 import httpx
 import pytest
 import torch
-
-from tpfleet.demo import start_server
+from servers import serving
 
 PROMPT = [11, 42, 7, 99, 300, 12, 5, 801]
 GREEDY = {"max_new_tokens": 8, "temperature": 0}
@@ -48,10 +46,8 @@ SGLANG_SAMPLING_FIELDS = [
 
 @pytest.fixture(scope="module")
 def url(tiny_model):
-    proc, address = start_server(tiny_model, tp_size=1, extra_args=["--kv-cache-tokens", "16384"])
-    yield address
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    with serving(tiny_model, 1, "--kv-cache-tokens", "16384") as address:
+        yield address
 
 
 def generate(url, body, timeout=120):
@@ -447,10 +443,8 @@ def moe_url(tmp_path_factory):
     from tpfleet.model.make_model import make_model
 
     model = make_model("tiny-moe", tmp_path_factory.mktemp("tiny-moe"))
-    proc, address = start_server(model, tp_size=1, extra_args=["--enable-return-routed-experts"])
-    yield address, json.loads((model / "config.json").read_text())
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    with serving(model, 1, "--enable-return-routed-experts") as address:
+        yield address, json.loads((model / "config.json").read_text())
 
 
 def test_routed_experts_cover_every_position_but_the_last(moe_url):

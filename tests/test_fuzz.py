@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from collections import Counter
 
@@ -19,6 +18,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from servers import serving
 
 FUZZ_REQUESTS = int(os.environ.get("TPFLEET_FUZZ_REQUESTS", "400"))
 FUZZ_SECONDS = float(os.environ.get("TPFLEET_FUZZ_SECONDS", "30"))
@@ -159,12 +159,8 @@ def request_strategy(spec: dict) -> st.SearchStrategy:
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_model):
     """A server of its own: the fuzzer pauses, flushes and aborts, which the shared one must not see."""
-    from tpfleet.demo import start_server
-
-    proc, url = start_server(tiny_model, tp_size=2, extra_args=["--kv-cache-tokens", "4096"])
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    with serving(tiny_model, 2, "--kv-cache-tokens", "4096") as url:
+        yield url
 
 
 def _send(client: httpx.Client, method: str, path: str, body: bytes) -> httpx.Response:
