@@ -137,6 +137,22 @@ def test_table_lookup(tmp_path, monkeypatch):
     assert moe_triton.default_config(4096, 128, 8)["path"] == "grouped"
 
 
+HOPPER_SHARED_MEMORY = 227 << 10
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [17, 257, 1024, 8192])
+def test_default_grouped_tiles_fit_shared_memory(tokens, dtype):
+    """A grouped GEMM stage holds an A tile and one (down) or two (gate and up) B tiles; every stage of
+    the default tiles must fit a Hopper block's shared memory, in 32-bit operands as in 16-bit ones."""
+    config = moe_triton.default_config(tokens, 128, 8, dtype)
+    assert config["path"] == "grouped"
+    for part, b_tiles in (("gate_up", 2), ("down", 1)):
+        tile = config[part]
+        stage = (config["BLOCK_M"] * tile["BLOCK_K"] + b_tiles * tile["BLOCK_K"] * tile["BLOCK_N"]) * dtype.itemsize
+        assert tile["num_stages"] * stage <= HOPPER_SHARED_MEMORY, (part, tile)
+
+
 # (first expert, local experts) as fractions of the global experts: all of them, or an EP rank's slice
 PLACEMENTS = {"all": lambda e: (0, e), "ep-slice": lambda e: (e // 2, e // 4 + 1)}
 

@@ -413,9 +413,18 @@ def _tile(block_n: int, block_k: int, warps: int, stages: int) -> dict:
 GEMV_MAX_PAIRS = 16  # default: the gemv path up to 2 tokens at k = 8, where pairs rarely share an expert
 
 
-def default_config(tokens: int, num_local: int, top_k: int) -> dict:
-    """Tiles for a GPU or shape without a tuning table: by the pairs each expert gets on average."""
-    pairs = tokens * top_k
+def default_config(tokens: int, num_local: int, top_k: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Tiles for a GPU or shape without a tuning table: by the pairs each expert gets on average. The
+    tiles are sized for 16-bit operands; 32-bit ones take twice the shared memory per stage (the largest
+    gate_up tile, 80 KB a stage in fp32, would need 320 KB at four), so they get two stages."""
+    config = _default_tiles(tokens * top_k, num_local)
+    if dtype.itemsize == 4:
+        for part in ("gate_up", "down"):
+            config[part] = {**config[part], "num_stages": 2}
+    return config
+
+
+def _default_tiles(pairs: int, num_local: int) -> dict:
     if pairs <= GEMV_MAX_PAIRS:
         return {"path": "gemv", "gate_up": _tile(16, 256, 4, 3), "down": _tile(16, 256, 4, 3)}
     per_expert = pairs / num_local
@@ -458,7 +467,7 @@ def launch_config(tokens: int, num_local: int, hidden_size: int, inter: int, top
         table = load_table(str(path))
         if table:
             return pick(table, tokens)
-    return default_config(tokens, num_local, top_k)
+    return default_config(tokens, num_local, top_k, dtype)
 
 
 GEMV_TILES = [_tile(*t) for t in [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3),
