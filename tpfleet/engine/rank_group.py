@@ -3,11 +3,13 @@ a process of its own (tpfleet.engine.worker).
 
 The group starts the ranks and the rendezvous store they meet at, sends them each step and every
 other call, and watches them. A dead rank would leave the others blocked in a collective forever,
-so its death ends the engine at once, leaving exit records (tpfleet.exits) that say which rank died
-and how: the rank's own, written by the rank when it failed with an exception or else here from its
-exit status, and the engine's, with the ranks' records as its causes. A rank that is alive but makes
-no progress (tpfleet.engine.hang_watch) ends the engine the same way, once `hung` has said so for
-HUNG_EXIT_GRACE_S so that /health answers 503 before the process goes.
+so its death ends the engine, after `on_rank_death` has failed the requests in flight and
+RANK_DEATH_GRACE_S has let their answers reach the clients (an error, not a cut connection). It leaves
+exit records (tpfleet.exits) that say which rank died and how: the rank's own, written by the rank
+when it failed with an exception or else here from its exit status, and the engine's, with the
+ranks' records as its causes. A rank that is alive but makes no progress (tpfleet.engine.hang_watch)
+ends the engine the same way, once `hung` has said so for HUNG_EXIT_GRACE_S so that /health answers
+503 before the process goes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
@@ -37,6 +40,7 @@ log = logging.getLogger("tpfleet.engine")
 RANK_DIED_EXIT_CODE = 70  # EX_SOFTWARE: the engine ended itself because one of its ranks died
 RANK_HUNG_EXIT_CODE = 75  # EX_TEMPFAIL: the engine ended itself because one of its ranks hung; restart it
 HUNG_EXIT_GRACE_S = 1.0
+RANK_DEATH_GRACE_S = 1.0  # time for the failed requests' answers to reach their clients
 
 
 @dataclass
@@ -56,6 +60,8 @@ class RankGroup:
         self._stopping = False
         self._serving = False
         self.hung: str | None = None  # why the engine is unhealthy: a rank stopped making progress
+        # Called on the watchdog thread with why a rank died, before the engine exits.
+        self.on_rank_death: Callable[[str], None] | None = None
         self._progress = ProgressTable(cfg.tp_size)
         # The rendezvous store's server runs in this process: held here until every worker, its client,
         # has exited (see `shutdown`).
@@ -164,6 +170,12 @@ class RankGroup:
                 worker.process.kill()
         exits.write_engine_record(path, self.tp_size, ExitRecord.from_exit(
             "engine", 0, os.getpid(), RANK_DIED_EXIT_CODE, phase, message=record.describe()))
+        if self.on_rank_death is not None:
+            try:
+                self.on_rank_death(record.describe())
+                time.sleep(RANK_DEATH_GRACE_S)
+            except Exception:  # noqa: BLE001 - the engine exits all the same
+                log.exception("failing the requests in flight failed")
         os._exit(RANK_DIED_EXIT_CODE)
 
     def _on_hang(self, hang: Hang) -> None:

@@ -2,7 +2,9 @@
 
 Every mutation of engine state happens on the engine thread: callers post closures to an inbox,
 so the scheduler needs no locks. Outputs travel back with `call_soon_threadsafe`. An aborted
-request's stream ends with what it produced and finish_reason {"type": "abort", ...}, never an error.
+request's stream ends with what it produced and finish_reason {"type": "abort", ...}, never an error;
+so does every request in flight when the server shuts down. When the engine dies (its loop fails, or a
+rank dies and the engine is about to exit), every stream ends with EngineDead: HTTP 503.
 """
 
 from __future__ import annotations
@@ -66,10 +68,12 @@ class AsyncEngine:
         self._last_token_time: dict[str, float] = {}
         self._running = True
         self._stopped = False
+        self._closing = False  # the server is shutting down: no new requests
         self.error: str | None = None
         self._step_started: float | None = None  # monotonic time the step in progress began
         self._thread = threading.Thread(target=self._loop, name="tpfleet-engine", daemon=True)
         self._thread.start()
+        engine.ranks.on_rank_death = self._fail_all
 
     @property
     def alive(self) -> bool:
@@ -98,11 +102,24 @@ class AsyncEngine:
                     self._wake.wait(0.05)
                     self._wake.clear()
         except Exception:
-            self.error = traceback.format_exc()
-            log.critical("engine loop failed; failing every request:\n%s", self.error)
-            for rid, (loop, q) in list(self._streams.items()):
-                loop.call_soon_threadsafe(q.put_nowait, EngineDead(self.error.splitlines()[-1]))
-            self._streams.clear()
+            error = traceback.format_exc()
+            log.critical("engine loop failed; failing every request:\n%s", error)
+            self._fail_all(error)
+            return
+        for rid in list(self.engine.seqs):
+            self._abort_now(rid)
+        self._fail_all("the server is shutting down")  # requests posted but never added
+
+    def _fail_all(self, error: str) -> None:
+        """End every stream with EngineDead; from any thread (the watchdog's too), so each stream is
+        taken with one atomic `pop`. The engine takes no request after."""
+        if self.error is None:
+            self.error = error
+        for rid in list(self._streams):
+            target = self._streams.pop(rid, None)
+            if target is not None:
+                loop, q = target
+                loop.call_soon_threadsafe(q.put_nowait, EngineDead(error.strip().splitlines()[-1]))
 
     def _publish(self, outputs) -> None:
         now = time.perf_counter()
@@ -131,7 +148,7 @@ class AsyncEngine:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, self._output(seq, out.new_text, now))
             if seq.is_finished:
-                del self._streams[seq.rid]
+                self._streams.pop(seq.rid, None)
 
     @staticmethod
     def _output(seq: Sequence, delta: str, now: float) -> RequestOutput:
@@ -176,6 +193,8 @@ class AsyncEngine:
         the last has finished=True. A caller that stops reading early aborts the request."""
         if not self.alive:
             raise EngineDead(self.error or "engine stopped")
+        if self._closing:
+            raise EngineUnavailable("the server is shutting down")
         reason = self.engine.unavailable_reason()
         if reason is not None:
             raise EngineUnavailable(reason)
@@ -219,6 +238,12 @@ class AsyncEngine:
 
     def abort_all(self) -> None:
         self._post(lambda: [self._abort_now(rid) for rid in list(self.engine.seqs)])
+
+    def close(self) -> None:
+        """The server is shutting down: refuse new requests (503) and abort those in flight, whose
+        clients get their partial output."""
+        self._closing = True
+        self.abort_all()
 
     def _abort_now(self, rid: str) -> None:
         """On the engine thread: free the request, and tell its caller if it is still listening."""

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tpfleet.engine.sequence import InvalidRequest, OutputOptions, SamplingParams
 from tpfleet.server.async_engine import AsyncEngine, RequestOutput
 from tpfleet.server.guard import RequestLimits, decode_text_field, tokenize_off_loop
-from tpfleet.server.http_utils import last_output, merge, sse, unless_disconnected
+from tpfleet.server.http_utils import last_output, merge, sse, stream_error, unless_disconnected
 from tpfleet.server.protocol import (
     UNSUPPORTED_GENERATE,
     GenerateRequest,
@@ -183,9 +183,12 @@ def generate_router(aengine: AsyncEngine) -> APIRouter:
         streams = start(jobs)
         if req.stream:
             async def events():
-                async for index, out in merge(streams):
-                    chunk = shape(index, out)
-                    yield sse({**chunk, "index": index} if as_list else chunk)
+                try:
+                    async for index, out in merge(streams):
+                        chunk = shape(index, out)
+                        yield sse({**chunk, "index": index} if as_list else chunk)
+                except Exception as exc:  # noqa: BLE001 - the client gets an error event, not a cut connection
+                    yield stream_error(exc)
                 yield sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from tpfleet.server.async_engine import RequestOutput
+from tpfleet.server.async_engine import EngineUnavailable, RequestOutput
+
+log = logging.getLogger("tpfleet.server")
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -105,3 +108,12 @@ async def unless_disconnected(request: Request, work: Awaitable):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             raise asyncio.CancelledError("client disconnected")
+
+
+def stream_error(exc: Exception) -> str:
+    """The event that ends a stream whose engine failed, before its `[DONE]`: the body a request
+    without streaming would have been answered with (503 when the engine is dead or shutting down)."""
+    if isinstance(exc, EngineUnavailable):
+        return sse(error_response(503, f"engine unavailable: {exc}").body.decode())
+    log.error("a stream failed", exc_info=exc)
+    return sse(error_response(500, f"internal error: {exc!r}").body.decode())

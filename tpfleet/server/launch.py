@@ -14,11 +14,17 @@ import logging
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from tpfleet import exits
 from tpfleet.config import EngineConfig
 from tpfleet.lifecycle import sigterm_as_interrupt
 from tpfleet.phases import READY_PREFIX, phase_seconds, process_start_time, reached_phases, report_phase
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from tpfleet.server.async_engine import AsyncEngine
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -50,6 +56,20 @@ def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 0, served_mode
     except BaseException as exc:
         exits.record_engine_failure(exc, cfg.tp_size)
         raise
+
+
+def closing_server(config: uvicorn.Config, aengine: AsyncEngine) -> uvicorn.Server:
+    """A uvicorn server that, as it starts to shut down, aborts every request in flight (tpfleet.server.
+    async_engine.AsyncEngine.close): its graceful wait then sees each stream end with its abort chunk and
+    `[DONE]`, and each plain request answered with its partial output, instead of cutting them at the timeout."""
+    import uvicorn
+
+    class ClosingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            aengine.close()
+            await super().shutdown(sockets)
+
+    return ClosingServer(config)
 
 
 def startup_summary() -> str:
@@ -85,7 +105,8 @@ def _serve(cfg: EngineConfig, host: str, port: int, served_model_name: str | Non
         app = create_app(aengine, args, on_ready=ready)
         # uvicorn re-raises SIGTERM once it has shut down gracefully; make that a clean exit, not a kill.
         sigterm_as_interrupt()
-        uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+        closing_server(config, aengine).run(sockets=[sock])
     finally:
         aengine.shutdown()  # idempotent: normally the app's lifespan already did it
         sys.stdout.flush()

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tpfleet.engine.sequence import InvalidRequest, OutputOptions
 from tpfleet.server.async_engine import AsyncEngine, RequestOutput
 from tpfleet.server.guard import tokenize_off_loop
-from tpfleet.server.http_utils import last_output, merge, sse, unless_disconnected
+from tpfleet.server.http_utils import last_output, merge, sse, stream_error, unless_disconnected
 from tpfleet.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAISampling
 
 DEFAULT_COMPLETION_TOKENS = 16
@@ -123,11 +123,16 @@ def openai_router() -> APIRouter:
                 for i in range(len(streams)):
                     yield sse({**base, "object": chunk_obj, "choices": [
                         {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-            async for i, out in merge(streams):
-                if out.finished:
-                    finals[i] = out
-                yield sse({**base, "object": chunk_obj, "choices": [chunk_choice(i, out, sent[i])]})
-                sent[i] = len(out.output_ids)
+            try:
+                async for i, out in merge(streams):
+                    if out.finished:
+                        finals[i] = out
+                    yield sse({**base, "object": chunk_obj, "choices": [chunk_choice(i, out, sent[i])]})
+                    sent[i] = len(out.output_ids)
+            except Exception as exc:  # noqa: BLE001 - the client gets an error event, not a cut connection
+                yield stream_error(exc)
+                yield sse("[DONE]")
+                return
             if include_usage:
                 yield sse({**base, "object": chunk_obj, "choices": [], "usage": _usage(list(finals.values()))})
             yield sse("[DONE]")
