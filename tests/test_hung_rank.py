@@ -23,7 +23,7 @@ from tpfleet.engine.hang_watch import (
     ProgressTable,
     RankBeacon,
 )
-from tpfleet.engine.rank_group import HUNG_EXIT_GRACE_S, RANK_HUNG_EXIT_CODE
+from tpfleet.engine.rank_group import EXIT_GRACE_S, RANK_HUNG_EXIT_CODE
 from tpfleet.phases import PHASES, parse_phase
 
 HANG_TIMEOUT = 3.0
@@ -135,7 +135,7 @@ def test_a_stopped_rank_is_detected_and_named_in_the_exit_record(tmp_path, tiny_
         time.sleep(0.5)  # generating now
         os.kill(rank1_pid, signal.SIGSTOP)
         stopped_at = time.time()
-        code = proc.wait(timeout=HANG_TIMEOUT + 5 + HUNG_EXIT_GRACE_S + 30)
+        code = proc.wait(timeout=HANG_TIMEOUT + 5 + EXIT_GRACE_S + 30)
         output += proc.stdout.read().splitlines()
     finally:
         if proc.poll() is None:

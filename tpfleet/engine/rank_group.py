@@ -3,13 +3,13 @@ a process of its own (tpfleet.engine.worker).
 
 The group starts the ranks and the rendezvous store they meet at, sends them each step and every
 other call, and watches them. A dead rank would leave the others blocked in a collective forever,
-so its death ends the engine, after `on_rank_death` has failed the requests in flight and
-RANK_DEATH_GRACE_S has let their answers reach the clients (an error, not a cut connection). It leaves
+so its death ends the engine, after `on_failure` has failed the requests in flight and EXIT_GRACE_S
+has let their answers reach the clients (an error, not a cut connection). It leaves
 exit records (tpfleet.exits) that say which rank died and how: the rank's own, written by the rank
 when it failed with an exception or else here from its exit status, and the engine's, with the
 ranks' records as its causes. A rank that is alive but makes no progress (tpfleet.engine.hang_watch)
-ends the engine the same way, once `hung` has said so for HUNG_EXIT_GRACE_S so that /health answers
-503 before the process goes.
+ends the engine the same way; `hung` says so meanwhile, so that /health answers 503 before the process
+goes.
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ log = logging.getLogger("tpfleet.engine")
 
 RANK_DIED_EXIT_CODE = 70  # EX_SOFTWARE: the engine ended itself because one of its ranks died
 RANK_HUNG_EXIT_CODE = 75  # EX_TEMPFAIL: the engine ended itself because one of its ranks hung; restart it
-HUNG_EXIT_GRACE_S = 1.0
-RANK_DEATH_GRACE_S = 1.0  # time for the failed requests' answers to reach their clients
+EXIT_GRACE_S = 1.0  # time for the failed requests' answers to reach their clients
 
 
 @dataclass
@@ -61,7 +60,7 @@ class RankGroup:
         self._serving = False
         self.hung: str | None = None  # why the engine is unhealthy: a rank stopped making progress
         # Called on the watchdog thread with why a rank died, before the engine exits.
-        self.on_rank_death: Callable[[str], None] | None = None
+        self.on_failure: Callable[[str], None] | None = None  # fails every request in flight, with a reason
         self._progress = ProgressTable(cfg.tp_size)
         # The rendezvous store's server runs in this process: held here until every worker, its client,
         # has exited (see `shutdown`).
@@ -170,12 +169,7 @@ class RankGroup:
                 worker.process.kill()
         exits.write_engine_record(path, self.tp_size, ExitRecord.from_exit(
             "engine", 0, os.getpid(), RANK_DIED_EXIT_CODE, phase, message=record.describe()))
-        if self.on_rank_death is not None:
-            try:
-                self.on_rank_death(record.describe())
-                time.sleep(RANK_DEATH_GRACE_S)
-            except Exception:  # noqa: BLE001 - the engine exits all the same
-                log.exception("failing the requests in flight failed")
+        self._fail_requests(record.describe())
         os._exit(RANK_DIED_EXIT_CODE)
 
     def _on_hang(self, hang: Hang) -> None:
@@ -183,19 +177,28 @@ class RankGroup:
         if self._stopping:
             return
         self.hung = hang.message
-        log.critical("%s; stopping the engine in %gs", hang.message, HUNG_EXIT_GRACE_S)
+        log.critical("%s; stopping the engine in %gs", hang.message, EXIT_GRACE_S)
         stuck = next(worker for worker in self.workers if worker.rank == hang.rank)
         record = ExitRecord("rank", hang.rank, stuck.process.pid, hang.phase, "RankHung", hang.message)
         path = env.exit_record_path()
         if path is not None:
             exits.write(exits.rank_path(path, hang.rank), record)
-        time.sleep(HUNG_EXIT_GRACE_S)
+        self._fail_requests(hang.message)
         self._stopping = True  # the kills below are not deaths to report
         for worker in self.workers:
             worker.process.kill()
         exits.write_engine_record(path, self.tp_size, ExitRecord.from_exit(
             "engine", 0, os.getpid(), RANK_HUNG_EXIT_CODE, self.phase, message=record.describe()))
         os._exit(RANK_HUNG_EXIT_CODE)
+
+    def _fail_requests(self, reason: str) -> None:
+        """Before the engine ends itself: fail every request in flight and let the answers go out."""
+        if self.on_failure is not None:
+            try:
+                self.on_failure(reason)
+            except Exception:  # noqa: BLE001 - the engine exits all the same
+                log.exception("failing the requests in flight failed")
+        time.sleep(EXIT_GRACE_S)
 
     # --- stopping ---------------------------------------------------------------------------------------
 

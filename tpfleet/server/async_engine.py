@@ -73,7 +73,7 @@ class AsyncEngine:
         self._step_started: float | None = None  # monotonic time the step in progress began
         self._thread = threading.Thread(target=self._loop, name="tpfleet-engine", daemon=True)
         self._thread.start()
-        engine.ranks.on_rank_death = self._fail_all
+        engine.ranks.on_failure = self._fail_all
 
     @property
     def alive(self) -> bool:
