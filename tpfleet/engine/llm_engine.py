@@ -7,8 +7,10 @@ stops scheduling in one of three ways (PAUSE_MODES) and returns once no step is 
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoTokenizer
@@ -22,6 +24,9 @@ from tpfleet.engine.scheduler import ScheduledSeq, Scheduler
 from tpfleet.engine.sequence import InvalidRequest, OutputOptions, SamplingParams, Sequence
 from tpfleet.engine.step_input import ModelInput
 from tpfleet.jit import default_triton_cache
+
+if TYPE_CHECKING:
+    from tpfleet.engine.weight_updates import EngineWeights
 
 # abort: end every request with what it has; retract: free every running request's KV and queue it to
 # resume from its prefix; in_place: keep everything where it is
@@ -372,14 +377,13 @@ class LLMEngine:
     # --- new weights (tpfleet.engine.weight_updates): each checked in full on every rank, then applied
     # on all of them or on none; InvalidRequest names the field at fault ------------------------------
 
-    @property
-    def weights(self):
-        """The driver's tpfleet.engine.weight_updates.EngineWeights, made on first use."""
-        if getattr(self, "_weights", None) is None:
-            from tpfleet.engine.weight_updates import EngineWeights
+    @functools.cached_property
+    def weights(self) -> EngineWeights:
+        """The driver's side of weight updates, made on first use (its import pulls in safetensors and
+        the collective-group code, which most engines never need)."""
+        from tpfleet.engine.weight_updates import EngineWeights
 
-            self._weights = EngineWeights(self)
-        return self._weights
+        return EngineWeights(self)
 
     def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> list[dict]:
         return self.weights.update_from_disk(model_path, weight_version)

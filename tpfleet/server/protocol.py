@@ -84,29 +84,38 @@ class _SamplingFields(Strict):
             raise InvalidRequest(f"{prefix}.sampling_seed", "differs from seed; give one of them")
         top_k = -1 if self.top_k is None or self.top_k >= min(TOP_K_ALL, vocab_size) else self.top_k
         max_new = self.max_new_tokens if self.max_new_tokens is not None else max(0, context_length - prompt_len)
-        return SamplingParams(
-            max_new_tokens=max_new,
-            temperature=_or(self.temperature, 1.0),
-            top_p=_or(self.top_p, 1.0),
-            top_k=top_k,
-            min_p=_or(self.min_p, 0.0),
-            seed=self.sampling_seed if self.sampling_seed is not None else self.seed,
-            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-            stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=_or(self.ignore_eos, False),
-            repetition_penalty=_or(self.repetition_penalty, 1.0),
-            frequency_penalty=_or(self.frequency_penalty, 0.0),
-            presence_penalty=_or(self.presence_penalty, 0.0),
-            min_new_tokens=_or(self.min_new_tokens, 0),
-            skip_special_tokens=_or(self.skip_special_tokens, True),
-            spaces_between_special_tokens=_or(self.spaces_between_special_tokens, True),
-            no_stop_trim=_or(self.no_stop_trim, False),
-            logit_bias=_token_bias(self.logit_bias, f"{prefix}.logit_bias"),
-        )
+        seed = self.sampling_seed if self.sampling_seed is not None else self.seed
+        return _engine_params(self, max_new, top_k, seed, _or(self.min_new_tokens, 0), f"{prefix}.logit_bias",
+                              no_stop_trim=_or(self.no_stop_trim, False))
 
 
 def _or(value, default):
     return default if value is None else value
+
+
+def _engine_params(body, max_new_tokens: int, top_k: int, seed: int | None, min_new_tokens: int, bias_field: str,
+                   no_stop_trim: bool = False) -> SamplingParams:
+    """The engine's parameters from either API's body: the fields they share by name, nulls as defaults;
+    the caller gives those the two APIs name or bound differently."""
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=_or(body.temperature, 1.0),
+        top_p=_or(body.top_p, 1.0),
+        top_k=top_k,
+        min_p=_or(body.min_p, 0.0),
+        seed=seed,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=_or(body.ignore_eos, False),
+        repetition_penalty=_or(body.repetition_penalty, 1.0),
+        frequency_penalty=_or(body.frequency_penalty, 0.0),
+        presence_penalty=_or(body.presence_penalty, 0.0),
+        min_new_tokens=min_new_tokens,
+        skip_special_tokens=_or(body.skip_special_tokens, True),
+        spaces_between_special_tokens=_or(body.spaces_between_special_tokens, True),
+        no_stop_trim=no_stop_trim,
+        logit_bias=_token_bias(body.logit_bias, bias_field),
+    )
 
 
 def _token_bias(bias: dict[str, float] | None, field: str) -> dict[int, float] | None:
@@ -243,18 +252,8 @@ class OpenAISampling(Strict):
     user: str | None = None
 
     def to_params(self, default_max_tokens: int) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
-            temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0), top_k=_or(self.top_k, -1),
-            min_p=_or(self.min_p, 0.0), seed=self.seed,
-            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=_or(self.ignore_eos, False),
-            repetition_penalty=_or(self.repetition_penalty, 1.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
-            presence_penalty=_or(self.presence_penalty, 0.0), min_new_tokens=_or(self.min_tokens, 0),
-            skip_special_tokens=_or(self.skip_special_tokens, True),
-            spaces_between_special_tokens=_or(self.spaces_between_special_tokens, True),
-            logit_bias=_token_bias(self.logit_bias, "logit_bias"),
-        )
+        max_new = self.max_tokens if self.max_tokens is not None else default_max_tokens
+        return _engine_params(self, max_new, _or(self.top_k, -1), self.seed, _or(self.min_tokens, 0), "logit_bias")
 
 
 class CompletionRequest(OpenAISampling):
