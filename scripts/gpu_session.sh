@@ -13,6 +13,19 @@
 # fused: the fused all-reduce's GPU tests, then the engine benchmark at TP=2 with it on and off
 #        (TPFLEET_FUSED_AR), and at TP=1 (piecewise), on one machine
 # warm: cold and warm starts of a TP=2 engine, and a second warm-up run, on emptied caches
+# rl: the one-GPU tests of the RL contract, MoE and colocation, then `bench colocate` with the memory
+#     saver and `bench moe --sweep`
+# roofline: attention's GPU tests and tile sweep, then `bench engine` over batches and contexts with
+#           logprobs on and off
+# rlwork: the RL-shaped workload, in-process and over HTTP (RL_MAX sets its output cap)
+# ab: the RL loop's and the fused sampler's GPU tests; then BASE (a package copy, e.g. a `git archive` of
+#     main) against this checkout, in turn (`python3 -P`: `-m` would put the checkout's own package first
+#     on the path, whatever PYTHONPATH says): the decode step at the issue's bar points with the offline
+#     workload, then the RL workload (HTTP for this checkout only); then `bench colocate`
+# moe: the 30b-a3b-shape engine with random weights (`make-model --no-weights`, `--load-format dummy`: no
+#      61 GB checkpoint): `bench engine` over batches, offline, logprobs off and on
+# last: the RL loop's GPU test (alone on the GPU: the fleet refuses a GPU another process holds), the RL
+#       workload in-process and over HTTP, `bench start`, and the attention tile sweep
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Ray's wheel is large to install: only the fleet stage needs it
@@ -124,10 +137,94 @@ LLMEngine(EngineConfig(model='$MODEL', tp_size=2, device='cuda', graph_mode='ful
     echo "pytest exit $?"; tail -4 "$OUT/tests.log"
     for run in 1 2; do for tree in "${BASE:?set BASE}" "$TREE"; do
       log "engine TP=1 ($tree, run $run)"
-      PYTHONPATH=/tmp/site:$PWD/$tree timeout 150 python3 -m tpfleet bench engine --model "$MODEL" --device cuda \
+      PYTHONPATH=/tmp/site:$PWD/$tree timeout 150 python3 -P -m tpfleet bench engine --model "$MODEL" --device cuda \
         --tp 1 --graph-mode piecewise --no-hf --num-seqs 128 --out "$OUT/$(basename $tree)_$run" 2>/dev/null \
         | grep -E "^ +(1|8|64|256) |measured|^offline|^mixed"
     done; done
     ;;
-  *) echo "usage: $0 tests|ops|kernels|check|engine|pdl|warm|fleet|compare" >&2; exit 2 ;;
+  rl)
+    make_model > /dev/null 2>&1 &
+    log "GPU tests of the RL contract, MoE and colocation"
+    timeout ${TEST_S:-240} python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_fused_sampling.py tests/test_moe_kernel.py \
+      tests/test_graphs_gpu.py tests/test_weight_sync.py tests/test_rl_loop.py tests/test_gpu_server.py \
+      tests/test_colocation.py -k "not interpreter" > "$OUT/tests.log" 2>&1
+    echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^ERROR|Error" "$OUT/tests.log" | cut -c1-300 | tail -15
+    wait
+    log "bench colocate, memory saver"
+    timeout 150 python3 -m tpfleet bench colocate --model "$MODEL" --device cuda --enable-memory-saver --cycles 20 \
+      --out "$OUT" 2>&1 | grep -v "^tpfleet phase\|Loading" | tail -25
+    log "bench moe --sweep"
+    timeout ${MOE_S:-150} python3 -m tpfleet bench moe --sweep --tokens 1,4,16,64,256,1024,4096,8192 --out "$OUT" 2>&1 \
+      | tail -25
+    ;;
+  roofline)
+    make_model > /dev/null 2>&1 &
+    log "attention GPU tests"
+    timeout 120 python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_attention.py -k "not interpreter" \
+      > "$OUT/attention_tests.log" 2>&1
+    echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/attention_tests.log" | cut -c1-300 | tail -8
+    log "bench attention --tiles"
+    timeout ${ATTN_S:-150} python3 -m tpfleet bench attention --tiles --out "$OUT"
+    wait
+    log "bench engine: decode roofline, offline with logprobs off and on"
+    timeout ${ENGINE_S:-300} python3 -m tpfleet bench engine --model "$MODEL" --device cuda --tp 1 \
+      --graph-mode piecewise --no-hf --logprobs both --contexts ${CONTEXTS:-128,1024,4096} --max-num-seqs 512 \
+      --out "$OUT" 2>&1 \
+      | grep -v "^tpfleet phase\|Loading"
+    ;;
+  rlwork)
+    make_model
+    log "bench engine --workload rl"
+    timeout ${RL_S:-300} python3 -m tpfleet bench engine --workload rl --model "$MODEL" --device cuda --tp 1 \
+      --graph-mode piecewise --rl-max-output ${RL_MAX:-2048} --logprobs on --out "$OUT/rl" 2>&1 \
+      | grep -v "^tpfleet phase\|Loading" | tail -20
+    ;;
+  ab)
+    make_model > /dev/null 2>&1 &
+    log "GPU tests: the RL loop, the fused sampler"
+    timeout 120 python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_rl_loop.py tests/test_fused_sampling.py \
+      > "$OUT/tests.log" 2>&1
+    echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^ERROR|^E  " "$OUT/tests.log" | cut -c1-300 | tail -8
+    wait
+    for tree in "${BASE:?set BASE}" .; do
+      log "bench engine, $tree"
+      PYTHONPATH=/tmp/site:$PWD/$tree timeout ${ENGINE_S:-130} python3 -P -m tpfleet bench engine --model "$MODEL" \
+        --device cuda --tp 1 --graph-mode piecewise --no-hf --logprobs off --batches 1,64,256 --contexts 1024,4096 \
+        --max-num-seqs 512 --out "$OUT/$(basename $(realpath $tree))" 2>&1 | grep -v "^tpfleet phase\|Loading" \
+        | grep -v "^  .*_kernel\|^  .*nvjet\|^costliest" | head -40
+    done
+    for tree in "$BASE" .; do
+      log "bench engine --workload rl, $tree"
+      PYTHONPATH=/tmp/site:$PWD/$tree timeout ${RL_S:-120} python3 -P -m tpfleet bench engine --workload rl \
+        --model "$MODEL" --device cuda --tp 1 --graph-mode piecewise --rl-max-output ${RL_MAX:-1024} --logprobs on \
+        --max-num-seqs 512 $([ "$tree" = . ] || echo --no-http) --out "$OUT/rl_$(basename $(realpath $tree))" 2>&1 \
+        | grep -v "^tpfleet phase\|Loading" | tail -12
+    done
+    log "bench colocate, memory saver, refill included"
+    timeout 120 python3 -m tpfleet bench colocate --model "$MODEL" --device cuda --enable-memory-saver --cycles 20 \
+      --out "$OUT" 2>&1 | grep -v "^tpfleet phase\|Loading\|Capturing" | tail -6
+    ;;
+  moe)
+    python3 -m tpfleet make-model --preset 30b-a3b-shape --no-weights --out /tmp/tpfleet-m30b > /dev/null
+    log "bench engine, 30b-a3b-shape, dummy weights"
+    timeout ${ENGINE_S:-400} python3 -m tpfleet bench engine --model /tmp/tpfleet-m30b --load-format dummy \
+      --device cuda --tp 1 --graph-mode piecewise --no-hf --logprobs both --contexts 128,1024 --out "$OUT" 2>&1 \
+      | grep -v "^tpfleet phase\|Loading\|Capturing" | head -60
+    ;;
+  last)
+    log "GPU test: the RL loop"
+    timeout 100 python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_rl_loop.py > "$OUT/tests.log" 2>&1
+    echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^E  |^step" "$OUT/tests.log" | cut -c1-200 | tail -12
+    make_model
+    log "bench engine --workload rl"
+    timeout 130 python3 -m tpfleet bench engine --workload rl --model "$MODEL" --device cuda --tp 1 \
+      --graph-mode piecewise --rl-max-output 1024 --logprobs on --max-num-seqs 512 --out "$OUT" 2>&1 \
+      | grep -v "^tpfleet phase\|Loading\|Capturing" | tail -6
+    log "bench start"
+    timeout 110 python3 -m tpfleet bench start --model "$MODEL" --device cuda --tp 1 --out "$OUT" 2>&1 \
+      | grep -v "^tpfleet phase\|Loading\|Capturing" | tail -14
+    log "bench attention --tiles"
+    timeout 70 python3 -m tpfleet bench attention --tiles --contexts 1024,4096 --out "$OUT"
+    ;;
+  *) echo "usage: $0 tests|ops|kernels|check|engine|pdl|warm|fleet|compare|rl|roofline|rlwork|ab|moe|last" >&2; exit 2 ;;
 esac

@@ -63,7 +63,8 @@ def run_case(case, dtype, device):
     return out.float(), ref.float()
 
 
-def decode_with_splits(splits: int, dtype, device, min_split: int = 16, contexts: tuple[int, ...] = (1, 70, 300)):
+def decode_with_splits(splits: int, dtype, device, min_split: int = 16, contexts: tuple[int, ...] = (1, 70, 300),
+                       tile: tuple[int, int, int] | None = None):
     """Decode attention forced to `splits` KV splits (1: one program per sequence and kv head, nothing
     to merge) against the reference. With 16-token splits the three default contexts use 1, 5 and up
     to 16 of them."""
@@ -72,7 +73,7 @@ def decode_with_splits(splits: int, dtype, device, min_split: int = 16, contexts
     q, k, v, kc, vc, meta = make_batch([1] * len(contexts), list(contexts), 2, 4, 32, 16, dtype, device)
     ref = TorchReferenceBackend().forward(q, k, v, kc, vc, meta, 32 ** -0.5)  # stores k, v too
     out = decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, 32 ** -0.5, splits=splits,
-                           min_split=min_split)
+                           min_split=min_split, tile=tile)
     return out.float(), ref.float()
 
 
@@ -134,3 +135,15 @@ def test_triton_matches_reference_on_gpu(case, dtype):
 def test_decode_splits_match_reference_on_gpu(splits, min_split):
     out, ref = decode_with_splits(splits, torch.bfloat16, "cuda", min_split)
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("splits", [1, 4])
+def test_every_benchmarked_tile_matches_reference_on_gpu(splits):
+    """Any bf16 tile `tpfleet bench attention --tiles` may pick is right over contexts across its edges."""
+    from tpfleet.bench.attention import TILES
+
+    for tile in TILES:
+        out, ref = decode_with_splits(splits, torch.bfloat16, "cuda", contexts=(1, 33, 128, 129, 300), tile=tile)
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2, msg=lambda m, t=tile: f"tile {t}: {m}")

@@ -83,3 +83,24 @@ def test_bench_start_reports_phases_in_order(tiny_model, tmp_path):
         # The server's own ready line says each phase's seconds and the total.
         assert "started in" in run["ready_line"] and all(f"{n} " in run["ready_line"] for n in names)
     assert result["serve_imports_s"] > 0
+
+
+def test_a_decode_point_times_its_whole_batch_while_later_prompts_prefill(tiny_model):
+    """With a small step budget the first prompts decode for many steps before the last is prefilled:
+    none may finish before the timed steps end (decode_latency raises if the batch shrank), and the
+    mean context it reports is the one measured, past the prompt."""
+    from tpfleet.bench.engine import EXTRA_STEPS, decode_latency, prefill_steps, prompt_len_for, why_not_fits
+    from tpfleet.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), device="cpu", kv_cache_tokens=8192, max_num_seqs=16,
+                                    max_num_batched_tokens=16))
+    try:
+        prompt = prompt_len_for(100, 4)
+        assert prefill_steps(engine, 8, prompt) > 4 + EXTRA_STEPS  # more steps than the decodes are timed for
+        assert why_not_fits(engine, 8, 100, 4) is None
+        row = decode_latency(engine, 8, 100, steps=4, profile=False)
+        assert prompt + 2 < row["mean_context"] < prompt + prefill_steps(engine, 8, prompt) + 4
+        assert row["tokens_per_s"] > 0
+        assert "no room to prefill beside 16 decodes" in why_not_fits(engine, 16, 100, 4)
+    finally:
+        engine.shutdown()

@@ -17,7 +17,7 @@ from conftest import HAS_CUDA
 import tpfleet
 from tpfleet import env, exits
 from tpfleet.cli import build_parser, parse_args
-from tpfleet.config import check_checkpoint_dir, engine_fields_from_args
+from tpfleet.config import EngineConfig, check_checkpoint_dir, engine_fields_from_args
 
 MODEL_COMMANDS = ["serve", "launch", "warmup", "bench decode", "bench engine"]
 THIS_MACHINE = "cuda" if HAS_CUDA else "cpu"
@@ -218,3 +218,41 @@ def test_an_interrupt_at_any_other_stage_exits_130_in_one_line(monkeypatch, caps
     finally:
         signal.signal(signal.SIGTERM, sigterm_handler)
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_dummy_load_format_runs_a_model_from_its_config_alone(tmp_path):
+    """`make-model --no-weights` writes config and tokenizer only; `--load-format dummy` serves its
+    shapes with random weights, deterministically per seed, and only with that format is a checkpoint
+    without weights accepted."""
+    from tpfleet.engine.llm_engine import LLMEngine
+    from tpfleet.engine.sequence import SamplingParams
+    from tpfleet.model.make_model import make_model
+
+    shapes = make_model("tiny-moe", tmp_path / "shapes", weights=False)
+    assert not list(shapes.glob("*.safetensors"))
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        check_checkpoint_dir(str(shapes))
+    check_checkpoint_dir(str(shapes), "dummy")
+    with pytest.raises(ValueError, match="load_format must be 'auto' or 'dummy'"):
+        EngineConfig(model=str(shapes), load_format="random")
+
+    def greedy(seed: int) -> list[int]:
+        engine = LLMEngine(EngineConfig(model=str(shapes), load_format="dummy", seed=seed, kv_cache_tokens=512))
+        try:
+            seq = engine.add_request([1, 2, 3, 4], SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True))
+            while engine.has_work():
+                engine.step()
+            norms = [p for n, p in engine.runner.model.named_parameters() if n.endswith("norm.weight")]
+            assert all(bool((p == 1).all()) for p in norms)
+            return seq.completion_ids
+        finally:
+            engine.shutdown()
+
+    assert greedy(0) == greedy(0) and len(greedy(0)) == 6
+
+
+def test_make_model_cli_writes_shapes_only(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "tpfleet.cli", "make-model", "--preset", "tiny", "--no-weights",
+                          "--out", str(tmp_path / "m")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "config and tokenizer" in run.stdout, run.stderr[-2000:]
+    assert (tmp_path / "m" / "config.json").is_file() and not list((tmp_path / "m").glob("*.safetensors"))

@@ -40,6 +40,31 @@ def test_buckets_roundtrip_through_shared_memory():
                 bucket.close()
 
 
+def test_refill_writes_new_values_behind_the_same_payload():
+    with FlattenedBucketSender(NAMED, bucket_bytes=300) as sender:
+        payload = sender.payload()
+        new = [(name, tensor * 3 + 1) for name, tensor in NAMED]
+        sender.refill(new)
+        assert sender.payload() == payload
+        opened = [OpenBucket(spec) for spec in parse_payload(payload, "p")]
+        got = dict(pair for bucket in opened for pair in bucket.tensors())
+        assert all(torch.equal(got[name], tensor) for name, tensor in new)
+        got.clear()
+        for bucket in opened:
+            bucket.close()
+        with pytest.raises(ValueError, match=r"tensor 1 is b float32 \[5\], the buckets hold b bfloat16 \[5\]"):
+            sender.refill([NAMED[0], ("b", torch.ones(5)), NAMED[2]])
+        with pytest.raises(ValueError, match="2 tensors given, the buckets hold 3"):
+            sender.refill(NAMED[:2])
+        # a refused refill wrote nothing: the buckets still hold the last good values
+        opened = [OpenBucket(spec) for spec in parse_payload(payload, "p")]
+        got = dict(pair for bucket in opened for pair in bucket.tensors())
+        assert all(torch.equal(got[name], tensor) for name, tensor in new)
+        got.clear()
+        for bucket in opened:
+            bucket.close()
+
+
 def edited(edit) -> str:
     with FlattenedBucketSender(NAMED) as sender:
         doc = json.loads(sender.payload())

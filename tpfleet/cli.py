@@ -100,6 +100,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                                 help="model shape (the -moe and -a3b presets are Qwen3-MoE)")
     make_model_cmd.add_argument("--out", required=True, help="checkpoint directory to write")
     make_model_cmd.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    make_model_cmd.add_argument("--no-weights", action="store_true",
+                                help="config and tokenizer only: a model's shapes for `--load-format dummy`")
     make_model_cmd.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                                 help="where to draw the random weights (cuda is faster); 'auto': cuda where this "
                                      "machine sees a GPU, else cpu")
@@ -224,6 +226,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     gemv_cmd.add_argument("--sweep", action="store_true", help="also time a grid of launch configs per projection")
     gemv_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
     attention_cmd = command("bench attention", "decode attention per KV-split policy vs the bandwidth floor")
+    attention_cmd.add_argument("--tiles", action="store_true",
+                               help="instead: every tile and split count at large batches and long contexts")
+    attention_cmd.add_argument("--batches", type=_int_list, default="64,256", help="--tiles: batch sizes")
+    attention_cmd.add_argument("--contexts", type=_int_list, default="1024,4096,8192", help="--tiles: contexts")
     attention_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
 
     colocate_cmd = command("bench colocate",
@@ -291,7 +297,7 @@ def check_local_inputs(args: argparse.Namespace) -> None:
     if name == "launch" and args.backend == "ray":
         return
     if getattr(args, "model", None) is not None:
-        check_checkpoint_dir(args.model)
+        check_checkpoint_dir(args.model, getattr(args, "load_format", "auto"))
     if getattr(args, "device", None) == "cuda":
         require_cuda()
     if name in GPU_ONLY:
@@ -328,8 +334,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.cmd == "make-model":
         from tpfleet.model.make_model import make_model
 
-        out = make_model(args.preset, args.out, args.seed, resolve_device(args.device))
-        print(f"wrote {args.preset} Qwen3 checkpoint to {out}")
+        out = make_model(args.preset, args.out, args.seed, resolve_device(args.device), weights=not args.no_weights)
+        print(f"wrote {args.preset} Qwen3 {'config and tokenizer' if args.no_weights else 'checkpoint'} to {out}")
     elif args.cmd == "serve":
         from tpfleet.server.launch import serve
 
@@ -439,9 +445,12 @@ def run_command(args: argparse.Namespace) -> int:
 
         bench_moe(args.out, [QWEN3_30B_A3B.at_tp(tp_size) for tp_size in args.tp_sizes], args.tokens, args.sweep)
     elif args.cmd == "bench" and args.what == "attention":
-        from tpfleet.bench.attention import bench_attention
+        from tpfleet.bench.attention import bench_attention, bench_attention_tiles
 
-        bench_attention(args.out)
+        if args.tiles:
+            bench_attention_tiles(args.out, args.batches, args.contexts)
+        else:
+            bench_attention(args.out)
     return 0
 
 

@@ -21,6 +21,7 @@ from tpfleet.devices import DEVICE_CHOICES, resolve_device
 
 DEVICES = ("cpu", "cuda")
 GRAPH_MODES = ("auto", "eager", "full", "piecewise")
+LOAD_FORMATS = ("auto", "dummy")
 TP_SIZES = (1, 2, 4, 8)
 
 
@@ -52,6 +53,7 @@ class EngineConfig:
     startup_hang_timeout: float = 600.0
     enable_memory_saver: bool = False
     weights_cpu_backup: bool = False
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         if self.tp_size not in TP_SIZES:
@@ -63,6 +65,8 @@ class EngineConfig:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for tp_size {self.tp_size}")
         if self.graph_mode not in GRAPH_MODES:
             raise ValueError(f"graph_mode must be auto, eager, full or piecewise, got {self.graph_mode!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.device == "cpu" and self.graph_mode in ("full", "piecewise"):
             raise ValueError("CUDA graphs need device='cuda'")
         if self.resolved_graph_mode != "eager" and self.resolved_attention_backend != "triton":
@@ -166,6 +170,8 @@ FIELD_HELP = {
                           "SGLang's default)",
     "weights_root": "comma-separated directories update_weights_from_disk may load from (empty: the parent of "
                     "the model's directory)",
+    "load_format": "'auto': the checkpoint's safetensors; 'dummy': random weights, for benchmarks of a model's "
+                   "shapes from its config.json alone (`make-model --no-weights`)",
 }
 
 FIELD_CHOICES = {
@@ -174,6 +180,7 @@ FIELD_CHOICES = {
     "attention_backend": ("auto", "torch", "triton"),
     "graph_mode": GRAPH_MODES,
     "tp_size": TP_SIZES,
+    "load_format": LOAD_FORMATS,
 }
 
 FLAG_ALIASES = {"tp_size": ("--tp",)}
@@ -303,9 +310,10 @@ def non_default_fields(values: dict) -> dict:
     return {name: value for name, value in values.items() if value != _field_default(name)}
 
 
-def check_checkpoint_dir(path: str) -> None:
+def check_checkpoint_dir(path: str, load_format: str = "auto") -> None:
     """A ValueError naming `path` and what it lacks unless it is a local checkpoint directory an engine can
-    load: tpfleet reads checkpoints from disk only, so a wrong path fails here, before any process starts."""
+    load: tpfleet reads checkpoints from disk only, so a wrong path fails here, before any process starts.
+    With load_format 'dummy' the weights are not read, so none need be there."""
     where = Path(path)
     if not where.exists():
         raise ValueError(f"--model {path}: no such directory (tpfleet loads local checkpoints only; a hub model "
@@ -315,7 +323,9 @@ def check_checkpoint_dir(path: str) -> None:
     if not (where / "config.json").is_file():
         raise ValueError(f"--model {path}: no config.json, so not a Hugging Face checkpoint directory")
     index = where / "model.safetensors.index.json"
-    if index.is_file():
+    if load_format == "dummy":
+        pass
+    elif index.is_file():
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
         except (ValueError, KeyError, AttributeError) as error:

@@ -102,11 +102,14 @@ class _Bucket:
             self.shm = shared_memory.SharedMemory(create=True, size=self.nbytes)
             self.buffer = torch.frombuffer(self.shm.buf, dtype=torch.uint8, count=self.nbytes)
         for entry, (_, tensor) in zip(self.entries, named):
-            size = tensor.numel() * tensor.element_size()
-            flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-            self.buffer[entry["offset"]:entry["offset"] + size].copy_(flat)
+            self.write(entry, tensor)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the engine reads the buffer from another process
+
+    def write(self, entry: dict, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        self.buffer[entry["offset"]:entry["offset"] + size].copy_(flat, non_blocking=self.buffer.is_cuda)
 
     def describe(self) -> dict:
         doc = {"nbytes": self.nbytes, "tensors": self.entries}
@@ -158,6 +161,25 @@ class FlattenedBucketSender:
         except BaseException:
             self.close()
             raise
+
+    def refill(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """New values for the same tensors (names, dtypes and shapes, in the same order), written into
+        the same buffers: the payload stays valid, so a trainer packs once per step and the engine
+        opens the same handles. Everything is checked before anything is written; returns when the
+        buffers hold the values."""
+        slots = [(bucket, entry) for bucket in self.buckets for entry in bucket.entries]
+        named = list(named_tensors)
+        if len(named) != len(slots):
+            raise ValueError(f"refill: {len(named)} tensors given, the buckets hold {len(slots)}")
+        for index, ((_, entry), (name, tensor)) in enumerate(zip(slots, named)):
+            if (name, dtype_name(tensor.dtype), list(tensor.shape)) != (entry["name"], entry["dtype"], entry["shape"]):
+                raise ValueError(f"refill: tensor {index} is {name} {dtype_name(tensor.dtype)} {list(tensor.shape)}, "
+                                 f"the buckets hold {entry['name']} {entry['dtype']} {entry['shape']} there")
+        for (bucket, entry), (_, tensor) in zip(slots, named):
+            bucket.write(entry, tensor)
+        for bucket in self.buckets:
+            if bucket.buffer.is_cuda:
+                torch.cuda.synchronize(bucket.buffer.device)
 
     def payload(self, base64_encoded: bool = False) -> str:
         """The document for one TP rank (see the module docstring); JSON text, or base64 of it."""

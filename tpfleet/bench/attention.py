@@ -4,6 +4,10 @@ The decode kernel launches a fixed number of splits per (sequence, kv head), and
 min(splits, ceil(tokens / min_split)) of them. `min_split` 1 is the policy of using every split
 whatever the context; each policy is timed inside a CUDA graph, Qwen3-8B's heads at TP=1, on
 shuffled pages, so that `MIN_SPLIT_TOKENS` rests on a measurement.
+
+`--tiles` times, at the batches and contexts RL rollouts run at, every tile (tokens per tile, warps,
+pipeline stages) with every split count, against the default choice: what the large-batch policy of
+`decode_attention` rests on.
 """
 
 from __future__ import annotations
@@ -15,29 +19,49 @@ import torch
 
 from tpfleet.bench.engine import copy_bandwidth
 from tpfleet.bench.gemv import graph_time_us
-from tpfleet.kernels.attention import MIN_SPLIT_TOKENS, decode_attention
+from tpfleet.kernels.attention import MIN_SPLIT_TOKENS, decode_attention, decode_splits
 
 KV_HEADS, GROUP, HEAD_DIM, PAGE = 8, 4, 128, 16
 CONTEXTS = (144, 512, 2048, 8192)
 MIN_SPLITS = (1, MIN_SPLIT_TOKENS, 128, 256)
+TILES = ((64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (32, 4, 4))
+SPLIT_COUNTS = (1, 2, 4, 8)
+
+
+def _case(batch: int, ctx: int, dtype: torch.dtype, g: torch.Generator) -> tuple:
+    """Qwen3-8B's one-layer KV cache for `batch` sequences of `ctx` tokens on shuffled pages, and a query."""
+    device = g.device
+    pages = -(-ctx // PAGE)
+    kc = torch.randn(batch * pages, PAGE, KV_HEADS, HEAD_DIM, device=device, dtype=dtype, generator=g)
+    vc = torch.randn_like(kc)
+    tables = torch.randperm(batch * pages, device=device, generator=g).to(torch.int32).view(batch, pages)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    q = torch.randn(batch, KV_HEADS * GROUP, HEAD_DIM, device=device, dtype=dtype, generator=g)
+    return q, kc, vc, tables, lens
+
+
+def _setup() -> tuple[torch.device, float, torch.Generator]:
+    """The GPU, its copy bandwidth (bytes per second) and a seeded generator on it."""
+    device = torch.device("cuda")
+    return device, copy_bandwidth(device), torch.Generator(device).manual_seed(0)
+
+
+def _write(out_dir: str, name: str, device: torch.device, bw: float, rows: list[dict]) -> None:
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    (out_path / name).write_text(json.dumps({"device": torch.cuda.get_device_name(device), "copy_bandwidth": bw,
+                                             "rows": rows}, indent=1))
 
 
 def bench_attention(out_dir: str, batches: tuple[int, ...] = (1, 8), dtype: torch.dtype = torch.bfloat16) -> list[dict]:
-    device = torch.device("cuda")
-    bw = copy_bandwidth(device)
-    g = torch.Generator(device).manual_seed(0)
+    device, bw, g = _setup()
     rows = []
     print(f"decode attention, {torch.cuda.get_device_name(device)}, {dtype}, {KV_HEADS} kv heads x {GROUP}, "
           f"head_dim {HEAD_DIM}; us per call; min_split 1 = every split used")
     print(f"{'batch':>5} {'context':>7} {'floor':>6} " + " ".join(f"{'min ' + str(m):>8}" for m in MIN_SPLITS))
     for batch in batches:
         for ctx in CONTEXTS:
-            pages = -(-ctx // PAGE)
-            kc = torch.randn(batch * pages, PAGE, KV_HEADS, HEAD_DIM, device=device, dtype=dtype, generator=g)
-            vc = torch.randn_like(kc)
-            tables = torch.randperm(batch * pages, device=device, generator=g).to(torch.int32).view(batch, pages)
-            lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-            q = torch.randn(batch, KV_HEADS * GROUP, HEAD_DIM, device=device, dtype=dtype, generator=g)
+            q, kc, vc, tables, lens = _case(batch, ctx, dtype, g)
             out = torch.empty_like(q)
             row = {"batch": batch, "context": ctx, "floor_us": 2 * kc.numel() * kc.element_size() / bw * 1e6}
             for m in MIN_SPLITS:
@@ -46,8 +70,42 @@ def bench_attention(out_dir: str, batches: tuple[int, ...] = (1, 8), dtype: torc
             rows.append(row)
             print(f"{batch:>5} {ctx:>7} {row['floor_us']:>6.1f} "
                   + " ".join(f"{row[f'min_split_{m}_us']:>8.1f}" for m in MIN_SPLITS), flush=True)
-    out_path = Path(out_dir)
-    out_path.mkdir(parents=True, exist_ok=True)
-    (out_path / "attention.json").write_text(json.dumps({"device": torch.cuda.get_device_name(device),
-                                                         "copy_bandwidth": bw, "rows": rows}, indent=1))
+    _write(out_dir, "attention.json", device, bw, rows)
+    return rows
+
+
+def bench_attention_tiles(out_dir: str, batches: list[int], contexts: list[int],
+                          dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Every tile of TILES with every split count of SPLIT_COUNTS, per (batch, context): microseconds per
+    call and the ratio to the floor; the best and the default side by side."""
+    device, bw, g = _setup()
+    rows = []
+    print(f"decode attention tiles, {torch.cuda.get_device_name(device)}, {dtype}, copy {bw / 1e9:.0f} GB/s; "
+          f"us per call (x floor); tile = (tokens, warps, stages)")
+    for batch in batches:
+        for ctx in contexts:
+            free, _ = torch.cuda.mem_get_info(device)
+            if 2.2 * batch * ctx * KV_HEADS * HEAD_DIM * dtype.itemsize > free:
+                print(f"{batch:>5} {ctx:>7}: skipped, its KV cache does not fit")
+                continue
+            q, kc, vc, tables, lens = _case(batch, ctx, dtype, g)
+            out = torch.empty_like(q)
+            floor = 2 * kc.numel() * kc.element_size() / bw * 1e6
+            scale = HEAD_DIM ** -0.5
+            row = {"batch": batch, "context": ctx, "floor_us": floor,
+                   "default_splits": decode_splits(batch, KV_HEADS, device)}
+            row["default_us"] = graph_time_us(lambda i=0: decode_attention(q, kc, vc, tables, lens, scale, out), 10)
+            row["tiles"] = {}
+            for tile in TILES:
+                for splits in SPLIT_COUNTS:
+                    row["tiles"][f"{tile}x{splits}"] = graph_time_us(
+                        lambda i=0, t=tile, s=splits: decode_attention(q, kc, vc, tables, lens, scale, out, splits=s,
+                                                                       tile=t), 10)
+            best = min(row["tiles"], key=row["tiles"].get)
+            row["best"], row["best_us"] = best, row["tiles"][best]
+            rows.append(row)
+            print(f"{batch:>5} {ctx:>7} floor {floor:>8.1f}  default {row['default_us']:>8.1f} "
+                  f"({row['default_us'] / floor:.2f}x, {row['default_splits']} split)  best {row['best_us']:>8.1f} "
+                  f"({row['best_us'] / floor:.2f}x, {best})", flush=True)
+    _write(out_dir, "attention_tiles.json", device, bw, rows)
     return rows

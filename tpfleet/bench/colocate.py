@@ -2,15 +2,18 @@
 
 Each cycle releases every memory tag, resumes them, and takes a full weight update from a trainer
 process that holds the same weights on the same device (tpfleet.weight_sync.FlattenedBucketSender:
-CUDA IPC on a GPU, shared memory on the CPU). After every cycle the greedy outputs must equal those
-before the first (the weights really arrived) and no graph may have been captured again.
+CUDA IPC on a GPU, shared memory on the CPU). The update is timed end to end as an RL step runs it:
+the trainer packs its weights into the buckets again (`refill`, the same handles), then the engine
+takes them. After every cycle the greedy outputs must equal those before the first (the weights
+really arrived) and no graph may have been captured again.
 
 Floors, from rates measured in the same run on the same device (FLOORS says it in words): a weight
-update moves each rank's shard once, read from the trainer's buffer and written into the parameters,
-over a large device copy's bandwidth (which counts bytes read plus bytes written). A release or a
-resume moves only the bytes that cross to or from host memory (weights without the memory saver, or
-its pinned backup), over a pinned host copy's bandwidth; unmapping and mapping memory count as free,
-so with the saver and no backup their floor is 0 and their times stand alone.
+update copies the weights twice, the trainer's into its buckets and the buckets into the engine's
+parameters, each read once and written once, over a large device copy's bandwidth (which counts bytes
+read plus bytes written). A release or a resume moves only the bytes that cross to or from host memory
+(weights without the memory saver, or its pinned backup), over a pinned host copy's bandwidth;
+unmapping and mapping memory count as free, so with the saver and no backup their floor is 0 and their
+times stand alone.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from tpfleet.memory import TAGS
 from tpfleet.model.config import ModelConfig
 from tpfleet.model.loader import checkpoint_files
 
-FLOORS = ("update: 2 x the driver's weight bytes / device copy bandwidth (read + write); release and resume: "
+FLOORS = ("update: 4 x the driver's weight bytes / device copy bandwidth (packed by the trainer, then copied "
+          "into the parameters, each read + write); release and resume: "
           "bytes copied to or from host memory / pinned host copy bandwidth, unmapping and mapping counted "
           "as free (floor 0 with the memory saver and no backup)")
 PROMPTS = ([1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 99, 3], [7] * 12)
@@ -45,8 +49,9 @@ TRAINER_TIMEOUT_S = 600
 
 
 def _trainer_main(model_dir: str, device: str, dtype: str, conn: Connection) -> None:
-    """The trainer: the checkpoint's tensors on `device` in the engine's dtype, packed once into
-    buckets; sends the payload and keeps the buffers until told to stop."""
+    """The trainer: the checkpoint's tensors on `device` in the engine's dtype, packed into buckets;
+    sends the payload, then packs them again on every "refill" (answering with the seconds it took)
+    until told to stop."""
     from tpfleet.weight_sync import FlattenedBucketSender
 
     named = []
@@ -55,16 +60,18 @@ def _trainer_main(model_dir: str, device: str, dtype: str, conn: Connection) -> 
             named += [(name, handle.get_tensor(name).to(device=device, dtype=getattr(torch, dtype)))
                       for name in handle.keys()]
     with FlattenedBucketSender(named, device=device) as sender:
-        del named
         conn.send(sender.payload())
-        conn.recv()  # stop
+        while conn.recv() == "refill":
+            start = time.perf_counter()
+            sender.refill(named)
+            conn.send(time.perf_counter() - start)
 
 
 @contextmanager
-def trainer_payload(model_dir: str, device: str, dtype: str) -> Iterator[str]:
-    """A trainer process holding the checkpoint's weights on `device` in `dtype` ("bfloat16"), and the
-    payload that shares them (an engine cannot open CUDA IPC memory of its own process). The trainer
-    stops when the block ends."""
+def trainer_payload(model_dir: str, device: str, dtype: str) -> Iterator[tuple[str, Connection]]:
+    """A trainer process holding the checkpoint's weights on `device` in `dtype` ("bfloat16"), the
+    payload that shares them (an engine cannot open CUDA IPC memory of its own process), and the
+    connection that asks it to refill them. The trainer stops when the block ends."""
     ctx = mp.get_context("spawn")
     ours, theirs = ctx.Pipe()
     trainer = ctx.Process(target=_trainer_main, args=(model_dir, device, dtype, theirs), daemon=True)
@@ -73,7 +80,7 @@ def trainer_payload(model_dir: str, device: str, dtype: str) -> Iterator[str]:
     try:
         if not ours.poll(TRAINER_TIMEOUT_S):
             raise RuntimeError(f"the trainer process sent no payload within {TRAINER_TIMEOUT_S} s")
-        yield ours.recv()
+        yield ours.recv(), ours
     finally:
         if trainer.is_alive():
             try:
@@ -143,11 +150,11 @@ def bench_colocate(cfg: EngineConfig, out_dir: str, cycles: int = 20) -> dict:
     device = torch.device(cfg.rank_device(0))
     dtype = cfg.dtype if cfg.dtype != "auto" else str(ModelConfig.from_dir(cfg.model).dtype).removeprefix("torch.")
     # The trainer first, so that the engine sizes its KV cache around the trainer's weights.
-    with trainer_payload(cfg.model, str(device), dtype) as payload:
+    with trainer_payload(cfg.model, str(device), dtype) as (payload, trainer):
         device_bw, host_bw = copy_bandwidth(device), host_copy_bandwidth(device)  # before the engine takes memory
         engine = LLMEngine(cfg)
         try:
-            result = _cycles(engine, payload, cycles)
+            result = _cycles(engine, payload, trainer, cycles)
         finally:
             engine.shutdown()
     weight_bytes = result["weight_bytes_per_rank"]
@@ -161,12 +168,23 @@ def bench_colocate(cfg: EngineConfig, out_dir: str, cycles: int = 20) -> dict:
         "floors": FLOORS,
         "release": _summary([r["release_s"] for r in rows], host_floor),
         "resume": _summary([r["resume_s"] for r in rows], host_floor),
-        "update": _summary([r["update_s"] for r in rows], 2 * weight_bytes / device_bw),
+        "update": _summary([r["update_s"] for r in rows], 4 * weight_bytes / device_bw),
+        "trainer_refill": _summary([r["refill_s"] for r in rows], 2 * weight_bytes / device_bw),
     })
     return report(result, out_dir, f"colocate_tp{cfg.tp_size}", format_result)
 
 
-def _cycles(engine: LLMEngine, payload: str, cycles: int) -> dict:
+def _update(engine: LLMEngine, payload: str, trainer: Connection, version: str) -> float:
+    """The trainer packs its weights again, then the engine takes them: the trainer's seconds."""
+    trainer.send("refill")
+    if not trainer.poll(TRAINER_TIMEOUT_S):
+        raise RuntimeError(f"the trainer did not refill its buckets within {TRAINER_TIMEOUT_S} s")
+    refill_s = trainer.recv()
+    engine.update_weights_from_tensor([payload], "flattened_bucket", version)
+    return refill_s
+
+
+def _cycles(engine: LLMEngine, payload: str, trainer: Connection, cycles: int) -> dict:
     device = engine.runner.device
     reference = greedy_outputs(engine)
     captures = [report["graph_captures"] for report in engine.resume_memory([])]  # every rank's count
@@ -174,10 +192,10 @@ def _cycles(engine: LLMEngine, payload: str, cycles: int) -> dict:
     for cycle in range(cycles):
         release_s, released = _timed(lambda: engine.release_memory(list(TAGS)))
         resume_s, resumed = _timed(lambda: engine.resume_memory(list(TAGS)))
-        update_s, _ = _timed(lambda: engine.update_weights_from_tensor([payload], "flattened_bucket",
-                                                                       f"cycle-{cycle}"))
+        update_s, refill_s = _timed(lambda: _update(engine, payload, trainer, f"cycle-{cycle}"))
         outputs = greedy_outputs(engine)
         rows.append({"cycle": cycle, "release_s": release_s, "resume_s": resume_s, "update_s": update_s,
+                     "refill_s": refill_s,
                      "outputs_equal": outputs == reference,
                      "graph_captures": [report["graph_captures"] for report in resumed],
                      "released_bytes_per_tag": released[0]["bytes_per_tag"],
@@ -194,15 +212,16 @@ def _cycles(engine: LLMEngine, payload: str, cycles: int) -> dict:
 
 
 def format_result(r: dict) -> str:
-    def phase(name: str) -> str:
+    def phase(name: str, label: str | None = None) -> str:
         s = r[name]
         floor = f", floor {s['floor_ms']:.2f} ms ({s['vs_floor']:.1f}x)" if s["vs_floor"] is not None else ""
-        return f"{name} {s['median_ms']:.2f} ms [{s['min_ms']:.2f}, {s['max_ms']:.2f}]{floor}"
+        return f"{label or name} {s['median_ms']:.2f} ms [{s['min_ms']:.2f}, {s['max_ms']:.2f}]{floor}"
 
     drift = r["free_memory_drift"]
     return (f"colocate bench: {r['device']}, TP={r['tp_size']}, memory saver {'on' if r['memory_saver'] else 'off'}, "
             f"{r['cycles']} cycles of release/resume/update ({r['weight_bytes_per_rank'] / 2**20:.1f} MiB of "
             f"weights per rank)\n  " + "; ".join(phase(n) for n in ("release", "resume", "update")) +
+            f"\n  of the update, {phase('trainer_refill', 'the trainer packing its buckets')}" +
             f"\n  outputs equal before and after every cycle: {r['outputs_equal']}; graphs re-captured: "
             f"{r['graphs_recaptured']}; free memory drift over the cycles: "
             f"{'n/a (CPU)' if drift is None else f'{100 * drift:.2f}%'}")

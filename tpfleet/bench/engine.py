@@ -148,7 +148,9 @@ def decode_latency(engine: LLMEngine, bs: int, context: int = 128, steps: int = 
     prompt_len = prompt_len_for(context, steps)
     rng = random.Random(bs * 100_003 + context)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_new_tokens=steps + EXTRA_STEPS, temperature=0.0, ignore_eos=True)
+    # The first prompts decode while later ones still prefill: none may stop before the timed steps end
+    # (every one is aborted after them).
+    params = SamplingParams(max_new_tokens=engine.max_seq_len - prompt_len, temperature=0.0, ignore_eos=True)
     seqs = [engine.add_request(_random_prompt(rng, prompt_len, vocab), params) for _ in range(bs)]
     while any(s.num_completion_tokens == 0 for s in seqs):
         engine.step()
@@ -156,6 +158,7 @@ def decode_latency(engine: LLMEngine, bs: int, context: int = 128, steps: int = 
     # hides behind the GPU work of the one before, so only the loop's total time says what a step costs.
     engine.drain()
     sync_device(device)
+    tokens_before = sum(len(s.token_ids) for s in seqs)
     with device_wait_clock() as waited:
         t = time.perf_counter()
         for _ in range(steps):
@@ -164,8 +167,12 @@ def decode_latency(engine: LLMEngine, bs: int, context: int = 128, steps: int = 
                 engine.drain()  # each step read back before the next is launched
         engine.drain()
         seconds = time.perf_counter() - t
+    decoded = sum(len(s.token_ids) for s in seqs) - tokens_before
+    if decoded != bs * steps:
+        raise RuntimeError(f"batch {bs} context {context}: {decoded} tokens decoded in {steps} steps, not "
+                           f"{bs * steps}: the batch did not stay whole (finished or preempted sequences)")
     row = {"batch": bs, "context": context, "step_ms": 1e3 * seconds / steps,
-           "mean_context": prompt_len + 1 + steps // 2, "tokens_per_s": bs * steps / seconds,
+           "mean_context": (2 * tokens_before + decoded) / (2 * bs), "tokens_per_s": bs * steps / seconds,
            "host_ms": 1e3 * (seconds - waited[0]) / steps}
     row["host_share"] = row["host_ms"] / row["step_ms"]
     if host_top:
@@ -187,10 +194,24 @@ def prompt_len_for(context: int, steps: int) -> int:
     return max(1, context - 1 - steps // 2)
 
 
+def prefill_steps(engine: LLMEngine, bs: int, prompt_len: int) -> int | None:
+    """At most the steps that `bs` prompts of `prompt_len` tokens take to prefill, when the prompts
+    already prefilled decode beside them (a token each of the step budget); None if they could leave
+    no room for prefill at all."""
+    room = engine.cfg.max_num_batched_tokens - bs
+    return -(-bs * prompt_len // room) + 1 if room > 0 else None
+
+
 def why_not_fits(engine: LLMEngine, bs: int, context: int, steps: int) -> str | None:
-    """Why `bs` sequences at `context` cannot all be resident for the whole measurement, or None."""
+    """Why `bs` sequences at `context` cannot all be resident for the whole measurement, or None. The
+    first prompts decode while the last prefill, so a sequence may run up to prefill_steps ahead."""
     block = engine.cfg.block_size
-    tokens = prompt_len_for(context, steps) + steps + EXTRA_STEPS
+    prompt_len = prompt_len_for(context, steps)
+    lead = prefill_steps(engine, bs, prompt_len)
+    if lead is None:
+        return (f"a step budget of {engine.cfg.max_num_batched_tokens} tokens leaves no room to prefill beside "
+                f"{bs} decodes")
+    tokens = prompt_len + lead + steps + EXTRA_STEPS
     if bs > engine.cfg.max_num_seqs:
         return f"batch {bs} exceeds max_num_seqs {engine.cfg.max_num_seqs}"
     if tokens > engine.max_seq_len:
@@ -333,7 +354,7 @@ def decode_sweep(engine: LLMEngine, batches: list[int], contexts: list[int], rat
                 rows.append({"batch": bs, "context": context, "skipped": reason})
                 print(f"batch {bs:4d} context {context:5d}: skipped: {reason}", flush=True)
                 continue
-            row = decode_latency(engine, bs, context, steps, host_top=bs == 1 and not rows)
+            row = decode_latency(engine, bs, context, steps, host_top=context == contexts[0])
             row["floor"] = floor(engine, bs, row["mean_context"], rates["copy_bandwidth_gbs"] * 1e9,
                                  rates["matmul_tflops"] * 1e12)
             row["floor_ms"] = row["floor"]["floor_ms"]
@@ -581,11 +602,12 @@ def format_result(r: dict) -> str:
         if top:
             lines.append(f"costliest kernels, batch {d['batch']} context {d['context']} (per step):")
             lines += [f"  {t['us_per_step']:8.1f} us {t['per_step']:6.0f}x  {t['name']}" for t in top]
-    host = next((d["host_top"] for d in r["decode"] if "host_top" in d), [])
-    if host:
-        lines.append("driver's Python time in a batch-1 step (own us, cumulative us, calls):")
-        lines += [f"  {h['own_us_per_step']:8.1f} {h['cum_us_per_step']:8.1f} {h['calls_per_step']:5.0f}x  "
-                  f"{h['function']}" for h in host]
+    for d in r["decode"]:
+        if "host_top" in d:
+            lines.append(f"driver's Python time in a step, batch {d['batch']} context {d['context']} "
+                         "(own us, cumulative us, calls):")
+            lines += [f"  {h['own_us_per_step']:8.1f} {h['cum_us_per_step']:8.1f} {h['calls_per_step']:5.0f}x  "
+                      f"{h['function']}" for h in d["host_top"][:10]]
     if "batch1_sequential_ms" in r:
         first = next(d for d in r["decode"] if d["batch"] == 1 and "skipped" not in d)
         lines.append(f"batch-1 step {first['step_ms']:.2f} ms; without the overlap schedule "

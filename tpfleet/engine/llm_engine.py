@@ -22,7 +22,7 @@ from tpfleet.engine.rank_group import RankGroup
 from tpfleet.engine.sampler import SamplerOutput, sample, score_prompt
 from tpfleet.engine.scheduler import ScheduledSeq, Scheduler
 from tpfleet.engine.sequence import InvalidRequest, OutputOptions, SamplingParams, Sequence
-from tpfleet.engine.step_input import ModelInput
+from tpfleet.engine.step_input import ModelInput, to_device
 from tpfleet.jit import default_triton_cache
 
 if TYPE_CHECKING:
@@ -302,16 +302,16 @@ class LLMEngine:
         """Sample the sampled rows; score the prompt rows (input logprobs) with the next prompt token."""
         if not inp.scored:
             return sample(logits, sampled)
-        is_scored = torch.zeros(logits.shape[0], dtype=torch.bool)
-        is_scored[inp.scored] = True
-        sample_rows = (~is_scored).nonzero().squeeze(1).to(logits.device)
+        scored_rows = set(inp.scored)
+        sample_rows = to_device([row for row in range(logits.shape[0]) if row not in scored_rows], torch.int64,
+                                logits.device)
         if sampled:
             out = sample(logits[sample_rows], sampled)
         else:
             out = SamplerOutput(torch.empty(0, dtype=torch.int64, device=logits.device))
         seqs = [seq for seq, positions in scored for _ in positions]
         targets = [seq.token_ids[pos + 1] for seq, positions in scored for pos in positions]
-        score_prompt(logits[torch.tensor(inp.scored, device=logits.device)], seqs, targets, out)
+        score_prompt(logits[to_device(inp.scored, torch.int64, logits.device)], seqs, targets, out)
         return out
 
     def _read_back(self, step: InFlightStep) -> list[StepOutput]:

@@ -39,7 +39,7 @@ from tpfleet.jit import STATS as JIT_STATS
 from tpfleet.jit import track_triton
 from tpfleet.memory import KV_CACHE, WEIGHTS, make_saver
 from tpfleet.model.config import ModelConfig, parse_dtype
-from tpfleet.model.loader import load_weights
+from tpfleet.model.loader import init_random_weights, load_weights
 from tpfleet.model.registry import build_model
 from tpfleet.phases import report_phase
 
@@ -101,7 +101,10 @@ class ModelRunner:
                                          ep_size=cfg.ep_size,
                                          max_num_tokens=max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
             torch.set_default_dtype(prev)
-            load_weights(self.model, cfg.model, show_progress=rank == 0)
+            if cfg.load_format == "dummy":
+                init_random_weights(self.model, cfg.seed + rank)
+            else:
+                load_weights(self.model, cfg.model, show_progress=rank == 0)
         self._buffers_out_of_weights()
         self.timings["load_weights_s"] = time.perf_counter() - t0
         self._reached("weights_loaded", seconds=round(self.timings["load_weights_s"], 2))

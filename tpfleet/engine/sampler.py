@@ -7,8 +7,11 @@ multiplied); frequency and presence penalties (over the output tokens); and, unt
 are out, the stop tokens masked. The row is then divided by its temperature (0 counts as 1).
 
 Sampling uses the exponential-race form (argmax of p / E with E ~ Exp(1)), which draws exactly
-from p; it sorts the vocabulary only for rows with top-k or top-p. A request with a seed draws its
-noise from its own generator, so its output does not depend on what else shares the batch.
+from p; it sorts the vocabulary only for rows with top-k or top-p. On a GPU, a batch without top-k,
+top-p or min-p runs the race and the logprobs in one pass over the logits
+(tpfleet.kernels.sampling), its noise keyed per row. A request with a seed draws its noise from its
+own generator (on the GPU: from its seed and position), so its output does not depend on what else
+shares the batch.
 
 Logprobs are those of the distribution actually sampled from, after the adjustments and the
 temperature: log_softmax(adjusted logits / temperature), in float32. They stay on the device with
@@ -22,6 +25,12 @@ from dataclasses import dataclass, fields
 import torch
 
 from tpfleet.engine.sequence import Sequence
+from tpfleet.engine.step_input import to_device
+
+try:
+    from tpfleet.kernels.sampling import fused_sample
+except ImportError:  # no Triton: the torch path serves every device
+    fused_sample = None
 
 
 @dataclass
@@ -42,7 +51,7 @@ class SamplerOutput:
 
 
 def temperatures(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
-    return torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
+    return to_device([s.params.temperature or 1.0 for s in seqs], torch.float32, device)
 
 
 def adjust_logits(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -55,20 +64,19 @@ def adjust_logits(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         if not params.adjusts_logits:
             continue
         if params.logit_bias:
-            ids = torch.tensor(list(params.logit_bias), device=dev)
-            logits[row].index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), device=dev,
-                                                        dtype=logits.dtype))
+            ids = to_device(list(params.logit_bias), torch.int64, dev)
+            logits[row].index_add_(0, ids, to_device(list(params.logit_bias.values()), logits.dtype, dev))
         if params.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), device=dev)
+            seen = to_device(sorted(set(seq.token_ids)), torch.int64, dev)
             values = logits[row, seen]
             logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty,
                                             values * params.repetition_penalty)
         if params.frequency_penalty or params.presence_penalty:
-            counts = torch.bincount(torch.tensor(seq.completion_ids, dtype=torch.long, device=dev),
+            counts = torch.bincount(to_device(seq.completion_ids, torch.int64, dev),
                                     minlength=logits.shape[-1]).to(logits.dtype)
             logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
         if seq.num_tokens - seq.num_prompt_tokens < params.min_new_tokens and seq.stop_ids:
-            logits[row, torch.tensor(sorted(seq.stop_ids), device=dev)] = float("-inf")
+            logits[row, to_device(sorted(seq.stop_ids), torch.int64, dev)] = float("-inf")
 
 
 def _draw(scaled: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -79,8 +87,8 @@ def _draw(scaled: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if any(s.params.top_k > 0 or s.params.top_p < 1.0 for s in seqs):
         scaled, order = scaled.sort(dim=-1, descending=True)
         probs = scaled.softmax(dim=-1)
-        top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device=dev)
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
+        top_k = to_device([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], torch.int64, dev)
+        top_p = to_device([s.params.top_p for s in seqs], torch.float32, dev)
         rank = torch.arange(vocab, device=dev)[None, :]
         drop = rank >= top_k[:, None]
         drop |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]  # keeps the token that crosses top_p
@@ -90,7 +98,7 @@ def _draw(scaled: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         drop = torch.zeros_like(probs, dtype=torch.bool)
         highest = probs.amax(dim=-1, keepdim=True)
     if any(s.params.min_p > 0.0 for s in seqs):
-        min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
+        min_p = to_device([s.params.min_p for s in seqs], torch.float32, dev)
         drop |= probs < min_p[:, None] * highest
     probs = probs.masked_fill(drop, 0.0)
 
@@ -102,22 +110,56 @@ def _draw(scaled: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return choice if order is None else order.gather(1, choice[:, None]).squeeze(1)
 
 
+SEED_MIX = 0x9E3779B97F4A7C15  # spreads consecutive seeds apart before the position is added
+
+
+def _row_seeds(seqs: list[Sequence]) -> list[int]:
+    """The fused kernel's noise keys, one per row: a seeded request's from its seed and the position
+    it samples (so the batch around it changes nothing), the others' from torch's generator."""
+    seeds = torch.randint(1 << 62, (len(seqs),)).tolist()
+    for row, seq in enumerate(seqs):
+        if seq.params.seed is not None and not seq.params.greedy:
+            seeds[row] = (seq.params.seed * SEED_MIX + seq.num_tokens) % (1 << 62)
+    return seeds
+
+
+def _sample_fused(logits: torch.Tensor, seqs: list[Sequence], wants_logprobs: bool) -> SamplerOutput:
+    """The one-pass kernel (tpfleet.kernels.sampling): rows without top-k, top-p or min-p, on a GPU."""
+    dev = logits.device
+    if any(s.params.adjusts_logits for s in seqs):
+        logits = logits.to(torch.float32, copy=True)  # the caller's logits stay as the model gave them
+        adjust_logits(logits, seqs)
+    temps = to_device([-(s.params.temperature or 1.0) if s.params.greedy else s.params.temperature for s in seqs],
+                      torch.float32, dev)
+    tokens, logprobs, lse = fused_sample(logits, temps, to_device(_row_seeds(seqs), torch.int64, dev))
+    out = SamplerOutput(tokens)
+    if wants_logprobs:
+        out.logprobs = logprobs
+        k = max(s.options.top_logprobs_num for s in seqs)
+        if k:
+            values, out.top_ids = logits.topk(k, dim=-1)  # the same order as logits / temperature
+            out.top_logprobs = values.float() / temps.abs()[:, None] - lse[:, None]
+    return out
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
     """One token per row, and the logprobs the rows' requests ask for, left on the logits' device:
     reading them back is the caller's choice."""
+    wants_logprobs = any(s.options.return_logprob for s in seqs)
+    if fused_sample is not None and logits.is_cuda and not any(s.params.filters for s in seqs):
+        return _sample_fused(logits, seqs, wants_logprobs)
     logits = logits.float()
     if any(s.params.adjusts_logits for s in seqs):
         logits = logits.clone()  # the caller's logits stay as the model gave them
         adjust_logits(logits, seqs)
     greedy_ids = logits.argmax(dim=-1)
-    wants_logprobs = any(s.options.return_logprob for s in seqs)
     if all(s.params.greedy for s in seqs) and not wants_logprobs:
         return SamplerOutput(greedy_ids)
 
     scaled = logits / temperatures(seqs, logits.device)[:, None]
     tokens = greedy_ids
     if not all(s.params.greedy for s in seqs):
-        is_greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+        is_greedy = to_device([s.params.greedy for s in seqs], torch.bool, logits.device)
         tokens = torch.where(is_greedy, greedy_ids, _draw(scaled, seqs))
     out = SamplerOutput(tokens)
     if wants_logprobs:
@@ -134,7 +176,7 @@ def score_prompt(logits: torch.Tensor, seqs: list[Sequence], targets: list[int],
     temperature as its samples are; no penalties (nothing was sampled there)."""
     dev = logits.device
     logprobs = (logits.float() / temperatures(seqs, dev)[:, None]).log_softmax(dim=-1)
-    out.prompt_logprobs = logprobs.gather(1, torch.tensor(targets, device=dev)[:, None]).squeeze(1)
+    out.prompt_logprobs = logprobs.gather(1, to_device(targets, torch.int64, dev)[:, None]).squeeze(1)
     k = max(s.options.top_logprobs_num for s in seqs)
     if k:
         out.prompt_top_logprobs, out.prompt_top_ids = logprobs.topk(k, dim=-1)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from tpfleet.engine.block_manager import BlockManager
 from tpfleet.engine.sequence import Sequence, SequenceStatus
 
+NO_POSITIONS = range(0)
+
 
 @dataclass
 class ScheduledSeq:
@@ -34,6 +36,8 @@ class ScheduledSeq:
     def scored_positions(self) -> range:
         """Prompt positions of this step whose logits give an input logprob, of the token after each."""
         seq = self.seq
+        if not seq.scores_prompt:  # the common case, decodes and requests without input logprobs: no work
+            return NO_POSITIONS
         start = max(seq.num_computed_tokens, seq.next_scored_position)
         return range(start, max(start, min(seq.num_computed_tokens + self.num_tokens, seq.num_prompt_tokens - 1)))
 

@@ -48,6 +48,11 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     @property
+    def filters(self) -> bool:
+        """Whether sampling keeps only part of the vocabulary (top-k above 1, top-p, min-p)."""
+        return self.top_k > 1 or self.top_p < 1.0 or self.min_p > 0.0
+
+    @property
     def adjusts_logits(self) -> bool:
         """Whether the logits are changed before sampling (then greedy is not the raw argmax)."""
         return self.has_penalties or self.min_new_tokens > 0 or bool(self.logit_bias)
@@ -145,6 +150,8 @@ class Sequence:
         self.finish_reason: dict | None = None
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
+        # The batch-wide argmax fast path serves it: greedy, logits untouched, no logprobs wanted
+        self.plain_greedy = params.greedy and not params.adjusts_logits and not self.options.return_logprob
         self.generator = None
         if params.seed is not None and not params.greedy:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)

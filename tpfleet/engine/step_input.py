@@ -67,9 +67,7 @@ class ModelInput:
                 inp.logits_indices.append(first_row + pos - start)
             if scheduled.samples:
                 inp.logits_indices.append(len(inp.input_ids) - 1)
-        inp.greedy = not inp.scored and all(
-            s.seq.params.greedy and not s.seq.params.adjusts_logits and not s.seq.options.return_logprob
-            for s in batch if s.samples)
+        inp.greedy = not inp.scored and all(s.seq.plain_greedy for s in batch if s.samples)
         return inp
 
     @property

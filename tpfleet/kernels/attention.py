@@ -192,10 +192,12 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                     splits: int | None = None, min_split: int = MIN_SPLIT_TOKENS) -> torch.Tensor:
+                     splits: int | None = None, min_split: int = MIN_SPLIT_TOKENS,
+                     tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """q: [batch, heads, head_dim], one query per sequence. A sequence of context 0 gets zeros.
     `splits` programs per (sequence, kv head) are launched; a context of n tokens uses
-    min(splits, ceil(n / min_split)) of them, decided on the device, so graphs stay valid."""
+    min(splits, ceil(n / min_split)) of them, decided on the device, so graphs stay valid.
+    `tile` (tokens per tile, warps, pipeline stages) overrides the default for `tpfleet bench attention`."""
     batch, heads, head_dim = q.shape
     kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
@@ -207,12 +209,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     arrivals = _arrival_counters(q.device, batch * kv_heads) if splits > 1 else out
     use_pdl = pdl.enabled(q.device, batch)
     # Batch 1 (PDL) runs 8 warps a program: a little faster in the engine's step (docs/benchmarks.md).
-    warps = 8 if use_pdl else 4
+    block_n, warps, stages = tile or (64, 8 if use_pdl else 4, None)
     _decode_kernel[(batch, kv_heads, splits)](
         q.contiguous(), k_cache, v_cache, block_tables, context_lens, part_out, part_lse, arrivals, out, scale,
         block_tables.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
-        HEAD_DIM=head_dim, PAGE=page, BLOCK_N=64, SPLITS=splits, MIN_SPLIT=min_split, IEEE=q.dtype == torch.float32,
-        PDL=use_pdl, launch_pdl=use_pdl, num_warps=warps)
+        HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, SPLITS=splits, MIN_SPLIT=min_split,
+        IEEE=q.dtype == torch.float32, PDL=use_pdl, launch_pdl=use_pdl, num_warps=warps,
+        **({"num_stages": stages} if stages else {}))
     return out
 
 

@@ -93,3 +93,17 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool) -
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+@torch.no_grad()
+def init_random_weights(model: nn.Module, seed: int) -> None:
+    """load_format 'dummy': every parameter drawn as make-model draws a checkpoint (norm weights 1, the
+    rest normal with std 0.02) on its own device from `seed`, so a model's shapes run without reading
+    a checkpoint. Each rank draws its own shards (the caller gives each rank its own seed): outputs mean
+    nothing, timings and memory do."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.copy_(torch.randn(param.shape, generator=gen, device=param.device, dtype=torch.float32).mul_(0.02))

@@ -182,7 +182,9 @@ def hf_config(p: Preset, vocab_size: int, special_ids: dict[str, int]) -> dict:
 
 
 def make_model(preset: str, out: str | Path, seed: int = 0, device: str = "cpu",
-               tie_word_embeddings: bool | None = None) -> Path:
+               tie_word_embeddings: bool | None = None, weights: bool = True) -> Path:
+    """A checkpoint of the preset's shapes with random weights; `weights` False writes its config and
+    tokenizer only, which an engine loads with load_format 'dummy'."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     p = PRESETS[preset]
@@ -201,7 +203,8 @@ def make_model(preset: str, out: str | Path, seed: int = 0, device: str = "cpu",
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}, indent=2))
 
-    _write_weights(cfg, p, out, seed, device)
+    if weights:
+        _write_weights(cfg, p, out, seed, device)
     return out
 
 

@@ -65,7 +65,7 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
     async def health_generate():
         params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
         try:
-            stream = aengine.generate([0], params, rid=f"health-{time.monotonic_ns()}")
+            stream = aengine.generate([0], params, rid=f"health-{time.monotonic_ns()}", stream=False)
             await asyncio.wait_for(last_output(stream), timeout=30)
         except (EngineUnavailable, asyncio.TimeoutError) as e:
             return error_response(503, f"generation failed: {e!r}")

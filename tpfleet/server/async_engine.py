@@ -50,6 +50,19 @@ class RequestOutput:
         return len(self.output_ids)
 
 
+@dataclass
+class Stream:
+    """Where a request's outputs go: a queue read on `loop`; every token's output, or only the final."""
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    stream: bool
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
 class EngineUnavailable(RuntimeError):
     """The engine cannot take requests now (HTTP 503)."""
 
@@ -64,7 +77,7 @@ class AsyncEngine:
         self.metrics = metrics or Metrics()
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, Stream] = {}
         self._last_token_time: dict[str, float] = {}
         self._running = True
         self._stopped = False
@@ -118,17 +131,19 @@ class AsyncEngine:
         for rid in list(self._streams):
             target = self._streams.pop(rid, None)
             if target is not None:
-                loop, q = target
-                loop.call_soon_threadsafe(q.put_nowait, EngineDead(error.strip().splitlines()[-1]))
+                target.loop.call_soon_threadsafe(target.queue.put_nowait, EngineDead(error.strip().splitlines()[-1]))
 
     def _publish(self, outputs) -> None:
+        """Hand a step's outputs to their streams: one cross-thread call per event loop per step, and
+        for a request that does not stream, nothing until its final output (no per-token snapshot)."""
         now = time.perf_counter()
         m = self.metrics
         m.set_engine_state(self.engine.snapshot())
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        tokens = 0
         for out in outputs:
             seq: Sequence = out.seq
-            if seq.params.max_new_tokens:  # a scoring request's output carries no token
-                m.generation_tokens.inc()
+            tokens += seq.params.max_new_tokens > 0  # a scoring request's output carries no token
             last = self._last_token_time.get(seq.rid)
             if last is None:
                 seq.first_token_time = now
@@ -143,12 +158,14 @@ class AsyncEngine:
                 m.requests.labels(seq.finish_reason["type"]).inc()
                 m.e2e.observe(now - seq.arrival_time)
             target = self._streams.get(seq.rid)
-            if target is None:
+            if target is None or not (target.stream or seq.is_finished):
                 continue
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, self._output(seq, out.new_text, now))
+            deliveries.setdefault(target.loop, []).append((target.queue, self._output(seq, out.new_text, now)))
             if seq.is_finished:
                 self._streams.pop(seq.rid, None)
+        m.generation_tokens.inc(tokens)
+        for loop, items in deliveries.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     @staticmethod
     def _output(seq: Sequence, delta: str, now: float) -> RequestOutput:
@@ -188,9 +205,11 @@ class AsyncEngine:
         return await fut
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
-                 field: str = "input_ids", options: OutputOptions | None = None) -> AsyncIterator[RequestOutput]:
-        """Validate now (raising InvalidRequest), then return a stream with an output per new token;
-        the last has finished=True. A caller that stops reading early aborts the request."""
+                 field: str = "input_ids", options: OutputOptions | None = None,
+                 stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """Validate now (raising InvalidRequest), then return a stream with an output per new token
+        (with `stream` False, only the final one); the last has finished=True. A caller that stops
+        reading early aborts the request."""
         if not self.alive:
             raise EngineDead(self.error or "engine stopped")
         if self._closing:
@@ -204,7 +223,7 @@ class AsyncEngine:
             raise InvalidRequest("rid", f"request id {rid!r} is already in use")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = (loop, q)
+        self._streams[rid] = Stream(loop, q, stream)
 
         def add():
             try:
@@ -257,8 +276,7 @@ class AsyncEngine:
         self.metrics.requests.labels("abort").inc()
         target = self._streams.pop(seq.rid, None)
         if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, self._output(seq, "", time.perf_counter()))
+            target.loop.call_soon_threadsafe(target.queue.put_nowait, self._output(seq, "", time.perf_counter()))
 
     async def pause_generation(self, mode: str = "abort") -> None:
         """Stop scheduling (see LLMEngine.pause); returns once no step is in flight."""

@@ -156,12 +156,12 @@ def generate_router(aengine: AsyncEngine) -> APIRouter:
     config = engine.model_config
     routed_row_bytes = 4 * config.num_hidden_layers * config.num_experts_per_tok  # int32 per expert choice
 
-    def start(jobs: list[Job]):
+    def start(jobs: list[Job], stream: bool):
         streams = []
         try:
             for job in jobs:
                 streams.append(aengine.generate(job.prompt_ids, job.params, rid=job.rid, field=job.field,
-                                                options=job.options))
+                                                options=job.options, stream=stream))
         except BaseException:
             for job in jobs[:len(streams)]:
                 aengine.abort(job.rid)
@@ -180,7 +180,7 @@ def generate_router(aengine: AsyncEngine) -> APIRouter:
         def shape(index: int, out: RequestOutput) -> dict:
             return answer(out, jobs[index], text, routed_start, routed_row_bytes)
 
-        streams = start(jobs)
+        streams = start(jobs, bool(req.stream))
         if req.stream:
             async def events():
                 try:

@@ -100,7 +100,8 @@ def openai_router() -> APIRouter:
                 aengine.engine.validate(ids, params, field if len(prompts) == 1 else f"{field}[{i}]", options)
         except InvalidRequest as e:
             raise _openai_field(e) from None
-        return [aengine.generate(ids, params, options=options) for ids in prompts for _ in range(n)]
+        return [aengine.generate(ids, params, options=options, stream=bool(req.stream))
+                for ids in prompts for _ in range(n)]
 
     async def respond(request: Request, streams, req: OpenAISampling, kind: str, model: str,
                       choice: Callable[[int, RequestOutput], dict],
