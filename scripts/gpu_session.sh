@@ -23,7 +23,8 @@
 #     on the path, whatever PYTHONPATH says): the decode step at the issue's bar points with the offline
 #     workload, then the RL workload (HTTP for this checkout only); then `bench colocate`
 # moe: the 30b-a3b-shape engine with random weights (`make-model --no-weights`, `--load-format dummy`: no
-#      61 GB checkpoint): `bench engine` over batches, offline, logprobs off and on
+#      61 GB checkpoint): `bench engine` over batches, offline with logprobs off and on, then transformers
+#      (built from the config, random weights) on the same offline workload
 # last: the RL loop's GPU test (alone on the GPU: the fleet refuses a GPU another process holds), the RL
 #       workload in-process and over HTTP, `bench start`, and the attention tile sweep
 set -uo pipefail
@@ -208,7 +209,7 @@ LLMEngine(EngineConfig(model='$MODEL', tp_size=2, device='cuda', graph_mode='ful
     python3 -m tpfleet make-model --preset 30b-a3b-shape --no-weights --out /tmp/tpfleet-m30b > /dev/null
     log "bench engine, 30b-a3b-shape, dummy weights"
     timeout ${ENGINE_S:-400} python3 -m tpfleet bench engine --model /tmp/tpfleet-m30b --load-format dummy \
-      --device cuda --tp 1 --graph-mode piecewise --no-hf --logprobs both --contexts 128,1024 --out "$OUT" 2>&1 \
+      --device cuda --tp 1 --graph-mode piecewise --num-seqs 64 --logprobs both --contexts 128,1024 --out "$OUT" 2>&1 \
       | grep -v "^tpfleet phase\|Loading\|Capturing" | head -60
     ;;
   last)

@@ -423,17 +423,24 @@ def mixed_step(engine: LLMEngine, repeats: int = 20) -> dict | None:
 
 
 def hf_baseline(model_dir: str, lens: list[tuple[int, int]], batches: tuple[int, ...], device: str,
-                chunk: int = 128) -> dict:
+                chunk: int = 128, random_weights: bool = False) -> dict:
     """transformers' generate, bf16, with a static cache, which on GPU it compiles with torch.compile
     (its best settings): decode step latency and the offline workload (sequences sorted by output
     length and run `chunk` at a time, counting only wanted tokens).
 
     Each batch size gets one StaticCache of a fixed length, reused by every call, so torch.compile
     compiles once per batch size, in an untimed warm-up, and the timed calls are steady state.
-    Warm-up seconds are reported apart."""
-    from transformers import AutoModelForCausalLM, StaticCache
+    Warm-up seconds are reported apart. `random_weights` (the engine ran with load_format 'dummy'):
+    the model built from config.json alone, initialised by transformers; every output is as long as
+    asked, so the values of the weights change no timing."""
+    from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    if random_weights:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16)
+        model = model.eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     vocab = model.config.vocab_size
@@ -561,7 +568,8 @@ def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: 
         print(f"before the transformers baseline: {memory['free_gib']:.1f} of {memory['total_gib']:.1f} GiB free, "
               f"checkpoint {memory['checkpoint_gib']:.1f} GiB", flush=True)
         decode_batches = sorted({d["batch"] for d in result["decode"] if "skipped" not in d})
-        result["transformers"] = hf_baseline(cfg.model, lens, tuple(decode_batches), str(device))
+        result["transformers"] = hf_baseline(cfg.model, lens, tuple(decode_batches), str(device),
+                                             random_weights=cfg.load_format == "dummy")
         path.write_text(json.dumps(result, indent=1))
         print(format_result(result), flush=True)
     else:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoTokenizer
 
 from tpfleet.config import EngineConfig
 from tpfleet.engine.block_manager import BlockManager
@@ -23,6 +22,7 @@ from tpfleet.engine.sampler import SamplerOutput, sample, score_prompt
 from tpfleet.engine.scheduler import ScheduledSeq, Scheduler
 from tpfleet.engine.sequence import InvalidRequest, OutputOptions, SamplingParams, Sequence
 from tpfleet.engine.step_input import ModelInput, to_device
+from tpfleet.engine.tokenizer import load_tokenizer
 from tpfleet.jit import default_triton_cache
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         default_triton_cache()
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        self.tokenizer = load_tokenizer(cfg.model)
         self.ranks = RankGroup(cfg)
         self.runner = self.ranks.driver
         self.model_config = self.runner.model_config
