@@ -157,3 +157,58 @@ def test_a_stopped_rank_is_detected_and_named_in_the_exit_record(tmp_path, tiny_
     assert record is not None and record.exitcode == RANK_HUNG_EXIT_CODE, log
     cause = exits.root_cause([record])
     assert (cause.rank, cause.exc_type) == (1, "RankHung")
+
+
+# `python driver_main.py MODEL TIMEOUT`: a TP=1 server engine whose fourth forward never returns, as a
+# kernel or collective that never completes would block rank 0; the request it was serving must fail.
+DRIVER_MAIN = """
+import asyncio
+import sys
+import threading
+
+from tpfleet.config import EngineConfig
+from tpfleet.engine.llm_engine import LLMEngine
+from tpfleet.engine.sequence import SamplingParams
+from tpfleet.server.async_engine import AsyncEngine, EngineDead
+
+if __name__ == "__main__":
+    engine = LLMEngine(EngineConfig(model=sys.argv[1], kv_cache_tokens=4096, hang_timeout=float(sys.argv[2])))
+    forward, calls = engine.runner.run, []
+
+    def run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            threading.Event().wait()
+        return forward(*args, **kwargs)
+
+    engine.runner.run = run
+    aengine = AsyncEngine(engine)
+
+    async def main():
+        try:
+            async for _ in aengine.generate([1, 2, 3, 4], SamplingParams(max_new_tokens=64, ignore_eos=True)):
+                pass
+        except EngineDead as error:
+            print("request failed:", error, flush=True)
+        await asyncio.sleep(60)
+
+    asyncio.run(main())
+"""
+
+
+def test_a_driver_stuck_in_a_step_fails_its_requests_and_ends_the_engine(tmp_path, tiny_model):
+    (tmp_path / "driver_main.py").write_text(textwrap.dedent(DRIVER_MAIN))
+    record_path = tmp_path / "records" / "engine.json"
+    started = time.time()
+    run = subprocess.run([sys.executable, str(tmp_path / "driver_main.py"), str(tiny_model), str(HANG_TIMEOUT)],
+                         cwd=tmp_path, env={**os.environ, env.EXIT_RECORD: str(record_path)},
+                         capture_output=True, text=True, timeout=120)
+    log = (run.stdout + run.stderr)[-3000:]
+    assert run.returncode == RANK_HUNG_EXIT_CODE, log
+    assert "request failed: rank 0" in run.stdout and "hang_timeout" in run.stdout, log
+    rank = exits.read(exits.rank_path(record_path, 0))
+    assert rank is not None, log
+    assert (rank.role, rank.rank, rank.exc_type, rank.phase) == ("rank", 0, "RankHung", "serving")
+    assert rank.time - started < 60, log
+    record = exits.read(record_path)
+    assert record is not None and record.exitcode == RANK_HUNG_EXIT_CODE, log

@@ -176,14 +176,23 @@ class RankGroup:
         """Say the engine is unhealthy, record the stuck rank, and end the engine: its fleet restarts it."""
         if self._stopping:
             return
-        self.hung = hang.message
-        log.critical("%s; stopping the engine in %gs", hang.message, EXIT_GRACE_S)
         stuck = next(worker for worker in self.workers if worker.rank == hang.rank)
-        record = ExitRecord("rank", hang.rank, stuck.process.pid, hang.phase, "RankHung", hang.message)
+        self._end_hung(ExitRecord("rank", hang.rank, stuck.process.pid, hang.phase, "RankHung", hang.message))
+
+    def driver_hung(self, message: str) -> None:
+        """Rank 0's own step has made no progress past the hang timeout (a kernel or a collective that
+        never returns blocks it, while this process's other threads still run): end the engine as for
+        any hung rank. Called by the server's step watch."""
+        if not self._stopping:
+            self._end_hung(ExitRecord("rank", 0, os.getpid(), self.phase, "RankHung", message))
+
+    def _end_hung(self, record: ExitRecord) -> None:
+        self.hung = record.message
+        log.critical("%s; stopping the engine in %gs", record.message, EXIT_GRACE_S)
         path = env.exit_record_path()
         if path is not None:
-            exits.write(exits.rank_path(path, hang.rank), record)
-        self._fail_requests(hang.message)
+            exits.write(exits.rank_path(path, record.rank), record)
+        self._fail_requests(record.message)
         self._stopping = True  # the kills below are not deaths to report
         for worker in self.workers:
             worker.process.kill()

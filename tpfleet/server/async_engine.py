@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -87,6 +88,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="tpfleet-engine", daemon=True)
         self._thread.start()
         engine.ranks.on_failure = self._fail_all
+        threading.Thread(target=self._watch_steps, name="tpfleet-step-watch", daemon=True).start()
 
     @property
     def alive(self) -> bool:
@@ -95,6 +97,20 @@ class AsyncEngine:
         started = self._step_started
         stuck = started is not None and time.monotonic() - started > self.engine.cfg.hang_timeout
         return self.error is None and self._thread.is_alive() and self.engine.ranks.hung is None and not stuck
+
+    def _watch_steps(self) -> None:
+        """The driver's own hang: a step of rank 0 that runs past the hang timeout (ranks 1..N-1 are
+        watched by their progress table) ends the engine, its requests failed first, so that the
+        fleet restarts it rather than leaving it alive and unhealthy."""
+        timeout = self.engine.cfg.hang_timeout
+        while not self._stopped:
+            started = self._step_started
+            if started is not None and time.monotonic() - started > timeout:
+                self.engine.ranks.driver_hung(f"rank 0 (pid {os.getpid()}) has been in one step for more than "
+                                              f"{timeout:g}s (hang_timeout): a kernel or collective that never "
+                                              f"returns")
+                return
+            time.sleep(min(1.0, timeout / 4))
 
     # --- engine thread ------------------------------------------------------------------------
 
