@@ -170,18 +170,21 @@ def bench_colocate(cfg: EngineConfig, out_dir: str, cycles: int = 20) -> dict:
         "resume": _summary([r["resume_s"] for r in rows], host_floor),
         "update": _summary([r["update_s"] for r in rows], 4 * weight_bytes / device_bw),
         "trainer_refill": _summary([r["refill_s"] for r in rows], 2 * weight_bytes / device_bw),
+        "engine_stage": _summary([r["stage_s"] for r in rows], 0.0),
+        "engine_commit": _summary([r["commit_s"] for r in rows], 2 * weight_bytes / device_bw),
     })
     return report(result, out_dir, f"colocate_tp{cfg.tp_size}", format_result)
 
 
-def _update(engine: LLMEngine, payload: str, trainer: Connection, version: str) -> float:
-    """The trainer packs its weights again, then the engine takes them: the trainer's seconds."""
+def _update(engine: LLMEngine, payload: str, trainer: Connection, version: str) -> dict:
+    """The trainer packs its weights again, then the engine takes them: the seconds of the trainer's
+    refill and of the engine's stage (checks, buffers opened) and commit (copies)."""
     trainer.send("refill")
     if not trainer.poll(TRAINER_TIMEOUT_S):
         raise RuntimeError(f"the trainer did not refill its buckets within {TRAINER_TIMEOUT_S} s")
     refill_s = trainer.recv()
-    engine.update_weights_from_tensor([payload], "flattened_bucket", version)
-    return refill_s
+    report = engine.update_weights_from_tensor([payload], "flattened_bucket", version)[0]
+    return {"refill_s": refill_s, "stage_s": report["stage_s"], "commit_s": report["commit_s"]}
 
 
 def _cycles(engine: LLMEngine, payload: str, trainer: Connection, cycles: int) -> dict:
@@ -192,10 +195,9 @@ def _cycles(engine: LLMEngine, payload: str, trainer: Connection, cycles: int) -
     for cycle in range(cycles):
         release_s, released = _timed(lambda: engine.release_memory(list(TAGS)))
         resume_s, resumed = _timed(lambda: engine.resume_memory(list(TAGS)))
-        update_s, refill_s = _timed(lambda: _update(engine, payload, trainer, f"cycle-{cycle}"))
+        update_s, parts = _timed(lambda: _update(engine, payload, trainer, f"cycle-{cycle}"))
         outputs = greedy_outputs(engine)
-        rows.append({"cycle": cycle, "release_s": release_s, "resume_s": resume_s, "update_s": update_s,
-                     "refill_s": refill_s,
+        rows.append({"cycle": cycle, "release_s": release_s, "resume_s": resume_s, "update_s": update_s, **parts,
                      "outputs_equal": outputs == reference,
                      "graph_captures": [report["graph_captures"] for report in resumed],
                      "released_bytes_per_tag": released[0]["bytes_per_tag"],
@@ -221,7 +223,9 @@ def format_result(r: dict) -> str:
     return (f"colocate bench: {r['device']}, TP={r['tp_size']}, memory saver {'on' if r['memory_saver'] else 'off'}, "
             f"{r['cycles']} cycles of release/resume/update ({r['weight_bytes_per_rank'] / 2**20:.1f} MiB of "
             f"weights per rank)\n  " + "; ".join(phase(n) for n in ("release", "resume", "update")) +
-            f"\n  of the update, {phase('trainer_refill', 'the trainer packing its buckets')}" +
+            f"\n  of the update: {phase('trainer_refill', 'the trainer packing its buckets')}; "
+            f"{phase('engine_stage', 'the engine checking and opening them')}; "
+            f"{phase('engine_commit', 'the engine copying them')}" +
             f"\n  outputs equal before and after every cycle: {r['outputs_equal']}; graphs re-captured: "
             f"{r['graphs_recaptured']}; free memory drift over the cycles: "
             f"{'n/a (CPU)' if drift is None else f'{100 * drift:.2f}%'}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -402,6 +403,10 @@ class EngineWeights:
         return self.ranks.call_all("colocation.weights.destroy_group", group_name)
 
     def _apply(self, stage: str, weight_version: str | None, *args) -> list[dict]:
+        """Stage on every rank (everything checked, buffers opened), then commit on every rank (the
+        copies). Each rank's report says how many tensors it took, with the driver's wall seconds of
+        both phases (all ranks together)."""
+        started = time.perf_counter()
         try:
             reports = self.ranks.call_all(f"colocation.weights.{stage}", *args)
             self._all_ok(reports)
@@ -410,7 +415,9 @@ class EngineWeights:
         except BaseException:
             self.ranks.call_all("colocation.weights.discard")
             raise
+        staged = time.perf_counter()
         self.ranks.call_all("colocation.weights.commit")
+        seconds = {"stage_s": staged - started, "commit_s": time.perf_counter() - staged}
         stale = self.engine.stale_weights
         if stale is not None:  # a checkpoint directory is complete; the other sources name what they wrote
             written = stale if stage == "stage_disk" else set(reports[0]["names"])
@@ -418,7 +425,7 @@ class EngineWeights:
         if weight_version is not None:
             self.engine.set_weight_version(weight_version)
         self.engine.block_manager.reset_prefix_cache()  # cached prefixes were computed by the old weights
-        return [{"rank": report["rank"], "tensors": report["tensors"]} for report in reports]
+        return [{"rank": report["rank"], "tensors": report["tensors"], **seconds} for report in reports]
 
     @staticmethod
     def _all_ok(reports: list[dict]) -> None:
