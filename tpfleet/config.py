@@ -322,10 +322,15 @@ def check_checkpoint_dir(path: str, load_format: str = "auto") -> None:
         raise ValueError(f"--model {path}: not a directory (give the checkpoint's directory)")
     if not (where / "config.json").is_file():
         raise ValueError(f"--model {path}: no config.json, so not a Hugging Face checkpoint directory")
+    if load_format != "dummy":
+        _check_weights(where, path)
+    if not any((where / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise ValueError(f"--model {path}: no tokenizer (tokenizer.json or tokenizer_config.json)")
+
+
+def _check_weights(where: Path, path: str) -> None:
     index = where / "model.safetensors.index.json"
-    if load_format == "dummy":
-        pass
-    elif index.is_file():
+    if index.is_file():
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
         except (ValueError, KeyError, AttributeError) as error:
@@ -336,5 +341,3 @@ def check_checkpoint_dir(path: str, load_format: str = "auto") -> None:
                              f"{', '.join(missing)}")
     elif not any(where.glob("*.safetensors")):
         raise ValueError(f"--model {path}: no *.safetensors weights")
-    if not any((where / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        raise ValueError(f"--model {path}: no tokenizer (tokenizer.json or tokenizer_config.json)")
