@@ -200,7 +200,9 @@ def test_a_fleet_loses_no_request_when_one_engine_is_killed(tiny_model, tmp_path
         url = url_of(sock)
         sampling = {"max_new_tokens": 300, "ignore_eos": True, "temperature": 0.0}
         plain = [Call(url, "/generate", {"input_ids": PROMPT, "sampling_params": sampling}) for _ in range(8)]
-        streams = [Call(url, "/generate", {"input_ids": PROMPT, "sampling_params": sampling, "stream": True})
+        # Streams long enough to be still running on engine 0 when it is killed, once all four have begun
+        long = {**sampling, "max_new_tokens": 1500}
+        streams = [Call(url, "/generate", {"input_ids": PROMPT, "sampling_params": long, "stream": True})
                    for _ in range(4)]
         for call in streams:
             assert call.started_streaming.wait(60) and call.failure is None, call.failure
