@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,19 +27,29 @@ NAMED = [("a", torch.arange(6, dtype=torch.float32).view(2, 3)), ("b", torch.one
          ("c", torch.full((4, 1), 2.5, dtype=torch.float16))]
 
 
+@contextmanager
+def opened(payload: str) -> Iterator[dict[str, torch.Tensor]]:
+    """The payload's tensors by name, from its buckets opened as the engine opens them; the views are
+    dropped before the buckets close."""
+    buckets = [OpenBucket(spec) for spec in parse_payload(payload, "p")]
+    got = dict(pair for bucket in buckets for pair in bucket.tensors())
+    try:
+        yield got
+    finally:
+        got.clear()
+        for bucket in buckets:
+            bucket.close()
+
+
 def test_buckets_roundtrip_through_shared_memory():
     with FlattenedBucketSender(NAMED, bucket_bytes=300) as sender:
         for payload in (sender.payload(), sender.payload(base64_encoded=True)):
             buckets = parse_payload(payload, "p")
             # tensors start on 256-byte boundaries: "c" would end past 300 bytes, so it opens a second bucket
             assert [[entry.name for entry in bucket.tensors] for bucket in buckets] == [["a", "b"], ["c"]]
-            opened = [OpenBucket(spec) for spec in buckets]
-            got = dict(pair for bucket in opened for pair in bucket.tensors())
-            for name, tensor in NAMED:
-                assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor)
-            got.clear()
-            for bucket in opened:
-                bucket.close()
+            with opened(payload) as got:
+                for name, tensor in NAMED:
+                    assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor)
 
 
 def test_refill_writes_new_values_behind_the_same_payload():
@@ -46,23 +58,15 @@ def test_refill_writes_new_values_behind_the_same_payload():
         new = [(name, tensor * 3 + 1) for name, tensor in NAMED]
         sender.refill(new)
         assert sender.payload() == payload
-        opened = [OpenBucket(spec) for spec in parse_payload(payload, "p")]
-        got = dict(pair for bucket in opened for pair in bucket.tensors())
-        assert all(torch.equal(got[name], tensor) for name, tensor in new)
-        got.clear()
-        for bucket in opened:
-            bucket.close()
+        with opened(payload) as got:
+            assert all(torch.equal(got[name], tensor) for name, tensor in new)
         with pytest.raises(ValueError, match=r"tensor 1 is b float32 \[5\], the buckets hold b bfloat16 \[5\]"):
             sender.refill([NAMED[0], ("b", torch.ones(5)), NAMED[2]])
         with pytest.raises(ValueError, match="2 tensors given, the buckets hold 3"):
             sender.refill(NAMED[:2])
         # a refused refill wrote nothing: the buckets still hold the last good values
-        opened = [OpenBucket(spec) for spec in parse_payload(payload, "p")]
-        got = dict(pair for bucket in opened for pair in bucket.tensors())
-        assert all(torch.equal(got[name], tensor) for name, tensor in new)
-        got.clear()
-        for bucket in opened:
-            bucket.close()
+        with opened(payload) as got:
+            assert all(torch.equal(got[name], tensor) for name, tensor in new)
 
 
 def edited(edit) -> str:

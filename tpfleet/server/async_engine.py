@@ -94,9 +94,14 @@ class AsyncEngine:
     def alive(self) -> bool:
         """False once the engine loop failed, a rank stopped making progress (it is about to exit), or
         the driver's own step has run past the hang timeout (a kernel that never finishes blocks it)."""
+        return (self.error is None and self._thread.is_alive() and self.engine.ranks.hung is None
+                and not self._step_overran)
+
+    @property
+    def _step_overran(self) -> bool:
+        """Whether the driver's step in progress has run past the hang timeout."""
         started = self._step_started
-        stuck = started is not None and time.monotonic() - started > self.engine.cfg.hang_timeout
-        return self.error is None and self._thread.is_alive() and self.engine.ranks.hung is None and not stuck
+        return started is not None and time.monotonic() - started > self.engine.cfg.hang_timeout
 
     def _watch_steps(self) -> None:
         """The driver's own hang: a step of rank 0 that runs past the hang timeout (ranks 1..N-1 are
@@ -104,8 +109,7 @@ class AsyncEngine:
         fleet restarts it rather than leaving it alive and unhealthy."""
         timeout = self.engine.cfg.hang_timeout
         while not self._stopped:
-            started = self._step_started
-            if started is not None and time.monotonic() - started > timeout:
+            if self._step_overran:
                 self.engine.ranks.driver_hung(f"rank 0 (pid {os.getpid()}) has been in one step for more than "
                                               f"{timeout:g}s (hang_timeout): a kernel or collective that never "
                                               f"returns")
