@@ -18,13 +18,16 @@
 # roofline: attention's GPU tests and tile sweep, then `bench engine` over batches and contexts with
 #           logprobs on and off
 # rlwork: the RL-shaped workload, in-process and over HTTP (RL_MAX sets its output cap)
-# ab: the RL loop's and the fused sampler's GPU tests; then BASE (a package copy, e.g. a `git archive` of
-#     main) against this checkout, in turn (`python3 -P`: `-m` would put the checkout's own package first
-#     on the path, whatever PYTHONPATH says): the decode step at the issue's bar points with the offline
-#     workload, then the RL workload (HTTP for this checkout only); then `bench colocate`
-# moe: the 30b-a3b-shape engine with random weights (`make-model --no-weights`, `--load-format dummy`: no
-#      61 GB checkpoint): `bench engine` over batches, offline with logprobs off and on, then transformers
-#      (built from the config, random weights) on the same offline workload
+# ab: where this checkout's start-up goes (imports, a profiled engine start), then BASE (a package copy, e.g.
+#     a `git archive` of an old main) and this checkout in turn through scripts/ab.py (`python3 -P`: `-m`
+#     would put the checkout's own package first on the path, whatever PYTHONPATH says): time-to-ready,
+#     decode steps, the offline and the RL workloads (PARTS picks some)
+# start: the GPU tests of the checkpoint reader, graphs and parity, then time-to-ready of BASE and this
+#        checkout (twice), cold and warm caches each (scripts/ab.py --parts start)
+# colocate: `bench colocate` with the memory saver, the trainer's refill included
+# moe: `bench moe --sweep`, then the 30b-a3b-shape engine with random weights (`make-model --no-weights`,
+#      `--load-format dummy`: no 61 GB checkpoint): `bench engine` over batches, offline with logprobs off
+#      and on, then transformers (built from the config, random weights) on the same offline workload
 # last: the RL loop's GPU test (alone on the GPU: the fleet refuses a GPU another process holds), the RL
 #       workload in-process and over HTTP, `bench start`, and the attention tile sweep
 set -uo pipefail
@@ -182,35 +185,57 @@ LLMEngine(EngineConfig(model='$MODEL', tp_size=2, device='cuda', graph_mode='ful
     ;;
   ab)
     make_model > /dev/null 2>&1 &
-    log "GPU tests: the RL loop, the fused sampler"
-    timeout 120 python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_rl_loop.py tests/test_fused_sampling.py \
-      > "$OUT/tests.log" 2>&1
-    echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^ERROR|^E  " "$OUT/tests.log" | cut -c1-300 | tail -8
+    log "imports of \`tpfleet serve\` in a fresh interpreter (this checkout)"
+    python3 -P -X importtime -c "import tpfleet.cli, tpfleet.server.launch, tpfleet.engine.llm_engine, \
+tpfleet.server.app, uvicorn" 2> "$OUT/importtime.txt"
+    sort -t'|' -k2 -n "$OUT/importtime.txt" | tail -12
+    python3 -P scripts/ab.py --make-requests /tmp/ab-requests.json
     wait
     for tree in "${BASE:?set BASE}" .; do
-      log "bench engine, $tree"
-      PYTHONPATH=/tmp/site:$PWD/$tree timeout ${ENGINE_S:-130} python3 -P -m tpfleet bench engine --model "$MODEL" \
-        --device cuda --tp 1 --graph-mode piecewise --no-hf --logprobs off --batches 1,64,256 --contexts 1024,4096 \
-        --max-num-seqs 512 --out "$OUT/$(basename $(realpath $tree))" 2>&1 | grep -v "^tpfleet phase\|Loading" \
-        | grep -v "^  .*_kernel\|^  .*nvjet\|^costliest" | head -40
+      log "scripts/ab.py, $tree"
+      PYTHONPATH=/tmp/site:$PWD/$tree timeout ${AB_S:-240} python3 -P scripts/ab.py --model "$MODEL" \
+        --requests /tmp/ab-requests.json --parts ${PARTS:-start,decode,offline,rl} \
+        --out "$OUT/ab_$(basename $(realpath $tree)).json" 2>&1 | grep "^{\|^\[\|Error\|error"
     done
-    for tree in "$BASE" .; do
-      log "bench engine --workload rl, $tree"
-      PYTHONPATH=/tmp/site:$PWD/$tree timeout ${RL_S:-120} python3 -P -m tpfleet bench engine --workload rl \
-        --model "$MODEL" --device cuda --tp 1 --graph-mode piecewise --rl-max-output ${RL_MAX:-1024} --logprobs on \
-        --max-num-seqs 512 $([ "$tree" = . ] || echo --no-http) --out "$OUT/rl_$(basename $(realpath $tree))" 2>&1 \
-        | grep -v "^tpfleet phase\|Loading" | tail -12
+    log "engine start-up, profiled (this checkout, warm)"
+    python3 -P -c "import cProfile, pstats; from tpfleet.config import EngineConfig; \
+from tpfleet.engine.llm_engine import LLMEngine; \
+cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mode=\"piecewise\")).shutdown()', \
+'$OUT/start.prof'); pstats.Stats('$OUT/start.prof').sort_stats('cumulative').print_stats(45)" 2>&1 \
+      | grep -v "^tpfleet phase\|Loading\|Capturing" | tail -60 > "$OUT/start_profile.txt"
+    head -70 "$OUT/start_profile.txt" | tail -48 | cut -c1-160
+    ;;
+  start)
+    make_model > /dev/null 2>&1 &
+    log "GPU tests: the checkpoint reader, graphs, parity"
+    timeout ${TEST_S:-200} python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_pinned_reader.py \
+      tests/test_graphs_gpu.py tests/test_model_parity.py ${TESTS_K:+-k "$TESTS_K"} > "$OUT/tests.log" 2>&1
+    echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^ERROR|^E  " "$OUT/tests.log" | cut -c1-300 | tail -8
+    python3 -P scripts/ab.py --make-requests /tmp/ab-requests.json
+    wait
+    for tree in ${TREES:-"${BASE:?set BASE}" . .}; do
+      log "time to ready, $tree"
+      PYTHONPATH=/tmp/site:$PWD/$tree timeout 120 python3 -P scripts/ab.py --model "$MODEL" \
+        --requests /tmp/ab-requests.json --parts start --out "$OUT/start_$(basename $(realpath $tree))_$RANDOM.json" \
+        2>&1 | grep "^{\|Error\|error"
     done
+    ;;
+  colocate)
+    make_model
     log "bench colocate, memory saver, refill included"
     timeout 120 python3 -m tpfleet bench colocate --model "$MODEL" --device cuda --enable-memory-saver --cycles 20 \
-      --out "$OUT" 2>&1 | grep -v "^tpfleet phase\|Loading\|Capturing" | tail -6
+      --out "$OUT" 2>&1 | grep -v "^tpfleet phase\|Loading\|Capturing" | tail -8
     ;;
   moe)
     python3 -m tpfleet make-model --preset 30b-a3b-shape --no-weights --out /tmp/tpfleet-m30b > /dev/null
+    log "bench moe --sweep (the tuning table the engine then reads)"
+    timeout ${MOE_S:-150} python3 -m tpfleet bench moe --sweep --tokens ${TOKENS:-1,2,4,16,64,256,4096} --out "$OUT" \
+      2>&1 | tail -12
     log "bench engine, 30b-a3b-shape, dummy weights"
     timeout ${ENGINE_S:-400} python3 -m tpfleet bench engine --model /tmp/tpfleet-m30b --load-format dummy \
-      --device cuda --tp 1 --graph-mode piecewise --num-seqs 64 --logprobs both --contexts 128,1024 --out "$OUT" 2>&1 \
-      | grep -v "^tpfleet phase\|Loading\|Capturing" | head -60
+      --device cuda --tp 1 --graph-mode piecewise --num-seqs 64 --logprobs both --batches ${BATCHES:-1,8,64} \
+      --contexts 128,1024 --out "$OUT" 2>&1 | grep -v "^tpfleet phase\|Loading\|Capturing" > "$OUT/moe.log"
+    tail -${LINES_SHOWN:-50} "$OUT/moe.log"
     ;;
   last)
     log "GPU test: the RL loop"
@@ -227,5 +252,5 @@ LLMEngine(EngineConfig(model='$MODEL', tp_size=2, device='cuda', graph_mode='ful
     log "bench attention --tiles"
     timeout 70 python3 -m tpfleet bench attention --tiles --contexts 1024,4096 --out "$OUT"
     ;;
-  *) echo "usage: $0 tests|ops|kernels|check|engine|pdl|warm|fleet|compare|rl|roofline|rlwork|ab|moe|last" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|ops|kernels|check|engine|pdl|warm|fleet|compare|rl|roofline|rlwork|ab|start|colocate|moe|last" >&2; exit 2 ;;
 esac
