@@ -236,3 +236,22 @@ def test_fused_moe_replays_in_a_cuda_graph(tokens):
 def test_fused_moe_is_deterministic():
     case = make_case(QWEN3_30B, 1024, torch.bfloat16, "cuda", 0, QWEN3_30B[0])
     assert torch.equal(moe_triton.fused_moe(*case), moe_triton.fused_moe(*case))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_the_sweep_writes_a_table_the_layer_then_runs_by(tmp_path, monkeypatch):
+    """`tune_moe` times both paths as whole layers, caches the winners, and `fused_moe` then reads them."""
+    monkeypatch.setenv("TPFLEET_CACHE_DIR", str(tmp_path))
+    num_experts, hidden, inter, top_k = ODD
+    table = moe_triton.tune_moe(num_experts, hidden, inter, top_k, [1, 40])
+    assert set(table) == {1, 40}
+    assert {table[t]["path"] for t in table} <= {"gemv", "grouped"}
+    path = moe_triton.table_path(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, torch.bfloat16)
+    assert path.is_file() and moe_triton.load_table(str(path)) == table
+    for tokens in (1, 40):
+        case = make_case(ODD, tokens, torch.bfloat16, "cuda", 0, num_experts, seed=tokens)
+        picked = moe_triton.launch_config(tokens, num_experts, hidden, inter, top_k, torch.bfloat16,
+                                          torch.device("cuda"))
+        assert picked == table[tokens]
+        assert_matches(moe_triton.fused_moe(*case), moe_reference(*case), torch.bfloat16, str(picked))
