@@ -22,8 +22,8 @@
 #     a `git archive` of an old main) and this checkout in turn through scripts/ab.py (`python3 -P`: `-m`
 #     would put the checkout's own package first on the path, whatever PYTHONPATH says): time-to-ready,
 #     decode steps, the offline and the RL workloads (PARTS picks some)
-# start: the GPU tests of the checkpoint reader, graphs and parity, then time-to-ready of BASE and this
-#        checkout (twice), cold and warm caches each (scripts/ab.py --parts start)
+# start: the GPU tests of graphs and parity (EXTRA_TESTS adds files, TESTS_K filters), then time-to-ready
+#        of BASE and this checkout (TREES: twice), cold and warm caches each (scripts/ab.py --parts start)
 # colocate: `bench colocate` with the memory saver, the trainer's refill included
 # moe: `bench moe --sweep`, then the 30b-a3b-shape engine with random weights (`make-model --no-weights`,
 #      `--load-format dummy`: no 61 GB checkpoint): `bench engine` over batches, offline with logprobs off
@@ -207,9 +207,9 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
     ;;
   start)
     make_model > /dev/null 2>&1 &
-    log "GPU tests: the checkpoint reader, graphs, parity"
-    timeout ${TEST_S:-200} python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_pinned_reader.py \
-      tests/test_graphs_gpu.py tests/test_model_parity.py ${TESTS_K:+-k "$TESTS_K"} > "$OUT/tests.log" 2>&1
+    log "GPU tests: graphs, parity (and EXTRA_TESTS)"
+    timeout ${TEST_S:-200} python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_graphs_gpu.py \
+      tests/test_model_parity.py ${EXTRA_TESTS:-} ${TESTS_K:+-k "$TESTS_K"} > "$OUT/tests.log" 2>&1
     echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^ERROR|^E  " "$OUT/tests.log" | cut -c1-300 | tail -8
     python3 -P scripts/ab.py --make-requests /tmp/ab-requests.json
     wait
