@@ -252,5 +252,6 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
     log "bench attention --tiles"
     timeout 70 python3 -m tpfleet bench attention --tiles --contexts 1024,4096 --out "$OUT"
     ;;
-  *) echo "usage: $0 tests|ops|kernels|check|engine|pdl|warm|fleet|compare|rl|roofline|rlwork|ab|start|colocate|moe|last" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|ops|kernels|check|engine|pdl|warm|fleet|compare|rl|roofline|rlwork|ab|start|colocate|moe|last" \
+       >&2; exit 2 ;;
 esac

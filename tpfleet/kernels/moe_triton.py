@@ -483,12 +483,13 @@ def _block_ms(pairs: int, num_local: int) -> list[int]:
     return [bm for bm in BLOCK_MS if bm <= max(16, 2 * pairs / num_local)]
 
 
-def _fastest(time_us, tiles: list[dict]) -> tuple[float, dict]:
-    """The fastest tile by `time_us(tile)`; tiles that do not compile (too much shared memory) are skipped."""
+def _fastest(time_us, candidates: list[dict]) -> tuple[float, dict]:
+    """The fastest candidate (a tile, or a whole config) by `time_us(candidate)`; those that do not compile
+    (too much shared memory) are skipped."""
     timed = []
-    for tile in tiles:
+    for candidate in candidates:
         try:
-            timed.append((time_us(tile), tile))
+            timed.append((time_us(candidate), candidate))
         except triton.runtime.errors.OutOfResources:
             continue
     return min(timed, key=lambda entry: entry[0])
