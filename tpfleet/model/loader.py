@@ -11,6 +11,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from tpfleet.model.make_model import random_weight
+
 # One expert's projection in the published per-expert layout: model.layers.{l}.mlp.experts.{e}.{proj}.weight
 _EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")
 
@@ -97,13 +99,10 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool) -
 
 @torch.no_grad()
 def init_random_weights(model: nn.Module, seed: int) -> None:
-    """load_format 'dummy': every parameter drawn as make-model draws a checkpoint (norm weights 1, the
-    rest normal with std 0.02) on its own device from `seed`, so a model's shapes run without reading
-    a checkpoint. Each rank draws its own shards (the caller gives each rank its own seed): outputs mean
+    """load_format 'dummy': every parameter drawn as make-model draws a checkpoint's tensors
+    (`random_weight`) on its own device from `seed`, so a model's shapes run without reading a
+    checkpoint. Each rank draws its own shards (the caller gives each rank its own seed): outputs mean
     nothing, timings and memory do."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            param.fill_(1.0)
-        else:
-            param.copy_(torch.randn(param.shape, generator=gen, device=param.device, dtype=torch.float32).mul_(0.02))
+        param.copy_(random_weight(name, param.shape, gen))

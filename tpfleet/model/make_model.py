@@ -208,6 +208,14 @@ def make_model(preset: str, out: str | Path, seed: int = 0, device: str = "cpu",
     return out
 
 
+def random_weight(name: str, shape, gen: torch.Generator) -> torch.Tensor:
+    """One tensor of a random checkpoint, in float32 on the generator's device: norm weights 1, the rest
+    normal with std 0.02 (also what `load_format` 'dummy' draws in place of a checkpoint)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, device=gen.device)
+    return torch.randn(shape, generator=gen, device=gen.device).mul_(0.02)
+
+
 def _write_weights(cfg: dict, p: Preset, out: Path, seed: int, device: str) -> None:
     """Stream tensors into shards of at most `shard_bytes`, so an 8B checkpoint never sits in RAM whole."""
     for old in out.glob("model*.safetensors"):
@@ -224,10 +232,7 @@ def _write_weights(cfg: dict, p: Preset, out: Path, seed: int, device: str) -> N
         shard.clear()
 
     for name, shape in tqdm(_weight_shapes(cfg), desc="make-model", unit="tensor", leave=False):
-        if name.endswith("norm.weight"):
-            t = torch.ones(shape, dtype=dtype)
-        else:
-            t = torch.randn(shape, generator=gen, device=device).mul_(0.02).to(dtype).cpu()
+        t = random_weight(name, shape, gen).to(dtype).cpu()
         nbytes = t.numel() * t.element_size()
         if shard and size + nbytes > p.shard_bytes:
             flush()
