@@ -58,6 +58,10 @@ class Stream:
     queue: asyncio.Queue
     stream: bool
 
+    def send(self, item) -> None:
+        """Put `item` on the queue from the engine thread."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
 
 def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
     for q, item in items:
@@ -151,7 +155,7 @@ class AsyncEngine:
         for rid in list(self._streams):
             target = self._streams.pop(rid, None)
             if target is not None:
-                target.loop.call_soon_threadsafe(target.queue.put_nowait, EngineDead(error.strip().splitlines()[-1]))
+                target.send(EngineDead(error.strip().splitlines()[-1]))
 
     def _publish(self, outputs) -> None:
         """Hand a step's outputs to their streams: one cross-thread call per event loop per step, and
@@ -241,19 +245,18 @@ class AsyncEngine:
         rid = rid or uuid.uuid4().hex
         if rid in self._streams:
             raise InvalidRequest("rid", f"request id {rid!r} is already in use")
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = Stream(loop, q, stream)
+        target = Stream(asyncio.get_running_loop(), asyncio.Queue(), stream)
+        self._streams[rid] = target
 
         def add():
             try:
                 self.engine.add_request(prompt_ids, params, rid, options)
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 self._streams.pop(rid, None)
-                loop.call_soon_threadsafe(q.put_nowait, e)
+                target.send(e)
 
         self._post(add)
-        return self._stream(rid, q)
+        return self._stream(rid, target.queue)
 
     async def _stream(self, rid: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -296,7 +299,7 @@ class AsyncEngine:
         self.metrics.requests.labels("abort").inc()
         target = self._streams.pop(seq.rid, None)
         if target is not None:
-            target.loop.call_soon_threadsafe(target.queue.put_nowait, self._output(seq, "", time.perf_counter()))
+            target.send(self._output(seq, "", time.perf_counter()))
 
     async def pause_generation(self, mode: str = "abort") -> None:
         """Stop scheduling (see LLMEngine.pause); returns once no step is in flight."""
