@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tpfleet.model.make_model import random_weight
+from tpfleet.model.pinned_reader import pinned_tensors
 
 # One expert's projection in the published per-expert layout: model.layers.{l}.mlp.experts.{e}.{proj}.weight
 _EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")
@@ -69,11 +70,18 @@ def _target(model: nn.Module, name: str) -> tuple[str, object]:
     return name, None
 
 
-def _checkpoint_tensors(files: list[Path], bar):
+def _checkpoint_tensors(files: list[Path], bar, pinned: bool):
+    """Through pinned buffers for a GPU model (tpfleet.model.pinned_reader), else safetensors' memory map."""
+    named = pinned_tensors(files) if pinned else _mapped_tensors(files)
+    for item in named:
+        bar.update(1)
+        yield item
+
+
+def _mapped_tensors(files: list[Path]):
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                bar.update(1)
                 yield name, f.get_tensor(name)
 
 
@@ -83,7 +91,8 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool) -
     files = checkpoint_files(model_dir)
     total = sum(len(safe_open(str(f), "pt").keys()) for f in files)
     with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not show_progress) as bar:
-        loaded = load_named_tensors(model, _checkpoint_tensors(files, bar), str(model_dir))
+        pinned = next(model.parameters()).device.type == "cuda"
+        loaded = load_named_tensors(model, _checkpoint_tensors(files, bar, pinned), str(model_dir))
     tied = getattr(model.cfg, "tie_word_embeddings", False)
     expected = set()
     for name, param in model.named_parameters(remove_duplicate=False):
