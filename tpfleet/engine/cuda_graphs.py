@@ -120,8 +120,11 @@ class PiecewiseGraphs:
         for t in tqdm(sorted(self.buckets, reverse=True), desc="Capturing piecewise graphs",
                       disable=not show_progress):
             graphs = []
-            for seg in self._segments(t):
-                seg()  # warm-up outside the graph
+            warmed = set()
+            for kind, seg in self._segments(t):
+                if kind not in warmed:  # warm-up outside the graph, once per kind: same kernels, same shapes
+                    seg()
+                    warmed.add(kind)
                 g = torch.cuda.CUDAGraph()
                 with saver.graph(g):
                     out = seg()
@@ -130,7 +133,8 @@ class PiecewiseGraphs:
             self.hidden[t] = out
 
     def _segments(self, t: int):
-        """The stretches between attentions, for bucket t: post(i-1) + pre(i)."""
+        """The stretches between attentions, for bucket t: post(i-1) + pre(i), each with its kind (segments
+        of one kind launch the same kernels on the same shapes: the kind of layer i-1 decides)."""
         layers = self.model.layers
         ids, pos, o, res = self.ids[:t], self.positions[:t], self.o[:t], self.res[:t]
 
@@ -151,7 +155,8 @@ class PiecewiseGraphs:
         def last():
             return self.model.norm(*layers[-1].post(o, res))[0]
 
-        return [first] + [middle(i) for i in range(1, len(layers))] + [last]
+        return ([("first", first)] + [(("middle", type(layers[i - 1])), middle(i)) for i in range(1, len(layers))] +
+                [(("last", type(layers[-1])), last)])
 
     def can_run(self, num_tokens: int) -> bool:
         return bool(self.buckets) and num_tokens <= self.buckets[-1]
