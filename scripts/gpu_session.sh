@@ -22,7 +22,7 @@
 #     a `git archive` of an old main) and this checkout in turn through scripts/ab.py (`python3 -P`: `-m`
 #     would put the checkout's own package first on the path, whatever PYTHONPATH says): time-to-ready,
 #     decode steps, the offline and the RL workloads (PARTS picks some)
-# start: the GPU tests of graphs and parity (EXTRA_TESTS adds files, TESTS_K filters), then time-to-ready
+# start: the GPU tests of graphs and parity (EXTRA_TESTS adds files, TESTS_K filters, TEST_S=0 skips), then time-to-ready
 #        of BASE and this checkout (TREES: twice), cold and warm caches each (scripts/ab.py --parts start)
 # colocate: `bench colocate` with the memory saver, the trainer's refill included
 # moe: `bench moe --sweep`, then the 30b-a3b-shape engine with random weights (`make-model --no-weights`,
@@ -207,10 +207,12 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
     ;;
   start)
     make_model > /dev/null 2>&1 &
-    log "GPU tests: graphs, parity (and EXTRA_TESTS)"
-    timeout ${TEST_S:-200} python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_graphs_gpu.py \
-      tests/test_model_parity.py ${EXTRA_TESTS:-} ${TESTS_K:+-k "$TESTS_K"} > "$OUT/tests.log" 2>&1
-    echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^ERROR|^E  " "$OUT/tests.log" | cut -c1-300 | tail -8
+    if [ "${TEST_S:-200}" != 0 ]; then
+      log "GPU tests: graphs, parity (and EXTRA_TESTS)"
+      timeout ${TEST_S:-200} python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_graphs_gpu.py \
+        tests/test_model_parity.py ${EXTRA_TESTS:-} ${TESTS_K:+-k "$TESTS_K"} > "$OUT/tests.log" 2>&1
+      echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^ERROR|^E  " "$OUT/tests.log" | cut -c1-300 | tail -8
+    fi
     python3 -P scripts/ab.py --make-requests /tmp/ab-requests.json
     wait
     for tree in ${TREES:-"${BASE:?set BASE}" . .}; do
