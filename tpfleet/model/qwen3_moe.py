@@ -29,9 +29,8 @@ from tpfleet.model.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 
 try:  # the fused GPU path; CPU-only installs may lack Triton and use the reference
     from tpfleet.kernels import moe_triton
-    from tpfleet.kernels.moe_route import fused_route
 except ImportError:
-    moe_triton = fused_route = None
+    moe_triton = None
 
 if TYPE_CHECKING:
     from tpfleet.kernels.fused_ar import Exchange
@@ -139,12 +138,8 @@ class Qwen3MoeSparseBlock(nn.Module):
         return self.experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits, replay = self.gate(x), self.routed[: x.shape[0]]
-        if fused_route is not None and logits.is_cuda:
-            weights, ids = fused_route(logits, self.top_k, self.renormalize, replay)
-        else:
-            weights, ids = route(logits, self.top_k, self.renormalize)
-            replay.copy_(ids)
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        self.routed[: x.shape[0]].copy_(ids)
         return self.experts(x, ids, weights)
 
 
