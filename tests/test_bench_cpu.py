@@ -45,6 +45,12 @@ def test_bench_engine_cli_reports_every_point_against_its_floor(tiny_model, tmp_
     assert "GPU only" in result["transformers_skipped"]
 
 
+def test_bench_engine_refuses_an_empty_transformers_chunk(tiny_model):
+    cmd = [sys.executable, "-m", "tpfleet.cli", "bench", "engine", "--model", str(tiny_model), "--hf-chunk", "0"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--hf-chunk: expected a positive count, got 0" in run.stderr
+
+
 def test_rl_workload_draws_groups_of_one_prompt_with_long_tailed_lengths():
     workload = RLWorkload(prompts=50, samples=4, min_prompt=5, max_prompt=9, max_output=64)
     requests = workload.requests(vocab=100)

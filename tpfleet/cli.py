@@ -188,6 +188,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     add_engine_arguments(engine_cmd)
     engine_cmd.add_argument("--num-seqs", type=int, default=256, help="sequences of the offline workload")
     engine_cmd.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    engine_cmd.add_argument("--hf-chunk", type=int, default=128,
+                            help="transformers baseline: sequences per generate call of the offline workload (a "
+                                 "call prefills its whole chunk at once: 30b-a3b-shape needs 32 or fewer on 80 GB)")
     engine_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
     engine_cmd.add_argument("--batches", type=_int_list, default="1,8,64,256,512",
                             help="decode batch sizes (comma-separated); one above --max-num-seqs is skipped")
@@ -419,9 +422,11 @@ def run_command(args: argparse.Namespace) -> int:
             workload = RLWorkload(args.rl_prompts, args.rl_samples, *args.rl_prompt_len, args.rl_max_output)
             bench_rl(cfg, args.out, workload, args.logprobs, over_http=not args.no_http)
         else:
+            if args.hf_chunk < 1:
+                build_parser()[1]["bench engine"].error(f"--hf-chunk: expected a positive count, got {args.hf_chunk}")
             bench_engine(cfg, args.out, args.num_seqs, with_hf=not args.no_hf, batches=args.batches,
                          contexts=args.contexts, steps=args.decode_steps, logprobs=args.logprobs,
-                         offline_max_len=args.offline_max_len)
+                         offline_max_len=args.offline_max_len, hf_chunk=args.hf_chunk)
     elif args.cmd == "bench" and args.what == "start":
         from tpfleet.bench.start import bench_start
 

@@ -550,7 +550,7 @@ def _engine_part(cfg: EngineConfig, lens: list[tuple[int, int]], batches: list[i
 
 def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: bool = True,
                  batches: list[int] = DECODE_BATCHES, contexts: list[int] = DECODE_CONTEXTS, steps: int = 32,
-                 logprobs: str = "both", offline_max_len: int = 1024) -> dict:
+                 logprobs: str = "both", offline_max_len: int = 1024, hf_chunk: int = 128) -> dict:
     lens = offline_lens(num_seqs, offline_max_len)
     result, device = _engine_part(cfg, lens, list(batches), list(contexts), steps, logprobs)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -568,7 +568,7 @@ def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: 
         print(f"before the transformers baseline: {memory['free_gib']:.1f} of {memory['total_gib']:.1f} GiB free, "
               f"checkpoint {memory['checkpoint_gib']:.1f} GiB", flush=True)
         decode_batches = sorted({d["batch"] for d in result["decode"] if "skipped" not in d})
-        result["transformers"] = hf_baseline(cfg.model, lens, tuple(decode_batches), str(device),
+        result["transformers"] = hf_baseline(cfg.model, lens, tuple(decode_batches), str(device), hf_chunk,
                                              random_weights=cfg.load_format == "dummy")
         path.write_text(json.dumps(result, indent=1))
         print(format_result(result), flush=True)
