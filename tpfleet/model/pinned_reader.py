@@ -1,12 +1,12 @@
 """Checkpoint tensors for a GPU model, read in parallel through a few pinned host buffers.
 
 Going through safetensors' memory map, every tensor reaches the GPU as a pageable copy, which the
-driver stages through its own small pinned buffer: about 9 GB/s, one tensor after another. Here a
+driver stages through its own small pinned buffer, one tensor after another. Here a
 safetensors file (an 8-byte header length, a JSON header, then the tensors' bytes back to back) is cut
 into chunks of consecutive tensors, and reader threads `preadv` each chunk from the file straight
 into a pinned buffer (the GIL is released while the kernel copies from the page cache), a few chunks
 ahead of the consumer. The consumer gets tensors that view the buffer, so the weight loaders' copies
-to the device run at DMA speed. A buffer is refilled only once the consumer has asked for the chunk
+to the device are DMA from pinned memory. A buffer is refilled only once the consumer has asked for the chunk
 after it: the loaders' copies from host memory are synchronous, so by then nothing reads it.
 Tensors larger than a buffer, and dtypes torch cannot view bytes as, go through safetensors.
 """
