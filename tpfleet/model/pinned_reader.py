@@ -14,6 +14,7 @@ Tensors larger than a buffer, and dtypes torch cannot view bytes as, go through 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -69,17 +70,11 @@ def read_header(path: Path) -> list[TensorEntry]:
         dtype = DTYPES.get(info["dtype"])
         if not data_start <= begin <= end <= size:
             raise ValueError(f"{path}: tensor {name!r} lies outside the file's data")
-        if dtype is not None and (end - begin) != dtype.itemsize * _numel(shape):
-            raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes, not {_numel(shape)} x {info['dtype']}")
+        if dtype is not None and (end - begin) != dtype.itemsize * math.prod(shape):
+            raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes, "
+                             f"not {math.prod(shape)} x {info['dtype']}")
         entries.append(TensorEntry(name, dtype, shape, begin, end))
     return sorted(entries, key=lambda e: e.begin)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def plan_chunks(entries: list[TensorEntry], limit: int = BUFFER_BYTES) -> list[Chunk]:
