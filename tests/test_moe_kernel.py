@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import HAS_CUDA, run_in_triton_interpreter
 
-from tpfleet.kernels.moe import moe_reference
+from tpfleet.kernels.moe import moe_reference, route
 
 triton = pytest.importorskip("triton")
 
 from tpfleet.kernels import moe_triton  # noqa: E402  (needs triton)
+from tpfleet.kernels.moe_route import fused_route  # noqa: E402
 
 # (global experts, hidden, intermediate, top_k): Qwen3-30B-A3B at TP 1, and sizes no tile divides
 QWEN3_30B = (128, 2048, 768, 8)
@@ -83,6 +84,28 @@ def tiny_configs() -> list[dict]:
             {"path": "grouped", "BLOCK_M": 32, "gate_up": moe_triton._tile(32, 16, 1, 1), "down": tile}]
 
 
+def check_route(device: str) -> None:
+    """`fused_route` against `route`: the same experts in the same order, the weights to float32
+    rounding, the ids written into one column of a replay buffer and nowhere else; among equal logits
+    the lower expert id first."""
+    cases = [(1, 128, 8, True, torch.bfloat16), (5, 12, 3, False, torch.float32), (33, 10, 10, True, torch.float32),
+             (3, 7, 1, False, torch.bfloat16)]
+    for tokens, experts, top_k, renormalize, dtype in cases:
+        gen = torch.Generator(device).manual_seed(tokens)
+        # distinct logits, exact in bf16: each row a permutation of steps of 1/16
+        steps = torch.stack([torch.randperm(experts, generator=gen, device=device) for _ in range(tokens)])
+        logits = (steps / 16 - 2).to(dtype)
+        replay = torch.full((tokens, 2, top_k), -1, dtype=torch.int32, device=device)
+        weights, ids = fused_route(logits, top_k, renormalize, replay[:, 1])
+        ref_weights, ref_ids = route(logits, top_k, renormalize)
+        what = f"tokens={tokens} experts={experts} top_k={top_k}"
+        assert ids.dtype == torch.int32 and torch.equal(ids.long(), ref_ids), what
+        torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-7, msg=lambda m: f"{what}: {m}")
+        assert torch.equal(replay[:, 1], ids) and bool((replay[:, 0] == -1).all()), what
+    weights, ids = fused_route(torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]], device=device), 2, True)
+    assert ids.tolist() == [[1, 2]] and torch.allclose(weights.cpu(), torch.tensor([[0.5, 0.5]]))
+
+
 def interpreter_main() -> None:
     """Run by run_in_triton_interpreter: the kernels on the CPU, tiny sizes, float32."""
     shape = (12, 40, 24, 3)  # hidden and intermediate not multiples of the tiles
@@ -98,6 +121,7 @@ def interpreter_main() -> None:
     # one sort longer than a chunk: pairs of later chunks land after those of earlier ones
     ids = torch.randint(0, 7, (700, 3))
     check_alignment(moe_triton.align_by_expert(ids, 5, 2, 16), ids, 2, 5)
+    check_route("cpu")
     print("interpreter: fused MoE matches the reference")
 
 
@@ -229,6 +253,20 @@ def test_fused_moe_replays_in_a_cuda_graph(tokens):
         torch.cuda.synchronize()
         assert_matches(out, moe_reference(*fresh, first_expert=first), torch.bfloat16, f"replay {seed}")
         assert torch.equal(out, moe_triton.fused_moe(*fresh, first_expert=first))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_fused_route_matches_route_on_gpu():
+    check_route("cuda")
+
+
+def test_fused_route_refuses_a_replay_view_it_cannot_write():
+    logits = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="replay must be int32"):
+        fused_route(logits, 2, True, torch.zeros(4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="top_k"):
+        fused_route(logits, 9, True)
 
 
 @pytest.mark.gpu

@@ -29,8 +29,9 @@ from tpfleet.model.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 
 try:  # the fused GPU path; CPU-only installs may lack Triton and use the reference
     from tpfleet.kernels import moe_triton
+    from tpfleet.kernels.moe_route import fused_route
 except ImportError:
-    moe_triton = None
+    moe_triton = fused_route = None
 
 if TYPE_CHECKING:
     from tpfleet.kernels.fused_ar import Exchange
@@ -138,8 +139,12 @@ class Qwen3MoeSparseBlock(nn.Module):
         return self.experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        self.routed[: x.shape[0]].copy_(ids)
+        logits, replay = self.gate(x), self.routed[: x.shape[0]]
+        if fused_route is not None and logits.is_cuda:
+            weights, ids = fused_route(logits, self.top_k, self.renormalize, replay)
+        else:
+            weights, ids = route(logits, self.top_k, self.renormalize)
+            replay.copy_(ids)
         return self.experts(x, ids, weights)
 
 

@@ -1,0 +1,69 @@
+"""The MoE router's choice in one launch: softmax, top-k, renormalisation and the routing-replay write.
+
+`tpfleet.kernels.moe.route` is five to seven launches on a GPU (softmax, a top-k and the sort inside
+it, a sum, a division, the copy into the replay buffer), about 16 us per layer at one token on an
+H100, while its bytes are a few hundred per token: a decode step of a 48-layer model spent more on
+choosing experts than on any GEMV but the experts'. Here one program per token reads its logits,
+picks the k largest, writes their weights, their ids, and the same ids into the replay buffer.
+
+The choice is made on the logits, not on the probabilities: softmax is monotonic, so it is the same
+choice, and it is exact (no rounding of the exponential can reorder two experts). Among equal logits
+the lower expert id goes first. Weights are computed in float32 as `route` computes them; they may
+differ from torch's softmax in the last bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _route_kernel(logits, weights, ids, replay, num_experts, logits_stride, replay_stride, TOP_K: tl.constexpr,
+                  K_P2: tl.constexpr, E_P2: tl.constexpr, RENORMALIZE: tl.constexpr, REPLAY: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, E_P2)
+    x = tl.load(logits + token * logits_stride + experts, mask=experts < num_experts,
+                other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))  # 0 past the last expert
+    slots = tl.arange(0, K_P2)
+    chosen_w = tl.zeros([K_P2], dtype=tl.float32)
+    chosen = tl.zeros([K_P2], dtype=tl.int32)
+    left = x
+    for j in tl.static_range(TOP_K):
+        best = tl.minimum(tl.argmax(left, axis=0, tie_break_left=True), num_experts - 1)  # in range, even on NaN
+        chosen_w = tl.where(slots == j, tl.sum(tl.where(experts == best, p, 0.0), axis=0), chosen_w)
+        chosen = tl.where(slots == j, best, chosen)
+        left = tl.where(experts == best, float("-inf"), left)
+    if RENORMALIZE:
+        chosen_w = chosen_w / tl.sum(chosen_w, axis=0)
+    else:
+        chosen_w = chosen_w / tl.sum(p, axis=0)
+    keep = slots < TOP_K
+    tl.store(weights + token * TOP_K + slots, chosen_w, mask=keep)
+    tl.store(ids + token * TOP_K + slots, chosen, mask=keep)
+    if REPLAY:
+        tl.store(replay + token * replay_stride + slots, chosen, mask=keep)
+
+
+def fused_route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route`'s (weights float32, ids) for router_logits [T, E], heaviest first, with ids int32; each
+    token's ids also go to `replay` (an int32 [T, top_k] view with unit stride along k, e.g. one
+    layer's column of the routing-replay buffer) when given."""
+    tokens, num_experts = router_logits.shape
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"top_k ({top_k}) must be in 1..{num_experts} (the experts)")
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=logits.device)
+    if replay is not None and (replay.dtype != torch.int32 or replay.shape != (tokens, top_k) or replay.stride(1) != 1):
+        raise ValueError(f"replay must be int32 [{tokens}, {top_k}] with unit stride along k, "
+                         f"not {replay.dtype} {list(replay.shape)} strides {replay.stride()}")
+    if tokens:
+        _route_kernel[(tokens,)](logits, weights, ids, ids if replay is None else replay, num_experts,
+                                 logits.stride(0), top_k if replay is None else replay.stride(0), TOP_K=top_k,
+                                 K_P2=triton.next_power_of_2(top_k), E_P2=triton.next_power_of_2(num_experts),
+                                 RENORMALIZE=renormalize, REPLAY=replay is not None, num_warps=1)
+    return weights, ids
