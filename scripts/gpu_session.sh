@@ -29,8 +29,8 @@
 #      `--load-format dummy`: no 61 GB checkpoint): `bench engine` over batches, offline with logprobs off
 #      and on, then transformers (built from the config, random weights) on the same offline workload (HF_CHUNK
 #      sequences per generate call; its prefill of 64 does not fit beside the weights on an 80 GB card)
-# moeab: the MoE GPU tests, then the 30b-a3b-shape decode step (batch 1 and 64, kernel breakdown) of BASE and this
-#        checkout in turn, with random weights
+# moestep: the MoE GPU tests, the GEMV sweep of 30b-a3b-shape's attention and router, the MoE layer's sweep, then the
+#          30b-a3b-shape decode step (batch 1 and 64, kernel breakdown) with random weights
 # last: the RL loop's GPU test (alone on the GPU: the fleet refuses a GPU another process holds), the RL
 #       workload in-process and over HTTP, `bench start`, and the attention tile sweep
 set -uo pipefail
@@ -243,19 +243,21 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
       > "$OUT/moe.log"
     tail -${LINES_SHOWN:-50} "$OUT/moe.log"
     ;;
-  moeab)
+  moestep)
     python3 -m tpfleet make-model --preset 30b-a3b-shape --no-weights --out /tmp/tpfleet-m30b > /dev/null
-    log "GPU tests: MoE kernels (TESTS_K filters), MoE graphs, the MoE engine against transformers"
-    timeout ${TEST_S:-120} python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_moe_kernel.py tests/test_moe.py \
+    log "GPU tests: MoE kernels and router (TESTS_K filters), MoE graphs, the MoE engine against transformers"
+    timeout ${TEST_S:-150} python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_moe_kernel.py tests/test_moe.py \
       tests/test_graphs_gpu.py -k "${TESTS_K:-moe or route or matches_transformers}" > "$OUT/tests.log" 2>&1
     echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^ERROR|^E  " "$OUT/tests.log" | cut -c1-300 | tail -8
-    for tree in "${BASE:?set BASE}" .; do
-      log "bench engine, 30b-a3b-shape, dummy weights, decode only ($tree)"
-      PYTHONPATH=/tmp/site:$PWD/$tree timeout ${ENGINE_S:-120} python3 -P -m tpfleet bench engine \
-        --model /tmp/tpfleet-m30b --load-format dummy --device cuda --tp 1 --graph-mode piecewise --num-seqs 0 --no-hf \
-        --batches ${BATCHES:-1,64} --contexts 128 --out "$OUT/$(basename $(realpath $tree))" 2>&1 \
-        | grep -E "^batch |measured 5|^ +[0-9.]+ us "
-    done
+    log "bench gemv --preset 30b-a3b-shape --sweep (attention projections and router, TP=1)"
+    timeout ${GEMV_S:-150} python3 -m tpfleet bench gemv --preset 30b-a3b-shape --tp 1 --sweep --out "$OUT"
+    log "bench moe --sweep (the tuning table the engine then reads)"
+    timeout ${MOE_S:-120} python3 -m tpfleet bench moe --sweep --tokens ${TOKENS:-1,2,4,16,64,256,4096} --out "$OUT" \
+      2>&1 | tail -10
+    log "bench engine, 30b-a3b-shape, dummy weights, decode only"
+    timeout ${ENGINE_S:-150} python3 -m tpfleet bench engine --model /tmp/tpfleet-m30b --load-format dummy --device cuda \
+      --tp 1 --graph-mode piecewise --num-seqs 0 --no-hf --batches ${BATCHES:-1,64} --contexts 128 --out "$OUT" 2>&1 \
+      | grep -E "^batch |measured 5|^ +[0-9.]+ us "
     ;;
   last)
     log "GPU test: the RL loop"
@@ -272,6 +274,6 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
     log "bench attention --tiles"
     timeout 70 python3 -m tpfleet bench attention --tiles --contexts 1024,4096 --out "$OUT"
     ;;
-  *) echo "usage: $0 tests|ops|kernels|check|engine|pdl|warm|fleet|compare|rl|roofline|rlwork|ab|start|colocate|moe|moeab|last" \
+  *) echo "usage: $0 tests|ops|kernels|check|engine|pdl|warm|fleet|compare|rl|roofline|rlwork|ab|start|colocate|moe|moestep|last" \
        >&2; exit 2 ;;
 esac

@@ -225,7 +225,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                                     "(e.g. 64x256,128x256)")
     gemv_cmd = command("bench gemv", "batch-1 GEMV kernels vs cuBLAS and the bandwidth floor, per projection")
     gemv_cmd.add_argument("--tp-sizes", "--tp", dest="tp_sizes", type=_int_list, default="1,2",
-                          help="Qwen3-8B's shards at these tensor-parallel sizes (comma-separated)")
+                          help="the preset's shards at these tensor-parallel sizes (comma-separated)")
+    gemv_cmd.add_argument("--preset", default="8b-shape", choices=["8b-shape", "30b-a3b-shape"],
+                          help="whose projections: Qwen3-8B's, or Qwen3-30B-A3B's attention and router")
     gemv_cmd.add_argument("--sweep", action="store_true", help="also time a grid of launch configs per projection")
     gemv_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
     attention_cmd = command("bench attention", "decode attention per KV-split policy vs the bandwidth floor")
@@ -440,7 +442,7 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.cmd == "bench" and args.what == "gemv":
         from tpfleet.bench.gemv import bench_gemv
 
-        bench_gemv(args.out, args.tp_sizes, args.sweep)
+        bench_gemv(args.out, args.tp_sizes, args.sweep, args.preset)
     elif args.cmd == "bench" and args.what == "colocate":
         from tpfleet.bench.colocate import bench_colocate
 

@@ -17,11 +17,16 @@ import torch
 from tpfleet.bench.engine import copy_bandwidth
 from tpfleet.kernels import gemv, ops
 
-# Qwen3-8B's projections: name, output features, input features, fused prologue
-SHAPES = {1: [("qkv", 6144, 4096, "norm"), ("o_proj", 4096, 4096, "plain"),
-              ("gate_up", 24576, 4096, "norm"), ("down", 4096, 12288, "silu")],
-          2: [("qkv", 3072, 4096, "norm"), ("o_proj", 4096, 2048, "plain"),
-              ("gate_up", 12288, 4096, "norm"), ("down", 4096, 6144, "silu")]}
+# each make-model preset's batch-1 projections per TP size: name, output features, input features, fused
+# prologue (Qwen3-8B's; Qwen3-30B-A3B's attention and router, its experts being `bench moe`'s)
+SHAPES = {"8b-shape": {1: [("qkv", 6144, 4096, "norm"), ("o_proj", 4096, 4096, "plain"),
+                           ("gate_up", 24576, 4096, "norm"), ("down", 4096, 12288, "silu")],
+                       2: [("qkv", 3072, 4096, "norm"), ("o_proj", 4096, 2048, "plain"),
+                           ("gate_up", 12288, 4096, "norm"), ("down", 4096, 6144, "silu")]},
+          "30b-a3b-shape": {1: [("qkv", 5120, 2048, "norm"), ("o_proj", 2048, 4096, "plain"),
+                                ("router", 128, 2048, "plain")],
+                            2: [("qkv", 2560, 2048, "norm"), ("o_proj", 2048, 2048, "plain"),
+                                ("router", 128, 2048, "plain")]}}
 EPS = 1e-6
 
 
@@ -69,19 +74,21 @@ def _ops(kind: str, xs: dict, weights: list[torch.Tensor], config: dict | None):
 
 def sweep_configs() -> list[dict]:
     return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
-            for bn, bk, warps, stages in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (2, 3))
+            for bn, bk, warps, stages in itertools.product((2, 4, 8, 16, 32), (256, 512, 1024), (4, 8), (2, 3))
             if bn * bk <= 16384]
 
 
-def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b-shape",
+               dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
     results = []
-    print(f"GEMV, {torch.cuda.get_device_name(device)}, {dtype}; copy bandwidth {bw / 1e12:.2f} TB/s; us per call")
+    print(f"GEMV, {preset}, {torch.cuda.get_device_name(device)}, {dtype}; copy bandwidth {bw / 1e12:.2f} TB/s; "
+          "us per call")
     print(f"{'tp':>3} {'proj':>8} {'floor':>7} {'cuBLAS':>7} {'tpfleet':>7} {'TB/s':>5} {'x floor':>7}"
           + ("   best swept config" if sweep else ""))
     for tp in tp_sizes:
-        for name, n, k, kind in SHAPES[tp]:
+        for name, n, k, kind in SHAPES[preset][tp]:
             nbytes = n * k * dtype.itemsize
             weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(-(-(256 << 20) // nbytes))]
             xs = {"x": torch.randn(1, k, device=device, dtype=dtype),
@@ -105,6 +112,6 @@ def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, dtype: torch.dtyp
             del weights
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gemv.json").write_text(json.dumps({"device": torch.cuda.get_device_name(device),
-                                               "copy_bandwidth": bw, "rows": results}, indent=1))
+    summary = {"device": torch.cuda.get_device_name(device), "preset": preset, "copy_bandwidth": bw, "rows": results}
+    (out / f"gemv-{preset}.json").write_text(json.dumps(summary, indent=1))
     return results

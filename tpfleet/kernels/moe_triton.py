@@ -9,8 +9,8 @@ Two paths, picked per token count by the tuning table (or `default_config`):
 
 - `gemv`, for decode: a token touches k of E experts (8 of 128 for Qwen3-30B-A3B), so at a few
   tokens the layer is a stream over the chosen experts' weights. One program per (token-expert pair,
-  output tile) streams that expert's gate and up rows; one per (token, output tile) streams each of
-  the token's experts' down rows in turn and sums the k contributions in registers.
+  output tile) streams that expert's gate and up rows; one per (token, output tile) streams the down
+  rows of all the token's experts together and sums the k contributions in registers.
 - `grouped`, for prefill and large batches: token-expert pairs are sorted by expert on the device
   (`align_by_expert`), each expert's run padded to a multiple of BLOCK_M, so every BLOCK_M block
   of sorted pairs belongs to one expert. A grouped GEMM then multiplies each block by its expert's
@@ -281,30 +281,32 @@ def _gemv_gate_up_kernel(hidden, w, ids, act, first, num_local, HIDDEN, INTER, t
 
 
 @triton.jit
-def _gemv_down_kernel(act, w, ids, weights, out, first, num_local, HIDDEN, INTER, top_k,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[token] for BLOCK_N features: the token's experts' down rows streamed one expert after the
-    other, each output rounded to the model dtype, weighted and summed in fp32."""
+def _gemv_down_kernel(act, w, ids, weights, out, first, num_local, HIDDEN, INTER, TOP_K: tl.constexpr,
+                      K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[token] for BLOCK_N features: each K step loads the down rows of all the token's experts at
+    once, [K_P2, BLOCK_N, BLOCK_K], so a program keeps k experts' bytes in flight, not one expert's
+    after another's; each expert's output is rounded to the model dtype, then weighted and summed in fp32."""
     token = tl.program_id(0).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    n_ok = rn < HIDDEN
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j in range(0, top_k):
-        pair = token * top_k + j
-        local = tl.load(ids + pair).to(tl.int32) - first
-        if (local >= 0) & (local < num_local):
-            rows = w + local.to(tl.int64) * HIDDEN * INTER + rn[:, None].to(tl.int64) * INTER
-            a_row = act + pair * INTER
-            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, INTER, BLOCK_K):
-                k_ok = k0 + rk < INTER
-                a = tl.load(a_row + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-                w_tile = tl.load(rows + k0 + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                acc += w_tile.to(tl.float32) * a
-            y = tl.sum(acc, axis=1).to(out.dtype.element_ty).to(tl.float32)
-            total += tl.load(weights + pair).to(tl.float32) * y
-    tl.store(out + token * HIDDEN + rn, total.to(out.dtype.element_ty), mask=n_ok)
+    slots = tl.arange(0, K_P2)
+    pairs = token * TOP_K + slots
+    local = tl.load(ids + pairs, mask=slots < TOP_K, other=-1).to(tl.int32) - first
+    mine = (slots < TOP_K) & (local >= 0) & (local < num_local)  # other ranks' experts load nothing
+    rows = (w + tl.where(mine, local, 0).to(tl.int64)[:, None, None] * HIDDEN * INTER
+            + rn[None, :, None].to(tl.int64) * INTER + rk[None, None, :])
+    a_rows = act + pairs[:, None] * INTER + rk[None, :]
+    row_ok = mine[:, None, None] & (rn < HIDDEN)[None, :, None]
+    acc = tl.zeros([K_P2, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, INTER, BLOCK_K):
+        k_ok = k0 + rk < INTER
+        a = tl.load(a_rows + k0, mask=mine[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w_tile = tl.load(rows + k0, mask=row_ok & k_ok[None, None, :], other=0.0)
+        acc += w_tile.to(tl.float32) * a[:, None, :]
+    y = tl.sum(acc, axis=2).to(out.dtype.element_ty).to(tl.float32)  # [K_P2, BLOCK_N]
+    scale = tl.load(weights + pairs, mask=mine, other=0.0).to(tl.float32)
+    total = tl.sum(tl.where(mine[:, None], scale[:, None] * y, 0.0), axis=0)
+    tl.store(out + token * HIDDEN + rn, total.to(out.dtype.element_ty), mask=rn < HIDDEN)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -374,8 +376,8 @@ def gemv_down(act: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor, t
     tokens, top_k = topk_ids.shape
     out = act.new_empty(tokens, hidden_size)
     _gemv_down_kernel[(tokens, triton.cdiv(hidden_size, tile["BLOCK_N"]))](
-        act, w_down, topk_ids, topk_weights, out, first_expert, num_local, hidden_size, inter, top_k,
-        **_launch_args(tile))
+        act, w_down, topk_ids, topk_weights, out, first_expert, num_local, hidden_size, inter, TOP_K=top_k,
+        K_P2=triton.next_power_of_2(top_k), **_launch_args(tile))
     return out
 
 
@@ -426,7 +428,7 @@ def default_config(tokens: int, num_local: int, top_k: int, dtype: torch.dtype =
 
 def _default_tiles(pairs: int, num_local: int) -> dict:
     if pairs <= GEMV_MAX_PAIRS:
-        return {"path": "gemv", "gate_up": _tile(16, 256, 4, 3), "down": _tile(16, 256, 4, 3)}
+        return {"path": "gemv", "gate_up": _tile(16, 256, 4, 3), "down": _tile(4, 128, 4, 3)}
     per_expert = pairs / num_local
     if per_expert <= 8:
         return {"path": "grouped", "BLOCK_M": 16, "gate_up": _tile(64, 128, 4, 3), "down": _tile(64, 128, 4, 3)}
@@ -472,6 +474,9 @@ def launch_config(tokens: int, num_local: int, hidden_size: int, inter: int, top
 
 GEMV_TILES = [_tile(*t) for t in [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3),
                                   (32, 128, 4, 3), (32, 256, 8, 3), (16, 128, 4, 4)]]
+# the down GEMV's tile holds every expert of a token, [next_power_of_2(top_k), BLOCK_N, BLOCK_K]
+GEMV_DOWN_TILES = [_tile(*t) for t in [(1, 256, 4, 3), (2, 128, 4, 3), (2, 256, 4, 3), (4, 64, 4, 3), (4, 128, 4, 3),
+                                       (4, 128, 8, 3), (8, 64, 4, 3), (8, 128, 8, 2)]]
 GROUPED_TILES = [_tile(*t) for t in [(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3),
                                      (128, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3)]]
 BLOCK_MS = (16, 32, 64, 128)
@@ -520,7 +525,7 @@ def tune_moe(num_local: int, hidden_size: int, inter: int, top_k: int, token_cou
             acts = [gemv_gate_up(hidden, w_gate_up, ids, 0, up) for _, ids in routings]
             _, down = _fastest(lambda tile: graph_time_us(
                 lambda i=0: gemv_down(acts[i % 8], w_down, routings[i % 8][1], routings[i % 8][0], 0, tile), 16),
-                GEMV_TILES)
+                GEMV_DOWN_TILES)
             options.append({"path": "gemv", "gate_up": up, "down": down})
         for bm in _block_ms(pairs, num_local):
             aligned = [align_by_expert(ids, num_local, 0, bm) for _, ids in routings]

@@ -24,7 +24,7 @@ from tpfleet.attention.backend import AttentionBackend, AttentionMetadata
 from tpfleet.comm.group import TPGroup
 from tpfleet.kernels.moe import moe_reference, route
 from tpfleet.model.config import ModelConfig
-from tpfleet.model.layers import _param, divide
+from tpfleet.model.layers import _param, divide, gemv
 from tpfleet.model.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 
 try:  # the fused GPU path; CPU-only installs may lack Triton and use the reference
@@ -50,13 +50,17 @@ def check_parallelism(cfg: ModelConfig, tp_size: int, ep_size: int) -> None:
 
 
 class Router(nn.Module):
-    """`mlp.gate`: one logit per expert, the same full weight on every rank."""
+    """`mlp.gate`: one logit per expert, the same full weight on every rank. One row on a GPU (batch-1
+    decode) takes the GEMV kernel, as the other projections do (`tpfleet bench gemv --preset
+    30b-a3b-shape` times it against cuBLAS)."""
 
     def __init__(self, num_experts: int, hidden: int):
         super().__init__()
         self.weight = _param(num_experts, hidden, loader=lambda param, loaded: param.data.copy_(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if gemv is not None and gemv.supports(x, self.weight):
+            return gemv.linear(x, self.weight)
         return F.linear(x, self.weight)
 
 
