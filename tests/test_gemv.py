@@ -47,6 +47,10 @@ def compare(shape, dtype: torch.dtype, device: str, seed: int):
     out += [("norm_linear+residual", y, ref_mm(ref_h.to(device), w_qkv)), ("residual", r, ref_r)]
     y, r = gemv.norm_linear(x, None, nw, norm.eps, w_qkv)
     out += [("norm_linear", y, ref_mm(ref_norm(x).to(device), w_qkv)), ("residual passed through", r, x)]
+    normed = torch.full_like(x, float("nan"))
+    y, r = gemv.norm_linear(x, res, nw, norm.eps, w_qkv, normed_out=normed)
+    out += [("norm_linear keeping the normed row", y, ref_mm(ref_h.to(device), w_qkv)), ("its residual", r, ref_r),
+            ("the normed row", normed, ref_h.to(device))]
     gate, up = gate_up.float().chunk(2, dim=-1)
     act = (F.silu(gate).to(dtype).float() * up).to(dtype)
     into = torch.full((1, hidden), float("nan"), dtype=dtype, device=device)

@@ -8,7 +8,8 @@ program that streams its rows of W once, `BLOCK_K` columns at a time, multiplyin
 on the (tiny, L2-resident) activation row as it is loaded:
 
 - `linear`: y = x @ W.T (o_proj);
-- `norm_linear`: y = rmsnorm(x + residual) @ W.T, also returning x + residual (qkv, gate_up);
+- `norm_linear`: y = rmsnorm(x + residual) @ W.T, also returning x + residual (qkv, gate_up, the MoE
+  router, which also keeps the normed row for its experts);
 - `silu_mul_linear`: y = (silu(gate) * up) @ W.T for x = [gate | up] (down_proj).
 
 At TP > 1 the all-reduce after o_proj and down can be fused in too (tpfleet.kernels.fused_ar): the
@@ -51,11 +52,12 @@ def _input_tile(x, res, norm_w, k0, rk, rstd, K, PROLOGUE: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x, res, res_out, norm_w, w, out, N, K, eps, xchg, site, rank, timeout_ns,
+def _gemv_kernel(x, res, res_out, norm_w, normed_out, w, out, N, K, eps, xchg, site, rank, timeout_ns,
                  PROLOGUE: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr, WORLD: tl.constexpr):
+                 PDL: tl.constexpr, WORLD: tl.constexpr, STORE_NORMED: tl.constexpr):
     """WORLD > 0: `out` is the sum of WORLD ranks' outputs, each block all-reducing its own rows with the
-    same block of the other ranks through `site` (tpfleet.kernels.fused_ar)."""
+    same block of the other ranks through `site` (tpfleet.kernels.fused_ar). STORE_NORMED: program 0
+    also writes the normed row to `normed_out`."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -75,6 +77,10 @@ def _gemv_kernel(x, res, res_out, norm_w, w, out, N, K, eps, xchg, site, rank, t
                 tl.store(res_out + kk, row, mask=kk < K)
         rf = tl.where(kk < K, row.to(tl.float32), 0.0)
         rstd = tl.rsqrt(tl.sum(rf * rf, axis=0) / K + eps)
+        if STORE_NORMED:
+            if pid == 0:
+                nw = tl.load(norm_w + kk, mask=kk < K).to(tl.float32)
+                tl.store(normed_out + kk, ((rf * rstd).to(row.dtype).to(tl.float32) * nw).to(row.dtype), mask=kk < K)
     acc = b.to(tl.float32) * _input_tile(x, res, norm_w, 0, rk, rstd, K, PROLOGUE)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         b = tl.load(w_rows + k0 + rk[None, :])
@@ -116,7 +122,7 @@ def launch_config(n: int, k: int) -> dict:
 def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: int, out: torch.Tensor | None,
             res: torch.Tensor | None = None, res_out: torch.Tensor | None = None,
             norm_w: torch.Tensor | None = None, eps: float = 0.0, config: dict | None = None,
-            all_reduce: tuple[Exchange, int] | None = None) -> torch.Tensor:
+            all_reduce: tuple[Exchange, int] | None = None, normed_out: torch.Tensor | None = None) -> torch.Tensor:
     """One launch. With `all_reduce` = (exchange, site) the output is summed over the ranks in the kernel."""
     n, k = weight.shape
     cfg = config or launch_config(n, k)
@@ -129,11 +135,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: int, out: torch.Ten
     use_pdl = pdl.enabled(x.device, x.shape[0])
     _gemv_kernel[(n // cfg["BLOCK_N"],)](
         x, res if res is not None else x, res_out if res_out is not None else x,
-        norm_w if norm_w is not None else x, weight, out, n, k, eps,
+        norm_w if norm_w is not None else x, normed_out if normed_out is not None else x, weight, out, n, k, eps,
         exchange.table if exchange is not None else x, site, exchange.rank if exchange else 0,
         exchange.timeout_ns if exchange else 0,
         PROLOGUE=prologue, K_POW2=triton.next_power_of_2(k), PDL=use_pdl, WORLD=exchange.world if exchange else 0,
-        launch_pdl=use_pdl, **cfg)
+        STORE_NORMED=normed_out is not None, launch_pdl=use_pdl, **cfg)
     return out
 
 
@@ -143,14 +149,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
 
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                weight: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """rmsnorm(x + residual) @ W.T and the new residual x + residual (x itself without one)."""
+                weight: torch.Tensor, config: dict | None = None, normed_out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """rmsnorm(x + residual) @ W.T and the new residual x + residual (x itself without one). With
+    `normed_out`, rmsnorm(x + residual) itself is written there too, for a block that reads the normed
+    row beside this projection (the MoE experts beside their router)."""
     if residual is None:
-        return _launch(x, weight, NORM, None, norm_w=norm_weight, eps=eps, config=config), x
+        return _launch(x, weight, NORM, None, norm_w=norm_weight, eps=eps, config=config, normed_out=normed_out), x
     residual = residual.contiguous()
     res_out = torch.empty_like(residual)
     y = _launch(x, weight, NORM_RESIDUAL, None, res=residual, res_out=res_out, norm_w=norm_weight, eps=eps,
-                config=config)
+                config=config, normed_out=normed_out)
     return y, res_out
 
 

@@ -24,7 +24,7 @@ from tpfleet.attention.backend import AttentionBackend, AttentionMetadata
 from tpfleet.comm.group import TPGroup
 from tpfleet.kernels.moe import moe_reference, route
 from tpfleet.model.config import ModelConfig
-from tpfleet.model.layers import _param, divide, gemv
+from tpfleet.model.layers import RMSNorm, _param, divide, gemv
 from tpfleet.model.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 
 try:  # the fused GPU path; CPU-only installs may lack Triton and use the reference
@@ -50,17 +50,13 @@ def check_parallelism(cfg: ModelConfig, tp_size: int, ep_size: int) -> None:
 
 
 class Router(nn.Module):
-    """`mlp.gate`: one logit per expert, the same full weight on every rank. One row on a GPU (batch-1
-    decode) takes the GEMV kernel, as the other projections do (`tpfleet bench gemv --preset
-    30b-a3b-shape` times it against cuBLAS)."""
+    """`mlp.gate`: one logit per expert, the same full weight on every rank."""
 
     def __init__(self, num_experts: int, hidden: int):
         super().__init__()
         self.weight = _param(num_experts, hidden, loader=lambda param, loaded: param.data.copy_(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if gemv is not None and gemv.supports(x, self.weight):
-            return gemv.linear(x, self.weight)
         return F.linear(x, self.weight)
 
 
@@ -143,11 +139,27 @@ class Qwen3MoeSparseBlock(nn.Module):
         return self.experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits, replay = self.gate(x), self.routed[: x.shape[0]]
-        if fused_route is not None and logits.is_cuda:
-            weights, ids = fused_route(logits, self.top_k, self.renormalize, replay)
+        return self.experts_of(x, self.gate(x))
+
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor,
+                       residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block over norm(x + residual), and the new residual. One row on a GPU (batch-1 decode)
+        takes one kernel for the norm and the router: the router's GEMV with the norm as its prologue,
+        writing the normed row for the experts as well."""
+        if gemv is not None and gemv.supports(x, self.gate.weight):
+            h = torch.empty_like(x)
+            logits, residual = gemv.norm_linear(x, residual, norm.weight, norm.eps, self.gate.weight, normed_out=h)
+            return self.experts_of(h, logits), residual
+        h, residual = norm(x, residual)
+        return self(h), residual
+
+    def experts_of(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """The experts' output for x given its router logits; records the choice for routing replay."""
+        replay = self.routed[: x.shape[0]]
+        if fused_route is not None and router_logits.is_cuda:
+            weights, ids = fused_route(router_logits, self.top_k, self.renormalize, replay)
         else:
-            weights, ids = route(logits, self.top_k, self.renormalize)
+            weights, ids = route(router_logits, self.top_k, self.renormalize)
             replay.copy_(ids)
         return self.experts(x, ids, weights)
 
@@ -158,8 +170,7 @@ class Qwen3MoeDecoderLayer(Qwen3DecoderLayer):
 
     def post(self, o: torch.Tensor, residual: torch.Tensor, fused: Exchange | None = None):
         x = self.self_attn.o_proj(o.flatten(1), fused=fused)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.mlp.forward_normed(self.post_attention_layernorm, x, residual)
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
