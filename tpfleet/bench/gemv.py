@@ -24,9 +24,9 @@ SHAPES = {"8b-shape": {1: [("qkv", 6144, 4096, "norm"), ("o_proj", 4096, 4096, "
                        2: [("qkv", 3072, 4096, "norm"), ("o_proj", 4096, 2048, "plain"),
                            ("gate_up", 12288, 4096, "norm"), ("down", 4096, 6144, "silu")]},
           "30b-a3b-shape": {1: [("qkv", 5120, 2048, "norm"), ("o_proj", 2048, 4096, "plain"),
-                                ("router", 128, 2048, "plain")],
+                                ("router", 128, 2048, "norm")],
                             2: [("qkv", 2560, 2048, "norm"), ("o_proj", 2048, 2048, "plain"),
-                                ("router", 128, 2048, "plain")]}}
+                                ("router", 128, 2048, "norm")]}}
 EPS = 1e-6
 
 
