@@ -247,7 +247,8 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
     python3 -m tpfleet make-model --preset 30b-a3b-shape --no-weights --out /tmp/tpfleet-m30b > /dev/null
     log "GPU tests: MoE kernels and router (TESTS_K filters), MoE graphs, the MoE engine against transformers"
     timeout ${TEST_S:-150} python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_moe_kernel.py tests/test_moe.py \
-      tests/test_graphs_gpu.py -k "${TESTS_K:-moe or route or matches_transformers}" > "$OUT/tests.log" 2>&1
+      tests/test_graphs_gpu.py tests/test_gemv.py -k "${TESTS_K:-moe or route or matches_transformers or gemv_matches}" \
+      > "$OUT/tests.log" 2>&1
     echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^ERROR|^E  " "$OUT/tests.log" | cut -c1-300 | tail -8
     log "bench gemv --preset 30b-a3b-shape --sweep (attention projections and router, TP=1)"
     timeout ${GEMV_S:-150} python3 -m tpfleet bench gemv --preset 30b-a3b-shape --tp 1 --sweep --out "$OUT"
