@@ -25,7 +25,7 @@
 # start: the GPU tests of graphs and parity (EXTRA_TESTS adds files, TESTS_K filters, TEST_S=0 skips), then time-to-ready
 #        of BASE and this checkout (TREES: twice), cold and warm caches each (scripts/ab.py --parts start)
 # colocate: `bench colocate` with the memory saver, the trainer's refill included
-# moe: `bench moe --sweep`, then the 30b-a3b-shape engine with random weights (`make-model --no-weights`,
+# moe: `bench moe --sweep` (SWEEP=0 keeps the table an earlier stage wrote), then the 30b-a3b-shape engine with random weights (`make-model --no-weights`,
 #      `--load-format dummy`: no 61 GB checkpoint): `bench engine` over batches, offline with logprobs off
 #      and on, then transformers (built from the config, random weights) on the same offline workload (HF_CHUNK
 #      sequences per generate call; its prefill of 64 does not fit beside the weights on an 80 GB card)
@@ -233,9 +233,11 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
     ;;
   moe)
     python3 -m tpfleet make-model --preset 30b-a3b-shape --no-weights --out /tmp/tpfleet-m30b > /dev/null
-    log "bench moe --sweep (the tuning table the engine then reads)"
-    timeout ${MOE_S:-150} python3 -m tpfleet bench moe --sweep --tokens ${TOKENS:-1,2,4,16,64,256,4096} --out "$OUT" \
-      2>&1 | tail -12
+    if [ "${SWEEP:-1}" = 1 ]; then
+      log "bench moe --sweep (the tuning table the engine then reads)"
+      timeout ${MOE_S:-150} python3 -m tpfleet bench moe --sweep --tokens ${TOKENS:-1,2,4,16,64,256,4096} --out "$OUT" \
+        2>&1 | tail -12
+    fi
     log "bench engine, 30b-a3b-shape, dummy weights"
     timeout ${ENGINE_S:-400} python3 -m tpfleet bench engine --model /tmp/tpfleet-m30b --load-format dummy \
       --device cuda --tp 1 --graph-mode piecewise --num-seqs 64 --logprobs both --batches ${BATCHES:-1,8,64} \
