@@ -3,7 +3,7 @@
 Each op is timed inside a CUDA graph (as the engine runs it), over enough copies of the weight that
 no launch finds it in L2. The peer is what the engine would run otherwise: the fused RMSNorm or
 SiLU-and-mul kernel, then torch.matmul (cuBLAS). With `--sweep`, every launch config in a grid is
-timed too, to check `gemv.launch_config`'s choice.
+timed too, and the fastest per shape goes to this GPU's table, which `gemv.launch_config` then reads.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tpfleet.bench.engine import copy_bandwidth
+from tpfleet.jit import write_atomic
 from tpfleet.kernels import gemv, ops
 
 # each make-model preset's batch-1 projections per TP size: name, output features, input features, fused
@@ -99,7 +100,7 @@ def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b
             reps = 4 * len(weights)
             row = {"tp": tp, "proj": name, "n": n, "k": k, "prologue": kind, "floor_us": nbytes / bw * 1e6,
                    "cublas_us": graph_time_us(peer, reps), "tpfleet_us": graph_time_us(ours, reps),
-                   "config": gemv.launch_config(n, k)}
+                   "config": gemv.launch_config(n, k, gemv.gpu_name(device))}
             if sweep:
                 timed = [(graph_time_us(_ops(kind, xs, weights, c)[0], reps), c) for c in sweep_configs()]
                 row["best_us"], row["best_config"] = min(timed, key=lambda t: t[0])
@@ -114,4 +115,15 @@ def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b
     out.mkdir(parents=True, exist_ok=True)
     summary = {"device": torch.cuda.get_device_name(device), "preset": preset, "copy_bandwidth": bw, "rows": results}
     (out / f"gemv-{preset}.json").write_text(json.dumps(summary, indent=1))
+    if sweep:
+        save_table(gemv.gpu_name(device), {(row["n"], row["k"]): row["best_config"] for row in results})
     return results
+
+
+def save_table(gpu: str, best: dict[tuple[int, int], dict]) -> None:
+    """Add the swept shapes' fastest configs to this GPU's table, which `gemv.launch_config` reads."""
+    path = gemv.table_path(gpu)
+    configs = json.loads(path.read_text())["configs"] if path.exists() else {}
+    configs.update({f"{n}x{k}": cfg for (n, k), cfg in best.items()})
+    write_atomic(path, json.dumps({"device": gpu, "configs": configs}, indent=1))
+    gemv.swept.cache_clear()

@@ -23,10 +23,15 @@ with cuBLAS (after the separate norm or activation kernel) and with the bandwidt
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
 
+from tpfleet import env
 from tpfleet.kernels import fused_ar, pdl
 from tpfleet.kernels.fused_ar import Exchange
 
@@ -110,8 +115,31 @@ TUNED = {(6144, 4096): (16, 512, 8, 3), (4096, 4096): (16, 1024, 8, 2), (24576, 
          (12288, 4096): (32, 256, 4, 3), (4096, 6144): (8, 1024, 4, 2)}
 
 
-def launch_config(n: int, k: int) -> dict:
-    """Tile sizes and warps for an [n, k] weight. Wide matrices stream best in taller, shorter tiles."""
+def table_path(gpu_name: str) -> Path:
+    return env.cache_root() / "tuning" / f"gemv-{gpu_name.replace(' ', '_')}.json"
+
+
+@functools.cache
+def swept(gpu_name: str) -> dict[tuple[int, int], dict]:
+    """{(N, K): launch config} that `tpfleet bench gemv --sweep` found fastest on this GPU, or {}
+    without a table. Read once per process."""
+    try:
+        body = json.loads(table_path(gpu_name).read_text())
+    except FileNotFoundError:
+        return {}
+    return {tuple(int(d) for d in shape.split("x")): cfg for shape, cfg in body["configs"].items()}
+
+
+@functools.cache
+def gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def launch_config(n: int, k: int, gpu: str | None = None) -> dict:
+    """Tile sizes and warps for an [n, k] weight: this GPU's swept config where its table has the shape,
+    else TUNED, else a rule (wide matrices stream best in taller, shorter tiles)."""
+    if gpu is not None and (n, k) in swept(gpu):
+        return dict(swept(gpu)[(n, k)])
     bn, bk, warps, stages = TUNED.get((n, k), (32 if n >= 12288 else 16, 256 if n >= 12288 else 512, 8, 3))
     while n % bn:
         bn //= 2
@@ -125,7 +153,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: int, out: torch.Ten
             all_reduce: tuple[Exchange, int] | None = None, normed_out: torch.Tensor | None = None) -> torch.Tensor:
     """One launch. With `all_reduce` = (exchange, site) the output is summed over the ranks in the kernel."""
     n, k = weight.shape
-    cfg = config or launch_config(n, k)
+    cfg = config or launch_config(n, k, gpu_name(x.device) if x.is_cuda else None)
     x = x.contiguous()
     exchange, site = all_reduce if all_reduce is not None else (None, 0)
     if exchange is not None and exchange.width != n:
