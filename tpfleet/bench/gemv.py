@@ -105,6 +105,7 @@ def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b
                 timed = [(graph_time_us(_ops(kind, xs, weights, c)[0], reps), c) for c in sweep_configs()]
                 row["best_us"], row["best_config"] = min(timed, key=lambda t: t[0])
                 row["sweep"] = [{"us": us, **c} for us, c in timed]
+                save_table(gemv.gpu_name(device), {(n, k): row["best_config"]})
             results.append(row)
             best = (f"   {row['best_us']:.1f} {row['best_config']}" if sweep else "")
             print(f"{tp:>3} {name:>8} {row['floor_us']:>7.1f} {row['cublas_us']:>7.1f} {row['tpfleet_us']:>7.1f} "
@@ -115,8 +116,6 @@ def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b
     out.mkdir(parents=True, exist_ok=True)
     summary = {"device": torch.cuda.get_device_name(device), "preset": preset, "copy_bandwidth": bw, "rows": results}
     (out / f"gemv-{preset}.json").write_text(json.dumps(summary, indent=1))
-    if sweep:
-        save_table(gemv.gpu_name(device), {(row["n"], row["k"]): row["best_config"] for row in results})
     return results
 
 
