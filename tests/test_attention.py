@@ -147,3 +147,17 @@ def test_every_benchmarked_tile_matches_reference_on_gpu(splits):
     for tile in TILES:
         out, ref = decode_with_splits(splits, torch.bfloat16, "cuda", contexts=(1, 33, 128, 129, 300), tile=tile)
         torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2, msg=lambda m, t=tile: f"tile {t}: {m}")
+
+
+def test_the_triton_backend_refuses_a_head_size_its_tiles_cannot_span():
+    """Checked when the engine builds its model, so a checkpoint with head_dim 12 fails at start with
+    a message naming the head size, not in a Triton compile at the first prefill."""
+    from tpfleet.attention.backend import get_backend
+
+    triton_backend = get_backend("triton")
+    for head_dim in (16, 64, 128, 256):
+        triton_backend.check_head_dim(head_dim)
+    for head_dim in (8, 12, 96):
+        with pytest.raises(ValueError, match=f"power of two.*this model's is {head_dim}"):
+            triton_backend.check_head_dim(head_dim)
+    get_backend("torch").check_head_dim(12)  # the reference takes any size

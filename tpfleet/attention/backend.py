@@ -28,6 +28,10 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise ValueError, naming the model's head size, where this backend cannot run it: at start,
+        rather than at the first forward."""
+
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,

@@ -9,6 +9,12 @@ from tpfleet.kernels.attention import decode_attention, extend_attention, store_
 
 
 class TritonBackend(AttentionBackend):
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim < 16 or head_dim & (head_dim - 1):
+            raise ValueError(f"the triton attention backend needs a head_dim that is a power of two, 16 or more "
+                             f"(its tiles span whole heads); this model's is {head_dim}: use "
+                             f"attention_backend='torch' with graph_mode='eager'")
+
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 out: torch.Tensor | None = None) -> torch.Tensor:
         if k is not None:

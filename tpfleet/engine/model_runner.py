@@ -95,9 +95,11 @@ class ModelRunner:
         torch.manual_seed(cfg.seed)
         prev = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
+        backend = get_backend(cfg.resolved_attention_backend)
+        backend.check_head_dim(self.model_config.head_dim)
         with self.saver.region(WEIGHTS):
             with torch.device(self.device):
-                self.model = build_model(self.model_config, self.tp, get_backend(cfg.resolved_attention_backend),
+                self.model = build_model(self.model_config, self.tp, backend,
                                          ep_size=cfg.ep_size,
                                          max_num_tokens=max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
             torch.set_default_dtype(prev)
