@@ -25,8 +25,9 @@
 # start: the GPU tests of graphs and parity (EXTRA_TESTS adds files, TESTS_K filters, TEST_S=0 skips), then time-to-ready
 #        of BASE and this checkout (TREES: twice), cold and warm caches each (scripts/ab.py --parts start)
 # colocate: `bench colocate` with the memory saver, the trainer's refill included
-# moe: `bench moe --sweep` (SWEEP=0 keeps the table an earlier stage wrote), then the 30b-a3b-shape engine with random weights (`make-model --no-weights`,
-#      `--load-format dummy`: no 61 GB checkpoint): `bench engine` over batches, offline with logprobs off
+# moe: `bench moe --sweep` (SWEEP=0 keeps the table an earlier stage wrote), then the 30b-a3b-shape engine with
+#      random weights (`make-model --no-weights`, `--load-format dummy`: no 61 GB checkpoint): `bench engine` over
+#      batches, offline with logprobs off
 #      and on, then transformers (built from the config, random weights) on the same offline workload (HF_CHUNK
 #      sequences per generate call; its prefill of 64 does not fit beside the weights on an 80 GB card)
 # moestep: the MoE GPU tests, the GEMV sweep of 30b-a3b-shape's attention and router, the MoE layer's sweep, then the

@@ -92,11 +92,11 @@ class ModelRunner:
 
         triton_tracked = self.device.type == "cuda" and track_triton()
         t0 = time.perf_counter()
+        backend = get_backend(cfg.resolved_attention_backend)
+        backend.check_head_dim(self.model_config.head_dim)
         torch.manual_seed(cfg.seed)
         prev = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
-        backend = get_backend(cfg.resolved_attention_backend)
-        backend.check_head_dim(self.model_config.head_dim)
         with self.saver.region(WEIGHTS):
             with torch.device(self.device):
                 self.model = build_model(self.model_config, self.tp, backend,

@@ -109,7 +109,8 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 # (N, K) of Qwen3-8B's projections at TP=1 and 2 -> (BLOCK_N, BLOCK_K, warps, stages): the fastest of
 # `tpfleet bench gemv --sweep` on H200, launched with PDL, except qkv at TP=1, which a sweep inside the
-# engine's batch-1 step moved (docs/benchmarks.md); other shapes take the rule below.
+# engine's batch-1 step moved (docs/benchmarks.md); other shapes take the rule below. A GPU's own sweep
+# table, where it has the shape, comes first (a sweep of 8b-shape would put back qkv's op-alone choice).
 TUNED = {(6144, 4096): (16, 512, 8, 3), (4096, 4096): (16, 1024, 8, 2), (24576, 4096): (32, 256, 4, 3),
          (4096, 12288): (8, 1024, 4, 2), (3072, 4096): (8, 1024, 8, 2), (4096, 2048): (16, 1024, 8, 2),
          (12288, 4096): (32, 256, 4, 3), (4096, 6144): (8, 1024, 4, 2)}
