@@ -27,9 +27,9 @@
 # colocate: `bench colocate` with the memory saver, the trainer's refill included
 # moe: `bench moe --sweep` (SWEEP=0 keeps the table an earlier stage wrote), then the 30b-a3b-shape engine with
 #      random weights (`make-model --no-weights`, `--load-format dummy`: no 61 GB checkpoint): `bench engine` over
-#      batches, offline with logprobs off
-#      and on, then transformers (built from the config, random weights) on the same offline workload (HF_CHUNK
-#      sequences per generate call; its prefill of 64 does not fit beside the weights on an 80 GB card)
+#      batches, offline with logprobs off and on, then transformers (built from the config, random weights) on
+#      the same offline workload (HF_CHUNK sequences per generate call, 32 by default: its prefill of 64 does not
+#      fit beside the weights on an 80 GB card)
 # moestep: the MoE GPU tests, the GEMV sweep of 30b-a3b-shape's attention and router, the MoE layer's sweep, then the
 #          30b-a3b-shape decode step (batch 1 and 64, kernel breakdown) with random weights
 # last: the RL loop's GPU test (alone on the GPU: the fleet refuses a GPU another process holds), the RL
@@ -242,7 +242,7 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
     log "bench engine, 30b-a3b-shape, dummy weights"
     timeout ${ENGINE_S:-400} python3 -m tpfleet bench engine --model /tmp/tpfleet-m30b --load-format dummy \
       --device cuda --tp 1 --graph-mode piecewise --num-seqs 64 --logprobs both --batches ${BATCHES:-1,8,64} \
-      --contexts 128,1024 --hf-chunk ${HF_CHUNK:-128} --out "$OUT" 2>&1 | grep -v "^tpfleet phase\|Loading\|Capturing" \
+      --contexts 128,1024 --hf-chunk ${HF_CHUNK:-32} --out "$OUT" 2>&1 | grep -v "^tpfleet phase\|Loading\|Capturing" \
       > "$OUT/moe.log"
     tail -${LINES_SHOWN:-50} "$OUT/moe.log"
     ;;
