@@ -82,9 +82,10 @@ def sweep_configs() -> list[dict]:
 def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b-shape",
                dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     device = torch.device("cuda")
+    gpu = gemv.gpu_name(device)
     bw = copy_bandwidth(device)
     results = []
-    print(f"GEMV, {preset}, {torch.cuda.get_device_name(device)}, {dtype}; copy bandwidth {bw / 1e12:.2f} TB/s; "
+    print(f"GEMV, {preset}, {gpu}, {dtype}; copy bandwidth {bw / 1e12:.2f} TB/s; "
           "us per call")
     print(f"{'tp':>3} {'proj':>8} {'floor':>7} {'cuBLAS':>7} {'tpfleet':>7} {'TB/s':>5} {'x floor':>7}"
           + ("   best swept config" if sweep else ""))
@@ -100,12 +101,12 @@ def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b
             reps = 4 * len(weights)
             row = {"tp": tp, "proj": name, "n": n, "k": k, "prologue": kind, "floor_us": nbytes / bw * 1e6,
                    "cublas_us": graph_time_us(peer, reps), "tpfleet_us": graph_time_us(ours, reps),
-                   "config": gemv.launch_config(n, k, gemv.gpu_name(device))}
+                   "config": gemv.launch_config(n, k, gpu)}
             if sweep:
                 timed = [(graph_time_us(_ops(kind, xs, weights, c)[0], reps), c) for c in sweep_configs()]
                 row["best_us"], row["best_config"] = min(timed, key=lambda t: t[0])
                 row["sweep"] = [{"us": us, **c} for us, c in timed]
-                save_table(gemv.gpu_name(device), {(n, k): row["best_config"]})
+                save_table(gpu, {(n, k): row["best_config"]})
             results.append(row)
             best = (f"   {row['best_us']:.1f} {row['best_config']}" if sweep else "")
             print(f"{tp:>3} {name:>8} {row['floor_us']:>7.1f} {row['cublas_us']:>7.1f} {row['tpfleet_us']:>7.1f} "
@@ -114,7 +115,7 @@ def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b
             del weights
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"device": torch.cuda.get_device_name(device), "preset": preset, "copy_bandwidth": bw, "rows": results}
+    summary = {"device": gpu, "preset": preset, "copy_bandwidth": bw, "rows": results}
     (out / f"gemv-{preset}.json").write_text(json.dumps(summary, indent=1))
     return results
 
