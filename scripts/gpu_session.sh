@@ -30,8 +30,9 @@
 #      batches, offline with logprobs off and on, then transformers (built from the config, random weights) on
 #      the same offline workload (HF_CHUNK sequences per generate call, 32 by default: its prefill of 64 does not
 #      fit beside the weights on an 80 GB card)
-# moestep: the MoE GPU tests, the GEMV sweep of 30b-a3b-shape's attention and router, the MoE layer's sweep, then the
-#          30b-a3b-shape decode step (batch 1 and 64, kernel breakdown) with random weights
+# moestep: the MoE GPU tests, then with BASE (a package copy) the 30b-a3b-shape decode step (random weights,
+#          batch 1 and 64, kernel breakdown) of BASE and of this checkout, then the GEMV sweep of its attention
+#          and router, the MoE layer's sweep, and this checkout's step again (a stage's _S=0 skips it)
 # last: the RL loop's GPU test (alone on the GPU: the fleet refuses a GPU another process holds), the RL
 #       workload in-process and over HTTP, `bench start`, and the attention tile sweep
 set -uo pipefail
@@ -241,27 +242,41 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
     fi
     log "bench engine, 30b-a3b-shape, dummy weights"
     timeout ${ENGINE_S:-400} python3 -m tpfleet bench engine --model /tmp/tpfleet-m30b --load-format dummy \
-      --device cuda --tp 1 --graph-mode piecewise --num-seqs 64 --logprobs both --batches ${BATCHES:-1,8,64} \
-      --contexts 128,1024 --hf-chunk ${HF_CHUNK:-32} --out "$OUT" 2>&1 | grep -v "^tpfleet phase\|Loading\|Capturing" \
-      > "$OUT/moe.log"
+      --device cuda --tp 1 --graph-mode piecewise --num-seqs 64 --logprobs ${LOGPROBS:-both} \
+      --batches ${BATCHES:-1,8,64} --contexts ${CONTEXTS:-128,1024} --hf-chunk ${HF_CHUNK:-32} --out "$OUT" 2>&1 \
+      | grep -v "^tpfleet phase\|Loading\|Capturing" > "$OUT/moe.log"
     tail -${LINES_SHOWN:-50} "$OUT/moe.log"
     ;;
   moestep)
     python3 -m tpfleet make-model --preset 30b-a3b-shape --no-weights --out /tmp/tpfleet-m30b > /dev/null
-    log "GPU tests: MoE kernels and router (TESTS_K filters), MoE graphs, the MoE engine against transformers"
-    timeout ${TEST_S:-150} python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_moe_kernel.py tests/test_moe.py \
-      tests/test_graphs_gpu.py tests/test_gemv.py -k "${TESTS_K:-moe or route or matches_transformers or gemv_matches}" \
-      > "$OUT/tests.log" 2>&1
-    echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^ERROR|^E  " "$OUT/tests.log" | cut -c1-300 | tail -8
-    log "bench gemv --preset 30b-a3b-shape --sweep (attention projections and router, TP=1)"
-    timeout ${GEMV_S:-150} python3 -m tpfleet bench gemv --preset 30b-a3b-shape --tp 1 --sweep --out "$OUT"
-    log "bench moe --sweep (the tuning table the engine then reads)"
-    timeout ${MOE_S:-120} python3 -m tpfleet bench moe --sweep --tokens ${TOKENS:-1,2,4,16,64,256,4096} --out "$OUT" \
-      2>&1 | tail -10
-    log "bench engine, 30b-a3b-shape, dummy weights, decode only"
-    timeout ${ENGINE_S:-150} python3 -m tpfleet bench engine --model /tmp/tpfleet-m30b --load-format dummy --device cuda \
-      --tp 1 --graph-mode piecewise --num-seqs 0 --no-hf --batches ${BATCHES:-1,64} --contexts 128 --out "$OUT" 2>&1 \
-      | grep -E "^batch |measured 5|^ +[0-9.]+ us "
+    step() {  # tree, label: its 30b-a3b-shape decode step with random weights (BATCHES), batch 1's kernels
+      log "bench engine, 30b-a3b-shape, dummy weights, decode only: $2 ($1)"
+      PYTHONPATH=/tmp/site:$PWD/$1 timeout ${ENGINE_S:-150} python3 -P -m tpfleet bench engine \
+        --model /tmp/tpfleet-m30b --load-format dummy --device cuda --tp 1 --graph-mode piecewise --num-seqs 0 \
+        --no-hf --batches ${BATCHES:-1,64} --contexts 128 --out "$OUT/$2" > "$OUT/$2.log" 2>&1
+      grep -E "^ +[0-9]+ +128 |^batch-1|^ +[0-9.]+ us " "$OUT/$2.log" | head -16
+    }
+    if [ "${TEST_S:-150}" != 0 ]; then
+      log "GPU tests: MoE kernels and router (TESTS_K filters), MoE graphs, the MoE engine against transformers"
+      timeout ${TEST_S:-150} python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_moe_kernel.py \
+        tests/test_moe.py tests/test_graphs_gpu.py tests/test_gemv.py \
+        -k "${TESTS_K:-moe or route or matches_transformers or gemv_matches}" > "$OUT/tests.log" 2>&1
+      echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^ERROR|^E  " "$OUT/tests.log" | cut -c1-300 | tail -8
+    fi
+    if [ -n "${BASE:-}" ]; then  # BASE (a package copy) and this checkout, before either tuning table exists
+      step "$BASE" base; step . untuned
+    fi
+    if [ "${GEMV_S:-150}" != 0 ]; then
+      log "bench gemv --preset 30b-a3b-shape --sweep (attention projections and router, TP=1)"
+      timeout ${GEMV_S:-150} python3 -m tpfleet bench gemv --preset 30b-a3b-shape --tp 1 --sweep --out "$OUT"
+    fi
+    if [ "${MOE_S:-120}" != 0 ]; then
+      log "bench moe --sweep (the tuning table the engine then reads)"
+      timeout ${MOE_S:-120} python3 -m tpfleet bench moe --sweep --tokens ${TOKENS:-1,2,4,16,64,256,4096} \
+        --out "$OUT" 2>&1 | tail -10
+    fi
+    step . tuned
+    cp "$(python3 -c 'from tpfleet import env; print(env.cache_root())')"/tuning/* "$OUT/" 2>/dev/null
     ;;
   last)
     log "GPU test: the RL loop"

@@ -232,7 +232,7 @@ def test_alignment_is_a_valid_permutation_on_gpu(block_m, placement):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
-@pytest.mark.parametrize("tokens", [2, 300])
+@pytest.mark.parametrize("tokens", [1, 2, 300])
 def test_fused_moe_replays_in_a_cuda_graph(tokens):
     """Captured once, replayed with new hidden states and new routings: nothing may have been read
     back to the host at capture (a sync would fail the capture), and every replay must match both
@@ -253,6 +253,33 @@ def test_fused_moe_replays_in_a_cuda_graph(tokens):
         torch.cuda.synchronize()
         assert_matches(out, moe_reference(*fresh, first_expert=first), torch.bfloat16, f"replay {seed}")
         assert torch.equal(out, moe_triton.fused_moe(*fresh, first_expert=first))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_route_then_experts_replay_in_a_cuda_graph():
+    """Batch-1 decode's chain, router to down projection, captured once (on Hopper its kernels overlap
+    under PDL, the down GEMV reading the routing before its wait) and replayed with new router logits:
+    every replay routes as `route` does and sums as the reference does."""
+    num_experts, hidden_size, _, top_k = QWEN3_30B
+    hidden, w_gate_up, w_down, _, _ = make_case(QWEN3_30B, 1, torch.bfloat16, "cuda", 0, num_experts)
+    logits = torch.randn(1, num_experts, device="cuda", dtype=torch.bfloat16)
+
+    def chain():
+        weights, ids = fused_route(logits, top_k, True)
+        return moe_triton.fused_moe(hidden, w_gate_up, w_down, ids, weights)
+
+    chain()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for seed in range(1, 6):
+        logits.copy_(torch.randn(1, num_experts, generator=torch.Generator().manual_seed(seed)).to(logits))
+        graph.replay()
+        torch.cuda.synchronize()
+        weights, ids = route(logits, top_k, True)
+        assert_matches(out, moe_reference(hidden, w_gate_up, w_down, ids, weights), torch.bfloat16, f"replay {seed}")
 
 
 @pytest.mark.gpu

@@ -136,12 +136,22 @@ def gpu_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
+MIN_PROGRAMS = 256  # the rule's grid: about two programs per SM, so every SM keeps its weight stream going
+
+
 def launch_config(n: int, k: int, gpu: str | None = None) -> dict:
     """Tile sizes and warps for an [n, k] weight: this GPU's swept config where its table has the shape,
-    else TUNED, else a rule (wide matrices stream best in taller, shorter tiles)."""
+    else TUNED, else a rule: tiles of about 8K weights, taller (up to 32 rows) for more output features,
+    shorter where fewer would leave SMs idle (a 2048-row o_proj, a 128-row router)."""
     if gpu is not None and (n, k) in swept(gpu):
         return dict(swept(gpu)[(n, k)])
-    bn, bk, warps, stages = TUNED.get((n, k), (32 if n >= 12288 else 16, 256 if n >= 12288 else 512, 8, 3))
+    if (n, k) in TUNED:
+        bn, bk, warps, stages = TUNED[(n, k)]
+    else:
+        bn = 32
+        while bn > 2 and (n % bn or n // bn < MIN_PROGRAMS):
+            bn //= 2
+        bk, warps, stages = min(1024, 8192 // bn), 8, 3
     while n % bn:
         bn //= 2
     return {"BLOCK_N": bn, "BLOCK_K": min(bk, k & -k),  # k & -k: the largest power of two dividing K

@@ -18,10 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
+from tpfleet.kernels import pdl
+
 
 @triton.jit
 def _route_kernel(logits, weights, ids, replay, num_experts, logits_stride, replay_stride, TOP_K: tl.constexpr,
-                  K_P2: tl.constexpr, E_P2: tl.constexpr, RENORMALIZE: tl.constexpr, REPLAY: tl.constexpr):
+                  K_P2: tl.constexpr, E_P2: tl.constexpr, RENORMALIZE: tl.constexpr, REPLAY: tl.constexpr,
+                  PDL: tl.constexpr):
+    pdl.enter(PDL)  # everything it reads is the router's output
     token = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, E_P2)
     x = tl.load(logits + token * logits_stride + experts, mask=experts < num_experts,
@@ -62,8 +66,10 @@ def fused_route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
         raise ValueError(f"replay must be int32 [{tokens}, {top_k}] with unit stride along k, "
                          f"not {replay.dtype} {list(replay.shape)} strides {replay.stride()}")
     if tokens:
+        use_pdl = pdl.enabled(logits.device, tokens)
         _route_kernel[(tokens,)](logits, weights, ids, ids if replay is None else replay, num_experts,
                                  logits.stride(0), top_k if replay is None else replay.stride(0), TOP_K=top_k,
                                  K_P2=triton.next_power_of_2(top_k), E_P2=triton.next_power_of_2(num_experts),
-                                 RENORMALIZE=renormalize, REPLAY=replay is not None, num_warps=1)
+                                 RENORMALIZE=renormalize, REPLAY=replay is not None, PDL=use_pdl,
+                                 launch_pdl=use_pdl, num_warps=1)
     return weights, ids

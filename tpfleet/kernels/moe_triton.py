@@ -44,6 +44,7 @@ import triton.language as tl
 
 from tpfleet import env
 from tpfleet.jit import STATS, write_atomic
+from tpfleet.kernels import pdl
 
 log = logging.getLogger("tpfleet.kernels.moe")
 
@@ -257,8 +258,10 @@ def _combine_kernel(expert_out, ids, weights, out, first, num_local, HIDDEN, top
 
 @triton.jit
 def _gemv_gate_up_kernel(hidden, w, ids, act, first, num_local, HIDDEN, INTER, top_k,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """act[pair] = silu(x @ gate.T) * (x @ up.T) for BLOCK_N features of one pair's expert."""
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """act[pair] = silu(x @ gate.T) * (x @ up.T) for BLOCK_N features of one pair's expert. Under PDL
+    nothing is read before the wait: which expert's weights to stream is the router's answer."""
+    pdl.enter(PDL)
     pair = tl.program_id(0).to(tl.int64)
     local = tl.load(ids + pair).to(tl.int32) - first
     if (local >= 0) & (local < num_local):
@@ -282,10 +285,12 @@ def _gemv_gate_up_kernel(hidden, w, ids, act, first, num_local, HIDDEN, INTER, t
 
 @triton.jit
 def _gemv_down_kernel(act, w, ids, weights, out, first, num_local, HIDDEN, INTER, TOP_K: tl.constexpr,
-                      K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out[token] for BLOCK_N features: each K step loads the down rows of all the token's experts at
     once, [K_P2, BLOCK_N, BLOCK_K], so a program keeps k experts' bytes in flight, not one expert's
-    after another's; each expert's output is rounded to the model dtype, then weighted and summed in fp32."""
+    after another's; each expert's output is rounded to the model dtype, then weighted and summed in fp32.
+    Under PDL the routing (written by the router, two kernels back) and the first weight tile are read
+    while gate_up drains; its activations only after the wait."""
     token = tl.program_id(0).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -293,18 +298,21 @@ def _gemv_down_kernel(act, w, ids, weights, out, first, num_local, HIDDEN, INTER
     pairs = token * TOP_K + slots
     local = tl.load(ids + pairs, mask=slots < TOP_K, other=-1).to(tl.int32) - first
     mine = (slots < TOP_K) & (local >= 0) & (local < num_local)  # other ranks' experts load nothing
+    scale = tl.load(weights + pairs, mask=mine, other=0.0).to(tl.float32)
     rows = (w + tl.where(mine, local, 0).to(tl.int64)[:, None, None] * HIDDEN * INTER
             + rn[None, :, None].to(tl.int64) * INTER + rk[None, None, :])
     a_rows = act + pairs[:, None] * INTER + rk[None, :]
     row_ok = mine[:, None, None] & (rn < HIDDEN)[None, :, None]
-    acc = tl.zeros([K_P2, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, INTER, BLOCK_K):
+    w_tile = tl.load(rows, mask=row_ok & (rk < INTER)[None, None, :], other=0.0)
+    pdl.enter(PDL)
+    a = tl.load(a_rows, mask=mine[:, None] & (rk < INTER)[None, :], other=0.0).to(tl.float32)
+    acc = w_tile.to(tl.float32) * a[:, None, :]
+    for k0 in range(BLOCK_K, INTER, BLOCK_K):
         k_ok = k0 + rk < INTER
         a = tl.load(a_rows + k0, mask=mine[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         w_tile = tl.load(rows + k0, mask=row_ok & k_ok[None, None, :], other=0.0)
         acc += w_tile.to(tl.float32) * a[:, None, :]
     y = tl.sum(acc, axis=2).to(out.dtype.element_ty).to(tl.float32)  # [K_P2, BLOCK_N]
-    scale = tl.load(weights + pairs, mask=mine, other=0.0).to(tl.float32)
     total = tl.sum(tl.where(mine[:, None], scale[:, None] * y, 0.0), axis=0)
     tl.store(out + token * HIDDEN + rn, total.to(out.dtype.element_ty), mask=rn < HIDDEN)
 
@@ -365,8 +373,10 @@ def gemv_gate_up(hidden: torch.Tensor, w_gate_up: torch.Tensor, topk_ids: torch.
     inter = two_inter // 2
     top_k = topk_ids.shape[1]
     act = hidden.new_empty(topk_ids.numel(), inter)
+    use_pdl = pdl.enabled(hidden.device, hidden.shape[0])
     _gemv_gate_up_kernel[(topk_ids.numel(), triton.cdiv(inter, tile["BLOCK_N"]))](
-        hidden, w_gate_up, topk_ids, act, first_expert, num_local, hidden_size, inter, top_k, **_launch_args(tile))
+        hidden, w_gate_up, topk_ids, act, first_expert, num_local, hidden_size, inter, top_k, PDL=use_pdl,
+        launch_pdl=use_pdl, **_launch_args(tile))
     return act
 
 
@@ -375,9 +385,10 @@ def gemv_down(act: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor, t
     num_local, hidden_size, inter = w_down.shape
     tokens, top_k = topk_ids.shape
     out = act.new_empty(tokens, hidden_size)
+    use_pdl = pdl.enabled(act.device, tokens)
     _gemv_down_kernel[(tokens, triton.cdiv(hidden_size, tile["BLOCK_N"]))](
         act, w_down, topk_ids, topk_weights, out, first_expert, num_local, hidden_size, inter, TOP_K=top_k,
-        K_P2=triton.next_power_of_2(top_k), **_launch_args(tile))
+        K_P2=triton.next_power_of_2(top_k), PDL=use_pdl, launch_pdl=use_pdl, **_launch_args(tile))
     return out
 
 

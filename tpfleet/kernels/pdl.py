@@ -10,9 +10,10 @@ writes are visible.
 
 The rule every PDL kernel in tpfleet keeps: before its wait it writes nothing and reads nothing the
 kernel before it writes (weights; for q/k norm, the positions' RoPE rows and the KV slots; for decode
-attention, the keys and values of earlier tokens); right after the wait it lets its own dependents
-launch (`enter`). So at most two kernels overlap, and a kernel's wait, which follows its
-predecessor's completion, also covers every kernel before that one. Kernels launched without PDL
+attention, the keys and values of earlier tokens; for the MoE down GEMV, the routing and the chosen
+experts' weights, the router's kernel having finished before gate_up's wait returned); right after the
+wait it lets its own dependents launch (`enter`). So at most two kernels overlap, and a kernel's wait,
+which follows its predecessor's completion, also covers every kernel before that one. Kernels launched without PDL
 (cuBLAS, torch) serialise as usual.
 
 TPFLEET_PDL=0 (tpfleet.env.PDL) turns it off, for A/B measurements or as an escape hatch.
