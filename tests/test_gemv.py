@@ -101,10 +101,38 @@ def test_a_swept_table_overrides_the_rule_for_its_shapes(tmp_path, monkeypatch):
     gemv.swept.cache_clear()
 
 
+def check_router(device: str, dtype: torch.dtype) -> None:
+    """The router's GEMV choosing the experts in its epilogue: the logits as without a choice, and the
+    choice `route` makes from those logits, its ids in the replay column, call after call (the last
+    program to arrive routes, then resets the counter), for one program and for several."""
+    from tpfleet.kernels import gemv
+    from tpfleet.kernels.moe import route
+    from tpfleet.kernels.moe_route import routing_for
+
+    hidden, experts, top_k = 64, 32, 5
+    g = torch.Generator(device).manual_seed(0)
+    nw = (1 + 0.1 * torch.randn(hidden, generator=g, device=device)).to(dtype)
+    w = (0.2 * torch.randn(experts, hidden, generator=g, device=device)).to(dtype)
+    replay = torch.full((1, 3, top_k), -1, dtype=torch.int32, device=device)
+    for call, block_n in enumerate([8, 8, 32, 2]):
+        config = {"BLOCK_N": block_n, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+        x, res = (torch.randn(2, 1, hidden, generator=g, device=device)).to(dtype)
+        plain, _ = gemv.norm_linear(x, res, nw, 1e-6, w, config=config)
+        r = routing_for(1, experts, top_k, call % 2 == 0, torch.device(device), replay[:, 1])
+        logits, _ = gemv.norm_linear(x, res, nw, 1e-6, w, config=config, routing=r)
+        weights, ids = route(logits, top_k, call % 2 == 0)
+        what = f"call {call}, BLOCK_N {block_n}"
+        assert torch.equal(logits, plain), what
+        assert torch.equal(r.ids.long(), ids) and torch.equal(replay[:, 1], r.ids), what
+        torch.testing.assert_close(r.weights, weights, rtol=1e-5, atol=1e-7, msg=lambda m: f"{what}: {m}")
+    assert bool((replay[:, 0] == -1).all() and (replay[:, 2] == -1).all())
+
+
 def interpreter_main() -> None:
     """Run by run_in_triton_interpreter: Triton on the CPU."""
     for seed in range(3):
         check(SHAPES[0], torch.float32, "cpu", seed)
+    check_router("cpu", torch.float32)
     print("interpreter: all GEMV entry points match")
 
 
@@ -118,6 +146,13 @@ def test_gemv_matches_torch_in_the_interpreter():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gemv_matches_torch_on_gpu(shape, dtype):
     check(shape, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_router_routes_on_gpu(dtype):
+    check_router("cuda", dtype)
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ on the (tiny, L2-resident) activation row as it is loaded:
 
 - `linear`: y = x @ W.T (o_proj);
 - `norm_linear`: y = rmsnorm(x + residual) @ W.T, also returning x + residual (qkv, gate_up, the MoE
-  router, which also keeps the normed row for its experts);
+  router, which also keeps the normed row for its experts and chooses them);
 - `silu_mul_linear`: y = (silu(gate) * up) @ W.T for x = [gate | up] (down_proj).
 
 At TP > 1 the all-reduce after o_proj and down can be fused in too (tpfleet.kernels.fused_ar): the
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from tpfleet import env
-from tpfleet.kernels import fused_ar, pdl
+from tpfleet.kernels import fused_ar, moe_route, pdl
 from tpfleet.kernels.fused_ar import Exchange
 
 PLAIN, NORM, NORM_RESIDUAL, SILU_MUL = (tl.constexpr(i) for i in range(4))  # the prologue kinds
@@ -58,11 +58,14 @@ def _input_tile(x, res, norm_w, k0, rk, rstd, K, PROLOGUE: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x, res, res_out, norm_w, normed_out, w, out, N, K, eps, xchg, site, rank, timeout_ns,
+                 arrivals, route_w, route_ids, replay,
                  PROLOGUE: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr, WORLD: tl.constexpr, STORE_NORMED: tl.constexpr):
+                 PDL: tl.constexpr, WORLD: tl.constexpr, STORE_NORMED: tl.constexpr, TOP_K: tl.constexpr,
+                 K_P2: tl.constexpr, N_P2: tl.constexpr, RENORMALIZE: tl.constexpr, REPLAY: tl.constexpr):
     """WORLD > 0: `out` is the sum of WORLD ranks' outputs, each block all-reducing its own rows with the
     same block of the other ranks through `site` (tpfleet.kernels.fused_ar). STORE_NORMED: program 0
-    also writes the normed row to `normed_out`."""
+    also writes the normed row to `normed_out`. TOP_K > 0 (an MoE router): the last program to store its
+    logits routes the row (tpfleet.kernels.moe_route)."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -95,6 +98,9 @@ def _gemv_kernel(x, res, res_out, norm_w, normed_out, w, out, N, K, eps, xchg, s
         fused_ar.all_reduce_block(xchg, site, rank, rn, y, out, N, timeout_ns, WORLD)
     else:
         tl.store(out + rn, y)
+        if TOP_K > 0:
+            moe_route.route_when_last(out, N, arrivals, route_w, route_ids, replay, TOP_K, K_P2, N_P2, RENORMALIZE,
+                                      REPLAY)
 
 
 def supports_shape(weight: torch.Tensor) -> bool:
@@ -161,24 +167,32 @@ def launch_config(n: int, k: int, gpu: str | None = None) -> dict:
 def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: int, out: torch.Tensor | None,
             res: torch.Tensor | None = None, res_out: torch.Tensor | None = None,
             norm_w: torch.Tensor | None = None, eps: float = 0.0, config: dict | None = None,
-            all_reduce: tuple[Exchange, int] | None = None, normed_out: torch.Tensor | None = None) -> torch.Tensor:
-    """One launch. With `all_reduce` = (exchange, site) the output is summed over the ranks in the kernel."""
+            all_reduce: tuple[Exchange, int] | None = None, normed_out: torch.Tensor | None = None,
+            routing: moe_route.Routing | None = None) -> torch.Tensor:
+    """One launch. With `all_reduce` = (exchange, site) the output is summed over the ranks in the kernel;
+    with `routing`, the row is routed over its N logits into it."""
     n, k = weight.shape
     cfg = config or launch_config(n, k, gpu_name(x.device) if x.is_cuda else None)
     x = x.contiguous()
     exchange, site = all_reduce if all_reduce is not None else (None, 0)
+    if routing is not None and exchange is not None:
+        raise ValueError("a router's GEMV is not all-reduced: every rank holds the whole router")
     if exchange is not None and exchange.width != n:
         raise ValueError(f"a fused all-reduce needs {exchange.width} output features, not {n}")
     if out is None:
         out = x.new_empty(1, n)
     use_pdl = pdl.enabled(x.device, x.shape[0])
+    r = routing
     _gemv_kernel[(n // cfg["BLOCK_N"],)](
         x, res if res is not None else x, res_out if res_out is not None else x,
         norm_w if norm_w is not None else x, normed_out if normed_out is not None else x, weight, out, n, k, eps,
         exchange.table if exchange is not None else x, site, exchange.rank if exchange else 0,
-        exchange.timeout_ns if exchange else 0,
+        exchange.timeout_ns if exchange else 0, moe_route.arrival_counter(x.device) if r else x,
+        r.weights if r else x, r.ids if r else x, r.replay if r and r.replay is not None else x,
         PROLOGUE=prologue, K_POW2=triton.next_power_of_2(k), PDL=use_pdl, WORLD=exchange.world if exchange else 0,
-        STORE_NORMED=normed_out is not None, launch_pdl=use_pdl, **cfg)
+        STORE_NORMED=normed_out is not None, TOP_K=r.top_k if r else 0,
+        K_P2=triton.next_power_of_2(r.top_k) if r else 1, N_P2=triton.next_power_of_2(n) if r else 1,
+        RENORMALIZE=bool(r and r.renormalize), REPLAY=bool(r and r.replay is not None), launch_pdl=use_pdl, **cfg)
     return out
 
 
@@ -188,17 +202,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
 
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                weight: torch.Tensor, config: dict | None = None, normed_out: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                weight: torch.Tensor, config: dict | None = None, normed_out: torch.Tensor | None = None,
+                routing: moe_route.Routing | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """rmsnorm(x + residual) @ W.T and the new residual x + residual (x itself without one). With
     `normed_out`, rmsnorm(x + residual) itself is written there too, for a block that reads the normed
-    row beside this projection (the MoE experts beside their router)."""
+    row beside this projection (the MoE experts beside their router); with `routing` (W an MoE router),
+    the row's experts are chosen from these logits in the same launch."""
     if residual is None:
-        return _launch(x, weight, NORM, None, norm_w=norm_weight, eps=eps, config=config, normed_out=normed_out), x
+        return _launch(x, weight, NORM, None, norm_w=norm_weight, eps=eps, config=config, normed_out=normed_out,
+                       routing=routing), x
     residual = residual.contiguous()
     res_out = torch.empty_like(residual)
     y = _launch(x, weight, NORM_RESIDUAL, None, res=residual, res_out=res_out, norm_w=norm_weight, eps=eps,
-                config=config, normed_out=normed_out)
+                config=config, normed_out=normed_out, routing=routing)
     return y, res_out
 
 

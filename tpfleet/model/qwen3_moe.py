@@ -29,9 +29,9 @@ from tpfleet.model.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 
 try:  # the fused GPU path; CPU-only installs may lack Triton and use the reference
     from tpfleet.kernels import moe_triton
-    from tpfleet.kernels.moe_route import fused_route
+    from tpfleet.kernels.moe_route import fused_route, routing_for
 except ImportError:
-    moe_triton = fused_route = None
+    moe_triton = fused_route = routing_for = None
 
 if TYPE_CHECKING:
     from tpfleet.kernels.fused_ar import Exchange
@@ -144,12 +144,14 @@ class Qwen3MoeSparseBlock(nn.Module):
     def forward_normed(self, norm: RMSNorm, x: torch.Tensor,
                        residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The block over norm(x + residual), and the new residual. One row on a GPU (batch-1 decode)
-        takes one kernel for the norm and the router: the router's GEMV with the norm as its prologue,
-        writing the normed row for the experts as well."""
+        takes one kernel for the norm, the router and the choice of experts: the router's GEMV with the
+        norm as its prologue and the top-k as its epilogue, writing the normed row for the experts too."""
         if gemv is not None and gemv.supports(x, self.gate.weight):
             h = torch.empty_like(x)
-            logits, residual = gemv.norm_linear(x, residual, norm.weight, norm.eps, self.gate.weight, normed_out=h)
-            return self.experts_of(h, logits), residual
+            r = routing_for(1, self.gate.weight.shape[0], self.top_k, self.renormalize, x.device, self.routed[:1])
+            _, residual = gemv.norm_linear(x, residual, norm.weight, norm.eps, self.gate.weight, normed_out=h,
+                                           routing=r)
+            return self.experts(h, r.ids, r.weights), residual
         h, residual = norm(x, residual)
         return self(h), residual
 
