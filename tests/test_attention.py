@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import HAS_CUDA, run_in_triton_interpreter
 
-from tpfleet.attention.backend import AttentionMetadata
+from tpfleet.attention.backend import AttentionMetadata, NewTokens
 from tpfleet.attention.torch_ref import TorchReferenceBackend
 
 triton = pytest.importorskip("triton")
@@ -77,6 +77,32 @@ def decode_with_splits(splits: int, dtype, device, min_split: int = 16, contexts
     return out.float(), ref.float()
 
 
+def decode_from_qkv(dtype, device, contexts: tuple[int, ...] = (1, 70, 300), splits: int | None = None) -> None:
+    """Decode attention finishing the qkv projection itself (q/k norm, RoPE, the KV store) against
+    `ops.qk_norm_rope` with its KV store, then decode attention: the same cache, the same output."""
+    from tpfleet.kernels import ops
+    from tpfleet.kernels.attention import decode_attention
+
+    kv_heads, group, d = 2, 4, 32
+    _, _, _, kc, vc, meta = make_batch([1] * len(contexts), list(contexts), kv_heads, group, d, 16, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(len(contexts), (group + 2) * kv_heads * d, generator=g).to(dtype).to(device)
+    qw, kw = [(1 + 0.2 * torch.randn(d, generator=g)).to(dtype).to(device) for _ in range(2)]
+    angles = torch.randn(512, d // 2, generator=g)
+    cos, sin = angles.cos().to(device), angles.sin().to(device)
+    positions = meta.context_lens.long() - 1
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    q, _, _ = ops.qk_norm_rope(qkv, positions, qw, kw, 1e-6, cos, sin, group * kv_heads, kv_heads, d,
+                               (ref_kc, ref_vc, meta.slot_mapping))
+    ref = decode_attention(q, ref_kc, ref_vc, meta.block_tables, meta.context_lens, d ** -0.5, splits=splits)
+    new = NewTokens(positions, meta.slot_mapping, qw, kw, 1e-6, cos, sin)
+    out = decode_attention(qkv, kc, vc, meta.block_tables, meta.context_lens, d ** -0.5, splits=splits, new=new)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(vc, ref_vc, atol=0, rtol=0)
+    torch.testing.assert_close(kc.float(), ref_kc.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
 def interpreter_main() -> None:
     """Run by run_in_triton_interpreter: Triton on the CPU."""
     for case in CASES:
@@ -93,11 +119,13 @@ def interpreter_main() -> None:
     # loop. The interpreter runs that code whole, so it is checked here, around a tile's edges.
     from tpfleet.kernels import pdl
 
+    decode_from_qkv(torch.float32, "cpu")
     enabled, pdl.enabled = pdl.enabled, lambda device, rows: rows == 1
     try:
         for ctx, splits in ((1, 16), (37, 16), (64, 16), (65, 16), (300, 16), (300, 2), (300, 1)):
             out, ref = decode_with_splits(splits, torch.float32, "cpu", contexts=(ctx,))
             torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+            decode_from_qkv(torch.float32, "cpu", contexts=(ctx,), splits=splits)
     finally:
         pdl.enabled = enabled
     print("interpreter: all cases match")
@@ -135,6 +163,15 @@ def test_triton_matches_reference_on_gpu(case, dtype):
 def test_decode_splits_match_reference_on_gpu(splits, min_split):
     out, ref = decode_with_splits(splits, torch.bfloat16, "cuda", min_split)
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("contexts", [(1, 70, 300), (1,), (64,), (65,), (300,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_from_qkv_matches_on_gpu(dtype, contexts):
+    """Batch 1 included: on Hopper its kernel starts before the projection ends (PDL)."""
+    decode_from_qkv(dtype, "cuda", contexts)
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -27,7 +28,30 @@ class AttentionMetadata:
     query_lens_dev: torch.Tensor | None = None  # [num_seqs] int32, device
 
 
+class NewTokens(NamedTuple):
+    """What a decode kernel needs to finish a step's qkv projection itself: q and k RMS-normed per head
+    (their norms' weights and eps), rotated (positions, the cos and sin tables), k and v stored at their
+    slots."""
+    positions: torch.Tensor
+    slots: torch.Tensor
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    eps: float
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+@dataclass
+class DecodeQKV:
+    """A decode batch's qkv projection, [tokens, (heads + 2 * kv_heads) * head_dim], in place of q, k and v,
+    for a backend that `finishes_qkv`."""
+    qkv: torch.Tensor
+    new: NewTokens
+
+
 class AttentionBackend(ABC):
+    finishes_qkv = False  # whether `forward` takes a decode batch's DecodeQKV (its kernel does q/k norm and RoPE)
+
     def check_head_dim(self, head_dim: int) -> None:
         """Raise ValueError, naming the model's head size, where this backend cannot run it: at start,
         rather than at the first forward."""
@@ -39,7 +63,8 @@ class AttentionBackend(ABC):
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim], stored at
         `meta.slot_mapping` first, or None when already there; caches: [num_blocks, block_size,
         kv_heads, head_dim]. Returns [tokens, heads, head_dim],
-        written into `out` when given (a graph's fixed buffer, saving a copy)."""
+        written into `out` when given (a graph's fixed buffer, saving a copy). A backend that
+        `finishes_qkv` may get a DecodeQKV as q (k, v None) for a batch of decodes only."""
 
 
 def get_backend(name: str) -> AttentionBackend:

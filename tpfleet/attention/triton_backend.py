@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from tpfleet.attention.backend import AttentionBackend, AttentionMetadata
+from tpfleet.attention.backend import AttentionBackend, AttentionMetadata, DecodeQKV
 from tpfleet.kernels.attention import decode_attention, extend_attention, store_kv
 
 
 class TritonBackend(AttentionBackend):
+    finishes_qkv = True
+
     def check_head_dim(self, head_dim: int) -> None:
         if head_dim < 16 or head_dim & (head_dim - 1):
             raise ValueError(f"the triton attention backend needs a head_dim that is a power of two, 16 or more "
@@ -17,6 +19,9 @@ class TritonBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 out: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(q, DecodeQKV):
+            return decode_attention(q.qkv, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, out=out,
+                                    new=q.new)
         if k is not None:
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decodes

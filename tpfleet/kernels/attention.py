@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tpfleet.attention.backend import NewTokens
 from tpfleet.kernels import pdl
 
 MAX_DECODE_SPLITS = 16  # KV splits per (sequence, kv head): parallelism for small batches and long contexts
@@ -80,10 +81,28 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 @triton.jit
+def _norm_rope(x, xp, norm_w, d, partner, c, s, sign, eps, HEAD_DIM: tl.constexpr):
+    """Rows of heads [R, HEAD_DIM] RMS-normed and rotated (neox halves) as `ops.qk_norm_rope` does, each
+    element given with its partner in the other half (xp: element `partner`) and that half's sign;
+    rounded alike."""
+    w = tl.load(norm_w + d).to(tl.float32)[None, :]
+    wp = tl.load(norm_w + partner).to(tl.float32)[None, :]
+    f, fp = x.to(tl.float32), xp.to(tl.float32)
+    r = tl.rsqrt(tl.sum(f * f, axis=1) / HEAD_DIM + eps)[:, None]
+    y = ((f * r).to(x.dtype).to(tl.float32) * w).to(x.dtype).to(tl.float32)
+    yp = ((fp * r).to(x.dtype).to(tl.float32) * wp).to(x.dtype).to(tl.float32)
+    return (y * c + sign * yp * s).to(x.dtype)
+
+
+@triton.jit
 def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, arrivals, out, scale,
-                   stride_bt, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr,
+                   stride_bt, positions, slots, q_norm, k_norm, cos, sin, eps,
+                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr,
                    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                   MIN_SPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                   MIN_SPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, FROM_QKV: tl.constexpr):
+    """FROM_QKV: `q` is the qkv projection's rows; each program norms and rotates its query heads, and the
+    one whose split holds the newest token does so for that token's key, and stores it and its value in
+    the cache (`ops.qk_norm_rope`'s work, without its launch)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -106,24 +125,51 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, part_out, pa
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     first = start
+    if FROM_QKV:  # what the qkv projection does not write is read before any wait
+        half = HEAD_DIM // 2
+        partner = (d + half) % HEAD_DIM
+        sign = tl.where(d < half, -1.0, 1.0)[None, :]
+        pos = tl.load(positions + b)
+        c = tl.load(cos + pos * half + d % half)[None, :]
+        s_ = tl.load(sin + pos * half + d % half)[None, :]
+        slot = tl.load(slots + b)
     if PDL:
-        # The kernel before this one (q/k norm with the KV store) may still be running. It writes q and
-        # the newest token's key and value, nothing else read here: the first tile is loaded before
-        # waiting for it, and its newest row again after. Its loads then run ahead of the dependents'
-        # weight prefetches, which, issued first, slowed attention (docs/benchmarks.md).
+        # The kernel before this one may still be running. It writes q and the newest token's key and
+        # value (q/k norm with the KV store; with FROM_QKV, the qkv projection), nothing else read here:
+        # the first tile is loaded before waiting for it, and its newest row is replaced after. Its loads
+        # then run ahead of the dependents' weight prefetches, which, issued first, slowed attention
+        # (docs/benchmarks.md).
         tok = start + n
         valid = tok < end
         kt, vt = _kv_tile(k_cache, v_cache, table, tok, valid, kvh, d, KV_HEADS, HEAD_DIM, PAGE)
         pdl.enter(PDL)
-        newest = valid & (tok == ctx - 1)
-        k_new, v_new = _kv_tile(k_cache, v_cache, table, tok, newest, kvh, d, KV_HEADS, HEAD_DIM, PAGE)
+    if FROM_QKV:
+        row = q + b.to(tl.int64) * (KV_HEADS * (GROUP + 2) * HEAD_DIM)
+        q_ok = (g < GROUP)[:, None]
+        qv = _norm_rope(tl.load(row + heads[:, None] * HEAD_DIM + d[None, :], mask=q_ok, other=0.0),
+                        tl.load(row + heads[:, None] * HEAD_DIM + partner[None, :], mask=q_ok, other=0.0),
+                        q_norm, d, partner, c, s_, sign, eps, HEAD_DIM)
+        k_row = row + (KV_HEADS * GROUP + kvh) * HEAD_DIM
+        k_new = _norm_rope(tl.load(k_row + d)[None, :], tl.load(k_row + partner)[None, :], k_norm, d, partner,
+                           c, s_, sign, eps, HEAD_DIM).to(k_cache.dtype.element_ty)
+        v_new = tl.load(k_row + KV_HEADS * HEAD_DIM + d)[None, :].to(v_cache.dtype.element_ty)
+        cache_row = (slot * KV_HEADS + kvh) * HEAD_DIM + d[None, :]
+        newest_col = tl.zeros([1, HEAD_DIM], tl.int32) + ctx - 1
+        # the split holding the newest token stores it; padded rows (slot -1) store nothing
+        store = (newest_col >= start) & (newest_col < end) & (tl.zeros([1, HEAD_DIM], tl.int64) + slot >= 0)
+        tl.store(k_cache + cache_row, k_new, mask=store)
+        tl.store(v_cache + cache_row, v_new, mask=store)
+        tl.debug_barrier()  # the tiles below read the newest row back: every thread's store is before them
+    else:
         qv = tl.load(q + rows, mask=(g < GROUP)[:, None], other=0.0)
+    if PDL:
+        newest = valid & (tok == ctx - 1)
+        if not FROM_QKV:
+            k_new, v_new = _kv_tile(k_cache, v_cache, table, tok, newest, kvh, d, KV_HEADS, HEAD_DIM, PAGE)
         if start < end:  # a split past the context's end has an empty tile, which the softmax must not see
             m_i, l_i, acc = _decode_tile(qv, tl.where(newest[:, None], k_new, kt),
                                          tl.where(newest[:, None], v_new, vt), valid, m_i, l_i, acc, scale, IEEE)
         first = start + BLOCK_N
-    else:
-        qv = tl.load(q + rows, mask=(g < GROUP)[:, None], other=0.0)
     for s in range(first, end, BLOCK_N):  # names of its own: only the softmax state is carried
         toks = s + n
         ok = toks < end
@@ -193,16 +239,19 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                      splits: int | None = None, min_split: int = MIN_SPLIT_TOKENS,
-                     tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+                     tile: tuple[int, int, int] | None = None, new: NewTokens | None = None) -> torch.Tensor:
     """q: [batch, heads, head_dim], one query per sequence. A sequence of context 0 gets zeros.
     `splits` programs per (sequence, kv head) are launched; a context of n tokens uses
     min(splits, ceil(n / min_split)) of them, decided on the device, so graphs stay valid.
-    `tile` (tokens per tile, warps, pipeline stages) overrides the default for `tpfleet bench attention`."""
-    batch, heads, head_dim = q.shape
-    kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    `tile` (tokens per tile, warps, pipeline stages) overrides the default for `tpfleet bench attention`.
+    With `new`, q is instead the qkv projection [batch, (heads + 2 * kv_heads) * head_dim], whose q and k
+    are normed and rotated and whose k and v are stored here, as `ops.qk_norm_rope` would before."""
+    kv_heads, page, head_dim = k_cache.shape[2], k_cache.shape[1], k_cache.shape[3]
+    batch = q.shape[0]
+    heads = q.shape[1] // head_dim - 2 * kv_heads if new is not None else q.shape[1]
     group = heads // kv_heads
     splits = splits or decode_splits(batch, kv_heads, q.device)
-    out = torch.empty_like(q) if out is None else out
+    out = q.new_empty(batch, heads, head_dim) if out is None else out
     # partial results per split, merged by the last split to finish; with one split none are needed
     part_out = torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device) if splits > 1 else out
     part_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
@@ -210,11 +259,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     use_pdl = pdl.enabled(q.device, batch)
     # Batch 1 (PDL) runs 8 warps a program: a little faster in the engine's step (docs/benchmarks.md).
     block_n, warps, stages = tile or (64, 8 if use_pdl else 4, None)
+    n = new or NewTokens(out, out, out, out, 0.0, out, out)  # unread without FROM_QKV
     _decode_kernel[(batch, kv_heads, splits)](
         q.contiguous(), k_cache, v_cache, block_tables, context_lens, part_out, part_lse, arrivals, out, scale,
-        block_tables.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
+        block_tables.stride(0), n.positions, n.slots, n.q_norm, n.k_norm, n.cos, n.sin, n.eps,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
         HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, SPLITS=splits, MIN_SPLIT=min_split,
-        IEEE=q.dtype == torch.float32, PDL=use_pdl, launch_pdl=use_pdl, num_warps=warps,
+        IEEE=q.dtype == torch.float32, PDL=use_pdl, FROM_QKV=new is not None, launch_pdl=use_pdl, num_warps=warps,
         **({"num_stages": stages} if stages else {}))
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tpfleet.attention.backend import AttentionBackend, AttentionMetadata
+from tpfleet.attention.backend import AttentionBackend, AttentionMetadata, DecodeQKV, NewTokens
 from tpfleet.comm.group import TPGroup
 from tpfleet.kernels.fused_ar import Exchange
 from tpfleet.model.ar_sites import EMBEDDING_SITE, GREEDY_SITE, layer_sites, site_count, site_name
@@ -44,7 +44,12 @@ class Qwen3Attention(nn.Module):
     def split_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata | None = None):
         """q, k, v for the new tokens from their qkv projection: [tokens, heads, head_dim], q and k
         normed per head and rotated. On GPU, given `meta`, k and v go straight into the KV cache
-        and come back as None."""
+        and come back as None; for a batch of decodes only, the attention kernel does all of it, and
+        q is the projection itself (a DecodeQKV)."""
+        if qkv.is_cuda and meta is not None and self.backend.finishes_qkv and meta.num_decodes == qkv.shape[0]:
+            new = NewTokens(positions, meta.slot_mapping, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                            self.rotary.cos, self.rotary.sin)
+            return DecodeQKV(qkv, new), None, None
         if qkv.is_cuda:  # one fused kernel; the torch code below is its reference
             kv_cache = (self.k_cache, self.v_cache, meta.slot_mapping) if meta is not None else None
             return ops.qk_norm_rope(qkv, positions, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
