@@ -257,9 +257,9 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
       grep -E "^ +[0-9]+ +128 |^batch-1|^ +[0-9.]+ us " "$OUT/$2.log" | head -16
     }
     if [ "${TEST_S:-150}" != 0 ]; then
-      log "GPU tests: MoE kernels and router (TESTS_K filters), MoE graphs, the MoE engine against transformers"
+      log "GPU tests: MoE kernels and router (TESTS_K filters), graphs, attention, the engines against transformers"
       timeout ${TEST_S:-150} python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_moe_kernel.py \
-        tests/test_moe.py tests/test_graphs_gpu.py tests/test_gemv.py \
+        tests/test_moe.py tests/test_graphs_gpu.py tests/test_gemv.py tests/test_attention.py tests/test_model_parity.py \
         -k "${TESTS_K:-moe or route or matches_transformers or gemv_matches}" > "$OUT/tests.log" 2>&1
       echo "pytest exit $?"; grep -E "passed|failed|^FAILED|^ERROR|^E  " "$OUT/tests.log" | cut -c1-300 | tail -8
     fi
