@@ -15,7 +15,7 @@ from tpfleet.attention.backend import get_backend
 from tpfleet.comm.group import TPGroup
 from tpfleet.config import EngineConfig
 from tpfleet.engine.llm_engine import LLMEngine
-from tpfleet.engine.sequence import SamplingParams
+from tpfleet.engine.sequence import OutputOptions, SamplingParams
 from tpfleet.kernels.moe import moe_reference, route
 from tpfleet.model.config import ModelConfig
 from tpfleet.model.loader import load_weights
@@ -190,7 +190,9 @@ def test_presets(tmp_path):
 def generate_and_observe(path, tp: int, ep: int, device: str = "cpu"):
     """Greedy tokens for PROMPT, the logits each step sampled from, and the experts each step's forward
     routed to (rank 0's record), concatenated over the steps. On a GPU: float32, eager (the routing
-    record of a graph replay is sliced by its caller), through the fused router and experts."""
+    record of a graph replay is sliced by its caller), through the fused router and experts. Logprobs are
+    asked for, so every step's logits reach the sampler: plain greedy decoding on a GPU takes its argmax
+    in a kernel of its own, without them."""
     gpu = {"device": "cuda", "dtype": "float32", "graph_mode": "eager"} if device == "cuda" else {}
     engine = LLMEngine(EngineConfig(model=str(path), tp_size=tp, ep_size=ep, kv_cache_tokens=1024, **gpu))
     logits, routed = [], []
@@ -208,7 +210,8 @@ def generate_and_observe(path, tp: int, ep: int, device: str = "cpu"):
     engine.runner.run = observed
     try:
         ids = engine.tokenizer(PROMPT).input_ids
-        seq = engine.add_request(ids, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+        seq = engine.add_request(ids, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
+                                 options=OutputOptions(return_logprob=True))
         while engine.has_work():
             engine.step()
     finally:
