@@ -29,7 +29,7 @@
 #      random weights (`make-model --no-weights`, `--load-format dummy`: no 61 GB checkpoint): `bench engine` over
 #      batches, offline with logprobs off and on, then transformers (built from the config, random weights) on
 #      the same offline workload (HF_CHUNK sequences per generate call, 32 by default: its prefill of 64 does not
-#      fit beside the weights on an 80 GB card)
+#      fit beside the weights on an 80 GB card; BATCHES, CONTEXTS and LOGPROBS narrow the run)
 # moestep: the MoE GPU tests, then with BASE (a package copy) the 30b-a3b-shape decode step (random weights,
 #          batch 1 and 64, kernel breakdown) of BASE and of this checkout, then the GEMV sweep of its attention
 #          and router, the MoE layer's sweep, and this checkout's step again (a stage's _S=0 skips it)
