@@ -108,13 +108,13 @@ def interpreter_main() -> None:
     for case in CASES:
         out, ref = run_case(case, torch.float32, "cpu")
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
-    from tpfleet.kernels.attention import _arrivals
+    from tpfleet.kernels import arrivals
 
     for splits, min_split in ((1, 16), (4, 16), (16, 16), (16, 256)):
         for _ in range(2):  # the second call finds the counters the first left behind
             out, ref = decode_with_splits(splits, torch.float32, "cpu", min_split)
             torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
-        assert all(int(c.abs().sum()) == 0 for c in _arrivals.get(torch.device("cpu"), []))
+        assert all(int(c.abs().sum()) == 0 for c in arrivals.held("decode_attention", torch.device("cpu")))
     # Batch 1 on Hopper takes the PDL path: the first tile is loaded before the wait, the rest in the
     # loop. The interpreter runs that code whole, so it is checked here, around a tile's edges.
     from tpfleet.kernels import pdl

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from tpfleet.attention.backend import NewTokens
 from tpfleet.kernels import pdl
+from tpfleet.kernels.arrivals import counters, last_to_arrive
 
 MAX_DECODE_SPLITS = 16  # KV splits per (sequence, kv head): parallelism for small batches and long contexts
 # Fewest tokens per split: one tile. More splits than a context has tiles only add partial results
@@ -184,14 +185,9 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, part_out, pa
             tl.store(part_out + (part_rows + split)[:, None] * HEAD_DIM + d[None, :], res, mask=(g < GROUP)[:, None])
             tl.store(part_lse + part_rows + split,
                      tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=g < GROUP)
-            # The last split of this (sequence, kv head) to finish merges them all, so no second kernel
-            # runs. Every thread's stores are ordered before the arrival (barrier, then a release), and
-            # the counter is reset for the next call, which keeps graph replays valid.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(arrivals + b * KV_HEADS + kvh, 1, sem="acq_rel", scope="gpu")
-            final = arrived == active - 1
+            # The last split of this (sequence, kv head) to finish merges them all (tpfleet.kernels.arrivals)
+            final = last_to_arrive(arrivals + b * KV_HEADS + kvh, active)
             if final:
-                tl.atomic_xchg(arrivals + b * KV_HEADS + kvh, 0, sem="relaxed", scope="gpu")
                 sp = tl.arange(0, SPLITS)
                 lse = tl.load(part_lse + part_rows[:, None] + sp[None, :],
                               mask=(g < GROUP)[:, None] & (sp < active)[None, :], other=float("-inf"),
@@ -224,18 +220,6 @@ def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     return 1 if want <= 1 else min(MAX_DECODE_SPLITS, triton.next_power_of_2(want))
 
 
-_arrivals: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters that the decode kernel leaves zeroed. Grown, never freed: a CUDA graph
-    may hold the address of any of them."""
-    held = _arrivals.setdefault(device, [])
-    if not held or held[-1].numel() < n:
-        held.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
-    return held[-1]
-
-
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                      splits: int | None = None, min_split: int = MIN_SPLIT_TOKENS,
@@ -255,7 +239,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # partial results per split, merged by the last split to finish; with one split none are needed
     part_out = torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device) if splits > 1 else out
     part_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
-    arrivals = _arrival_counters(q.device, batch * kv_heads) if splits > 1 else out
+    arrivals = counters("decode_attention", q.device, batch * kv_heads) if splits > 1 else out
     use_pdl = pdl.enabled(q.device, batch)
     # Batch 1 (PDL) runs 8 warps a program: a little faster in the engine's step (docs/benchmarks.md).
     block_n, warps, stages = tile or (64, 8 if use_pdl else 4, None)

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from tpfleet import env
 from tpfleet.kernels import fused_ar, moe_route, pdl
+from tpfleet.kernels.arrivals import counters
 from tpfleet.kernels.fused_ar import Exchange
 
 PLAIN, NORM, NORM_RESIDUAL, SILU_MUL = (tl.constexpr(i) for i in range(4))  # the prologue kinds
@@ -187,7 +188,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: int, out: torch.Ten
         x, res if res is not None else x, res_out if res_out is not None else x,
         norm_w if norm_w is not None else x, normed_out if normed_out is not None else x, weight, out, n, k, eps,
         exchange.table if exchange is not None else x, site, exchange.rank if exchange else 0,
-        exchange.timeout_ns if exchange else 0, moe_route.arrival_counter(x.device) if r else x,
+        exchange.timeout_ns if exchange else 0, counters("moe_router", x.device, 1) if r else x,
         r.weights if r else x, r.ids if r else x, r.replay if r and r.replay is not None else x,
         PROLOGUE=prologue, K_POW2=triton.next_power_of_2(k), PDL=use_pdl, WORLD=exchange.world if exchange else 0,
         STORE_NORMED=normed_out is not None, TOP_K=r.top_k if r else 0,

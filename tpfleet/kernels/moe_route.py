@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from tpfleet.kernels import pdl
+from tpfleet.kernels.arrivals import last_to_arrive
 
 
 class Routing(NamedTuple):
@@ -85,24 +86,9 @@ def route_row(logits, num_experts, weights, ids, replay, TOP_K: tl.constexpr, K_
 def route_when_last(logits, num_experts, arrivals, weights, ids, replay, TOP_K: tl.constexpr, K_P2: tl.constexpr,
                     E_P2: tl.constexpr, RENORMALIZE: tl.constexpr, REPLAY: tl.constexpr):
     """The epilogue of a one-row router GEMV, run by each program once its logits are stored: the last to
-    arrive routes. Every thread's stores are ordered before the arrival (barrier, then a release), and the
-    counter is reset for the next call, which keeps graph replays valid."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu")
-    if arrived == tl.num_programs(0) - 1:
-        tl.atomic_xchg(arrivals, 0, sem="relaxed", scope="gpu")
+    arrive (tpfleet.kernels.arrivals; `arrivals` from `counters("moe_router", ...)`) routes."""
+    if last_to_arrive(arrivals, tl.num_programs(0)):
         route_row(logits, num_experts, weights, ids, replay, TOP_K, K_P2, E_P2, RENORMALIZE, REPLAY, False)
-
-
-_arrivals: dict[torch.device, torch.Tensor] = {}
-
-
-def arrival_counter(device: torch.device) -> torch.Tensor:
-    """A zeroed int32 counter that `route_when_last` leaves zeroed, one per device: router GEMVs run one
-    after another. Never freed: a CUDA graph may hold its address."""
-    if device not in _arrivals:
-        _arrivals[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _arrivals[device]
 
 
 @triton.jit
