@@ -423,7 +423,7 @@ def mixed_step(engine: LLMEngine, repeats: int = 20) -> dict | None:
 
 
 def hf_baseline(model_dir: str, lens: list[tuple[int, int]], batches: tuple[int, ...], device: str,
-                chunk: int = 128, random_weights: bool = False) -> dict:
+                chunk: int = 128, random_weights: bool = False, record=lambda out: None) -> dict:
     """transformers' generate, bf16, with a static cache, which on GPU it compiles with torch.compile
     (its best settings): decode step latency and the offline workload (sequences sorted by output
     length and run `chunk` at a time, counting only wanted tokens).
@@ -432,7 +432,11 @@ def hf_baseline(model_dir: str, lens: list[tuple[int, int]], batches: tuple[int,
     compiles once per batch size, in an untimed warm-up, and the timed calls are steady state.
     Warm-up seconds are reported apart. `random_weights` (the engine ran with load_format 'dummy'):
     the model built from config.json alone, initialised by transformers; every output is as long as
-    asked, so the values of the weights change no timing."""
+    asked, so the values of the weights change no timing.
+
+    The offline workload runs first (the bar is on it) and `record` gets the result so far after every
+    chunk and decode point: a baseline cut off by a time limit keeps what it measured, its offline figure
+    marked incomplete."""
     from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
 
     if random_weights:
@@ -472,21 +476,26 @@ def hf_baseline(model_dir: str, lens: list[tuple[int, int]], batches: tuple[int,
         return run(new)
 
     out = {"decode": []}
+    prompts = [(_random_prompt(rng, n_in, vocab), n_out) for n_in, n_out in lens]
+    prompts.sort(key=lambda p: p[1])
+    longest = max(n for n, _ in lens) + max(n for _, n in lens)  # a chunk pads its prompts to its longest
+    t, done = 0.0, 0
+    for i in range(0, len(prompts), chunk):
+        part = prompts[i:i + chunk]
+        t += generate([p for p, _ in part], max(n for _, n in part), longest)
+        done += sum(n for _, n in part)
+        out["offline"] = {"seconds": t, "output_tokens": done, "output_tok_s": done / t, "chunk": chunk,
+                          "sequences": i + len(part), "complete": i + len(part) == len(prompts)}
+        out["warmup_s"] = warmup_s
+        print(f"transformers offline: {i + len(part)} of {len(prompts)} sequences, {done} output tokens in "
+              f"{t:.1f} s (compile warm-ups {warmup_s:.1f} s)", flush=True)
+        record(out)
     for bs in batches:
         prompts = [_random_prompt(rng, HF_CONTEXT, vocab) for _ in range(bs)]
         t_short, t_long = generate(prompts, 1, 256), generate(prompts, 33, 256)
         out["decode"].append({"batch": bs, "step_ms": 1e3 * (t_long - t_short) / 32})
-    rng = random.Random(0)
-    prompts = [(_random_prompt(rng, n_in, vocab), n_out) for n_in, n_out in lens]
-    prompts.sort(key=lambda p: p[1])
-    longest = max(n for n, _ in lens) + max(n for _, n in lens)  # a chunk pads its prompts to its longest
-    t = 0.0
-    for i in range(0, len(prompts), chunk):
-        part = prompts[i:i + chunk]
-        t += generate([p for p, _ in part], max(n for _, n in part), longest)
-    wanted = sum(n for _, n in lens)
-    out["offline"] = {"seconds": t, "output_tokens": wanted, "output_tok_s": wanted / t, "chunk": chunk}
-    out["warmup_s"] = warmup_s
+        out["warmup_s"] = warmup_s
+        record(out)
     return out
 
 
@@ -568,9 +577,13 @@ def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: 
         print(f"before the transformers baseline: {memory['free_gib']:.1f} of {memory['total_gib']:.1f} GiB free, "
               f"checkpoint {memory['checkpoint_gib']:.1f} GiB", flush=True)
         decode_batches = sorted({d["batch"] for d in result["decode"] if "skipped" not in d})
-        result["transformers"] = hf_baseline(cfg.model, lens, tuple(decode_batches), str(device), hf_chunk,
-                                             random_weights=cfg.load_format == "dummy")
-        path.write_text(json.dumps(result, indent=1))
+
+        def record(hf: dict) -> None:
+            result["transformers"] = hf
+            path.write_text(json.dumps(result, indent=1))
+
+        hf_baseline(cfg.model, lens, tuple(decode_batches), str(device), hf_chunk,
+                    random_weights=cfg.load_format == "dummy", record=record)
         print(format_result(result), flush=True)
     else:
         result["transformers_skipped"] = why_no_hf
@@ -638,7 +651,8 @@ def format_result(r: dict) -> str:
                      f"logprobs cost {100 * r['logprob_cost']:.1f}% of throughput")
     if "transformers" in r:
         t = r["transformers"]["offline"]
-        lines.append(f"transformers offline: {t['output_tok_s']:.0f} output tok/s ({t['seconds']:.1f} s, after "
+        part = "" if t.get("complete", True) else f", incomplete: {t['sequences']} of {r['num_seqs']} sequences"
+        lines.append(f"transformers offline: {t['output_tok_s']:.0f} output tok/s ({t['seconds']:.1f} s{part}, after "
                      f"{r['transformers']['warmup_s']:.0f} s of untimed compile warm-up); "
                      f"engine / transformers = {r['offline']['output_tok_s'] / t['output_tok_s']:.1f}x")
     elif "transformers_skipped" in r:
