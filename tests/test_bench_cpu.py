@@ -41,6 +41,14 @@ def test_bench_engine_cli_reports_every_point_against_its_floor(tiny_model, tmp_
     for key in ("offline", "offline_logprob"):
         assert result[key]["output_tokens"] > 0 and result[key]["output_tok_s"] > 0
     assert result["offline_logprob"]["return_logprob"] and not result["offline"]["return_logprob"]
+    # Every prompt token and every decoded token is counted once, in a step of its kind.
+    steps = result["offline"]["steps"]
+    prompt_tokens = result["offline"]["total_tok_s"] * result["offline"]["seconds"] - result["offline"]["output_tokens"]
+    # A sequence's last token is never fed back.
+    assert steps["prefill"]["tokens"] + steps["decode"]["tokens"] == round(prompt_tokens) + \
+        result["offline"]["output_tokens"] - result["num_seqs"]
+    assert steps["decode"]["steps"] > 0 and steps["prefill"]["steps"] > 0
+    assert all(k["seconds"] > 0 for k in steps.values())
     assert math.isfinite(result["logprob_cost"])
     assert "GPU only" in result["transformers_skipped"]
 

@@ -379,12 +379,28 @@ def offline_throughput(engine: LLMEngine, lens: list[tuple[int, int]], seed: int
         seqs.append(engine.add_request(_random_prompt(rng, n_in, vocab),
                                        SamplingParams(max_new_tokens=n_out, temperature=0.0, ignore_eos=True),
                                        options=options))
+    # Under the overlap schedule a step() waits for the step launched by the call before it, so each
+    # call's wall time is charged to that step: steps with prompt tokens against pure decode steps.
+    kinds = {kind: {"steps": 0, "seconds": 0.0, "tokens": 0} for kind in ("prefill", "decode")}
+    launched = None
     while engine.has_work():
+        start = time.perf_counter()
         engine.step()
+        if launched is not None:
+            launched["steps"] += 1
+            launched["seconds"] += time.perf_counter() - start
+        flight = engine.in_flight
+        launched = None
+        if flight is not None:
+            launched = kinds["prefill" if any(s.num_tokens > 1 for s in flight.batch) else "decode"]
+            launched["tokens"] += sum(s.num_tokens for s in flight.batch)
     dt = time.perf_counter() - t
     out = sum(s.num_completion_tokens for s in seqs)
-    return {"seconds": dt, "output_tokens": out, "output_tok_s": out / dt,
-            "total_tok_s": (out + sum(n for n, _ in lens)) / dt, "return_logprob": return_logprob}
+    result = {"seconds": dt, "output_tokens": out, "output_tok_s": out / dt,
+              "total_tok_s": (out + sum(n for n, _ in lens)) / dt, "return_logprob": return_logprob}
+    if engine.cfg.overlap_schedule:
+        result["steps"] = kinds
+    return result
 
 
 def mixed_step(engine: LLMEngine, repeats: int = 20) -> dict | None:
@@ -646,6 +662,10 @@ def format_result(r: dict) -> str:
         warm = f" (after an untimed warm-up: {r['offline_warmup']['seconds']:.1f} s)" if "offline_warmup" in r else ""
         lines.append(f"offline ({r['num_seqs']} seqs, return_logprob {o['return_logprob']}): {o['output_tok_s']:.0f} "
                      f"output tok/s, {o['total_tok_s']:.0f} total tok/s, {o['seconds']:.1f} s{warm}")
+        for kind, k in o.get("steps", {}).items():
+            if k["steps"]:
+                lines.append(f"  {kind} steps: {k['steps']}, {k['seconds']:.2f} s, {k['tokens']} tokens, "
+                             f"{1e3 * k['seconds'] / k['steps']:.2f} ms and {k['tokens'] / k['steps']:.0f} tokens a step")
     if "offline_logprob" in r:
         lines.append(f"offline with return_logprob: {r['offline_logprob']['output_tok_s']:.0f} output tok/s; "
                      f"logprobs cost {100 * r['logprob_cost']:.1f}% of throughput")
