@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 
+from tpfleet.bench.engine import StepCost, offline_floor, offline_lens
 from tpfleet.bench.start import bench_start
 from tpfleet.bench.workloads import RLWorkload, bench_rl
 from tpfleet.config import EngineConfig
@@ -49,8 +50,33 @@ def test_bench_engine_cli_reports_every_point_against_its_floor(tiny_model, tmp_
         result["offline"]["output_tokens"] - result["num_seqs"]
     assert steps["decode"]["steps"] > 0 and steps["prefill"]["steps"] > 0
     assert all(k["seconds"] > 0 for k in steps.values())
+    # One decode step per output token after the first, up to the longest output; nothing beats the floor.
+    floor = result["offline_floor"]
+    assert floor["decode_steps"] == max(n for _, n in offline_lens(2, 16)) - 1
+    assert floor["prefill_s"] > 0 and floor["decode_s"] > 0
+    assert floor["output_tok_s"] > result["offline"]["output_tok_s"]
     assert math.isfinite(result["logprob_cost"])
     assert "GPU only" in result["transformers_skipped"]
+
+
+def test_offline_floor_sums_a_prefill_pass_and_each_decode_step_at_its_bound():
+    # 1000 weights of 1 byte, one expert weight in four used per token, 10 KV bytes and 4 operations per
+    # context token; 1 byte/s and 1 op/s, so every time below is a count.
+    cost = StepCost(weight_params=1000, weight_bytes=1000, expert_params=400, expert_bytes=400, expert_share=0.25,
+                    kv_bytes_per_token=10, attention_ops_per_token=4)
+    rates = {"copy_bandwidth_gbs": 1e-9, "matmul_tflops": 1e-12}
+    # Prompts of 3 and 2 tokens, outputs of 3 and 1: the second is done after its prefill.
+    floor = offline_floor(cost, [(3, 3), (2, 1)], rates)
+    # Prefill: max(1400 bytes, 2 x 1100 x 5 tokens + 4 x (6 + 3) pairs = 11036 ops).
+    assert math.isclose(floor["prefill_s"], 11036)
+    # Decode steps 1 and 2 hold the first sequence at contexts 4 and 5: max(bytes, ops) each, where one
+    # sequence touches a quarter of the experts: 1000 + 100 + 10 x context bytes against 2200 + 4 x context.
+    assert floor["decode_steps"] == 2
+    assert math.isclose(floor["decode_s"], max(1140, 2216) + max(1150, 2220))
+    assert math.isclose(floor["output_tok_s"], 4 / (11036 + 2216 + 2220))
+    # Memory-bound when the context is long: the KV bytes win.
+    step = cost.decode(1, 1000, bandwidth=1.0, matmul_rate=1.0)
+    assert step["bound"] == "memory" and step["kv_bytes"] == 10000 and step["floor_ms"] == 1e3 * 11100
 
 
 def test_bench_engine_refuses_an_empty_transformers_chunk(tiny_model):

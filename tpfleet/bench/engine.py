@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -303,40 +304,81 @@ def bench_decode(cfg: EngineConfig, batch_sizes: list[int], prompt_len: int = 12
         engine.shutdown()
 
 
-def floor(engine: LLMEngine, bs: int, context: int, bandwidth: float, matmul_rate: float) -> dict:
-    """The least time one rank needs for a decode step of `bs` sequences at `context` tokens: the
-    larger of its bytes over the copy bandwidth and its operations over the matmul rate.
+@dataclass(frozen=True)
+class StepCost:
+    """What one rank's model reads and computes, apart from the batch: the parts of a floor. Weights are
+    those a token multiplies by, experts apart; an untied embedding table is left out (a step reads
+    only its tokens' rows)."""
+    weight_params: int
+    weight_bytes: int
+    expert_params: int
+    expert_bytes: int
+    expert_share: float  # top-k over the experts: the share of expert weights one token uses
+    kv_bytes_per_token: int  # K and V of one context token, every layer
+    attention_ops_per_token: int  # a query against one context token, every layer: 4 per head dimension
 
-    Bytes: the rank's weight shard once (an untied embedding table is left out: a step reads only
-    its tokens' rows), and its KV heads for every context token. For MoE, the expert weights count
-    by the fraction of experts a batch is expected to touch (uniform routing); operations count the
-    top-k experts each token uses. Operations: 2 per weight per token, plus attention's 4 per head
-    dimension per query head per context token."""
-    runner = engine.runner
-    model = runner.model
-    mcfg = engine.model_config
-    expert_params = weight_params = weight_bytes = expert_bytes = 0
-    for name, p in model.named_parameters():
-        if p is model.embed_tokens.weight and p is not model.lm_head.weight:
-            continue
-        if ".experts." in name:
-            expert_params += p.numel()
-            expert_bytes += p.numel() * p.element_size()
-        else:
-            weight_params += p.numel()
-            weight_bytes += p.numel() * p.element_size()
-    expert_share = mcfg.num_experts_per_tok / mcfg.num_experts if mcfg.num_experts else 0.0
-    touched = 1 - (1 - expert_share) ** bs
-    attn = model.layers[0].self_attn
-    layers = len(model.layers)
-    kv_bytes = bs * context * 2 * attn.num_kv_heads * attn.head_dim * runner.dtype.itemsize * layers
-    bytes_moved = weight_bytes + expert_bytes * touched + kv_bytes
-    attention_ops = 4 * bs * context * attn.num_heads * attn.head_dim * layers
-    ops = 2 * (weight_params + expert_params * expert_share) * bs + attention_ops
+    @classmethod
+    def of(cls, engine: LLMEngine) -> StepCost:
+        model, mcfg = engine.runner.model, engine.model_config
+        sizes = {"weights": [0, 0], "experts": [0, 0]}
+        for name, p in model.named_parameters():
+            if p is model.embed_tokens.weight and p is not model.lm_head.weight:
+                continue
+            part = sizes["experts" if ".experts." in name else "weights"]
+            part[0] += p.numel()
+            part[1] += p.numel() * p.element_size()
+        attn = model.layers[0].self_attn
+        layers = len(model.layers)
+        return cls(*sizes["weights"], *sizes["experts"],
+                   mcfg.num_experts_per_tok / mcfg.num_experts if mcfg.num_experts else 0.0,
+                   2 * attn.num_kv_heads * attn.head_dim * engine.runner.dtype.itemsize * layers,
+                   4 * attn.num_heads * attn.head_dim * layers)
+
+    def decode(self, bs: int, context_tokens: float, bandwidth: float, matmul_rate: float) -> dict:
+        """A decode step of `bs` sequences holding `context_tokens` in all. MoE: the expert weights count
+        by the share of experts a batch is expected to touch (uniform routing); operations by the top-k
+        experts each token uses."""
+        touched = 1 - (1 - self.expert_share) ** bs
+        kv_bytes = context_tokens * self.kv_bytes_per_token
+        bytes_moved = self.weight_bytes + self.expert_bytes * touched + kv_bytes
+        ops = 2 * (self.weight_params + self.expert_params * self.expert_share) * bs + \
+            self.attention_ops_per_token * context_tokens
+        return _bound(bytes_moved, ops, bandwidth, matmul_rate, kv_bytes=kv_bytes)
+
+    def prefill(self, prompts: list[int], bandwidth: float, matmul_rate: float) -> dict:
+        """Every prompt in one pass: each weight read once (every expert), each token multiplied by its
+        weights, each causal attention pair computed once."""
+        ops = 2 * (self.weight_params + self.expert_params * self.expert_share) * sum(prompts) + \
+            self.attention_ops_per_token * sum(n * (n + 1) / 2 for n in prompts)
+        return _bound(self.weight_bytes + self.expert_bytes, ops, bandwidth, matmul_rate)
+
+
+def _bound(bytes_moved: float, ops: float, bandwidth: float, matmul_rate: float, **extra) -> dict:
     memory_ms, compute_ms = 1e3 * bytes_moved / bandwidth, 1e3 * ops / matmul_rate
-    return {"bytes": bytes_moved, "kv_bytes": kv_bytes, "ops": ops, "memory_ms": memory_ms,
-            "compute_ms": compute_ms, "floor_ms": max(memory_ms, compute_ms),
-            "bound": "memory" if memory_ms >= compute_ms else "compute"}
+    return {"bytes": bytes_moved, **extra, "ops": ops, "memory_ms": memory_ms, "compute_ms": compute_ms,
+            "floor_ms": max(memory_ms, compute_ms), "bound": "memory" if memory_ms >= compute_ms else "compute"}
+
+
+def floor(engine: LLMEngine, bs: int, context: float, bandwidth: float, matmul_rate: float) -> dict:
+    """The least time one rank needs for a decode step of `bs` sequences at `context` tokens: the
+    larger of its bytes over the copy bandwidth and its operations over the matmul rate (StepCost)."""
+    return StepCost.of(engine).decode(bs, bs * context, bandwidth, matmul_rate)
+
+
+def offline_floor(cost: StepCost, lens: list[tuple[int, int]], rates: dict) -> dict:
+    """The least time the offline workload needs: every prompt prefilled in one compute pass, then one
+    decode step per output token after the first, each holding the sequences still generating at their
+    context then, each step at its floor. What no schedule or kernel can beat on this card."""
+    bandwidth, rate = rates["copy_bandwidth_gbs"] * 1e9, rates["matmul_tflops"] * 1e12
+    prefill_s = cost.prefill([n for n, _ in lens], bandwidth, rate)["floor_ms"] / 1e3
+    decode_s, steps = 0.0, 0
+    for k in range(1, max(n for _, n in lens)):
+        live = [n_in + k for n_in, n_out in lens if n_out > k]
+        decode_s += cost.decode(len(live), sum(live), bandwidth, rate)["floor_ms"] / 1e3
+        steps += 1
+    output = sum(n for _, n in lens)
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "decode_steps": steps,
+            "output_tok_s": output / (prefill_s + decode_s)}
 
 
 def decode_sweep(engine: LLMEngine, batches: list[int], contexts: list[int], rates: dict,
@@ -563,6 +605,7 @@ def _engine_part(cfg: EngineConfig, lens: list[tuple[int, int]], batches: list[i
             result["offline_warmup"] = offline_throughput(engine, lens, seed=1)
             engine.flush_cache()
             result["offline"] = offline_throughput(engine, lens, return_logprob=logprobs == "on")
+            result["offline_floor"] = offline_floor(StepCost.of(engine), lens, result["rates"])
             if logprobs == "both":
                 engine.flush_cache()
                 result["offline_logprob"] = offline_throughput(engine, lens, return_logprob=True)
@@ -662,6 +705,9 @@ def format_result(r: dict) -> str:
         warm = f" (after an untimed warm-up: {r['offline_warmup']['seconds']:.1f} s)" if "offline_warmup" in r else ""
         lines.append(f"offline ({r['num_seqs']} seqs, return_logprob {o['return_logprob']}): {o['output_tok_s']:.0f} "
                      f"output tok/s, {o['total_tok_s']:.0f} total tok/s, {o['seconds']:.1f} s{warm}")
+        f = r["offline_floor"]
+        lines.append(f"  floor {f['output_tok_s']:.0f} output tok/s (prefill {f['prefill_s']:.2f} s, {f['decode_steps']} "
+                     f"decode steps {f['decode_s']:.2f} s): measured at {o['output_tok_s'] / f['output_tok_s']:.2f} of it")
         for kind, k in o.get("steps", {}).items():
             if k["steps"]:
                 lines.append(f"  {kind} steps: {k['steps']}, {k['seconds']:.2f} s, {k['tokens']} tokens, "
