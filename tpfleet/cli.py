@@ -229,6 +229,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     gemv_cmd.add_argument("--preset", default="8b-shape", choices=["8b-shape", "30b-a3b-shape"],
                           help="whose projections: Qwen3-8B's, or Qwen3-30B-A3B's attention and router")
     gemv_cmd.add_argument("--sweep", action="store_true", help="also time a grid of launch configs per projection")
+    gemv_cmd.add_argument("--rows", type=_int_list, default="",
+                          help="instead: the projections at these batch sizes (comma-separated), cuBLAS against "
+                               "the floor")
     gemv_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
     attention_cmd = command("bench attention", "decode attention per KV-split policy vs the bandwidth floor")
     attention_cmd.add_argument("--tiles", action="store_true",
@@ -440,9 +443,12 @@ def run_command(args: argparse.Namespace) -> int:
 
         bench_allreduce(args.nproc, args.out, getattr(torch, args.dtype), grids=args.grids)
     elif args.cmd == "bench" and args.what == "gemv":
-        from tpfleet.bench.gemv import bench_gemv
+        from tpfleet.bench.gemv import bench_gemv, bench_rows
 
-        bench_gemv(args.out, args.tp_sizes, args.sweep, args.preset)
+        if args.rows:
+            bench_rows(args.out, args.tp_sizes, args.rows, args.preset)
+        else:
+            bench_gemv(args.out, args.tp_sizes, args.sweep, args.preset)
     elif args.cmd == "bench" and args.what == "colocate":
         from tpfleet.bench.colocate import bench_colocate
 

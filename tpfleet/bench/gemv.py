@@ -1,4 +1,6 @@
-"""`tpfleet bench gemv`: the batch-1 GEMV kernels against cuBLAS and the bandwidth floor, per projection.
+"""`tpfleet bench gemv`: the batch-1 GEMV kernels against cuBLAS and the bandwidth floor, per projection;
+with `--rows`, the same projections at batch sizes above 1 (cuBLAS, which the engine runs there) against
+the larger of their bytes over the copy bandwidth and their operations over the matmul rate.
 
 Each op is timed inside a CUDA graph (as the engine runs it), over enough copies of the weight that
 no launch finds it in L2. The peer is what the engine would run otherwise: the fused RMSNorm or
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tpfleet.bench.engine import copy_bandwidth
+from tpfleet.bench.engine import copy_bandwidth, matmul_rate
 from tpfleet.jit import write_atomic
 from tpfleet.kernels import gemv, ops
 
@@ -117,6 +119,40 @@ def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b
     out.mkdir(parents=True, exist_ok=True)
     summary = {"device": gpu, "preset": preset, "copy_bandwidth": bw, "rows": results}
     (out / f"gemv-{preset}.json").write_text(json.dumps(summary, indent=1))
+    return results
+
+
+def bench_rows(out_dir: str, tp_sizes: list[int], rows: list[int], preset: str = "8b-shape",
+               dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Each projection at `rows` tokens, the norm or activation before it apart: where a decode step at
+    batch 8-512 loses time in its GEMMs, and so what a kernel of ours would have to beat."""
+    device = torch.device("cuda")
+    gpu = gemv.gpu_name(device)
+    bw, rate = copy_bandwidth(device), matmul_rate(device, dtype)
+    print(f"projections at M rows, {preset}, {gpu}, {dtype}; copy bandwidth {bw / 1e12:.2f} TB/s, matmul "
+          f"{rate / 1e12:.0f} TFLOP/s; us per call")
+    print(f"{'tp':>3} {'proj':>8} {'rows':>5} {'floor':>8} {'bound':>7} {'cuBLAS':>8} {'x floor':>7}")
+    results = []
+    for tp in tp_sizes:
+        for name, n, k, _ in SHAPES[preset][tp]:
+            nbytes = n * k * dtype.itemsize
+            weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(-(-(256 << 20) // nbytes))]
+            for m in rows:
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                moved = nbytes + (m * k + m * n) * dtype.itemsize
+                memory_us, compute_us = moved / bw * 1e6, 2 * m * n * k / rate * 1e6
+                us = graph_time_us(lambda i=0: torch.matmul(x, weights[i % len(weights)].t()), 4 * len(weights))
+                row = {"tp": tp, "proj": name, "n": n, "k": k, "rows": m, "memory_us": memory_us,
+                       "compute_us": compute_us, "floor_us": max(memory_us, compute_us), "cublas_us": us}
+                results.append(row)
+                print(f"{tp:>3} {name:>8} {m:>5} {row['floor_us']:>8.1f} "
+                      f"{'memory' if memory_us >= compute_us else 'compute':>7} {us:>8.1f} {us / row['floor_us']:>7.2f}",
+                      flush=True)
+            del weights
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"device": gpu, "preset": preset, "copy_bandwidth": bw, "matmul_rate": rate, "rows": results}
+    (out / f"gemm-rows-{preset}.json").write_text(json.dumps(summary, indent=1))
     return results
 
 
