@@ -231,7 +231,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     gemv_cmd.add_argument("--sweep", action="store_true", help="also time a grid of launch configs per projection")
     gemv_cmd.add_argument("--rows", type=_int_list, default="",
                           help="instead: the projections at these batch sizes (comma-separated), cuBLAS against "
-                               "the floor")
+                               "the floor (with --sweep, tpfleet's skinny GEMM too, up to 64 rows)")
     gemv_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
     attention_cmd = command("bench attention", "decode attention per KV-split policy vs the bandwidth floor")
     attention_cmd.add_argument("--tiles", action="store_true",
@@ -446,7 +446,7 @@ def run_command(args: argparse.Namespace) -> int:
         from tpfleet.bench.gemv import bench_gemv, bench_rows
 
         if args.rows:
-            bench_rows(args.out, args.tp_sizes, args.rows, args.preset)
+            bench_rows(args.out, args.tp_sizes, args.rows, args.preset, args.sweep)
         else:
             bench_gemv(args.out, args.tp_sizes, args.sweep, args.preset)
     elif args.cmd == "bench" and args.what == "colocate":

@@ -18,7 +18,7 @@ import torch
 
 from tpfleet.bench.engine import copy_bandwidth, matmul_rate
 from tpfleet.jit import write_atomic
-from tpfleet.kernels import gemv, ops
+from tpfleet.kernels import gemm, gemv, ops
 
 # each make-model preset's batch-1 projections per TP size: name, output features, input features, fused
 # prologue (Qwen3-8B's; Qwen3-30B-A3B's attention and router, its experts being `bench moe`'s)
@@ -122,33 +122,47 @@ def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b
     return results
 
 
-def bench_rows(out_dir: str, tp_sizes: list[int], rows: list[int], preset: str = "8b-shape",
+def bench_rows(out_dir: str, tp_sizes: list[int], rows: list[int], preset: str = "8b-shape", sweep: bool = False,
                dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Each projection at `rows` tokens, the norm or activation before it apart: where a decode step at
-    batch 8-512 loses time in its GEMMs, and so what a kernel of ours would have to beat."""
+    batch 2-512 loses time in its GEMMs. With `sweep`, tpfleet's skinny GEMM (tpfleet.kernels.gemm, up to
+    64 rows) in every config of its grid too, and this GPU's table records per shape and row count the
+    fastest config where it beats cuBLAS, or cuBLAS, which is what the engine then runs."""
     device = torch.device("cuda")
     gpu = gemv.gpu_name(device)
     bw, rate = copy_bandwidth(device), matmul_rate(device, dtype)
     print(f"projections at M rows, {preset}, {gpu}, {dtype}; copy bandwidth {bw / 1e12:.2f} TB/s, matmul "
           f"{rate / 1e12:.0f} TFLOP/s; us per call")
-    print(f"{'tp':>3} {'proj':>8} {'rows':>5} {'floor':>8} {'bound':>7} {'cuBLAS':>8} {'x floor':>7}")
-    results = []
+    print(f"{'tp':>3} {'proj':>8} {'rows':>5} {'floor':>8} {'bound':>7} {'cuBLAS':>8} {'x floor':>7}"
+          + (f" {'tpfleet':>8} {'x floor':>7}  config" if sweep else ""))
+    results, table = [], {}
     for tp in tp_sizes:
         for name, n, k, _ in SHAPES[preset][tp]:
             nbytes = n * k * dtype.itemsize
             weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(-(-(256 << 20) // nbytes))]
+            reps = 4 * len(weights)
             for m in rows:
                 x = torch.randn(m, k, device=device, dtype=dtype)
                 moved = nbytes + (m * k + m * n) * dtype.itemsize
                 memory_us, compute_us = moved / bw * 1e6, 2 * m * n * k / rate * 1e6
-                us = graph_time_us(lambda i=0: torch.matmul(x, weights[i % len(weights)].t()), 4 * len(weights))
                 row = {"tp": tp, "proj": name, "n": n, "k": k, "rows": m, "memory_us": memory_us,
-                       "compute_us": compute_us, "floor_us": max(memory_us, compute_us), "cublas_us": us}
+                       "compute_us": compute_us, "floor_us": max(memory_us, compute_us),
+                       "cublas_us": graph_time_us(lambda i=0: torch.matmul(x, weights[i % len(weights)].t()), reps)}
+                line = (f"{tp:>3} {name:>8} {m:>5} {row['floor_us']:>8.1f} "
+                        f"{'memory' if memory_us >= compute_us else 'compute':>7} {row['cublas_us']:>8.1f} "
+                        f"{row['cublas_us'] / row['floor_us']:>7.2f}")
+                if sweep and m <= gemm.MAX_ROWS:
+                    timed = [(graph_time_us(lambda i=0, c=c: gemm.linear(x, weights[i % len(weights)], c), reps), c)
+                             for c in gemm.sweep_configs(n, k)]
+                    row["best_us"], row["best_config"] = min(timed, key=lambda t: t[0])
+                    row["sweep"] = [{"us": us, **c} for us, c in timed]
+                    table[(n, k, m)] = row["best_config"] if row["best_us"] < row["cublas_us"] else None
+                    line += f" {row['best_us']:>8.1f} {row['best_us'] / row['floor_us']:>7.2f}  {row['best_config']}"
                 results.append(row)
-                print(f"{tp:>3} {name:>8} {m:>5} {row['floor_us']:>8.1f} "
-                      f"{'memory' if memory_us >= compute_us else 'compute':>7} {us:>8.1f} {us / row['floor_us']:>7.2f}",
-                      flush=True)
+                print(line, flush=True)
             del weights
+    if table:
+        gemm.save_table(gpu, table)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"device": gpu, "preset": preset, "copy_bandwidth": bw, "matmul_rate": rate, "rows": results}

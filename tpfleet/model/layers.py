@@ -17,9 +17,9 @@ from tpfleet.comm.group import TPGroup
 from tpfleet.kernels.fused_ar import Exchange
 
 try:  # fused kernels for CUDA tensors; CPU-only installs may lack Triton and use the torch code
-    from tpfleet.kernels import gemv, greedy, ops
+    from tpfleet.kernels import gemm, gemv, greedy, ops
 except ImportError:
-    gemv = greedy = ops = None
+    gemm = gemv = greedy = ops = None
 
 
 def divide(n: int, d: int, what: str) -> int:
@@ -34,6 +34,15 @@ def _param(*shape: int, loader) -> nn.Parameter:
     return p
 
 
+def skinny_or_cublas(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T: a few rows on a GPU whose sweep found tpfleet's skinny GEMM faster for this shape go
+    to it (tpfleet.kernels.gemm), everything else to torch (cuBLAS)."""
+    config = gemm.chosen(x, weight) if gemm is not None else None
+    if config is not None:
+        return gemm.linear(x, weight, config, out)
+    return F.linear(x, weight) if out is None else torch.matmul(x, weight.t(), out=out)
+
+
 class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool = False):
         super().__init__()
@@ -46,6 +55,8 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, self.tp.rank * self.out_per_rank, self.out_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return skinny_or_cublas(x, self.weight)
         return F.linear(x, self.weight, self.bias)
 
     def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None):
@@ -123,8 +134,7 @@ class RowParallelLinear(nn.Module):
         if gemv is not None and gemv.supports(x, self.weight):
             y = gemv.silu_mul_linear(x, self.weight, out) if silu_mul else gemv.linear(x, self.weight, out)
         else:
-            x = silu_and_mul(x) if silu_mul else x
-            y = F.linear(x, self.weight) if out is None else torch.matmul(x, self.weight.t(), out=out)
+            y = skinny_or_cublas(silu_and_mul(x) if silu_mul else x, self.weight, out)
         y = self.tp.all_reduce(y)
         return y + self.bias if self.bias is not None else y
 

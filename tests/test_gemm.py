@@ -1,0 +1,107 @@
+"""The skinny decode GEMM (tpfleet.kernels.gemm) against torch, and how its sweep table picks it or cuBLAS."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA, run_in_triton_interpreter
+
+triton = pytest.importorskip("triton")
+
+CONFIGS = [{"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4, "num_stages": 2},
+           {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 2},
+           {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4, "num_stages": 2}]
+
+
+def check(device: str, dtype: torch.dtype, n: int, k: int, rows: list[int], configs: list[dict], tol: float) -> None:
+    from tpfleet.kernels import arrivals, gemm
+
+    g = torch.Generator(device).manual_seed(0)
+    weight = (0.05 * torch.randn(n, k, generator=g, device=device)).to(dtype)
+    for m in rows:
+        # x a slice of a wider tensor: its rows are not k apart
+        wide = torch.randn(m, k + 32, generator=g, device=device).to(dtype)
+        x = wide[:, 16:16 + k]
+        want = (x.float() @ weight.float().t()).to(dtype)
+        for config in configs:
+            out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+            got = gemm.linear(x, weight, config, out)
+            assert got.data_ptr() == out.data_ptr(), "linear must write into `out`"
+            err = (got.float() - want.float()).abs().max().item()
+            assert err <= tol, f"{m} rows, {config}: max error {err}"
+            # Splits summed in a fixed order: the same inputs give the same bits again.
+            assert torch.equal(gemm.linear(x, weight, config), got), f"{m} rows, {config}: not deterministic"
+    assert all(int(c.abs().sum()) == 0 for c in arrivals.held("skinny_gemm", torch.device(device))), \
+        "every arrival counter must be back at zero for the next launch or graph replay"
+
+
+def interpreter_main() -> None:
+    """Run by run_in_triton_interpreter: Triton on the CPU."""
+    check("cpu", torch.float32, 64, 256, [2, 3, 16, 33, 64], CONFIGS, 1e-4)
+    print("interpreter: the skinny GEMM matches torch")
+
+
+def test_skinny_gemm_matches_torch_in_the_interpreter():
+    assert "the skinny GEMM matches torch" in run_in_triton_interpreter("test_gemm")
+
+
+def test_shapes_the_tiles_do_not_divide_are_refused():
+    from tpfleet.kernels import gemm
+
+    weight = torch.zeros(48, 256)
+    with pytest.raises(ValueError, match="tiling"):
+        gemm.linear(torch.zeros(4, 256), weight, dict(CONFIGS[1]))  # 48 rows of W in blocks of 32
+    with pytest.raises(ValueError, match="tiling"):
+        gemm.linear(torch.zeros(65, 256), weight, dict(CONFIGS[0]))  # more rows than a tile takes
+
+
+def test_the_table_sends_each_row_count_where_its_sweep_measured_faster(tmp_path, monkeypatch):
+    from tpfleet.kernels import gemm
+
+    monkeypatch.setenv("TPFLEET_CACHE_DIR", str(tmp_path))
+    gpu = "Test GPU"
+    gemm.save_table(gpu, {(4096, 4096, 8): None, (4096, 4096, 32): CONFIGS[1], (4096, 4096, 64): None})
+    try:
+        # rows take the verdict of the smallest swept count covering them
+        assert gemm._config_for(gpu, 4096, 4096, 2) is None and gemm._config_for(gpu, 4096, 4096, 8) is None
+        assert gemm._config_for(gpu, 4096, 4096, 9) == CONFIGS[1] == gemm._config_for(gpu, 4096, 4096, 32)
+        assert gemm._config_for(gpu, 4096, 4096, 33) is None
+        # beyond the sweep, and shapes it never saw: cuBLAS
+        assert gemm._config_for(gpu, 4096, 4096, 65) is None and gemm._config_for(gpu, 4096, 2048, 32) is None
+        # a second sweep adds to the table and is read at once
+        gemm.save_table(gpu, {(4096, 2048, 16): CONFIGS[2]})
+        assert gemm._config_for(gpu, 4096, 2048, 16) == CONFIGS[2] and \
+            gemm._config_for(gpu, 4096, 4096, 32) == CONFIGS[1]
+    finally:
+        gemm.swept.cache_clear()
+        gemm._config_for.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_skinny_gemm_matches_torch_on_gpu(dtype):
+    from tpfleet.kernels import gemm
+
+    tol = 0.02 if dtype == torch.bfloat16 else 1e-3
+    check("cuda", dtype, 4096, 4096, [2, 8, 24, 64], gemm.sweep_configs(4096, 4096)[::5], tol)
+    check("cuda", dtype, 6144, 4096, [16], CONFIGS, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_skinny_gemm_replays_in_a_cuda_graph():
+    from tpfleet.kernels import gemm
+
+    weight = 0.05 * torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(24, 2048, device="cuda", dtype=torch.bfloat16)
+    config = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 4, "num_warps": 4, "num_stages": 3}
+    gemm.linear(x, weight, config)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemm.linear(x, weight, config)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(out, gemm.linear(x, weight, config), rtol=0, atol=0)
+        torch.testing.assert_close(out.float(), x.float() @ weight.float().t(), rtol=0.02, atol=0.02)

@@ -1,0 +1,150 @@
+"""Decode projections at a few to a few dozen rows, y = x @ W.T, where cuBLAS may leave bandwidth unused.
+
+At 2-64 rows a projection still reads its whole weight once for very few operations: like the batch-1
+GEMV it is a stream over W, and as fast as the stream keeps every SM busy. Here each program takes
+`BLOCK_N` output features and one of `SPLIT_K` slices of the input features, and multiplies its rows of
+W by all the (zero-padded) rows of x at once on the tensor cores. With SPLIT_K > 1 each program stores
+its fp32 partial sums and the last of an output block's programs to arrive adds the slices in a fixed
+order (tpfleet.kernels.arrivals), so the result does not depend on which program finished first.
+
+The engine takes this path only where `tpfleet bench gemv --rows --sweep` measured it faster than
+cuBLAS on this GPU, for that weight shape and row count (its table); elsewhere it stays on cuBLAS.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from tpfleet import env
+from tpfleet.jit import write_atomic
+from tpfleet.kernels.arrivals import counters, last_to_arrive
+from tpfleet.kernels.gemv import gpu_name
+
+MAX_ROWS = 64
+
+
+@triton.jit
+def _skinny_kernel(x, w, out, partial, arrivals, M, N, K, stride_x, stride_out,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    span = K // SPLIT_K
+    rows = rm[:, None] < M
+    x_rows = x + rm[:, None] * stride_x
+    w_rows = w + rn[:, None].to(tl.int64) * K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * span, (pid_k + 1) * span, BLOCK_K):
+        a = tl.load(x_rows + k0 + rk[None, :], mask=rows, other=0.0)
+        b = tl.load(w_rows + k0 + rk[None, :])
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    dest = out + rm[:, None] * stride_out + rn[None, :]
+    if SPLIT_K == 1:
+        tl.store(dest, acc.to(out.dtype.element_ty), mask=rows)
+    else:
+        tile = rm[:, None] * N + rn[None, :]
+        tl.store(partial + pid_k * BLOCK_M * N + tile, acc)
+        if last_to_arrive(arrivals + pid_n, SPLIT_K):
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(partial + s * BLOCK_M * N + tile, cache_modifier=".cg")
+            tl.store(dest, total.to(out.dtype.element_ty), mask=rows)
+
+
+def block_m(rows: int) -> int:
+    """The padded row count of a tile: at least 16, the tensor cores' smallest."""
+    return max(16, triton.next_power_of_2(rows))
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, config: dict) -> bool:
+    """Whether `config` tiles this product: 2-64 rows of a contiguous x, K split evenly into BLOCK_K steps."""
+    n, k = weight.shape
+    return (x.dim() == 2 and 2 <= x.shape[0] <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1
+            and n % config["BLOCK_N"] == 0 and k % (config["SPLIT_K"] * config["BLOCK_K"]) == 0)
+
+
+_partials: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _partial_buffer(device: torch.device, numel: int) -> torch.Tensor:
+    """fp32 partial sums of a split product, grown, never freed: a CUDA graph may hold any of them."""
+    held = _partials.setdefault(device, [])
+    if not held or held[-1].numel() < numel:
+        held.append(torch.empty(numel, dtype=torch.float32, device=device))
+    return held[-1]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, config: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
+    if not supports(x, weight, config):
+        raise ValueError(f"no {config} tiling for {m} rows of a [{n}, {k}] weight")
+    if out is None:
+        out = x.new_empty(m, n)
+    bm, split = block_m(m), config["SPLIT_K"]
+    blocks = n // config["BLOCK_N"]
+    partial = _partial_buffer(x.device, split * bm * n) if split > 1 else out
+    arrivals = counters("skinny_gemm", x.device, blocks) if split > 1 else out
+    _skinny_kernel[(blocks, split)](
+        x, weight, out, partial, arrivals, m, n, k, x.stride(0), out.stride(0), BLOCK_M=bm,
+        BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], SPLIT_K=split,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=config["num_warps"],
+        num_stages=config["num_stages"])
+    return out
+
+
+def sweep_configs(n: int, k: int) -> list[dict]:
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4, "num_stages": stages}
+            for bn in (16, 32, 64) for bk in (128, 256) for split in (1, 2, 4) for stages in (3, 4)
+            if n % bn == 0 and k % (bk * split) == 0]
+
+
+def table_path(gpu_name: str) -> Path:
+    return env.cache_root() / "tuning" / f"gemm-rows-{gpu_name.replace(' ', '_')}.json"
+
+
+@functools.cache
+def swept(gpu_name: str) -> dict[tuple[int, int, int], dict | None]:
+    """{(N, K, rows): the fastest config, or None where cuBLAS was faster}, as the sweep measured them on
+    this GPU; {} without a table. Read once per process."""
+    try:
+        body = json.loads(table_path(gpu_name).read_text())
+    except FileNotFoundError:
+        return {}
+    return {tuple(int(d) for d in key.split("x")): cfg for key, cfg in body["configs"].items()}
+
+
+def save_table(gpu_name: str, verdicts: dict[tuple[int, int, int], dict | None]) -> None:
+    """Add the sweep's verdicts, {(N, K, rows): config, or None for cuBLAS}, to this GPU's table."""
+    path = table_path(gpu_name)
+    configs = json.loads(path.read_text())["configs"] if path.exists() else {}
+    configs.update({f"{n}x{k}x{m}": cfg for (n, k, m), cfg in verdicts.items()})
+    write_atomic(path, json.dumps({"device": gpu_name, "configs": configs}, indent=1))
+    swept.cache_clear()
+    _config_for.cache_clear()
+
+
+@functools.cache
+def _config_for(gpu_name: str, n: int, k: int, rows: int) -> dict | None:
+    """The sweep's verdict at the smallest row count it measured that covers `rows` (a decode graph's
+    rows are padded to its bucket anyway); None: cuBLAS, also for shapes or row counts never swept."""
+    table = swept(gpu_name)
+    covering = sorted(m for (tn, tk, m) in table if (tn, tk) == (n, k) and m >= rows)
+    return table[(n, k, covering[0])] if covering else None
+
+
+def chosen(x: torch.Tensor, weight: torch.Tensor) -> dict | None:
+    """The config this kernel runs `x @ weight.T` with, or None where cuBLAS runs it."""
+    if not x.is_cuda or x.dim() != 2 or not 2 <= x.shape[0] <= MAX_ROWS:
+        return None
+    n, k = weight.shape
+    config = _config_for(gpu_name(x.device), n, k, x.shape[0])
+    return config if config is not None and supports(x, weight, config) else None
