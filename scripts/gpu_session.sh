@@ -33,6 +33,8 @@
 # moestep: the MoE GPU tests, then with BASE (a package copy) the 30b-a3b-shape decode step (random weights,
 #          batch 1 and 64, kernel breakdown) of BASE and of this checkout, then the GEMV sweep of its attention
 #          and router, the MoE layer's sweep, and this checkout's step again (a stage's _S=0 skips it)
+# rows: the skinny GEMM's GPU tests, then `bench gemv --rows --sweep` (cuBLAS and tpfleet's skinny GEMM at 8-256
+#       rows, the table the engine then reads), then BASE and this checkout's decode steps through scripts/ab.py
 # last: the RL loop's GPU test (alone on the GPU: the fleet refuses a GPU another process holds), the RL
 #       workload in-process and over HTTP, `bench start`, and the attention tile sweep
 set -uo pipefail
@@ -209,6 +211,26 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
 '$OUT/start.prof'); pstats.Stats('$OUT/start.prof').sort_stats('cumulative').print_stats(45)" 2>&1 \
       | grep -v "^tpfleet phase\|Loading\|Capturing" | tail -60 > "$OUT/start_profile.txt"
     head -70 "$OUT/start_profile.txt" | tail -48 | cut -c1-160
+    ;;
+  rows)
+    make_model > /dev/null 2>&1 &
+    log "GPU tests: the skinny GEMM"
+    timeout ${TEST_S:-120} python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_gemm.py \
+      > "$OUT/tests.log" 2>&1
+    status=$?; echo "pytest exit $status"; grep -E "PASSED|FAILED|ERROR|^E  " "$OUT/tests.log" | cut -c1-200 | tail -12
+    wait
+    [ $status = 0 ] || exit 1
+    log "bench gemv --rows --sweep, 8b-shape, TP=1"
+    timeout ${ROWS_S:-200} python3 -m tpfleet bench gemv --rows ${ROWS:-8,16,32,64,128,256} --sweep --tp 1 --out "$OUT" \
+      2>&1 | grep -v "^ *$"
+    cp ~/.cache/tpfleet/tuning/gemm-rows-*.json "$OUT/" 2>/dev/null
+    python3 -P scripts/ab.py --make-requests /tmp/ab-requests.json
+    for tree in "${BASE:?set BASE}" .; do
+      log "scripts/ab.py --parts decode, $tree"
+      PYTHONPATH=/tmp/site:$PWD/$tree timeout ${AB_S:-150} python3 -P scripts/ab.py --model "$MODEL" \
+        --requests /tmp/ab-requests.json --parts decode --out "$OUT/ab_$(basename $(realpath $tree)).json" 2>&1 \
+        | grep "^{\|^\[\|Error\|error"
+    done
     ;;
   start)
     make_model > /dev/null 2>&1 &
