@@ -27,7 +27,8 @@ def check(device: str, dtype: torch.dtype, n: int, k: int, rows: list[int], conf
             out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
             got = gemm.linear(x, weight, config, out)
             assert got.data_ptr() == out.data_ptr(), "linear must write into `out`"
-            err = (got.float() - want.float()).abs().max().item()
+            # summed in another order than the fp32 reference: within `tol` of it, relative above 1
+            err = ((got.float() - want.float()).abs() / want.float().abs().clamp(min=1)).max().item()
             assert err <= tol, f"{m} rows, {config}: max error {err}"
             # Splits summed in a fixed order: the same inputs give the same bits again.
             assert torch.equal(gemm.linear(x, weight, config), got), f"{m} rows, {config}: not deterministic"
@@ -84,7 +85,9 @@ def test_skinny_gemm_matches_torch_on_gpu(dtype):
     from tpfleet.kernels import gemm
 
     tol = 0.02 if dtype == torch.bfloat16 else 1e-3
-    check("cuda", dtype, 4096, 4096, [2, 8, 24, 64], gemm.sweep_configs(4096, 4096)[::5], tol)
+    for m in (2, 8, 24, 64):
+        configs = gemm.sweep_configs(4096, 4096, m)[::5] if dtype == torch.bfloat16 else CONFIGS
+        check("cuda", dtype, 4096, 4096, [m], configs, tol)
     check("cuda", dtype, 6144, 4096, [16], CONFIGS, tol)
 
 

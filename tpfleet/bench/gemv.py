@@ -153,7 +153,7 @@ def bench_rows(out_dir: str, tp_sizes: list[int], rows: list[int], preset: str =
                         f"{row['cublas_us'] / row['floor_us']:>7.2f}")
                 if sweep and m <= gemm.MAX_ROWS:
                     timed = [(graph_time_us(lambda i=0, c=c: gemm.linear(x, weights[i % len(weights)], c), reps), c)
-                             for c in gemm.sweep_configs(n, k)]
+                             for c in gemm.sweep_configs(n, k, m)]
                     row["best_us"], row["best_config"] = min(timed, key=lambda t: t[0])
                     row["sweep"] = [{"us": us, **c} for us, c in timed]
                     table[(n, k, m)] = row["best_config"] if row["best_us"] < row["cublas_us"] else None

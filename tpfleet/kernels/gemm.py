@@ -101,10 +101,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, config: dict, out: torch.Tenso
     return out
 
 
-def sweep_configs(n: int, k: int) -> list[dict]:
+def sweep_configs(n: int, k: int, rows: int) -> list[dict]:
+    """The grid that tiles an [n, k] bf16 weight at `rows` rows and whose stages fit in shared memory."""
     return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4, "num_stages": stages}
             for bn in (16, 32, 64) for bk in (128, 256) for split in (1, 2, 4) for stages in (3, 4)
-            if n % bn == 0 and k % (bk * split) == 0]
+            if n % bn == 0 and k % (bk * split) == 0 and stages * (block_m(rows) + bn) * bk * 2 <= 160 << 10]
 
 
 def table_path(gpu_name: str) -> Path:
