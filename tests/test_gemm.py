@@ -57,25 +57,27 @@ def test_shapes_the_tiles_do_not_divide_are_refused():
 
 
 def test_the_table_sends_each_row_count_where_its_sweep_measured_faster(tmp_path, monkeypatch):
-    from tpfleet.kernels import gemm
+    from tpfleet.kernels import gemm, tuning
 
     monkeypatch.setenv("TPFLEET_CACHE_DIR", str(tmp_path))
+    tuning.read.cache_clear()
+    gemm.config_for.cache_clear()
     gpu = "Test GPU"
     gemm.save_table(gpu, {(4096, 4096, 8): None, (4096, 4096, 32): CONFIGS[1], (4096, 4096, 64): None})
     try:
         # rows take the verdict of the smallest swept count covering them
-        assert gemm._config_for(gpu, 4096, 4096, 2) is None and gemm._config_for(gpu, 4096, 4096, 8) is None
-        assert gemm._config_for(gpu, 4096, 4096, 9) == CONFIGS[1] == gemm._config_for(gpu, 4096, 4096, 32)
-        assert gemm._config_for(gpu, 4096, 4096, 33) is None
+        assert gemm.config_for(gpu, 4096, 4096, 2) is None and gemm.config_for(gpu, 4096, 4096, 8) is None
+        assert gemm.config_for(gpu, 4096, 4096, 9) == CONFIGS[1] == gemm.config_for(gpu, 4096, 4096, 32)
+        assert gemm.config_for(gpu, 4096, 4096, 33) is None
         # beyond the sweep, and shapes it never saw: cuBLAS
-        assert gemm._config_for(gpu, 4096, 4096, 65) is None and gemm._config_for(gpu, 4096, 2048, 32) is None
+        assert gemm.config_for(gpu, 4096, 4096, 65) is None and gemm.config_for(gpu, 4096, 2048, 32) is None
         # a second sweep adds to the table and is read at once
         gemm.save_table(gpu, {(4096, 2048, 16): CONFIGS[2]})
-        assert gemm._config_for(gpu, 4096, 2048, 16) == CONFIGS[2] and \
-            gemm._config_for(gpu, 4096, 4096, 32) == CONFIGS[1]
+        assert gemm.config_for(gpu, 4096, 2048, 16) == CONFIGS[2] and \
+            gemm.config_for(gpu, 4096, 4096, 32) == CONFIGS[1]
     finally:
-        gemm.swept.cache_clear()
-        gemm._config_for.cache_clear()
+        tuning.read.cache_clear()
+        gemm.config_for.cache_clear()
 
 
 @pytest.mark.gpu

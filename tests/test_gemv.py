@@ -82,23 +82,22 @@ def test_launch_tiles_divide_the_weight():
 def test_a_swept_table_overrides_the_rule_for_its_shapes(tmp_path, monkeypatch):
     """`bench gemv --sweep` saves each shape's fastest config for its GPU; `launch_config` takes it for
     that GPU and shape only, and a second sweep adds to the table rather than replacing it."""
-    from tpfleet.bench.gemv import save_table
-    from tpfleet.kernels import gemv
+    from tpfleet.kernels import gemv, tuning
 
     monkeypatch.setenv("TPFLEET_CACHE_DIR", str(tmp_path))
-    gemv.swept.cache_clear()
+    tuning.read.cache_clear()
     rule = gemv.launch_config(5120, 2048)
     mine = {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2}
-    save_table("Test GPU 80GB", {(5120, 2048): mine})
-    assert gemv.table_path("Test GPU 80GB").parent == tmp_path / "tuning"
+    tuning.add("gemv", "Test GPU 80GB", {(5120, 2048): mine})
+    assert tuning.path("gemv", "Test GPU 80GB").parent == tmp_path / "tuning"
     assert gemv.launch_config(5120, 2048, "Test GPU 80GB") == mine
     assert gemv.launch_config(5120, 2048, "Other GPU") == rule == gemv.launch_config(5120, 2048)
     assert gemv.launch_config(2048, 4096, "Test GPU 80GB") == gemv.launch_config(2048, 4096)
     other = {**mine, "BLOCK_N": 8}
-    save_table("Test GPU 80GB", {(2048, 4096): other})
+    tuning.add("gemv", "Test GPU 80GB", {(2048, 4096): other})
     assert gemv.launch_config(2048, 4096, "Test GPU 80GB") == other
     assert gemv.launch_config(5120, 2048, "Test GPU 80GB") == mine
-    gemv.swept.cache_clear()
+    tuning.read.cache_clear()
 
 
 def check_router(device: str, dtype: torch.dtype) -> None:

@@ -706,12 +706,14 @@ def format_result(r: dict) -> str:
         lines.append(f"offline ({r['num_seqs']} seqs, return_logprob {o['return_logprob']}): {o['output_tok_s']:.0f} "
                      f"output tok/s, {o['total_tok_s']:.0f} total tok/s, {o['seconds']:.1f} s{warm}")
         f = r["offline_floor"]
-        lines.append(f"  floor {f['output_tok_s']:.0f} output tok/s (prefill {f['prefill_s']:.2f} s, {f['decode_steps']} "
-                     f"decode steps {f['decode_s']:.2f} s): measured at {o['output_tok_s'] / f['output_tok_s']:.2f} of it")
+        lines.append(f"  floor {f['output_tok_s']:.0f} output tok/s (prefill {f['prefill_s']:.2f} s, "
+                     f"{f['decode_steps']} decode steps {f['decode_s']:.2f} s): measured at "
+                     f"{o['output_tok_s'] / f['output_tok_s']:.2f} of it")
         for kind, k in o.get("steps", {}).items():
             if k["steps"]:
                 lines.append(f"  {kind} steps: {k['steps']}, {k['seconds']:.2f} s, {k['tokens']} tokens, "
-                             f"{1e3 * k['seconds'] / k['steps']:.2f} ms and {k['tokens'] / k['steps']:.0f} tokens a step")
+                             f"{1e3 * k['seconds'] / k['steps']:.2f} ms and {k['tokens'] / k['steps']:.0f} "
+                             "tokens a step")
     if "offline_logprob" in r:
         lines.append(f"offline with return_logprob: {r['offline_logprob']['output_tok_s']:.0f} output tok/s; "
                      f"logprobs cost {100 * r['logprob_cost']:.1f}% of throughput")

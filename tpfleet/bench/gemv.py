@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from tpfleet.bench.engine import copy_bandwidth, matmul_rate
-from tpfleet.jit import write_atomic
-from tpfleet.kernels import gemm, gemv, ops
+from tpfleet.kernels import gemm, gemv, ops, tuning
 
 # each make-model preset's batch-1 projections per TP size: name, output features, input features, fused
 # prologue (Qwen3-8B's; Qwen3-30B-A3B's attention and router, its experts being `bench moe`'s)
@@ -108,7 +107,7 @@ def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b
                 timed = [(graph_time_us(_ops(kind, xs, weights, c)[0], reps), c) for c in sweep_configs()]
                 row["best_us"], row["best_config"] = min(timed, key=lambda t: t[0])
                 row["sweep"] = [{"us": us, **c} for us, c in timed]
-                save_table(gpu, {(n, k): row["best_config"]})
+                tuning.add("gemv", gpu, {(n, k): row["best_config"]})
             results.append(row)
             best = (f"   {row['best_us']:.1f} {row['best_config']}" if sweep else "")
             print(f"{tp:>3} {name:>8} {row['floor_us']:>7.1f} {row['cublas_us']:>7.1f} {row['tpfleet_us']:>7.1f} "
@@ -160,7 +159,6 @@ def bench_rows(out_dir: str, tp_sizes: list[int], rows: list[int], preset: str =
                     line += f" {row['best_us']:>8.1f} {row['best_us'] / row['floor_us']:>7.2f}  {row['best_config']}"
                 results.append(row)
                 print(line, flush=True)
-            del weights
     if table:
         gemm.save_table(gpu, table)
     out = Path(out_dir)
@@ -168,12 +166,3 @@ def bench_rows(out_dir: str, tp_sizes: list[int], rows: list[int], preset: str =
     summary = {"device": gpu, "preset": preset, "copy_bandwidth": bw, "matmul_rate": rate, "rows": results}
     (out / f"gemm-rows-{preset}.json").write_text(json.dumps(summary, indent=1))
     return results
-
-
-def save_table(gpu: str, best: dict[tuple[int, int], dict]) -> None:
-    """Add the swept shapes' fastest configs to this GPU's table, which `gemv.launch_config` reads."""
-    path = gemv.table_path(gpu)
-    configs = json.loads(path.read_text())["configs"] if path.exists() else {}
-    configs.update({f"{n}x{k}": cfg for (n, k), cfg in best.items()})
-    write_atomic(path, json.dumps({"device": gpu, "configs": configs}, indent=1))
-    gemv.swept.cache_clear()

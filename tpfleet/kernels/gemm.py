@@ -14,19 +14,17 @@ cuBLAS on this GPU, for that weight shape and row count (its table); elsewhere i
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from tpfleet import env
-from tpfleet.jit import write_atomic
+from tpfleet.kernels import tuning
 from tpfleet.kernels.arrivals import counters, last_to_arrive
 from tpfleet.kernels.gemv import gpu_name
 
 MAX_ROWS = 64
+TABLE = "gemm-rows"  # in tpfleet.kernels.tuning: {(N, K, rows): the fastest config, or None: cuBLAS was faster}
 
 
 @triton.jit
@@ -108,36 +106,17 @@ def sweep_configs(n: int, k: int, rows: int) -> list[dict]:
             if n % bn == 0 and k % (bk * split) == 0 and stages * (block_m(rows) + bn) * bk * 2 <= 160 << 10]
 
 
-def table_path(gpu_name: str) -> Path:
-    return env.cache_root() / "tuning" / f"gemm-rows-{gpu_name.replace(' ', '_')}.json"
+def save_table(gpu: str, verdicts: dict[tuple[int, int, int], dict | None]) -> None:
+    """Add a sweep's verdicts, {(N, K, rows): config, or None for cuBLAS}, to this GPU's table."""
+    tuning.add(TABLE, gpu, verdicts)
+    config_for.cache_clear()
 
 
 @functools.cache
-def swept(gpu_name: str) -> dict[tuple[int, int, int], dict | None]:
-    """{(N, K, rows): the fastest config, or None where cuBLAS was faster}, as the sweep measured them on
-    this GPU; {} without a table. Read once per process."""
-    try:
-        body = json.loads(table_path(gpu_name).read_text())
-    except FileNotFoundError:
-        return {}
-    return {tuple(int(d) for d in key.split("x")): cfg for key, cfg in body["configs"].items()}
-
-
-def save_table(gpu_name: str, verdicts: dict[tuple[int, int, int], dict | None]) -> None:
-    """Add the sweep's verdicts, {(N, K, rows): config, or None for cuBLAS}, to this GPU's table."""
-    path = table_path(gpu_name)
-    configs = json.loads(path.read_text())["configs"] if path.exists() else {}
-    configs.update({f"{n}x{k}x{m}": cfg for (n, k, m), cfg in verdicts.items()})
-    write_atomic(path, json.dumps({"device": gpu_name, "configs": configs}, indent=1))
-    swept.cache_clear()
-    _config_for.cache_clear()
-
-
-@functools.cache
-def _config_for(gpu_name: str, n: int, k: int, rows: int) -> dict | None:
+def config_for(gpu: str, n: int, k: int, rows: int) -> dict | None:
     """The sweep's verdict at the smallest row count it measured that covers `rows` (a decode graph's
     rows are padded to its bucket anyway); None: cuBLAS, also for shapes or row counts never swept."""
-    table = swept(gpu_name)
+    table = tuning.read(TABLE, gpu)
     covering = sorted(m for (tn, tk, m) in table if (tn, tk) == (n, k) and m >= rows)
     return table[(n, k, covering[0])] if covering else None
 
@@ -147,5 +126,5 @@ def chosen(x: torch.Tensor, weight: torch.Tensor) -> dict | None:
     if not x.is_cuda or x.dim() != 2 or not 2 <= x.shape[0] <= MAX_ROWS:
         return None
     n, k = weight.shape
-    config = _config_for(gpu_name(x.device), n, k, x.shape[0])
+    config = config_for(gpu_name(x.device), n, k, x.shape[0])
     return config if config is not None and supports(x, weight, config) else None

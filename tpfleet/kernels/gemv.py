@@ -24,15 +24,12 @@ with cuBLAS (after the separate norm or activation kernel) and with the bandwidt
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from tpfleet import env
-from tpfleet.kernels import fused_ar, moe_route, pdl
+from tpfleet.kernels import fused_ar, moe_route, pdl, tuning
 from tpfleet.kernels.arrivals import counters
 from tpfleet.kernels.fused_ar import Exchange
 
@@ -123,19 +120,9 @@ TUNED = {(6144, 4096): (16, 512, 8, 3), (4096, 4096): (16, 1024, 8, 2), (24576, 
          (12288, 4096): (32, 256, 4, 3), (4096, 6144): (8, 1024, 4, 2)}
 
 
-def table_path(gpu_name: str) -> Path:
-    return env.cache_root() / "tuning" / f"gemv-{gpu_name.replace(' ', '_')}.json"
-
-
-@functools.cache
 def swept(gpu_name: str) -> dict[tuple[int, int], dict]:
-    """{(N, K): launch config} that `tpfleet bench gemv --sweep` found fastest on this GPU, or {}
-    without a table. Read once per process."""
-    try:
-        body = json.loads(table_path(gpu_name).read_text())
-    except FileNotFoundError:
-        return {}
-    return {tuple(int(d) for d in shape.split("x")): cfg for shape, cfg in body["configs"].items()}
+    """{(N, K): launch config} that `tpfleet bench gemv --sweep` found fastest on this GPU, or {}."""
+    return tuning.read("gemv", gpu_name)
 
 
 @functools.cache
