@@ -18,6 +18,7 @@ import tpfleet
 from tpfleet import env, exits
 from tpfleet.cli import build_parser, parse_args
 from tpfleet.config import EngineConfig, check_checkpoint_dir, engine_fields_from_args
+from tpfleet.lifecycle import interrupts_deferred
 
 MODEL_COMMANDS = ["serve", "launch", "warmup", "bench decode", "bench engine"]
 THIS_MACHINE = "cuda" if HAS_CUDA else "cpu"
@@ -201,6 +202,24 @@ def test_serve_interrupted_while_starting_stops_cleanly(sig, tiny_model):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, (proc.returncode, out, err)
     assert "Traceback" not in err, err
+
+
+def test_interrupts_during_imports_are_raised_once_the_imports_are_done():
+    """A signal inside `interrupts_deferred` is noted, not raised there (an interrupt inside a library's
+    import can turn into another error or abort the interpreter); leaving the block raises it, and the
+    handlers before are back."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handlers have run by now
+            reached_end = True
+    assert reached_end
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with interrupts_deferred():  # no signal: nothing raised
+        pass
 
 
 def test_an_interrupt_at_any_other_stage_exits_130_in_one_line(monkeypatch, capsys):

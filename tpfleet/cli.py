@@ -21,7 +21,7 @@ from tpfleet.config import (
 )
 from tpfleet.devices import DEVICE_CHOICES, DeviceError, require_cuda, resolve_device
 from tpfleet.jit import default_triton_cache
-from tpfleet.lifecycle import sigterm_as_interrupt
+from tpfleet.lifecycle import interrupts_deferred, sigterm_as_interrupt
 
 INTERRUPTED = 128 + signal.SIGINT  # the shell's code for a command ended by Ctrl-C
 GPU_ONLY = ("bench allreduce", "bench gemv", "bench attention", "bench moe")  # commands with no CPU path
@@ -345,14 +345,17 @@ def run_command(args: argparse.Namespace) -> int:
         out = make_model(args.preset, args.out, args.seed, resolve_device(args.device), weights=not args.no_weights)
         print(f"wrote {args.preset} Qwen3 {'config and tokenizer' if args.no_weights else 'checkpoint'} to {out}")
     elif args.cmd == "serve":
-        from tpfleet.server.launch import serve
-
+        try:
+            with interrupts_deferred():  # torch comes with these: an import an interrupt must not land inside
+                from tpfleet.server.guard import UnsafeBind, check_bind
+                from tpfleet.server.launch import serve
+        except KeyboardInterrupt:
+            return 0
         try:
             cfg = engine_config_from_args(args)
         except ValueError as error:
             exits.record_engine_failure(error, 1)  # no rank has started: no rank records to attach
             build_parser()[1]["serve"].error(str(error))
-        from tpfleet.server.guard import UnsafeBind, check_bind
 
         settings = {name: getattr(args, name) for name in SERVER_SETTINGS}
         try:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from tpfleet import exits
 from tpfleet.config import EngineConfig
-from tpfleet.lifecycle import sigterm_as_interrupt
+from tpfleet.lifecycle import interrupts_deferred, sigterm_as_interrupt
 from tpfleet.phases import READY_PREFIX, phase_seconds, process_start_time, reached_phases, report_phase
 
 if TYPE_CHECKING:
@@ -84,11 +84,12 @@ def _serve(cfg: EngineConfig, host: str, port: int, served_model_name: str | Non
            settings: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     report_phase("starting", pid=os.getpid())
-    import uvicorn
+    with interrupts_deferred():
+        import uvicorn
 
-    from tpfleet.engine.llm_engine import LLMEngine
-    from tpfleet.server.app import create_app
-    from tpfleet.server.async_engine import AsyncEngine
+        from tpfleet.engine.llm_engine import LLMEngine
+        from tpfleet.server.app import create_app
+        from tpfleet.server.async_engine import AsyncEngine
 
     sock = bind_socket(host, port)
     engine = LLMEngine(cfg)
