@@ -1,6 +1,7 @@
 """The last program to arrive finishes the work: a kernel's programs each store their share, count
 themselves in, and the last one reads every share back, so no second kernel is launched for it (the
-split decode attention merges its splits this way, a one-row MoE router GEMV routes this way).
+split decode attention merges its splits this way, a one-row MoE router GEMV routes, the greedy kernel
+picks its token, the skinny GEMM sums its K slices).
 
 Each counter starts at zero and the last arrival sets it back to zero, so a CUDA graph replays the
 kernel with the same counter. Counters are grown, never freed: a graph may hold the address of any.

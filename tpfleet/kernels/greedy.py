@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from tpfleet.kernels import fused_ar, pdl
+from tpfleet.kernels.arrivals import last_to_arrive
 from tpfleet.kernels.fused_ar import Exchange
 
 BLOCK = 2048  # logits per block: 38 blocks for a TP=2 shard of Qwen3's vocabulary, one wave
@@ -58,11 +59,7 @@ def _greedy_kernel(logits, n, start, part_logit, part_token, arrivals, out, xchg
     best = tl.max(x.to(tl.float32), axis=0)
     tl.store(part_logit + pid, best)
     tl.store(part_token + pid, tl.min(tl.where(x.to(tl.float32) == best, offs, n), axis=0))
-    # The last block to arrive reduces the blocks' partials; every thread's stores are ordered before
-    # the arrival (barrier, then a release), and the counter is reset for the next step.
-    tl.debug_barrier()
-    if tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu") == blocks - 1:
-        tl.atomic_xchg(arrivals, 0, sem="relaxed", scope="gpu")
+    if last_to_arrive(arrivals, blocks):  # the last block reduces the blocks' partials
         p = tl.arange(0, PARTS)
         logit = tl.load(part_logit + p, mask=p < blocks, other=float("-inf"), cache_modifier=".cg")
         top = tl.max(logit, axis=0)
