@@ -110,3 +110,29 @@ def test_skinny_gemm_replays_in_a_cuda_graph():
         graph.replay()
         torch.testing.assert_close(out, gemm.linear(x, weight, config), rtol=0, atol=0)
         torch.testing.assert_close(out.float(), x.float() @ weight.float().t(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_projections_take_the_kernel_only_where_the_table_says(tmp_path, monkeypatch):
+    from tpfleet.kernels import gemm, gemv, tuning
+    from tpfleet.model.layers import skinny_or_cublas
+
+    monkeypatch.setenv("TPFLEET_CACHE_DIR", str(tmp_path))
+    tuning.read.cache_clear()
+    gemm.config_for.cache_clear()
+    weight = 0.05 * torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    gemm.save_table(gemv.gpu_name(weight.device), {(256, 512, 8): CONFIGS[1], (256, 512, 16): None})
+    launched = []
+    real = gemm.linear
+    monkeypatch.setattr(gemm, "linear", lambda *args: launched.append(args[2]) or real(*args))
+    try:
+        for rows, expected in ((8, [CONFIGS[1]]), (5, [CONFIGS[1]]), (12, []), (1, []), (40, [])):
+            launched.clear()
+            x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+            y = skinny_or_cublas(x, weight)
+            assert launched == expected, rows
+            torch.testing.assert_close(y.float(), x.float() @ weight.float().t(), rtol=0.02, atol=0.02)
+    finally:
+        tuning.read.cache_clear()
+        gemm.config_for.cache_clear()
