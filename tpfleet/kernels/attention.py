@@ -9,14 +9,17 @@ block_tables[b, j // block_size] at offset j % block_size.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from tpfleet.attention.backend import NewTokens
 from tpfleet.kernels import pdl
 from tpfleet.kernels.arrivals import counters, last_to_arrive
+
+if TYPE_CHECKING:  # kernels import nothing above them at run time; the caller builds it
+    from tpfleet.attention.backend import NewTokens
 
 MAX_DECODE_SPLITS = 16  # KV splits per (sequence, kv head): parallelism for small batches and long contexts
 # Fewest tokens per split: one tile. More splits than a context has tiles only add partial results
@@ -243,10 +246,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     use_pdl = pdl.enabled(q.device, batch)
     # Batch 1 (PDL) runs 8 warps a program: a little faster in the engine's step (docs/benchmarks.md).
     block_n, warps, stages = tile or (64, 8 if use_pdl else 4, None)
-    n = new or NewTokens(out, out, out, out, 0.0, out, out)  # unread without FROM_QKV
+    # without `new` (FROM_QKV off) the kernel reads none of these
+    positions, slots, q_norm, k_norm, eps, cos, sin = new or (out, out, out, out, 0.0, out, out)
     _decode_kernel[(batch, kv_heads, splits)](
         q.contiguous(), k_cache, v_cache, block_tables, context_lens, part_out, part_lse, arrivals, out, scale,
-        block_tables.stride(0), n.positions, n.slots, n.q_norm, n.k_norm, n.cos, n.sin, n.eps,
+        block_tables.stride(0), positions, slots, q_norm, k_norm, cos, sin, eps,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
         HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, SPLITS=splits, MIN_SPLIT=min_split,
         IEEE=q.dtype == torch.float32, PDL=use_pdl, FROM_QKV=new is not None, launch_pdl=use_pdl, num_warps=warps,
