@@ -343,17 +343,18 @@ class StepCost:
         bytes_moved = self.weight_bytes + self.expert_bytes * touched + kv_bytes
         ops = 2 * (self.weight_params + self.expert_params * self.expert_share) * bs + \
             self.attention_ops_per_token * context_tokens
-        return _bound(bytes_moved, ops, bandwidth, matmul_rate, kv_bytes=kv_bytes)
+        return bound(bytes_moved, ops, bandwidth, matmul_rate, kv_bytes=kv_bytes)
 
     def prefill(self, prompts: list[int], bandwidth: float, matmul_rate: float) -> dict:
         """Every prompt in one pass: each weight read once (every expert), each token multiplied by its
         weights, each causal attention pair computed once."""
         ops = 2 * (self.weight_params + self.expert_params * self.expert_share) * sum(prompts) + \
             self.attention_ops_per_token * sum(n * (n + 1) / 2 for n in prompts)
-        return _bound(self.weight_bytes + self.expert_bytes, ops, bandwidth, matmul_rate)
+        return bound(self.weight_bytes + self.expert_bytes, ops, bandwidth, matmul_rate)
 
 
-def _bound(bytes_moved: float, ops: float, bandwidth: float, matmul_rate: float, **extra) -> dict:
+def bound(bytes_moved: float, ops: float, bandwidth: float, matmul_rate: float, **extra) -> dict:
+    """The floor of work that moves `bytes_moved` and computes `ops`: the larger of the two times, in ms."""
     memory_ms, compute_ms = 1e3 * bytes_moved / bandwidth, 1e3 * ops / matmul_rate
     return {"bytes": bytes_moved, **extra, "ops": ops, "memory_ms": memory_ms, "compute_ms": compute_ms,
             "floor_ms": max(memory_ms, compute_ms), "bound": "memory" if memory_ms >= compute_ms else "compute"}

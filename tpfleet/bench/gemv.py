@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tpfleet.bench.engine import copy_bandwidth, matmul_rate
+from tpfleet.bench.engine import bound, copy_bandwidth, matmul_rate
 from tpfleet.kernels import gemm, gemv, ops, tuning
 
 # each make-model preset's batch-1 projections per TP size: name, output features, input features, fused
@@ -74,6 +74,12 @@ def _ops(kind: str, xs: dict, weights: list[torch.Tensor], config: dict | None):
     return ours, peer
 
 
+def weight_copies(n: int, k: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Enough copies of an [n, k] weight (256 MiB in all) that calls cycling through them miss L2."""
+    copies = -(-(256 << 20) // (n * k * dtype.itemsize))
+    return [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+
+
 def sweep_configs() -> list[dict]:
     return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
             for bn, bk, warps, stages in itertools.product((2, 4, 8, 16, 32), (256, 512, 1024), (4, 8), (2, 3))
@@ -93,7 +99,7 @@ def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b
     for tp in tp_sizes:
         for name, n, k, kind in SHAPES[preset][tp]:
             nbytes = n * k * dtype.itemsize
-            weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(-(-(256 << 20) // nbytes))]
+            weights = weight_copies(n, k, dtype, device)
             xs = {"x": torch.randn(1, k, device=device, dtype=dtype),
                   "res": torch.randn(1, k, device=device, dtype=dtype),
                   "nw": torch.ones(k, device=device, dtype=dtype),
@@ -137,18 +143,16 @@ def bench_rows(out_dir: str, tp_sizes: list[int], rows: list[int], preset: str =
     results, table = [], {}
     for tp in tp_sizes:
         for name, n, k, _ in SHAPES[preset][tp]:
-            nbytes = n * k * dtype.itemsize
-            weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(-(-(256 << 20) // nbytes))]
+            weights = weight_copies(n, k, dtype, device)
             reps = 4 * len(weights)
             for m in rows:
                 x = torch.randn(m, k, device=device, dtype=dtype)
-                moved = nbytes + (m * k + m * n) * dtype.itemsize
-                memory_us, compute_us = moved / bw * 1e6, 2 * m * n * k / rate * 1e6
-                row = {"tp": tp, "proj": name, "n": n, "k": k, "rows": m, "memory_us": memory_us,
-                       "compute_us": compute_us, "floor_us": max(memory_us, compute_us),
+                floor = bound((n * k + m * k + m * n) * dtype.itemsize, 2 * m * n * k, bw, rate)
+                row = {"tp": tp, "proj": name, "n": n, "k": k, "rows": m, "memory_us": 1e3 * floor["memory_ms"],
+                       "compute_us": 1e3 * floor["compute_ms"], "floor_us": 1e3 * floor["floor_ms"],
                        "cublas_us": graph_time_us(lambda i=0: torch.matmul(x, weights[i % len(weights)].t()), reps)}
-                line = (f"{tp:>3} {name:>8} {m:>5} {row['floor_us']:>8.1f} "
-                        f"{'memory' if memory_us >= compute_us else 'compute':>7} {row['cublas_us']:>8.1f} "
+                line = (f"{tp:>3} {name:>8} {m:>5} {row['floor_us']:>8.1f} {floor['bound']:>7} "
+                        f"{row['cublas_us']:>8.1f} "
                         f"{row['cublas_us'] / row['floor_us']:>7.2f}")
                 if sweep and m <= gemm.MAX_ROWS:
                     timed = [(graph_time_us(lambda i=0, c=c: gemm.linear(x, weights[i % len(weights)], c), reps), c)

@@ -70,17 +70,6 @@ def supports(x: torch.Tensor, weight: torch.Tensor, config: dict) -> bool:
             and n % config["BLOCK_N"] == 0 and k % (config["SPLIT_K"] * config["BLOCK_K"]) == 0)
 
 
-_partials: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _partial_buffer(device: torch.device, numel: int) -> torch.Tensor:
-    """fp32 partial sums of a split product, grown, never freed: a CUDA graph may hold any of them."""
-    held = _partials.setdefault(device, [])
-    if not held or held[-1].numel() < numel:
-        held.append(torch.empty(numel, dtype=torch.float32, device=device))
-    return held[-1]
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, config: dict, out: torch.Tensor | None = None) -> torch.Tensor:
     m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
     if not supports(x, weight, config):
@@ -89,7 +78,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, config: dict, out: torch.Tenso
         out = x.new_empty(m, n)
     bm, split = block_m(m), config["SPLIT_K"]
     blocks = n // config["BLOCK_N"]
-    partial = _partial_buffer(x.device, split * bm * n) if split > 1 else out
+    # fp32 partial sums per K slice, as decode attention keeps its splits'; with one slice none are needed
+    partial = torch.empty(split * bm * n, dtype=torch.float32, device=x.device) if split > 1 else out
     arrivals = counters("skinny_gemm", x.device, blocks) if split > 1 else out
     _skinny_kernel[(blocks, split)](
         x, weight, out, partial, arrivals, m, n, k, x.stride(0), out.stride(0), BLOCK_M=bm,
