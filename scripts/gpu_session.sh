@@ -223,7 +223,7 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
     log "bench gemv --rows --sweep, 8b-shape, TP=1"
     timeout ${ROWS_S:-200} python3 -m tpfleet bench gemv --rows ${ROWS:-8,16,32,64,128,256} --sweep --tp 1 --out "$OUT" \
       2>&1 | grep -v "^ *$"
-    cp ~/.cache/tpfleet/tuning/gemm-rows-*.json "$OUT/" 2>/dev/null
+    cp "$(python3 -c 'from tpfleet import env; print(env.cache_root())')"/tuning/gemm-rows-*.json "$OUT/" 2>/dev/null
     python3 -P scripts/ab.py --make-requests /tmp/ab-requests.json
     for tree in "${BASE:?set BASE}" .; do
       log "scripts/ab.py --parts decode, $tree"
