@@ -51,7 +51,8 @@ def time_start(model: str, device: str, caches: str) -> dict:
         for line in proc.stdout:
             if line.startswith("tpfleet phase:"):
                 name, _, payload = line[len("tpfleet phase:"):].strip().partition(" ")
-                phases.append((name, json.loads(payload)["t"]))
+                info = json.loads(payload)
+                phases.append((name, info["t"], info.get("seconds")))  # seconds: the phase's own, if it says
                 if name == "ready":
                     break
     finally:
@@ -60,8 +61,8 @@ def time_start(model: str, device: str, caches: str) -> dict:
     if not phases or phases[-1][0] != "ready":
         raise RuntimeError(f"serve did not become ready: {phases}")
     rows, before = [], launched
-    for name, t in phases:
-        rows.append({"phase": name, "seconds": round(t - before, 3)})
+    for name, t, own in phases:
+        rows.append({"phase": name, "seconds": round(t - before, 3), **({"own_s": own} if own is not None else {})})
         before = t
     return {"phases": rows, "total_s": round(phases[-1][1] - launched, 3)}
 

@@ -194,7 +194,7 @@ def test_saver_frees_memory_keeps_addresses_and_graphs(small_model):
         assert runner.decode_graphs.graphs == graphs and runner.num_graph_captures == captures
         assert engine.unavailable_reason() is not None  # no backup: the weights hold nothing yet
         dtype = str(runner.dtype).removeprefix("torch.")
-        with trainer_payload(str(small_model), str(device), dtype) as payload:  # CUDA IPC from another process
+        with trainer_payload(str(small_model), str(device), dtype) as (payload, _):  # CUDA IPC from another process
             engine.update_weights_from_tensor([payload], "flattened_bucket")
             assert engine.unavailable_reason() is None and greedy(engine) == before
             free_first = None

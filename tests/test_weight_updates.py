@@ -223,6 +223,14 @@ def test_refused_disk_update_changes_nothing(engine, prompts, original, tiny_mod
     assert (engine.weight_version, greedy(engine, prompts)) == ("original", original)
 
 
+@pytest.mark.parametrize("kind, error", [("missing-tensor", "lacks 1 tensors"),
+                                         ("wrong-shape", "'model.norm.weight' of shape \\[3\\] does not fit")])
+def test_an_engine_whose_checkpoint_is_wrong_refuses_to_start(tiny_model, tmp_path, kind, error):
+    """A tensor missing or of a shape its parameter cannot take from is named, not a bare torch error."""
+    with pytest.raises(ValueError, match=error):
+        LLMEngine(EngineConfig(model=bad_checkpoint(kind, tiny_model, tmp_path), device="cpu", kv_cache_tokens=4096))
+
+
 def test_disk_update_outside_the_allowed_root_is_refused(engine, original):
     with pytest.raises(InvalidRequest, match="outside the allowed weight roots"):
         engine.update_weights_from_disk("/usr", "bad")

@@ -46,11 +46,17 @@ def load_named_tensors(model: nn.Module, named, where: str = "update") -> set[st
         param = params.get(name)
         if param is None:
             raise ValueError(f"{where}: tensor {ckpt_name!r} has no place in the model")
-        with torch.no_grad():
-            if shard_id is None:
-                param.weight_loader(param, tensor)
-            else:
-                param.weight_loader(param, tensor, shard_id)
+        try:
+            with torch.no_grad():
+                if shard_id is None:
+                    param.weight_loader(param, tensor)
+                else:
+                    param.weight_loader(param, tensor, shard_id)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, IndexError) as exc:  # a shape the parameter's shard cannot come from
+            raise ValueError(f"{where}: tensor {ckpt_name!r} of shape {list(tensor.shape)} does not fit {name} "
+                             f"(this rank's shard {list(param.shape)}): {exc}") from exc
         loaded.add(name if shard_id is None else f"{name}:{shard_id}")
     return loaded
 
