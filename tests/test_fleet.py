@@ -194,7 +194,7 @@ def test_an_exception_while_loading_weights_fails_fast_with_its_traceback(tiny_m
         fleet.start()
     assert time.monotonic() - t < 30
     text = str(e.value)
-    assert PHASES.index(e.value.phase) < PHASES.index("weights_loaded")
+    assert e.value.phase in ("starting", "ranks_started")  # before weights_loaded
     assert "Traceback" in text and "exit code 1" in text
 
 

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 from conftest import NUM_GPUS
 
 from tpfleet.config import EngineConfig
-from tpfleet.engine import model_runner
 from tpfleet.engine.llm_engine import LLMEngine
 from tpfleet.engine.sequence import OutputOptions, SamplingParams
-from tpfleet.model import loader
-from tpfleet.phases import parse_phase
 
 pytestmark = pytest.mark.gpu
 TPS = [1] + ([2] if NUM_GPUS >= 2 else [])
@@ -70,35 +64,6 @@ def test_piecewise_graphs_equal_eager_fp32(tiny_model, tp):
     # Piecewise pads prefill token counts to a bucket; fp32 keeps shape-dependent rounding far below any logit gap.
     graphs = generate(tiny_model, tp, "piecewise", "float32", PROMPTS)
     assert graphs == generate(tiny_model, tp, "eager", "float32", PROMPTS)
-
-
-@pytest.mark.parametrize("mode", ["full", "piecewise"])
-def test_graphs_captured_while_the_weights_load_equal_eager(tiny_model, monkeypatch, capfd, mode):
-    """The checkpoint is read during the capture (tpfleet.model.loader.WeightLoad). Held back here until the
-    capture has begun, then slowed down so that it outlasts the capture: the graphs must compute with the
-    weights as finally loaded."""
-    capturing = threading.Event()
-    capture, read = model_runner.capture_graphs, loader._checkpoint_tensors
-    read_at = []
-
-    def capture_noted(*args, **kwargs):
-        capturing.set()
-        return capture(*args, **kwargs)
-
-    def slowly(*args):
-        assert capturing.wait(60)
-        for item in read(*args):
-            read_at.append(time.time())
-            yield item
-            time.sleep(0.05)
-
-    monkeypatch.setattr(model_runner, "capture_graphs", capture_noted)
-    monkeypatch.setattr(loader, "_checkpoint_tensors", slowly)
-    graphs = generate(tiny_model, 1, mode, "float32", PROMPTS)
-    phases = dict(parse_phase(line) for line in capfd.readouterr().out.splitlines() if parse_phase(line))
-    assert read_at[0] < phases["graphs_captured"]["t"] < read_at[-1]  # tensors arrived during and after it
-    monkeypatch.undo()
-    assert graphs == generate(tiny_model, 1, "eager", "float32", PROMPTS)
 
 
 def test_graph_capture_is_reported(tiny_model, capfd):

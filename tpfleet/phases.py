@@ -17,8 +17,7 @@ READY_PREFIX = "tpfleet ready:"  # `tpfleet serve`: `tpfleet ready: URL (details
 ROUTER_READY_PREFIX = "tpfleet router ready:"  # `tpfleet launch`: `tpfleet router ready: URL`
 WARMUP_RESULT_PREFIX = "tpfleet warmup-result:"  # a warm-up job's cache statistics: `... {json}`
 
-# weights_loaded comes after graphs_captured: the checkpoint is read while the graphs are captured
-PHASES = ("starting", "ranks_started", "kv_cache_allocated", "graphs_captured", "weights_loaded", "jit_caches",
+PHASES = ("starting", "ranks_started", "weights_loaded", "kv_cache_allocated", "graphs_captured", "jit_caches",
           "ready")
 
 

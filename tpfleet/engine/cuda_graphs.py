@@ -33,9 +33,6 @@ DECODE_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 3
 # proportion (a 356-token step padded to 512 computes 44% more rows): buckets stop at 512 and sit
 # close together, and larger steps run eagerly.
 TOKEN_BUCKETS = [16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
-# Only this thread's calls are checked during a capture: at start-up another thread is loading the weights
-# (tpfleet.model.loader.WeightLoad), and its allocations and copies on its own stream are safe.
-CAPTURE_MODE = "thread_local"
 
 
 def _bucket(n: int, buckets: list[int]) -> int | None:
@@ -72,7 +69,7 @@ class DecodeGraphs:
                                      [1] * bucket, bucket, block_size)
             self.model(ids, positions, meta)  # warm-up: kernels compiled, handles made
             graph = torch.cuda.CUDAGraph()
-            with saver.graph(graph, capture_error_mode=CAPTURE_MODE):
+            with saver.graph(graph):
                 self.outputs[bucket] = self.model(ids, positions, meta)
             self.graphs[bucket] = graph
 
@@ -129,7 +126,7 @@ class PiecewiseGraphs:
                     seg()
                     warmed.add(kind)
                 g = torch.cuda.CUDAGraph()
-                with saver.graph(g, capture_error_mode=CAPTURE_MODE):
+                with saver.graph(g):
                     out = seg()
                 graphs.append(g)
             self.graphs[t] = graphs

@@ -39,7 +39,7 @@ from tpfleet.jit import STATS as JIT_STATS
 from tpfleet.jit import track_triton
 from tpfleet.memory import KV_CACHE, WEIGHTS, make_saver
 from tpfleet.model.config import ModelConfig, parse_dtype
-from tpfleet.model.loader import WeightLoad, init_random_weights
+from tpfleet.model.loader import init_random_weights, load_weights
 from tpfleet.model.registry import build_model
 from tpfleet.phases import report_phase
 
@@ -105,21 +105,19 @@ class ModelRunner:
             torch.set_default_dtype(prev)
             if cfg.load_format == "dummy":
                 init_random_weights(self.model, cfg.seed + rank)
+            else:
+                load_weights(self.model, cfg.model, show_progress=rank == 0)
         self._buffers_out_of_weights()
-        build_s = time.perf_counter() - t0
+        self.timings["load_weights_s"] = time.perf_counter() - t0
+        self._reached("weights_loaded", seconds=round(self.timings["load_weights_s"], 2))
 
         self.num_blocks = self._agree_on_num_blocks()
         self.routed_by_slot: torch.Tensor | None = None  # [slots + 1, layers, top_k] int32; the last row: padding
         self.allocate_kv_cache()
         self._reached("kv_cache_allocated", blocks=self.num_blocks, tokens=self.num_blocks * cfg.block_size)
-        # The checkpoint streams in while the graphs are captured (tpfleet.model.loader.WeightLoad).
-        loading = None if cfg.load_format == "dummy" else WeightLoad(self.model, cfg.model, show_progress=rank == 0)
         self.decode_graphs = self.piecewise_graphs = None
         if cfg.resolved_graph_mode != "eager":
             self.capture_graphs()
-        # built (and drawn, for dummy weights) plus read: the reading overlapped the capture
-        self.timings["load_weights_s"] = build_s + (loading.wait() if loading is not None else 0.0)
-        self._reached("weights_loaded", seconds=round(self.timings["load_weights_s"], 2))
         self._reached("jit_caches", **(jit_report(triton_tracked) if rank == 0 else {}))
         self.colocation = Colocation(self)
 

@@ -47,7 +47,6 @@ class Saver(ABC):
     def __init__(self) -> None:
         self._released: set[str] = set()
         self._active: str | None = None  # the region or capture open now, for error messages
-        self._capture_side_stream: torch.cuda.Stream | None = None
 
     @property
     def released(self) -> frozenset[str]:
@@ -84,35 +83,15 @@ class Saver(ABC):
     def graph(self, cuda_graph: torch.cuda.CUDAGraph, tag: str = CUDA_GRAPH, stream: torch.cuda.Stream | None = None,
               capture_error_mode: str = "global") -> Iterator[None]:
         """Capture into `tag`'s graph pool: every graph captured here shares that pool, as graphs
-        captured with one `torch.cuda.graph_pool_handle()` do.
-
-        Unlike `torch.cuda.graph`, no device-wide synchronize and no emptying of the caches before each
-        capture: the capture stream waits for this thread's stream only, so work that other threads
-        queue on their own streams (the weights still loading at start-up) goes on, and a start's
-        hundreds of captures do not each drain the device."""
+        captured with one `torch.cuda.graph_pool_handle()` do."""
         pool = self.graph_pool(tag)
         self._active = f"graph({tag!r})"
         try:
-            with self._allocating():
-                ambient = torch.cuda.current_stream()
-                stream = stream or self._capture_stream()
-                stream.wait_stream(ambient)
-                with torch.cuda.stream(stream):
-                    cuda_graph.capture_begin(*(() if pool is None else (pool,)), capture_error_mode=capture_error_mode)
-                    try:
-                        yield
-                    finally:
-                        cuda_graph.capture_end()
-                ambient.wait_stream(stream)
+            with self._allocating(), torch.cuda.graph(cuda_graph, pool=pool, stream=stream,
+                                                      capture_error_mode=capture_error_mode):
+                yield
         finally:
             self._active = None
-
-    def _capture_stream(self) -> torch.cuda.Stream:
-        """One side stream per saver to capture on (the ambient stream may be the legacy default one,
-        which cannot be captured)."""
-        if self._capture_side_stream is None:
-            self._capture_side_stream = torch.cuda.Stream()
-        return self._capture_side_stream
 
     def release(self, tags: str | Iterable[str] | None = None) -> dict[str, int]:
         """Give the tags' device memory back to the driver. Returns the bytes freed per tag, once the

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -112,53 +110,6 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool) -
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {missing[:3]}")
-
-
-class WeightLoad:
-    """`load_weights` on a thread of its own. A GPU engine captures its CUDA graphs meanwhile: graphs
-    hold the weights' addresses, not their values, so a start pays for the longer of the two instead of
-    their sum. On a GPU the copies run on a side stream (another thread's capture forbids the legacy
-    one), which first waits for the parameters to be zeroed: the capture's warm-up forwards read
-    weights half loaded, and zeros or finished tensors keep every value finite (a router fed NaN could
-    pick experts that do not exist)."""
-
-    def __init__(self, model: nn.Module, model_dir: str | Path, show_progress: bool):
-        device = next(model.parameters()).device
-        self.stream: torch.cuda.Stream | None = None
-        if device.type == "cuda":
-            with torch.no_grad():
-                for param in model.parameters():
-                    param.zero_()
-            self.stream = torch.cuda.Stream(device)
-            self.stream.wait_stream(torch.cuda.current_stream(device))
-        self.seconds = 0.0
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(model, model_dir, show_progress, device),
-                                        name="tpfleet-weights", daemon=True)
-        self._thread.start()
-
-    def _run(self, model: nn.Module, model_dir: str | Path, show_progress: bool, device: torch.device) -> None:
-        start = time.perf_counter()
-        try:
-            if self.stream is None:
-                load_weights(model, model_dir, show_progress)
-            else:
-                torch.cuda.set_device(device)  # a thread starts on device 0
-                with torch.cuda.stream(self.stream):
-                    load_weights(model, model_dir, show_progress)
-                self.stream.synchronize()
-        except BaseException as exc:  # noqa: BLE001 - raised again by wait(), on the engine's thread
-            self._error = exc
-        self.seconds = time.perf_counter() - start
-
-    def wait(self) -> float:
-        """Block until every tensor is in place and raise what loading raised; its seconds otherwise."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        if self.stream is not None:
-            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-        return self.seconds
 
 
 @torch.no_grad()

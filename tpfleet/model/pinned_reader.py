@@ -8,8 +8,7 @@ into a pinned buffer (the GIL is released while the kernel copies from the page 
 ahead of the consumer. The consumer gets tensors that view the buffer, so the weight loaders' copies
 to the device are DMA from pinned memory. A buffer is refilled only once the consumer has asked for the chunk
 after it: the loaders' copies from host memory are synchronous, so by then nothing reads it.
-Tensors larger than a buffer are viewed in place through a memory map; dtypes torch cannot view bytes
-as go through safetensors.
+Tensors larger than a buffer, and dtypes torch cannot view bytes as, go through safetensors.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -108,14 +106,6 @@ def _read_into(fd: int, buffer: torch.Tensor, begin: int, end: int) -> None:
         done += n
 
 
-def _mapped(path: Path, entry: TensorEntry) -> torch.Tensor:
-    """A tensor too large for a buffer, viewed where it lies in the file (a private mapping): nothing is
-    copied here, and the copy to the device reads the pages without holding the GIL, which a start's
-    graph capture on another thread needs (safetensors' own read of a 1.2 GB embedding holds it)."""
-    raw = np.memmap(path, dtype=np.uint8, mode="c", offset=entry.begin, shape=(entry.end - entry.begin,))
-    return torch.from_numpy(raw).view(entry.dtype).view(entry.shape)
-
-
 def pinned_tensors(files: list[Path], buffer_bytes: int = BUFFER_BYTES,
                    pin: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) for every tensor of `files`, in file order. Each tensor is valid until
@@ -140,9 +130,7 @@ def pinned_tensors(files: list[Path], buffer_bytes: int = BUFFER_BYTES,
                     for i, chunk in enumerate(chunks):
                         submit(i + NUM_BUFFERS - 1)  # into the buffer of chunk i - 1, which is done with
                         if chunk.alone is not None:
-                            alone = chunk.alone
-                            yield alone.name, (handle.get_tensor(alone.name) if alone.dtype is None
-                                               else _mapped(path, alone))
+                            yield chunk.alone.name, handle.get_tensor(chunk.alone.name)
                             continue
                         pending.pop(i).result()
                         buffer = buffers[i % NUM_BUFFERS]

@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import sys
-import threading
 from typing import TYPE_CHECKING
 
 from tpfleet import exits
@@ -81,27 +80,10 @@ def startup_summary() -> str:
     return f"started in {total:.1f}s: " + ", ".join(f"{name} {s:.1f}s" for name, s in seconds)
 
 
-def open_device_early(cfg: EngineConfig) -> None:
-    """Create rank 0's CUDA context on a thread of its own while the server's modules import: the two
-    overlap (0.3 s of a start on an H100), and the engine then finds the context made."""
-    if cfg.device == "cpu":
-        return
-    import torch
-
-    def open_device() -> None:
-        try:
-            torch.cuda.synchronize(cfg.rank_device(0))
-        except Exception:  # noqa: BLE001 - the engine's own start meets the same error and reports it
-            pass
-
-    threading.Thread(target=open_device, name="tpfleet-open-device", daemon=True).start()
-
-
 def _serve(cfg: EngineConfig, host: str, port: int, served_model_name: str | None, log_level: str,
            settings: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     report_phase("starting", pid=os.getpid())
-    open_device_early(cfg)
     with interrupts_deferred():
         import uvicorn
 
