@@ -52,7 +52,7 @@ def load_named_tensors(model: nn.Module, named, where: str = "update") -> set[st
                     param.weight_loader(param, tensor)
                 else:
                     param.weight_loader(param, tensor, shard_id)
-        except torch.cuda.OutOfMemoryError:
+        except (torch.OutOfMemoryError, torch.AcceleratorError):  # the device's fault, not the tensor's
             raise
         except (RuntimeError, IndexError) as exc:  # a shape the parameter's shard cannot come from
             raise ValueError(f"{where}: tensor {ckpt_name!r} of shape {list(tensor.shape)} does not fit {name} "
