@@ -29,7 +29,9 @@
 #      random weights (`make-model --no-weights`, `--load-format dummy`: no 61 GB checkpoint): `bench engine` over
 #      batches, offline with logprobs off and on, then transformers (built from the config, random weights) on
 #      the same offline workload (HF_CHUNK sequences per generate call, 32 by default: its prefill of 64 does not
-#      fit beside the weights on an 80 GB card; BATCHES, CONTEXTS and LOGPROBS narrow the run)
+#      fit beside the weights on an 80 GB card; BATCHES, CONTEXTS and LOGPROBS narrow the run; with BATCHES=1
+#      CONTEXTS=128 LOGPROBS=off SWEEP=0 an H100 needs about 200 s for the engine, 110 s for transformers' compile and
+#      290 s for its two chunks, hence ENGINE_S's default of 580)
 # moestep: the MoE GPU tests, then with BASE (a package copy) the 30b-a3b-shape decode step (random weights,
 #          batch 1 and 64, kernel breakdown) of BASE and of this checkout, then the GEMV sweep of its attention
 #          and router, the MoE layer's sweep, and this checkout's step again (a stage's _S=0 skips it)
@@ -263,7 +265,7 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
         2>&1 | tail -12
     fi
     log "bench engine, 30b-a3b-shape, dummy weights"
-    timeout ${ENGINE_S:-400} python3 -m tpfleet bench engine --model /tmp/tpfleet-m30b --load-format dummy \
+    timeout ${ENGINE_S:-580} python3 -m tpfleet bench engine --model /tmp/tpfleet-m30b --load-format dummy \
       --device cuda --tp 1 --graph-mode piecewise --num-seqs 64 --logprobs ${LOGPROBS:-both} \
       --batches ${BATCHES:-1,8,64} --contexts ${CONTEXTS:-128,1024} --hf-chunk ${HF_CHUNK:-32} --out "$OUT" 2>&1 \
       | grep -v "^tpfleet phase\|Loading\|Capturing" > "$OUT/moe.log"
