@@ -113,7 +113,7 @@ def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b
                 timed = [(graph_time_us(_ops(kind, xs, weights, c)[0], reps), c) for c in sweep_configs()]
                 row["best_us"], row["best_config"] = min(timed, key=lambda t: t[0])
                 row["sweep"] = [{"us": us, **c} for us, c in timed]
-                tuning.add("gemv", gpu, {(n, k): row["best_config"]})
+                tuning.add(gemv.TABLE, gpu, {(n, k): row["best_config"]})
             results.append(row)
             best = (f"   {row['best_us']:.1f} {row['best_config']}" if sweep else "")
             print(f"{tp:>3} {name:>8} {row['floor_us']:>7.1f} {row['cublas_us']:>7.1f} {row['tpfleet_us']:>7.1f} "

@@ -111,6 +111,8 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and supports_shape(weight)
 
 
+TABLE = "gemv"  # in tpfleet.kernels.tuning: {(N, K): the config `tpfleet bench gemv --sweep` found fastest}
+
 # (N, K) of Qwen3-8B's projections at TP=1 and 2 -> (BLOCK_N, BLOCK_K, warps, stages): the fastest of
 # `tpfleet bench gemv --sweep` on H200, launched with PDL, except qkv at TP=1, which a sweep inside the
 # engine's batch-1 step moved (docs/benchmarks.md); other shapes take the rule below. A GPU's own sweep
@@ -118,11 +120,6 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 TUNED = {(6144, 4096): (16, 512, 8, 3), (4096, 4096): (16, 1024, 8, 2), (24576, 4096): (32, 256, 4, 3),
          (4096, 12288): (8, 1024, 4, 2), (3072, 4096): (8, 1024, 8, 2), (4096, 2048): (16, 1024, 8, 2),
          (12288, 4096): (32, 256, 4, 3), (4096, 6144): (8, 1024, 4, 2)}
-
-
-def swept(gpu_name: str) -> dict[tuple[int, int], dict]:
-    """{(N, K): launch config} that `tpfleet bench gemv --sweep` found fastest on this GPU, or {}."""
-    return tuning.read("gemv", gpu_name)
 
 
 @functools.cache
@@ -137,8 +134,9 @@ def launch_config(n: int, k: int, gpu: str | None = None) -> dict:
     """Tile sizes and warps for an [n, k] weight: this GPU's swept config where its table has the shape,
     else TUNED, else a rule: tiles of about 8K weights, taller (up to 32 rows) for more output features,
     shorter where fewer would leave SMs idle (a 2048-row o_proj, a 128-row router)."""
-    if gpu is not None and (n, k) in swept(gpu):
-        return dict(swept(gpu)[(n, k)])
+    swept = tuning.read(TABLE, gpu) if gpu is not None else {}
+    if (n, k) in swept:
+        return dict(swept[(n, k)])
     if (n, k) in TUNED:
         bn, bk, warps, stages = TUNED[(n, k)]
     else:
