@@ -31,12 +31,14 @@
 #      the same offline workload (HF_CHUNK sequences per generate call, 32 by default: its prefill of 64 does not
 #      fit beside the weights on an 80 GB card; BATCHES, CONTEXTS and LOGPROBS narrow the run; with BATCHES=1
 #      CONTEXTS=128 LOGPROBS=off SWEEP=0 an H100 needs about 200 s for the engine, 110 s for transformers' compile and
-#      290 s for its two chunks, hence ENGINE_S's default of 580)
+#      290 s for its two chunks with its eager experts loop, hence ENGINE_S's default of 580; HF_EXPERTS picks
+#      transformers' experts implementation, e.g. grouped_mm)
 # moestep: the MoE GPU tests, then with BASE (a package copy) the 30b-a3b-shape decode step (random weights,
 #          batch 1 and 64, kernel breakdown) of BASE and of this checkout, then the GEMV sweep of its attention
 #          and router, the MoE layer's sweep, and this checkout's step again (a stage's _S=0 skips it)
-# rows: the skinny GEMM's GPU tests, then `bench gemv --rows --sweep` (cuBLAS and tpfleet's skinny GEMM at 8-256
-#       rows, the table the engine then reads), then BASE and this checkout's decode steps through scripts/ab.py
+# rows: the skinny GEMM's GPU tests (EXTRA_TESTS adds files, TESTS_K filters), then `bench gemv --rows --sweep`
+#       (cuBLAS and tpfleet's skinny GEMM at 8-256 rows, the table the engine then reads), then the decode steps of
+#       BASE and this checkout through scripts/ab.py (TREES: trees in turn, each TREE or TREE@VAR=VALUE,...)
 # last: the RL loop's GPU test (alone on the GPU: the fleet refuses a GPU another process holds), the RL
 #       workload in-process and over HTTP, `bench start`, and the attention tile sweep
 set -uo pipefail
@@ -218,7 +220,7 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
     make_model > /dev/null 2>&1 &
     log "GPU tests: the skinny GEMM"
     timeout ${TEST_S:-120} python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_gemm.py \
-      > "$OUT/tests.log" 2>&1
+      ${EXTRA_TESTS:-} ${TESTS_K:+-k "$TESTS_K"} > "$OUT/tests.log" 2>&1
     status=$?; echo "pytest exit $status"; grep -E "PASSED|FAILED|ERROR|^E  " "$OUT/tests.log" | cut -c1-200 | tail -12
     wait
     [ $status = 0 ] || exit 1
@@ -227,10 +229,12 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
       2>&1 | grep -v "^ *$"
     cp "$(python3 -c 'from tpfleet import env; print(env.cache_root())')"/tuning/gemm-rows-*.json "$OUT/" 2>/dev/null
     python3 -P scripts/ab.py --make-requests /tmp/ab-requests.json
-    for tree in "${BASE:?set BASE}" .; do
-      log "scripts/ab.py --parts decode, $tree"
-      PYTHONPATH=/tmp/site:$PWD/$tree timeout ${AB_S:-150} python3 -P scripts/ab.py --model "$MODEL" \
-        --requests /tmp/ab-requests.json --parts decode --out "$OUT/ab_$(basename $(realpath $tree)).json" 2>&1 \
+    for spec in ${TREES:-"${BASE:?set BASE}" .}; do  # TREE or TREE@VAR=VALUE,VAR=VALUE (its environment)
+      tree=${spec%%@*}; vars=$([ "$spec" != "$tree" ] && echo "${spec#*@}" | tr , ' ')
+      log "scripts/ab.py --parts decode, $tree $vars"
+      env $vars PYTHONPATH=/tmp/site:$PWD/$tree timeout ${AB_S:-150} python3 -P scripts/ab.py --model "$MODEL" \
+        --requests /tmp/ab-requests.json --parts decode \
+        --out "$OUT/ab_$(basename $(realpath $tree))_$(echo "$vars" | tr -c 'A-Za-z0-9\n' _).json" 2>&1 \
         | grep "^{\|^\[\|Error\|error"
     done
     ;;
@@ -267,7 +271,8 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
     log "bench engine, 30b-a3b-shape, dummy weights"
     timeout ${ENGINE_S:-580} python3 -m tpfleet bench engine --model /tmp/tpfleet-m30b --load-format dummy \
       --device cuda --tp 1 --graph-mode piecewise --num-seqs 64 --logprobs ${LOGPROBS:-both} \
-      --batches ${BATCHES:-1,8,64} --contexts ${CONTEXTS:-128,1024} --hf-chunk ${HF_CHUNK:-32} --out "$OUT" 2>&1 \
+      --batches ${BATCHES:-1,8,64} --contexts ${CONTEXTS:-128,1024} --hf-chunk ${HF_CHUNK:-32} \
+      ${HF_EXPERTS:+--hf-experts $HF_EXPERTS} --out "$OUT" 2>&1 \
       | grep -v "^tpfleet phase\|Loading\|Capturing" > "$OUT/moe.log"
     tail -${LINES_SHOWN:-50} "$OUT/moe.log"
     ;;

@@ -191,6 +191,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     engine_cmd.add_argument("--hf-chunk", type=int, default=128,
                             help="transformers baseline: sequences per generate call of the offline workload (a "
                                  "call prefills its whole chunk at once: 30b-a3b-shape needs 32 or fewer on 80 GB)")
+    engine_cmd.add_argument("--hf-experts", default=None,
+                            help="transformers baseline of an MoE model: its experts_implementation (grouped_mm, "
+                                 "eager); default transformers' own choice, which is recorded")
     engine_cmd.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
     engine_cmd.add_argument("--batches", type=_int_list, default="1,8,64,256,512",
                             help="decode batch sizes (comma-separated); one above --max-num-seqs is skipped")
@@ -434,7 +437,7 @@ def run_command(args: argparse.Namespace) -> int:
                 build_parser()[1]["bench engine"].error(f"--hf-chunk: expected a positive count, got {args.hf_chunk}")
             bench_engine(cfg, args.out, args.num_seqs, with_hf=not args.no_hf, batches=args.batches,
                          contexts=args.contexts, steps=args.decode_steps, logprobs=args.logprobs,
-                         offline_max_len=args.offline_max_len, hf_chunk=args.hf_chunk)
+                         offline_max_len=args.offline_max_len, hf_chunk=args.hf_chunk, hf_experts=args.hf_experts)
     elif args.cmd == "bench" and args.what == "start":
         from tpfleet.bench.start import bench_start
 

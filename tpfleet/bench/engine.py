@@ -482,7 +482,8 @@ def mixed_step(engine: LLMEngine, repeats: int = 20) -> dict | None:
 
 
 def hf_baseline(model_dir: str, lens: list[tuple[int, int]], batches: tuple[int, ...], device: str,
-                chunk: int = 128, random_weights: bool = False, record=lambda out: None) -> dict:
+                chunk: int = 128, random_weights: bool = False, record=lambda out: None,
+                experts: str | None = None) -> dict:
     """transformers' generate, bf16, with a static cache, which on GPU it compiles with torch.compile
     (its best settings): decode step latency and the offline workload (sequences sorted by output
     length and run `chunk` at a time, counting only wanted tokens).
@@ -495,15 +496,22 @@ def hf_baseline(model_dir: str, lens: list[tuple[int, int]], batches: tuple[int,
 
     The offline workload runs first (the bar is on it) and `record` gets the result so far after every
     chunk and decode point: a baseline cut off by a time limit keeps what it measured, its offline figure
-    marked incomplete."""
+    marked incomplete.
+
+    `experts`: transformers' experts_implementation for an MoE model ("grouped_mm": one grouped GEMM per
+    projection; "eager": a loop over the experts); None leaves transformers' own default. The one that
+    ran is recorded."""
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
 
+    extra = {"experts_implementation": experts} if experts else {}
     if random_weights:
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16,
+                                                     **extra)
         model = model.eval()
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **extra).to(device).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     vocab = model.config.vocab_size
@@ -534,7 +542,8 @@ def hf_baseline(model_dir: str, lens: list[tuple[int, int]], batches: tuple[int,
             warmup_s += run(4)  # compiles for this batch size and cache length
         return run(new)
 
-    out = {"decode": []}
+    out = {"decode": [], "transformers_version": transformers.__version__,
+           "experts_implementation": getattr(model.config, "_experts_implementation", None)}
     prompts = [(_random_prompt(rng, n_in, vocab), n_out) for n_in, n_out in lens]
     prompts.sort(key=lambda p: p[1])
     longest = max(n for n, _ in lens) + max(n for _, n in lens)  # a chunk pads its prompts to its longest
@@ -619,7 +628,8 @@ def _engine_part(cfg: EngineConfig, lens: list[tuple[int, int]], batches: list[i
 
 def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: bool = True,
                  batches: list[int] = DECODE_BATCHES, contexts: list[int] = DECODE_CONTEXTS, steps: int = 32,
-                 logprobs: str = "both", offline_max_len: int = 1024, hf_chunk: int = 128) -> dict:
+                 logprobs: str = "both", offline_max_len: int = 1024, hf_chunk: int = 128,
+                 hf_experts: str | None = None) -> dict:
     lens = offline_lens(num_seqs, offline_max_len)
     result, device = _engine_part(cfg, lens, list(batches), list(contexts), steps, logprobs)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -643,7 +653,7 @@ def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: 
             path.write_text(json.dumps(result, indent=1))
 
         hf_baseline(cfg.model, lens, tuple(decode_batches), str(device), hf_chunk,
-                    random_weights=cfg.load_format == "dummy", record=record)
+                    random_weights=cfg.load_format == "dummy", record=record, experts=hf_experts)
         print(format_result(result), flush=True)
     else:
         result["transformers_skipped"] = why_no_hf
@@ -721,6 +731,8 @@ def format_result(r: dict) -> str:
     if "transformers" in r:
         t = r["transformers"]["offline"]
         part = "" if t.get("complete", True) else f", incomplete: {t['sequences']} of {r['num_seqs']} sequences"
+        experts = r["transformers"].get("experts_implementation")
+        part += f", experts {experts}" if experts else ""
         lines.append(f"transformers offline: {t['output_tok_s']:.0f} output tok/s ({t['seconds']:.1f} s{part}, after "
                      f"{r['transformers']['warmup_s']:.0f} s of untimed compile warm-up); "
                      f"engine / transformers = {r['offline']['output_tok_s'] / t['output_tok_s']:.1f}x")
