@@ -30,9 +30,9 @@
 #      batches, offline with logprobs off and on, then transformers (built from the config, random weights) on
 #      the same offline workload (HF_CHUNK sequences per generate call, 32 by default: its prefill of 64 does not
 #      fit beside the weights on an 80 GB card; BATCHES, CONTEXTS and LOGPROBS narrow the run; with BATCHES=1
-#      CONTEXTS=128 LOGPROBS=off SWEEP=0 an H100 needs about 200 s for the engine, 110 s for transformers' compile and
-#      290 s for its two chunks with its eager experts loop, hence ENGINE_S's default of 580; HF_EXPERTS picks
-#      transformers' experts implementation, e.g. grouped_mm)
+#      CONTEXTS=128 LOGPROBS=off SWEEP=0 an H100 needed 200 s for the engine, 70-110 s for transformers' compile and
+#      265 s for its two chunks (runs 97 and 104), hence ENGINE_S's default of 580; HF_EXPERTS picks transformers'
+#      experts implementation, e.g. grouped_mm)
 # moestep: the MoE GPU tests, then with BASE (a package copy) the 30b-a3b-shape decode step (random weights,
 #          batch 1 and 64, kernel breakdown) of BASE and of this checkout, then the GEMV sweep of its attention
 #          and router, the MoE layer's sweep, and this checkout's step again (a stage's _S=0 skips it)

@@ -13,7 +13,10 @@ CONFIGS = [{"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4, "num_sta
            {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4, "num_stages": 2}]
 
 
-def check(device: str, dtype: torch.dtype, n: int, k: int, rows: list[int], configs: list[dict], tol: float) -> None:
+def check(device: str, dtype: torch.dtype, n: int, k: int, rows: list[int], configs: list[dict], tol: float,
+          silu_mul: bool = False) -> None:
+    """With `silu_mul` W is [gate; up] (n rows) and the reference is the unfused path: the product
+    rounded to dtype, then silu(gate) * up as torch computes it."""
     from tpfleet.kernels import arrivals, gemm
 
     g = torch.Generator(device).manual_seed(0)
@@ -23,15 +26,19 @@ def check(device: str, dtype: torch.dtype, n: int, k: int, rows: list[int], conf
         wide = torch.randn(m, k + 32, generator=g, device=device).to(dtype)
         x = wide[:, 16:16 + k]
         want = (x.float() @ weight.float().t()).to(dtype)
+        if silu_mul:
+            gate, up = want.chunk(2, dim=-1)
+            want = torch.nn.functional.silu(gate) * up
         for config in configs:
-            out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-            got = gemm.linear(x, weight, config, out)
+            out = torch.full(want.shape, float("nan"), dtype=dtype, device=device)
+            got = gemm.linear(x, weight, config, out, silu_mul=silu_mul)
             assert got.data_ptr() == out.data_ptr(), "linear must write into `out`"
             # summed in another order than the fp32 reference: within `tol` of it, relative above 1
             err = ((got.float() - want.float()).abs() / want.float().abs().clamp(min=1)).max().item()
-            assert err <= tol, f"{m} rows, {config}: max error {err}"
+            assert err <= tol, f"{m} rows, {config}, silu_mul={silu_mul}: max error {err}"
             # Splits summed in a fixed order: the same inputs give the same bits again.
-            assert torch.equal(gemm.linear(x, weight, config), got), f"{m} rows, {config}: not deterministic"
+            assert torch.equal(gemm.linear(x, weight, config, silu_mul=silu_mul), got), \
+                f"{m} rows, {config}: not deterministic"
     assert all(int(c.abs().sum()) == 0 for c in arrivals.held("skinny_gemm", torch.device(device))), \
         "every arrival counter must be back at zero for the next launch or graph replay"
 
@@ -39,6 +46,7 @@ def check(device: str, dtype: torch.dtype, n: int, k: int, rows: list[int], conf
 def interpreter_main() -> None:
     """Run by run_in_triton_interpreter: Triton on the CPU."""
     check("cpu", torch.float32, 64, 256, [2, 3, 16, 33, 64], CONFIGS, 1e-4)
+    check("cpu", torch.float32, 64, 256, [2, 33], CONFIGS, 1e-4, silu_mul=True)
     print("interpreter: the skinny GEMM matches torch")
 
 
@@ -54,6 +62,10 @@ def test_shapes_the_tiles_do_not_divide_are_refused():
         gemm.linear(torch.zeros(4, 256), weight, dict(CONFIGS[1]))  # 48 rows of W in blocks of 32
     with pytest.raises(ValueError, match="tiling"):
         gemm.linear(torch.zeros(65, 256), weight, dict(CONFIGS[0]))  # more rows than a tile takes
+    with pytest.raises(ValueError, match="gate and up"):
+        gemm.linear(torch.zeros(4, 256), torch.zeros(32, 256), dict(CONFIGS[1]), silu_mul=True)  # 16-wide halves
+    with pytest.raises(ValueError, match="tiling"):
+        gemm.linear(torch.zeros(4, 128), weight, dict(CONFIGS[0]))  # x narrower than W
 
 
 def test_the_table_sends_each_row_count_where_its_sweep_measured_faster(tmp_path, monkeypatch):
@@ -75,6 +87,11 @@ def test_the_table_sends_each_row_count_where_its_sweep_measured_faster(tmp_path
         gemm.save_table(gpu, {(4096, 2048, 16): CONFIGS[2]})
         assert gemm.config_for(gpu, 4096, 2048, 16) == CONFIGS[2] and \
             gemm.config_for(gpu, 4096, 4096, 32) == CONFIGS[1]
+        # gate_up with its activation has a table of its own: the plain verdicts do not answer for it
+        assert gemm.config_for(gpu, 4096, 4096, 32, silu_mul=True) is None
+        gemm.save_table(gpu, {(4096, 4096, 32): CONFIGS[0]}, silu_mul=True)
+        assert gemm.config_for(gpu, 4096, 4096, 32, silu_mul=True) == CONFIGS[0] and \
+            gemm.config_for(gpu, 4096, 4096, 32) == CONFIGS[1]
     finally:
         tuning.read.cache_clear()
         gemm.config_for.cache_clear()
@@ -91,6 +108,9 @@ def test_skinny_gemm_matches_torch_on_gpu(dtype):
         configs = gemm.sweep_configs(4096, 4096, m)[::5] if dtype == torch.bfloat16 else CONFIGS
         check("cuda", dtype, 4096, 4096, [m], configs, tol)
     check("cuda", dtype, 6144, 4096, [16], CONFIGS, tol)
+    for m in (2, 24, 64):
+        configs = gemm.sweep_configs(8192, 4096, m, silu_mul=True)[::9] if dtype == torch.bfloat16 else CONFIGS
+        check("cuda", dtype, 8192, 4096, [m], configs, tol, silu_mul=True)
 
 
 @pytest.mark.gpu
@@ -133,6 +153,17 @@ def test_projections_take_the_kernel_only_where_the_table_says(tmp_path, monkeyp
             y = skinny_or_cublas(x, weight)
             assert launched == expected, rows
             torch.testing.assert_close(y.float(), x.float() @ weight.float().t(), rtol=0.02, atol=0.02)
+        # gate_up with its activation reads its own table: the skinny GEMM's epilogue where it says so,
+        # cuBLAS and the activation kernel elsewhere, the same values either way
+        gemm.save_table(gemv.gpu_name(weight.device), {(256, 512, 16): CONFIGS[0]}, silu_mul=True)
+        for rows, expected in ((16, [CONFIGS[0]]), (8, [CONFIGS[0]]), (24, [])):
+            launched.clear()
+            x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+            y = skinny_or_cublas(x, weight, silu_mul=True)
+            assert launched == expected, rows
+            gate, up = (x.float() @ weight.float().t()).chunk(2, dim=-1)
+            torch.testing.assert_close(y.float(), torch.nn.functional.silu(gate) * up, rtol=0.03, atol=0.02)
     finally:
         tuning.read.cache_clear()
         gemm.config_for.cache_clear()
+

@@ -129,42 +129,52 @@ def bench_gemv(out_dir: str, tp_sizes: list[int], sweep: bool, preset: str = "8b
 
 def bench_rows(out_dir: str, tp_sizes: list[int], rows: list[int], preset: str = "8b-shape", sweep: bool = False,
                dtype: torch.dtype = torch.bfloat16) -> list[dict]:
-    """Each projection at `rows` tokens, the norm or activation before it apart: where a decode step at
-    batch 2-512 loses time in its GEMMs. With `sweep`, tpfleet's skinny GEMM (tpfleet.kernels.gemm, up to
-    64 rows) in every config of its grid too, and this GPU's table records per shape and row count the
-    fastest config where it beats cuBLAS, or cuBLAS, which is what the engine then runs."""
+    """Each projection at `rows` tokens, the norm before it apart (gate_up with its activation after it):
+    where a decode step at batch 2-512 loses time in its GEMMs. With `sweep`, tpfleet's skinny GEMM
+    (tpfleet.kernels.gemm, up to 64 rows) in every config of its grid too, and this GPU's table records per
+    shape and row count the fastest config where it beats cuBLAS, or cuBLAS, which is what the engine then
+    runs."""
     device = torch.device("cuda")
     gpu = gemv.gpu_name(device)
     bw, rate = copy_bandwidth(device), matmul_rate(device, dtype)
     print(f"projections at M rows, {preset}, {gpu}, {dtype}; copy bandwidth {bw / 1e12:.2f} TB/s, matmul "
           f"{rate / 1e12:.0f} TFLOP/s; us per call")
-    print(f"{'tp':>3} {'proj':>8} {'rows':>5} {'floor':>8} {'bound':>7} {'cuBLAS':>8} {'x floor':>7}"
+    print(f"{'tp':>3} {'proj':>12} {'rows':>5} {'floor':>8} {'bound':>7} {'cuBLAS':>8} {'x floor':>7}"
           + (f" {'tpfleet':>8} {'x floor':>7}  config" if sweep else ""))
-    results, table = [], {}
+    results, tables = [], {False: {}, True: {}}
     for tp in tp_sizes:
         for name, n, k, _ in SHAPES[preset][tp]:
+            # gate_up runs with its activation at these rows: the skinny GEMM's epilogue against cuBLAS
+            # then ops.silu_and_mul
+            silu_mul = name == "gate_up"
             weights = weight_copies(n, k, dtype, device)
             reps = 4 * len(weights)
             for m in rows:
                 x = torch.randn(m, k, device=device, dtype=dtype)
                 floor = bound((n * k + m * k + m * n) * dtype.itemsize, 2 * m * n * k, bw, rate)
-                row = {"tp": tp, "proj": name, "n": n, "k": k, "rows": m, "memory_us": 1e3 * floor["memory_ms"],
-                       "compute_us": 1e3 * floor["compute_ms"], "floor_us": 1e3 * floor["floor_ms"],
-                       "cublas_us": graph_time_us(lambda i=0: torch.matmul(x, weights[i % len(weights)].t()), reps)}
-                line = (f"{tp:>3} {name:>8} {m:>5} {row['floor_us']:>8.1f} {floor['bound']:>7} "
-                        f"{row['cublas_us']:>8.1f} "
-                        f"{row['cublas_us'] / row['floor_us']:>7.2f}")
+
+                def peer(i=0):
+                    y = torch.matmul(x, weights[i % len(weights)].t())
+                    return ops.silu_and_mul(y) if silu_mul else y
+
+                row = {"tp": tp, "proj": name, "n": n, "k": k, "rows": m, "silu_mul": silu_mul,
+                       "memory_us": 1e3 * floor["memory_ms"], "compute_us": 1e3 * floor["compute_ms"],
+                       "floor_us": 1e3 * floor["floor_ms"], "cublas_us": graph_time_us(peer, reps)}
+                line = (f"{tp:>3} {name + ('+act' if silu_mul else ''):>12} {m:>5} {row['floor_us']:>8.1f} "
+                        f"{floor['bound']:>7} {row['cublas_us']:>8.1f} {row['cublas_us'] / row['floor_us']:>7.2f}")
                 if sweep and m <= gemm.MAX_ROWS:
-                    timed = [(graph_time_us(lambda i=0, c=c: gemm.linear(x, weights[i % len(weights)], c), reps), c)
-                             for c in gemm.sweep_configs(n, k, m)]
+                    timed = [(graph_time_us(lambda i=0, c=c: gemm.linear(x, weights[i % len(weights)], c,
+                                                                          silu_mul=silu_mul), reps), c)
+                             for c in gemm.sweep_configs(n, k, m, silu_mul)]
                     row["best_us"], row["best_config"] = min(timed, key=lambda t: t[0])
                     row["sweep"] = [{"us": us, **c} for us, c in timed]
-                    table[(n, k, m)] = row["best_config"] if row["best_us"] < row["cublas_us"] else None
+                    tables[silu_mul][(n, k, m)] = row["best_config"] if row["best_us"] < row["cublas_us"] else None
                     line += f" {row['best_us']:>8.1f} {row['best_us'] / row['floor_us']:>7.2f}  {row['best_config']}"
                 results.append(row)
                 print(line, flush=True)
-    if table:
-        gemm.save_table(gpu, table)
+    for silu_mul, table in tables.items():
+        if table:
+            gemm.save_table(gpu, table, silu_mul)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"device": gpu, "preset": preset, "copy_bandwidth": bw, "matmul_rate": rate, "rows": results}

@@ -34,12 +34,16 @@ def _param(*shape: int, loader) -> nn.Parameter:
     return p
 
 
-def skinny_or_cublas(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def skinny_or_cublas(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                     silu_mul: bool = False) -> torch.Tensor:
     """x @ weight.T: a few rows on a GPU whose sweep found tpfleet's skinny GEMM faster for this shape go
-    to it (tpfleet.kernels.gemm), everything else to torch (cuBLAS)."""
-    config = gemm.chosen(x, weight) if gemm is not None else None
+    to it (tpfleet.kernels.gemm), everything else to torch (cuBLAS). With `silu_mul` (weight = [gate;
+    up]) the result is silu(gate) * up, which the skinny GEMM writes in place of its products."""
+    config = gemm.chosen(x, weight, silu_mul) if gemm is not None else None
     if config is not None:
-        return gemm.linear(x, weight, config, out)
+        return gemm.linear(x, weight, config, out, silu_mul)
+    if silu_mul:
+        return silu_and_mul(F.linear(x, weight))
     return F.linear(x, weight) if out is None else torch.matmul(x, weight.t(), out=out)
 
 
@@ -54,15 +58,21 @@ class ColumnParallelLinear(nn.Module):
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         param.data.copy_(loaded.narrow(0, self.tp.rank * self.out_per_rank, self.out_per_rank))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        """With `silu_mul` (an MLP's gate_up), silu(gate) * up of the product."""
         if self.bias is None:
-            return skinny_or_cublas(x, self.weight)
-        return F.linear(x, self.weight, self.bias)
+            return skinny_or_cublas(x, self.weight, silu_mul=silu_mul)
+        y = F.linear(x, self.weight, self.bias)
+        return silu_and_mul(y) if silu_mul else y
+
+    def one_gemv(self, x: torch.Tensor) -> bool:
+        """Whether this projection of x is a batch-1 GEMV, which takes the norm before it as its prologue."""
+        return self.bias is None and gemv is not None and gemv.supports(x, self.weight)
 
     def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None):
         """This projection of norm(x + residual), and the new residual (x itself without one). One row
         on GPU (batch-1 decode) takes one kernel, the norm being the GEMV's prologue."""
-        if self.bias is None and gemv is not None and gemv.supports(x, self.weight):
+        if self.one_gemv(x):
             return gemv.norm_linear(x, residual, norm.weight, norm.eps, self.weight)
         h, residual = norm(x, residual) if residual is not None else (norm(x), x)
         return self(h), residual

@@ -73,6 +73,17 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp)
 
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor,
+                       fused: Exchange | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP over norm(x + residual), and the new residual. SiLU-and-mul rides in a projection's
+        kernel: for one row on a GPU the down GEMV's prologue (the norm being gate_up's); for more, the
+        gate_up skinny GEMM's epilogue where its table chose it, else a kernel after cuBLAS."""
+        if self.gate_up_proj.one_gemv(x):
+            gate_up, residual = self.gate_up_proj.forward_normed(norm, x, residual)
+            return self.down_proj(gate_up, silu_mul=True, fused=fused), residual
+        h, residual = norm(x, residual)
+        return self.down_proj(self.gate_up_proj(h, silu_mul=True), fused=fused), residual
+
 
 class Qwen3DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup, backend: AttentionBackend, mlp: nn.Module | None = None):
@@ -97,8 +108,7 @@ class Qwen3DecoderLayer(nn.Module):
     def post(self, o, residual, fused: Exchange | None = None):
         """With `fused`, o_proj and down all-reduce their outputs in their own kernels."""
         x = self.self_attn.o_proj(o.flatten(1), fused=fused)
-        gate_up, residual = self.mlp.gate_up_proj.forward_normed(self.post_attention_layernorm, x, residual)
-        return self.mlp.down_proj(gate_up, silu_mul=True, fused=fused), residual
+        return self.mlp.forward_normed(self.post_attention_layernorm, x, residual, fused)
 
 
 class Qwen3ForCausalLM(nn.Module):
