@@ -166,4 +166,3 @@ def test_projections_take_the_kernel_only_where_the_table_says(tmp_path, monkeyp
     finally:
         tuning.read.cache_clear()
         gemm.config_for.cache_clear()
-
