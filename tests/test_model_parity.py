@@ -144,3 +144,37 @@ def test_fused_all_reduce_decodes_the_same_tokens_at_tp2(tmp_path, monkeypatch):
             finally:
                 engine.shutdown()
     assert outs["1", "full"] == outs["0", "full"] == outs["1", "eager"] == outs["0", "eager"]
+
+
+@pytest.mark.gpu
+def test_skinny_gemms_decode_what_transformers_decodes_on_gpu(tiny_model, tmp_path, monkeypatch):
+    """With a table sending every projection at 2-64 rows to the skinny GEMM (gate_up with SiLU-and-mul
+    in its epilogue, split over K), a batch of prompts decodes transformers' greedy tokens, graphs included."""
+    from tpfleet.kernels import gemm, gemv, tuning
+
+    monkeypatch.setenv("TPFLEET_CACHE_DIR", str(tmp_path))
+    tuning.read.cache_clear()
+    gemm.config_for.cache_clear()
+    plain = {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4, "num_stages": 2}
+    split = {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 2}
+    gpu = gemv.gpu_name(torch.device("cuda"))
+    # the tiny preset's qkv, o_proj and down (plain), and gate_up with its activation
+    gemm.save_table(gpu, {(256, 64, 64): plain, (64, 128, 64): plain, (64, 160, 64): plain})
+    gemm.save_table(gpu, {(320, 64, 64): split}, silu_mul=True)
+    launched = []
+    real = gemm.linear
+    monkeypatch.setattr(gemm, "linear", lambda x, w, config, out=None, silu_mul=False:
+                        launched.append(silu_mul) or real(x, w, config, out, silu_mul))
+    try:
+        engine = LLMEngine(EngineConfig(model=str(tiny_model), device="cuda", dtype="float32"))
+        try:
+            prompts = [engine.tokenizer(p).input_ids for p in PROMPTS]
+            ours = run_greedy(engine, prompts, 16)
+        finally:
+            engine.shutdown()
+    finally:
+        tuning.read.cache_clear()
+        gemm.config_for.cache_clear()
+    assert True in launched and False in launched, "the table's kernels must have run"
+    ref = hf_model(tiny_model)
+    assert ours == [hf_greedy(ref, p, 16) for p in prompts]
