@@ -85,6 +85,16 @@ def test_bench_engine_refuses_an_empty_transformers_chunk(tiny_model):
     assert run.returncode == 2 and "--hf-chunk: expected a positive count, got 0" in run.stderr
 
 
+def test_bench_engine_refuses_an_experts_implementation_transformers_lacks(tiny_model):
+    """Checked before the engine's part runs, not minutes later when transformers builds its model."""
+    from tpfleet.bench.engine import hf_experts_implementations
+
+    offered = ", ".join(hf_experts_implementations()) or "no choice"
+    cmd = [sys.executable, "-m", "tpfleet.cli", "bench", "engine", "--model", str(tiny_model), "--hf-experts", "loop"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"--hf-experts: this transformers offers {offered}, not 'loop'" in run.stderr
+
+
 def test_rl_workload_draws_groups_of_one_prompt_with_long_tailed_lengths():
     workload = RLWorkload(prompts=50, samples=4, min_prompt=5, max_prompt=9, max_output=64)
     requests = workload.requests(vocab=100)

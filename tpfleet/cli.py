@@ -422,7 +422,7 @@ def run_command(args: argparse.Namespace) -> int:
 
         bench_decode(_engine_config(args, "bench decode"), _int_list(args.batch_sizes), args.input_len)
     elif args.cmd == "bench" and args.what == "engine":
-        from tpfleet.bench.engine import bench_engine
+        from tpfleet.bench.engine import bench_engine, hf_experts_implementations
 
         cfg = _engine_config(args, "bench engine")
         if args.workload == "rl":
@@ -435,6 +435,9 @@ def run_command(args: argparse.Namespace) -> int:
         else:
             if args.hf_chunk < 1:
                 build_parser()[1]["bench engine"].error(f"--hf-chunk: expected a positive count, got {args.hf_chunk}")
+            if args.hf_experts and args.hf_experts not in (offered := hf_experts_implementations()):
+                build_parser()[1]["bench engine"].error(f"--hf-experts: this transformers offers "
+                                                        f"{', '.join(offered) or 'no choice'}, not {args.hf_experts!r}")
             bench_engine(cfg, args.out, args.num_seqs, with_hf=not args.no_hf, batches=args.batches,
                          contexts=args.contexts, steps=args.decode_steps, logprobs=args.logprobs,
                          offline_max_len=args.offline_max_len, hf_chunk=args.hf_chunk, hf_experts=args.hf_experts)

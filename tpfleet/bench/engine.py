@@ -481,6 +481,15 @@ def mixed_step(engine: LLMEngine, repeats: int = 20) -> dict | None:
     return result
 
 
+def hf_experts_implementations() -> list[str]:
+    """The experts implementations this transformers offers an MoE model (`bench engine --hf-experts`)."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:  # a transformers without the choice: its experts are one loop
+        return []
+    return ["eager", *ALL_EXPERTS_FUNCTIONS.keys()]
+
+
 def hf_baseline(model_dir: str, lens: list[tuple[int, int]], batches: tuple[int, ...], device: str,
                 chunk: int = 128, random_weights: bool = False, record=lambda out: None,
                 experts: str | None = None) -> dict:
