@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tpfleet.kernels import tuning
+from tpfleet.kernels import ops, tuning
 from tpfleet.kernels.arrivals import counters, last_to_arrive
 from tpfleet.kernels.gemv import gpu_name
 
@@ -27,15 +27,6 @@ MAX_ROWS = 64
 # in tpfleet.kernels.tuning: {(N, K, rows): the fastest config, or None: cuBLAS was faster}, of the plain
 # product and of gate_up with its activation (against cuBLAS then `ops.silu_and_mul`)
 TABLES = {False: "gemm-rows", True: "gemm-rows-silu-mul"}
-
-
-@triton.jit
-def _silu_mul(gate, up, dtype):
-    """silu(gate) * up of fp32 products, rounded as the unfused path rounds: each product to the model
-    dtype (the GEMM's output), then silu, then the product (`ops.silu_and_mul`)."""
-    g = gate.to(dtype).to(tl.float32)
-    s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-    return (s * up.to(dtype).to(tl.float32)).to(dtype)
 
 
 @triton.jit
@@ -64,7 +55,7 @@ def _skinny_kernel(x, w, out, partial, arrivals, M, N, K, stride_x, stride_out,
     dest = out + rm[:, None] * stride_out + rn[None, :]
     if SPLIT_K == 1:
         if SILU_MUL:
-            tl.store(dest, _silu_mul(acc, acc_up, out.dtype.element_ty), mask=rows)
+            tl.store(dest, ops.silu_mul(acc, acc_up, out.dtype.element_ty), mask=rows)
         else:
             tl.store(dest, acc.to(out.dtype.element_ty), mask=rows)
     else:
@@ -80,7 +71,7 @@ def _skinny_kernel(x, w, out, partial, arrivals, M, N, K, stride_x, stride_out,
                 total_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for s in range(SPLIT_K):
                     total_up += tl.load(partial + (SPLIT_K + s) * BLOCK_M * N + tile, cache_modifier=".cg")
-                tl.store(dest, _silu_mul(total, total_up, out.dtype.element_ty), mask=rows)
+                tl.store(dest, ops.silu_mul(total, total_up, out.dtype.element_ty), mask=rows)
             else:
                 tl.store(dest, total.to(out.dtype.element_ty), mask=rows)
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tpfleet.kernels import fused_ar, moe_route, pdl, tuning
+from tpfleet.kernels import fused_ar, moe_route, ops, pdl, tuning
 from tpfleet.kernels.arrivals import counters
 from tpfleet.kernels.fused_ar import Exchange
 
@@ -41,9 +41,7 @@ def _input_tile(x, res, norm_w, k0, rk, rstd, K, PROLOGUE: tl.constexpr):
     """Columns k0 + rk of the transformed input, rounded to the model dtype as the reference rounds."""
     if PROLOGUE == SILU_MUL:  # x is [gate | up], each K wide
         g = tl.load(x + k0 + rk)
-        gf = g.to(tl.float32)
-        a = ((gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32) * tl.load(x + K + k0 + rk).to(tl.float32))
-        a = a.to(g.dtype)
+        a = ops.silu_mul(g, tl.load(x + K + k0 + rk), g.dtype)
     else:
         a = tl.load(x + k0 + rk)
         if PROLOGUE == NORM or PROLOGUE == NORM_RESIDUAL:

@@ -44,7 +44,7 @@ import triton.language as tl
 
 from tpfleet import env
 from tpfleet.jit import STATS, write_atomic
-from tpfleet.kernels import pdl
+from tpfleet.kernels import ops, pdl
 
 log = logging.getLogger("tpfleet.kernels.moe")
 
@@ -160,14 +160,6 @@ def align_by_expert(topk_ids: torch.Tensor, num_local: int, first_expert: int, b
 
 
 @triton.jit
-def _silu_mul(gate, up, dtype: tl.constexpr):
-    """silu(gate) * up, rounded where the torch reference rounds: both inputs, the SiLU, the product."""
-    g = gate.to(dtype).to(tl.float32)
-    u = up.to(dtype).to(tl.float32)
-    return ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * u).to(dtype)
-
-
-@triton.jit
 def _block_of(pid, num_blocks_m, num_blocks_n, GROUP: tl.constexpr):
     """(M block, N tile) of a program: GROUP M blocks at a time sweep the N tiles, so the weight tiles
     an expert's consecutive blocks share are read while still in L2."""
@@ -207,7 +199,7 @@ def _grouped_gate_up_kernel(hidden, w, act, sorted_ids, block_expert, rows_used,
         x_ptr += BLOCK_K
         gate_ptr += BLOCK_K
         up_ptr += BLOCK_K
-    y = _silu_mul(acc_gate, acc_up, act.dtype.element_ty)
+    y = ops.silu_mul(acc_gate, acc_up, act.dtype.element_ty)
     tl.store(act + slots[:, None].to(tl.int64) * INTER + rn[None, :], y, mask=valid[:, None] & n_ok[None, :])
 
 
@@ -279,7 +271,7 @@ def _gemv_gate_up_kernel(hidden, w, ids, act, first, num_local, HIDDEN, INTER, t
             w_mask = n_ok[:, None] & k_ok[None, :]
             acc_gate += tl.load(gate_rows + k0 + rk[None, :], mask=w_mask, other=0.0).to(tl.float32) * x
             acc_up += tl.load(up_rows + k0 + rk[None, :], mask=w_mask, other=0.0).to(tl.float32) * x
-        y = _silu_mul(tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1), act.dtype.element_ty)
+        y = ops.silu_mul(tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1), act.dtype.element_ty)
         tl.store(act + pair * INTER + rn, y, mask=n_ok)
 
 

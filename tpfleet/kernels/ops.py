@@ -119,15 +119,23 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Ten
 
 
 @triton.jit
+def silu_mul(gate, up, dtype: tl.constexpr):
+    """silu(gate) * up in `dtype`, rounded where the torch reference rounds: both inputs, the SiLU, the
+    product. Every kernel that applies SwiGLU's activation (here, in the GEMV's prologue, the skinny
+    GEMM's and the MoE GEMMs' epilogues) calls this one."""
+    g = gate.to(dtype).to(tl.float32)
+    u = up.to(dtype).to(tl.float32)
+    return ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * u).to(dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x, out, inter, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < inter
     g = tl.load(x + t * 2 * inter + offs, mask=m, other=0.0)
     u = tl.load(x + t * 2 * inter + inter + offs, mask=m, other=0.0)
-    gf = g.to(tl.float32)
-    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-    tl.store(out + t * inter + offs, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
+    tl.store(out + t * inter + offs, silu_mul(g, u, g.dtype), mask=m)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
