@@ -85,9 +85,10 @@ def supports(x: torch.Tensor, weight: torch.Tensor, config: dict, silu_mul: bool
     """Whether `config` tiles this product: 2-64 rows of a contiguous x, K split evenly into BLOCK_K steps
     (with `silu_mul`, W's gate and up halves each into BLOCK_N features)."""
     n, k = weight.shape
+    halves = 2 if silu_mul else 1
     return (x.dim() == 2 and 2 <= x.shape[0] <= MAX_ROWS and x.shape[1] == k and x.stride(-1) == 1
-            and weight.stride(-1) == 1 and (n // 2 if silu_mul else n) % config["BLOCK_N"] == 0
-            and n % (2 if silu_mul else 1) == 0 and k % (config["SPLIT_K"] * config["BLOCK_K"]) == 0)
+            and weight.stride(-1) == 1 and n % (halves * config["BLOCK_N"]) == 0
+            and k % (config["SPLIT_K"] * config["BLOCK_K"]) == 0)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, config: dict, out: torch.Tensor | None = None,
