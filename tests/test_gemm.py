@@ -68,6 +68,19 @@ def test_shapes_the_tiles_do_not_divide_are_refused():
         gemm.linear(torch.zeros(4, 128), weight, dict(CONFIGS[0]))  # x narrower than W
 
 
+def test_every_swept_config_tiles_its_shape_once():
+    from tpfleet.kernels import gemm
+
+    for n, k, silu_mul in ((6144, 4096, False), (4096, 12288, False), (24576, 4096, True), (2048, 768, False)):
+        for rows in (2, 8, 33, 64):
+            configs = gemm.sweep_configs(n, k, rows, silu_mul)
+            assert configs, f"no config for {rows} rows of [{n}, {k}]"
+            assert len({tuple(c.values()) for c in configs}) == len(configs), "a config is timed twice"
+            x, weight = torch.empty(rows, k), torch.empty(n, k)
+            for c in configs:
+                assert gemm.supports(x, weight, c, silu_mul), f"{c} does not tile {rows} rows of [{n}, {k}]"
+
+
 def test_the_table_sends_each_row_count_where_its_sweep_measured_faster(tmp_path, monkeypatch):
     from tpfleet.kernels import gemm, tuning
 

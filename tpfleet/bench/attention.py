@@ -7,7 +7,8 @@ shuffled pages, so that `MIN_SPLIT_TOKENS` rests on a measurement.
 
 `--tiles` times, at the batches and contexts RL rollouts run at, every tile (tokens per tile, warps,
 pipeline stages) with every split count, against the default choice: what the large-batch policy of
-`decode_attention` rests on.
+`decode_attention` rests on. Beside the default it times the engine's decode input, the qkv projection,
+which the kernel norms, rotates and stores before it attends.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from tpfleet.attention.backend import NewTokens
 from tpfleet.bench.engine import copy_bandwidth
 from tpfleet.bench.gemv import graph_time_us
 from tpfleet.kernels.attention import MIN_SPLIT_TOKENS, decode_attention, decode_splits
@@ -38,6 +40,19 @@ def _case(batch: int, ctx: int, dtype: torch.dtype, g: torch.Generator) -> tuple
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
     q = torch.randn(batch, KV_HEADS * GROUP, HEAD_DIM, device=device, dtype=dtype, generator=g)
     return q, kc, vc, tables, lens
+
+
+def _from_qkv(q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, g: torch.Generator
+              ) -> tuple[torch.Tensor, NewTokens]:
+    """The engine's decode input for the same query shape: a qkv projection's rows, which the kernel
+    norms, rotates and stores (the newest token's key and value) before attending."""
+    batch, device = q.shape[0], q.device
+    qkv = torch.randn(batch, (KV_HEADS * GROUP + 2 * KV_HEADS) * HEAD_DIM, device=device, dtype=q.dtype, generator=g)
+    positions = lens.long() - 1
+    slots = tables.gather(1, (positions // PAGE).view(-1, 1)).view(-1).long() * PAGE + positions % PAGE
+    norm = torch.ones(HEAD_DIM, device=device, dtype=q.dtype)
+    angles = torch.rand(int(positions.max()) + 1, HEAD_DIM // 2, device=device, generator=g)
+    return qkv, NewTokens(positions, slots, norm, norm, 1e-6, angles.cos(), angles.sin())
 
 
 def _setup() -> tuple[torch.device, float, torch.Generator]:
@@ -95,6 +110,9 @@ def bench_attention_tiles(out_dir: str, batches: list[int], contexts: list[int],
             row = {"batch": batch, "context": ctx, "floor_us": floor,
                    "default_splits": decode_splits(batch, KV_HEADS, device)}
             row["default_us"] = graph_time_us(lambda i=0: decode_attention(q, kc, vc, tables, lens, scale, out), 10)
+            qkv, new = _from_qkv(q, tables, lens, g)
+            row["from_qkv_us"] = graph_time_us(
+                lambda i=0: decode_attention(qkv, kc, vc, tables, lens, scale, out, new=new), 10)
             row["tiles"] = {}
             for tile in TILES:
                 for splits in SPLIT_COUNTS:
@@ -105,7 +123,8 @@ def bench_attention_tiles(out_dir: str, batches: list[int], contexts: list[int],
             row["best"], row["best_us"] = best, row["tiles"][best]
             rows.append(row)
             print(f"{batch:>5} {ctx:>7} floor {floor:>8.1f}  default {row['default_us']:>8.1f} "
-                  f"({row['default_us'] / floor:.2f}x, {row['default_splits']} split)  best {row['best_us']:>8.1f} "
+                  f"({row['default_us'] / floor:.2f}x, {row['default_splits']} split)  from qkv "
+                  f"{row['from_qkv_us']:>8.1f} ({row['from_qkv_us'] / floor:.2f}x)  best {row['best_us']:>8.1f} "
                   f"({row['best_us'] / floor:.2f}x, {best})", flush=True)
     _write(out_dir, "attention_tiles.json", device, bw, rows)
     return rows
