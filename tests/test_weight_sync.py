@@ -217,6 +217,11 @@ def test_http_tensor_update_and_bodies_checked(client, aengine):
     refused = client.post("/init_weights_update_group", json={"master_address": "127.0.0.1", "master_port": "x",
                                                                "rank_offset": 1, "world_size": 2})
     assert refused.status_code == 400 and refused.json()["message"].startswith("master_port")
+    # refused before joining, which would retry an unknown host for minutes with the engine serving nothing
+    unknown = client.post("/init_weights_update_group", json={"master_address": "no-such-host.invalid",
+                                                              "master_port": 29500, "rank_offset": 1, "world_size": 2,
+                                                              "backend": "gloo"})
+    assert unknown.status_code == 400 and unknown.json()["message"].startswith("master_address: cannot resolve")
     typo = client.post("/destroy_weights_update_group", json={"group": "g"})
     assert typo.status_code == 400 and typo.json()["message"].startswith("group")
     nested = client.post("/update_weights_from_disk", content=b"[" * 2000 + b"]" * 2000)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -387,6 +388,11 @@ class EngineWeights:
             raise InvalidRequest("backend", f"must be 'nccl' or 'gloo', not {str(backend)[:60]!r}")
         if backend == "nccl" and self.engine.runner.device.type != "cuda":
             raise InvalidRequest("backend", "nccl needs an engine on GPUs; use gloo on CPU")
+        try:
+            # a name that does not resolve would keep the join retrying for JOIN_TIMEOUT, serving nothing
+            socket.getaddrinfo(master_address.strip("[]"), master_port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as error:
+            raise InvalidRequest("master_address", f"cannot resolve {master_address[:60]!r}: {error}") from None
         try:
             reports = self.ranks.call_all("colocation.weights.init_group", master_address, master_port, rank_offset,
                                           world_size, group_name, backend)
