@@ -103,13 +103,10 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, part_out, pa
                    stride_bt, positions, slots, q_norm, k_norm, cos, sin, eps,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr,
                    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                   MIN_SPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, FROM_QKV: tl.constexpr,
-                   FIRST_EARLY: tl.constexpr):
+                   MIN_SPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, FROM_QKV: tl.constexpr):
     """FROM_QKV: `q` is the qkv projection's rows; each program norms and rotates its query heads, and the
     one whose split holds the newest token does so for that token's key, and stores it and its value in
-    the cache (`ops.qk_norm_rope`'s work, without its launch).
-    FIRST_EARLY (with PDL or FROM_QKV): the first tile's loads are issued before that prologue, so they
-    are in flight while it waits or computes; the newest row, which the prologue writes, is patched in."""
+    the cache (`ops.qk_norm_rope`'s work, without its launch)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -140,11 +137,11 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, part_out, pa
         c = tl.load(cos + pos * half + d % half)[None, :]
         s_ = tl.load(sin + pos * half + d % half)[None, :]
         slot = tl.load(slots + b)
-    if FIRST_EARLY:
-        # Under PDL the kernel before this one may still be running. It writes q and the newest token's
-        # key and value (q/k norm with the KV store; with FROM_QKV, the qkv projection), nothing else read
-        # here: the first tile is loaded before waiting for it, and its newest row is replaced after. Its
-        # loads then run ahead of the dependents' weight prefetches, which, issued first, slowed attention
+    if PDL:
+        # The kernel before this one may still be running. It writes q and the newest token's key and
+        # value (q/k norm with the KV store; with FROM_QKV, the qkv projection), nothing else read here:
+        # the first tile is loaded before waiting for it, and its newest row is replaced after. Its loads
+        # then run ahead of the dependents' weight prefetches, which, issued first, slowed attention
         # (docs/benchmarks.md).
         tok = start + n
         valid = tok < end
@@ -169,7 +166,7 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, part_out, pa
         tl.debug_barrier()  # the tiles below read the newest row back: every thread's store is before them
     else:
         qv = tl.load(q + rows, mask=(g < GROUP)[:, None], other=0.0)
-    if FIRST_EARLY:
+    if PDL:
         newest = valid & (tok == ctx - 1)
         if not FROM_QKV:
             k_new, v_new = _kv_tile(k_cache, v_cache, table, tok, newest, kvh, d, KV_HEADS, HEAD_DIM, PAGE)
@@ -256,8 +253,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_tables.stride(0), positions, slots, q_norm, k_norm, cos, sin, eps,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads,
         HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, SPLITS=splits, MIN_SPLIT=min_split,
-        IEEE=q.dtype == torch.float32, PDL=use_pdl, FROM_QKV=new is not None,
-        FIRST_EARLY=use_pdl or new is not None, launch_pdl=use_pdl, num_warps=warps,
+        IEEE=q.dtype == torch.float32, PDL=use_pdl, FROM_QKV=new is not None, launch_pdl=use_pdl, num_warps=warps,
         **({"num_stages": stages} if stages else {}))
     return out
 
