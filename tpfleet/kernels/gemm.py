@@ -119,15 +119,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, config: dict, out: torch.Tenso
 def sweep_configs(n: int, k: int, rows: int, silu_mul: bool = False) -> list[dict]:
     """The grid that tiles an [n, k] bf16 weight at `rows` rows and whose stages fit in shared memory."""
     halves = 2 if silu_mul else 1
-    tiles = [(bn, bk, split, 4, stages) for bn in (16, 32, 64) for bk in (128, 256) for split in (1, 2, 4)
-             for stages in (3, 4)]
-    if block_m(rows) >= 32:
-        # every program reads all of x's rows beside its BLOCK_N weight rows: at 32-64 rows, wider blocks
-        # read x fewer times, and split K keeps as many programs busy
-        tiles += [(bn, bk, split, warps, stages) for bn in (64, 128) for bk in (64, 128) for split in (1, 2, 4, 8)
-                  for warps in (4, 8) for stages in (3, 4)]
-    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
-            for bn, bk, split, warps, stages in dict.fromkeys(tiles)
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4, "num_stages": stages}
+            for bn in (16, 32, 64) for bk in (128, 256) for split in (1, 2, 4) for stages in (3, 4)
             if (n // halves) % bn == 0 and k % (bk * split) == 0
             and stages * (block_m(rows) + halves * bn) * bk * 2 <= 160 << 10]
 
