@@ -64,16 +64,21 @@ def _skinny_kernel(x, w, out, partial, arrivals, M, N, K, stride_x, stride_out,
         if SILU_MUL:
             tl.store(partial + (SPLIT_K + pid_k) * BLOCK_M * N + tile, acc_up)
         if last_to_arrive(arrivals + pid_n, SPLIT_K):
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(partial + s * BLOCK_M * N + tile, cache_modifier=".cg")
+            total = _sum_of_slices(partial, tile, BLOCK_M * N, BLOCK_M, BLOCK_N, SPLIT_K)
             if SILU_MUL:
-                total_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in range(SPLIT_K):
-                    total_up += tl.load(partial + (SPLIT_K + s) * BLOCK_M * N + tile, cache_modifier=".cg")
+                total_up = _sum_of_slices(partial + SPLIT_K * BLOCK_M * N, tile, BLOCK_M * N, BLOCK_M, BLOCK_N, SPLIT_K)
                 tl.store(dest, ops.silu_mul(total, total_up, out.dtype.element_ty), mask=rows)
             else:
                 tl.store(dest, total.to(out.dtype.element_ty), mask=rows)
+
+
+@triton.jit
+def _sum_of_slices(partial, tile, slice_size, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The SPLIT_K K slices' partial sums of one tile, added in slice order (other SMs wrote them: skip L1)."""
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        total += tl.load(partial + s * slice_size + tile, cache_modifier=".cg")
+    return total
 
 
 def block_m(rows: int) -> int:
