@@ -380,6 +380,35 @@ def test_flush_cache_refuses_while_running(url):
         assert r.status_code == 200 and check_post_json(r)["success"] is True
 
 
+PROXY_KEYS = {"model": None, "log_metrics": True, "return_text_in_logprobs": None, "custom_params": None}
+
+
+def test_control_and_weight_routes_take_proxy_keys_and_null(url, tiny_model):
+    wait_idle(url)
+    routes = [
+        ("/abort_request", {"abort_all": True, "rid": None}),
+        ("/pause_generation", {"mode": None}),  # null: the default mode, abort
+        ("/continue_generation", {"torch_empty_cache": None}),
+        ("/update_weight_version", {"new_version": "v-proxy", "abort_all_requests": None}),
+        ("/release_memory_occupation", {"tags": None}),
+        ("/resume_memory_occupation", {"tags": None}),
+        ("/update_weights_from_disk", {"model_path": str(tiny_model), "load_format": None, "flush_cache": None,
+                                       "abort_all_requests": None, "weight_version": None}),
+    ]
+    for route, body in routes:
+        r = httpx.post(f"{url}{route}", json=body | PROXY_KEYS, timeout=60)
+        assert r.status_code == 200 and check_post_json(r)["success"] is True, (route, r.text)
+    # null takes the default group name, which names no group here: refused for that, not for the null
+    r = httpx.post(f"{url}/destroy_weights_update_group", json={"group_name": None} | PROXY_KEYS)
+    assert r.status_code == 400 and "weight_update_group" in check_post_json(r)["message"], r.text
+    for route, body, field in [("/abort_request", {"abort_al": True}, "abort_al"),
+                               ("/update_weight_version", {"new_version": None}, "new_version"),
+                               ("/update_weights_from_disk", {"model_path": None}, "model_path")]:
+        r = httpx.post(f"{url}{route}", json=body)
+        assert r.status_code == 400 and field in check_post_json(r)["message"], (route, r.text)
+    assert generate(url, {"input_ids": PROMPT, "sampling_params": GREEDY})["meta_info"]["weight_version"] == "v-proxy"
+
+
 def test_loads_shape(url):
     r = httpx.get(f"{url}/v1/loads").json()
     assert list(r) == ["loads"] and len(r["loads"]) == 1
@@ -400,6 +429,20 @@ def test_weight_version_routes(url):
     assert httpx.get(f"{url}/model_info").json()["weight_version"] == "8"
     bad = httpx.post(f"{url}/update_weight_version", json={"version": "9"})
     assert bad.status_code == 400 and check_post_json(bad)["success"] is False
+
+
+def test_a_request_spanning_an_update_reports_the_new_version(url):
+    wait_idle(url)
+    httpx.post(f"{url}/update_weight_version", json={"new_version": "before"})
+    join = in_background(lambda: httpx.post(f"{url}/generate", timeout=120, json={
+        "input_ids": PROMPT, "rid": "spans", "sampling_params": LONG}))
+    wait_for(lambda: loads(url)["num_running_reqs"] == 1)
+    _pause(url, {"mode": "in_place"})
+    httpx.post(f"{url}/update_weight_version", json={"new_version": "after"})
+    httpx.post(f"{url}/continue_generation", json={})
+    time.sleep(0.2)
+    httpx.post(f"{url}/abort_request", json={"rid": "spans"})
+    assert join().json()["meta_info"]["weight_version"] == "after"
 
 
 def test_memory_routes_take_every_tag_and_null(url):
@@ -429,11 +472,39 @@ def test_server_info_and_model_info(url, tiny_model):
             assert isinstance(info[key], kind), (path, key, info.get(key))
         assert (info["tp_size"], info["dp_size"], info["pp_size"], info["nnodes"], info["node_rank"]) == (1, 1, 1, 1, 0)
         assert info["disaggregation_mode"] == "null" and info["model_path"] == str(tiny_model)
+        assert info["enable_memory_saver"] is False  # started without --enable-memory-saver
         assert url.endswith(f":{info['port']}")
     for path in ("/model_info", "/get_model_info"):
         model = httpx.get(f"{url}{path}").json()
         assert model["model_path"] == str(tiny_model) and model["is_generation"] is True
         assert isinstance(model["weight_version"], str)
+
+
+def test_an_engine_failure_is_a_json_500_and_the_server_keeps_serving(tiny_model, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from tpfleet.config import EngineConfig
+    from tpfleet.engine.llm_engine import LLMEngine
+    from tpfleet.server.app import create_app
+    from tpfleet.server.async_engine import AsyncEngine
+
+    aengine = AsyncEngine(LLMEngine(EngineConfig(model=str(tiny_model), kv_cache_tokens=2048)))
+    app = create_app(aengine, {"model": str(tiny_model), "tp_size": 1, "enable_memory_saver": True})
+
+    def fails(*args):
+        raise RuntimeError("rank 0: CUDA out of memory")
+
+    monkeypatch.setattr(aengine.engine, "resume_memory", fails)
+    monkeypatch.setattr(aengine.engine, "update_weights_from_disk", fails)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for route, body in [("/resume_memory_occupation", {"tags": ["weights"]}),
+                            ("/update_weights_from_disk", {"model_path": str(tiny_model)})]:
+            r = client.post(route, json=body)
+            assert r.status_code == 500 and r.headers["content-type"] == "application/json", (route, r.text)
+            assert r.json()["success"] is False and "CUDA out of memory" in r.json()["message"]
+        r = client.post("/generate", json={"input_ids": PROMPT, "sampling_params": GREEDY})
+        assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 8
+        assert client.get("/server_info").json()["enable_memory_saver"] is True  # as the server was started
 
 
 # --- routed experts (R3), on a MoE model -------------------------------------------------------------
@@ -464,3 +535,29 @@ def test_routed_experts_cover_every_position_but_the_last(moe_url):
         assert 0 <= chosen.min() and chosen.max() < config["num_experts"]
     assert moe_layers > 0
     assert "routed_experts" not in generate(url, {"input_ids": PROMPT, "sampling_params": GREEDY})["meta_info"]
+
+
+def test_a_retracted_then_aborted_request_reports_its_routing(moe_url):
+    url, config = moe_url
+    body = {"input_ids": PROMPT, "rid": "retracted", "return_routed_experts": True, "return_logprob": True,
+            "sampling_params": LONG}
+    join = in_background(lambda: httpx.post(f"{url}/generate", json=body, timeout=120))
+    wait_for(lambda: loads(url)["num_running_reqs"] == 1)
+    time.sleep(0.2)
+    _pause(url, {"mode": "retract"})  # its KV, and the routing filed with it, leave the device
+    queued = in_background(lambda: httpx.post(f"{url}/generate", timeout=120, json={
+        "input_ids": PROMPT[::-1], "return_routed_experts": True, "sampling_params": GREEDY}))
+    wait_for(lambda: loads(url)["num_waiting_reqs"] == 2)
+    httpx.post(f"{url}/abort_request", json={"abort_all": True})
+    a, never_ran = join().json(), queued().json()
+    httpx.post(f"{url}/continue_generation", json={})
+    m = a["meta_info"]
+    assert m["finish_reason"]["type"] == "abort" and m["completion_tokens"] > 0
+    # the same positions computed again, greedily, from a request that runs to its end
+    again = generate(url, {"input_ids": PROMPT, "return_routed_experts": True,
+                           "sampling_params": LONG | {"max_new_tokens": m["completion_tokens"]}})
+    assert again["output_ids"] == a["output_ids"]
+    assert base64.b64decode(m["routed_experts"]) == base64.b64decode(again["meta_info"]["routed_experts"])
+    # a request aborted before its prompt ran has no routing to report: the key is left out, never short
+    assert never_ran["meta_info"]["finish_reason"]["type"] == "abort"
+    assert "routed_experts" not in never_ran["meta_info"]

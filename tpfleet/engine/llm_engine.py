@@ -80,7 +80,8 @@ class LLMEngine:
         self.context_length = self.runner.context_length
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.max_seq_len = min(self.context_length, self.runner.num_blocks * cfg.block_size)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   on_evict=self._keep_routing if self.runner.records_routing else None)
         self.seqs: dict[str, Sequence] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
         # Memory tags given back to a colocated trainer; replaced, never changed in place, so that another
@@ -123,7 +124,7 @@ class LLMEngine:
         k = options.top_logprobs_num
         if not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS:
             raise InvalidRequest("top_logprobs_num", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {k!r}")
-        if options.return_routed_experts and self.runner.routed_by_slot is None:
+        if options.return_routed_experts and not self.runner.records_routing:
             why = ("the model is dense" if not self.model_config.is_moe
                    else "the engine was started without enable_return_routed_experts")
             raise InvalidRequest("return_routed_experts", f"routing replay is unavailable: {why}")
@@ -150,12 +151,24 @@ class LLMEngine:
             self._end(seq, {"type": "abort", "message": message})
         return seq
 
+    def _keep_routing(self, seq: Sequence) -> None:
+        """A sequence leaving the device (preempted, retracted) keeps the experts of the positions it
+        computed: aborted before it runs again, it still reports them."""
+        if seq.options.return_routed_experts and seq.num_computed_tokens:
+            seq.routed_experts = self.runner.routed_experts(seq.block_table, seq.num_computed_tokens)
+
     def _end(self, seq: Sequence, reason: dict) -> None:
-        """Finish `seq`: collect its routing if asked (before its blocks go back), then free it."""
+        """Finish `seq`: collect its routing if asked (before its blocks go back), then free it. Routing
+        covers every position or is left out: a request aborted before its prompt ran has none."""
         if seq.options.return_routed_experts:
             num_positions = len(seq.token_ids) - 1  # every token a forward took
+            size = num_positions * self.runner.routing_row_bytes
             if seq.num_computed_tokens >= num_positions:
                 seq.routed_experts = self.runner.routed_experts(seq.block_table, num_positions)
+            elif seq.routed_experts is not None and len(seq.routed_experts) >= size:
+                seq.routed_experts = seq.routed_experts[:size]
+            else:
+                seq.routed_experts = None
         self.scheduler.finish(seq, reason)
         del self.seqs[seq.rid], self.detoks[seq.rid]
 
@@ -180,8 +193,10 @@ class LLMEngine:
                               paused=self.paused, weight_version=self.weight_version)
 
     def set_weight_version(self, version: str) -> None:
-        """Name the weights now loaded; requests admitted from now on report it."""
+        """Name the weights now loaded. Requests in flight report it too: their next tokens come from them."""
         self.weight_version = version
+        for seq in self.seqs.values():
+            seq.weight_version = version
 
     # --- pausing --------------------------------------------------------------------------------
 

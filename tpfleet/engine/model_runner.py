@@ -162,12 +162,17 @@ class ModelRunner:
         """Whether this rank files each token's experts by KV slot (routing replay: the driver only)."""
         return self.cfg.enable_return_routed_experts and self.rank == 0 and self.model_config.is_moe
 
+    @property
+    def routing_row_bytes(self) -> int:
+        """Bytes of one position's routing: an int32 per layer and chosen expert."""
+        return 4 * self.model_config.num_hidden_layers * self.model_config.num_experts_per_tok
+
     def _bytes_per_block(self) -> int:
         """KV bytes of one block, plus its routing-replay rows where this rank records routing."""
         attn = self.model.layers[0].self_attn
         per_token = 2 * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize * len(self.model.layers)
         if self.records_routing:
-            per_token += self.model_config.num_hidden_layers * self.model_config.num_experts_per_tok * 4
+            per_token += self.routing_row_bytes
         return per_token * self.cfg.block_size
 
     def _agree_on_num_blocks(self) -> int:

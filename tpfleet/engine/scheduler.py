@@ -15,6 +15,7 @@ shared prompt is computed once.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tpfleet.engine.block_manager import BlockManager
@@ -43,8 +44,12 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 on_evict: Callable[[Sequence], None] | None = None):
+        """`on_evict(seq)` runs when a running sequence is about to lose its KV blocks without finishing
+        (preempted or retracted), while they still hold what it computed."""
         self.bm = block_manager
+        self.on_evict = on_evict
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -103,8 +108,13 @@ class Scheduler:
         batch.sort(key=lambda s: s.num_tokens != 1)  # single-token queries first: see AttentionMetadata
         return batch
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _evict(self, seq: Sequence) -> None:
+        if self.on_evict is not None:
+            self.on_evict(seq)
         self.bm.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._evict(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -114,7 +124,7 @@ class Scheduler:
         """Take every running sequence off the device, back to the front of the queue in its order: its
         KV is freed and recomputed, mostly from the prefix cache, when it is scheduled again."""
         for seq in reversed(self.running):
-            self.bm.free(seq)
+            self._evict(seq)
             seq.status = SequenceStatus.WAITING
             self.waiting.appendleft(seq)
         self.running = []

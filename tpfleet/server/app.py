@@ -57,6 +57,10 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
     async def _unavailable(request: Request, exc: EngineUnavailable):
         return error_response(503, f"engine unavailable: {exc}")
 
+    @app.exception_handler(Exception)  # a failure inside the engine: still the JSON body clients read
+    async def _internal(request: Request, exc: Exception):
+        return error_response(500, f"{type(exc).__name__}: {exc}")
+
     @app.get("/health")
     async def health():
         return Response(status_code=200 if aengine.alive else 503)
@@ -172,7 +176,7 @@ def _sglang_server_args(server_args: dict, engine, on_gpu: bool, device_ids: lis
     """The engine's settings under SGLang's names, which external-engine mode compares with its own."""
     return {"model_path": server_args["model"], "tp_size": server_args["tp_size"], "dp_size": 1, "pp_size": 1,
             "ep_size": server_args.get("ep_size", 1), "num_gpus": server_args["tp_size"] if on_gpu else 0,
-            "enable_memory_saver": True,
+            "enable_memory_saver": bool(server_args.get("enable_memory_saver", False)),
             "enable_return_routed_experts": bool(server_args.get("enable_return_routed_experts", False)),
             "disaggregation_mode": "null", "host": server_args.get("host"), "port": server_args.get("port"),
             "nnodes": 1, "node_rank": 0, "base_gpu_id": device_ids[0],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, create_model, model_validator
 
 from tpfleet.engine.sequence import InvalidRequest, OutputOptions, SamplingParams
 from tpfleet.memory.tags import TAGS
@@ -32,6 +32,25 @@ TOP_K_ALL = 1 << 30  # SGLang's spelling of "the whole vocabulary"
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ControlBody(Strict):
+    """The body of a control or weight route. It also takes the keys a proxy adds to every request
+    (ignored), and JSON null for any key that has a default, which then applies."""
+
+    model: Any = None
+    log_metrics: Any = None
+    return_text_in_logprobs: Any = None
+    custom_params: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if value is not None or key not in fields or fields[key].is_required()}
 
 
 def _is_unset(value: object, default: object) -> bool:
@@ -192,7 +211,7 @@ def output_options(req: BaseModel, index: int, num_prompts: int) -> OutputOption
                          return_routed_experts=bool(req.return_routed_experts))
 
 
-class AbortRequest(Strict):
+class AbortRequest(ControlBody):
     rid: str | None = None
     abort_all: bool | None = False
     abort_message: str | None = None
@@ -200,25 +219,25 @@ class AbortRequest(Strict):
     http_worker_ipc: str | None = None
 
 
-class PauseRequest(Strict):
+class PauseRequest(ControlBody):
     mode: Literal["abort", "retract", "in_place"] | None = "abort"
     rid: str | list[str] | None = None  # SGLang's id of this control request itself
     http_worker_ipc: str | None = None
 
 
-class ContinueRequest(Strict):
+class ContinueRequest(ControlBody):
     torch_empty_cache: bool | None = None  # tpfleet's allocator keeps nothing worth returning here
     rid: str | list[str] | None = None
     http_worker_ipc: str | None = None
 
 
-class WeightVersionRequest(Strict):
+class WeightVersionRequest(ControlBody):
     new_version: str
     abort_all_requests: bool | None = False
     rid: str | None = None
 
 
-class MemoryOccupationRequest(Strict):
+class MemoryOccupationRequest(ControlBody):
     tags: list[Literal[TAGS]] | None = None  # null: every tag
 
     @property

@@ -13,17 +13,13 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from tpfleet.engine.sequence import InvalidRequest
 from tpfleet.server.async_engine import AsyncEngine, EngineUnavailable
+from tpfleet.server.protocol import ControlBody
 
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class UpdateWeightsFromDiskBody(_Body):
+class UpdateWeightsFromDiskBody(ControlBody):
     model_path: str
     load_format: str | None = None
     weight_version: str | None = None
@@ -36,7 +32,7 @@ class UpdateWeightsFromDiskBody(_Body):
     token_step: int = 0
 
 
-class UpdateWeightsFromTensorBody(_Body):
+class UpdateWeightsFromTensorBody(ControlBody):
     serialized_named_tensors: list[str]
     load_format: str | None = None
     weight_version: str | None = None
@@ -44,7 +40,7 @@ class UpdateWeightsFromTensorBody(_Body):
     abort_all_requests: bool = False
 
 
-class InitWeightsUpdateGroupBody(_Body):
+class InitWeightsUpdateGroupBody(ControlBody):
     master_address: str
     master_port: int
     rank_offset: int
@@ -53,7 +49,7 @@ class InitWeightsUpdateGroupBody(_Body):
     backend: str = "nccl"
 
 
-class UpdateWeightsFromDistributedBody(_Body):
+class UpdateWeightsFromDistributedBody(ControlBody):
     names: list[str]
     dtypes: list[str]
     shapes: list[list[int]]
@@ -64,14 +60,14 @@ class UpdateWeightsFromDistributedBody(_Body):
     abort_all_requests: bool = False
 
 
-class DestroyWeightsUpdateGroupBody(_Body):
+class DestroyWeightsUpdateGroupBody(ControlBody):
     group_name: str = "weight_update_group"
 
 
 DISK_LOAD_FORMATS = (None, "auto", "safetensors")
 
 
-def body_schema(model: type[_Body]) -> dict:
+def body_schema(model: type[ControlBody]) -> dict:
     """The body's schema for the OpenAPI document: the route reads its body itself, to answer in its own shape."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
@@ -82,7 +78,7 @@ def answer(success: bool, message: str, status: int = 200) -> JSONResponse:
     return JSONResponse({"success": success, "message": message}, status)
 
 
-async def _parse(request: Request, model: type[_Body]) -> _Body:
+async def _parse(request: Request, model: type[ControlBody]) -> ControlBody:
     try:
         body = await request.json()
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the JSON parser goes
@@ -99,8 +95,8 @@ def weights_router(aengine: AsyncEngine) -> APIRouter:
     router = APIRouter()
     engine = aengine.engine
 
-    async def run(request: Request, model: type[_Body], call: Callable[[_Body], Callable[[], list[dict]]],
-                  describe: Callable[[_Body, list[dict]], str]) -> JSONResponse:
+    async def run(request: Request, model: type[ControlBody], call: Callable[[ControlBody], Callable[[], list[dict]]],
+                  describe: Callable[[ControlBody, list[dict]], str]) -> JSONResponse:
         try:
             body = await _parse(request, model)
             if getattr(body, "abort_all_requests", False):
