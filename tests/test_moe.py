@@ -253,3 +253,40 @@ def check_against_transformers(path, hf, tp: int, ep: int, device: str) -> None:
         else:
             picked = torch.topk(next(router_logits).float().softmax(-1), top_k).indices
             assert torch.equal(routed[:, layer].long(), picked), f"layer {layer}"
+
+
+# --- routing replay of requests that leave the device ---------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_request_aborted_off_the_device_reports_its_routing(tmp_path, device):
+    """Retracted, a request's KV (and the routing filed with it) leaves the device; aborted then, it still
+    reports every position, the same experts a request that runs the same tokens to its end reports.
+    A request aborted before it ran reports no routing at all."""
+    model = make_model("tiny-moe", tmp_path / "m")
+    gpu = {"device": "cuda", "dtype": "float32"} if device == "cuda" else {}
+    engine = LLMEngine(EngineConfig(model=str(model), kv_cache_tokens=1024, enable_return_routed_experts=True,
+                                    **gpu))
+    options = OutputOptions(return_routed_experts=True)
+    try:
+        ids = engine.tokenizer(PROMPT).input_ids
+        greedy = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+        seq = engine.add_request(ids, greedy, options=options)
+        for _ in range(6):
+            engine.step()
+        engine.pause("retract")
+        never_ran = engine.add_request(ids[::-1], greedy, options=options)
+        engine.abort(seq.rid)
+        engine.abort(never_ran.rid)
+        engine.continue_generation()
+        done = len(seq.completion_ids)
+        assert 0 < done < 40 and never_ran.routed_experts is None
+        row = engine.runner.routing_row_bytes
+        assert len(seq.routed_experts) == (len(ids) + done - 1) * row
+        again = engine.add_request(ids, dataclasses.replace(greedy, max_new_tokens=done), options=options)
+        while engine.has_work():
+            engine.step()
+        assert again.completion_ids == seq.completion_ids
+        assert again.routed_experts == seq.routed_experts
+    finally:
+        engine.shutdown()
