@@ -204,6 +204,22 @@ def test_serve_interrupted_while_starting_stops_cleanly(sig, tiny_model):
     assert "Traceback" not in err, err
 
 
+def test_ctrl_c_while_the_ranks_import_stops_cleanly(tiny_model):
+    """A Ctrl-C in the terminal reaches the whole process group, ranks still importing included: they
+    must ignore it (the server stops them), not die of it and be reported as a crashed rank."""
+    proc = subprocess.Popen([sys.executable, "-m", "tpfleet", "serve", "--model", str(tiny_model), "--device", "cpu",
+                             "--tp-size", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lines = []
+    while not any("ranks_started" in line for line in lines):
+        lines.append(proc.stdout.readline())
+        assert lines[-1], lines
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (proc.returncode, out, err)
+    assert "rank 1" not in err and "Traceback" not in err, err
+
+
 def test_interrupts_during_imports_are_raised_once_the_imports_are_done():
     """A signal inside `interrupts_deferred` is noted, not raised there (an interrupt inside a library's
     import can turn into another error or abort the interpreter); leaving the block raises it, and the

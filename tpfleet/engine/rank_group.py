@@ -21,7 +21,8 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
@@ -40,6 +41,22 @@ log = logging.getLogger("tpfleet.engine")
 RANK_DIED_EXIT_CODE = 70  # EX_SOFTWARE: the engine ended itself because one of its ranks died
 RANK_HUNG_EXIT_CODE = 75  # EX_TEMPFAIL: the engine ended itself because one of its ranks hung; restart it
 EXIT_GRACE_S = 1.0  # time for the failed requests' answers to reach their clients
+
+
+@contextmanager
+def _sigint_ignored_by_children() -> Iterator[None]:
+    """Ranks are born ignoring SIGINT: a Ctrl-C in the terminal reaches every process of its group, and a
+    rank still importing would die of it before it could ignore it; the driver stops the ranks. A spawned
+    child keeps an ignored disposition (Python leaves an ignored SIGINT alone), not a blocked mask. Only
+    the main thread may set it; a Ctrl-C in these milliseconds is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -71,13 +88,8 @@ class RankGroup:
             parent_end, child_end = context.Pipe()
             process = context.Process(target=worker_main, args=(cfg, rank, store_port, child_end, self._progress),
                                       name=f"tpfleet-rank{rank}", daemon=True)
-            # Born with SIGINT blocked: a Ctrl-C in the terminal reaches every process of its group, and a
-            # rank still starting up would die of it before it could ignore it. The driver stops the ranks.
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            try:
+            with _sigint_ignored_by_children():
                 process.start()
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             child_end.close()
             self.workers.append(RankProcess(rank, process, parent_end))
         report_phase("ranks_started", pids=self.pids)
