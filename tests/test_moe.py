@@ -20,7 +20,6 @@ from tpfleet.kernels.moe import moe_reference, route
 from tpfleet.model.config import ModelConfig
 from tpfleet.model.loader import load_weights
 from tpfleet.model.make_model import PRESETS, _weight_shapes, hf_config, make_model, write_tokenizer
-from tpfleet.model.qwen3_moe import Qwen3MoeForCausalLM as OurMoe
 from tpfleet.model.registry import build_model
 
 PROMPT = "The river flows from the mountains to the ocean, carrying stones, leaves and stories from one valley."
@@ -120,7 +119,7 @@ def test_config_reads_both_layouts(tmp_path):
     v5 = parse(tmp_path, num_local_experts=8, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                dtype="bfloat16", mlp_only_layers=[2])
     assert v4 == v5
-    assert (v4.num_experts, v4.rope_theta, v4.dtype, v4.mlp_only_layers) == (8, 1e6, torch.bfloat16, (2,))
+    assert (v4.num_experts, v4.rope_theta, v4.dtype, v4.mlp_only_layers) == (8, 1e6, "bfloat16", (2,))
     assert v4.is_moe and [v4.is_moe_layer(i) for i in range(4)] == [True, True, False, True]
     stepped = parse(tmp_path, num_experts=8, decoder_sparse_step=2)
     assert [stepped.is_moe_layer(i) for i in range(4)] == [False, True, False, True]
@@ -139,13 +138,22 @@ def test_parallelism_errors(checkpoints, tiny_model):
     dirs, _ = checkpoints
     cfg = ModelConfig.from_dir(dirs["per_expert"])
     with pytest.raises(ValueError, match="must be 1 .* or equal tp_size"):
-        OurMoe(cfg, cpu_group(0, 4), None, ep_size=3)
+        build_model(cfg, cpu_group(0, 4), None, ep_size=3)
     with pytest.raises(ValueError, match=r"num_experts \(6\).*ep_size \(4\)"):
-        OurMoe(dataclasses.replace(cfg, num_experts=6), cpu_group(0, 4), None, ep_size=4)
+        build_model(dataclasses.replace(cfg, num_experts=6), cpu_group(0, 4), None, ep_size=4)
     with pytest.raises(ValueError, match=r"moe_intermediate_size \(22\).*\(4\); ep_size=4"):
-        OurMoe(cfg, cpu_group(0, 4), None)
+        build_model(cfg, cpu_group(0, 4), None)
+    dense = ModelConfig.from_dir(tiny_model)
     with pytest.raises(ValueError, match="ep_size"):
-        build_model(ModelConfig.from_dir(tiny_model), cpu_group(0, 2), None, ep_size=2)
+        build_model(dense, cpu_group(0, 2), None, ep_size=2)
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by the tensor-parallel size \(8\)"):
+        dense.check_parallelism(8)
+    with pytest.raises(ValueError, match=r"tensor-parallel size \(4\) must be a multiple of num_key_value_heads \(3\)"):
+        dataclasses.replace(dense, num_attention_heads=12, num_key_value_heads=3).check_parallelism(4)
+    with pytest.raises(ValueError, match=r"intermediate_size \(30\)"):
+        dataclasses.replace(dense, intermediate_size=30).check_parallelism(4)
+    dense.check_parallelism(2)
+    dataclasses.replace(dense, num_key_value_heads=1).check_parallelism(4)  # one kv head, replicated
 
 
 # --- weights --------------------------------------------------------------------------------------

@@ -60,6 +60,14 @@ def test_a_directory_that_is_not_a_checkpoint_fails_at_once(tmp_path):
     assert written.exc_type == "ValueError" and "no config.json" in written.message
 
 
+@pytest.mark.parametrize("command", ["serve", "launch"])
+def test_a_tp_size_the_model_cannot_split_fails_before_any_rank_starts(command, tiny_model):
+    started = time.monotonic()
+    result = tpfleet_cli(command, "--model", str(tiny_model), "--device", "cpu", "--tp-size", "8")
+    assert time.monotonic() - started < 10  # no rank spawned, no engine started
+    assert_one_line_error(result, f"tpfleet {command}: error:", "num_attention_heads (4)", "(8)")
+
+
 def test_the_checkpoint_check_names_what_is_missing(tiny_model, tmp_path):
     check_checkpoint_dir(str(tiny_model))  # a complete checkpoint passes
     with pytest.raises(ValueError, match="not a directory"):

@@ -22,6 +22,7 @@ from tpfleet.config import (
 from tpfleet.devices import DEVICE_CHOICES, DeviceError, require_cuda, resolve_device
 from tpfleet.jit import default_triton_cache
 from tpfleet.lifecycle import interrupts_deferred, sigterm_as_interrupt
+from tpfleet.model.config import ModelConfig
 
 INTERRUPTED = 128 + signal.SIGINT  # the shell's code for a command ended by Ctrl-C
 GPU_ONLY = ("bench allreduce", "bench gemv", "bench attention", "bench moe")  # commands with no CPU path
@@ -302,13 +303,16 @@ def command_name(args: argparse.Namespace) -> str:
 
 def check_local_inputs(args: argparse.Namespace) -> None:
     """What would fail minutes later inside an engine, checked before anything starts: `--model` must be a
-    local checkpoint directory, `--device cuda` needs a GPU here. A Ray fleet's engines run on other
-    machines, so `launch --backend ray` leaves both to them."""
+    local checkpoint directory whose shapes the tensor- and expert-parallel sizes divide, `--device cuda`
+    needs a GPU here. A Ray fleet's engines run on other machines, so `launch --backend ray` leaves those
+    to them."""
     name = command_name(args)
     if name == "launch" and args.backend == "ray":
         return
     if getattr(args, "model", None) is not None:
         check_checkpoint_dir(args.model, getattr(args, "load_format", "auto"))
+        if name in ("serve", "launch"):
+            ModelConfig.from_dir(args.model).check_parallelism(args.tp_size, args.ep_size)
     if getattr(args, "device", None) == "cuda":
         require_cuda()
     if name in GPU_ONLY:

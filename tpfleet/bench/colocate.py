@@ -148,7 +148,7 @@ def bench_colocate(cfg: EngineConfig, out_dir: str, cycles: int = 20) -> dict:
     """Release (every tag), resume and update, `cycles` times; timings per phase against their floors,
     and the checks that make the numbers mean something. Writes colocate_tp<N>.json under out_dir."""
     device = torch.device(cfg.rank_device(0))
-    dtype = cfg.dtype if cfg.dtype != "auto" else str(ModelConfig.from_dir(cfg.model).dtype).removeprefix("torch.")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ModelConfig.from_dir(cfg.model).dtype
     # The trainer first, so that the engine sizes its KV cache around the trainer's weights.
     with trainer_payload(cfg.model, str(device), dtype) as (payload, trainer):
         device_bw, host_bw = copy_bandwidth(device), host_copy_bandwidth(device)  # before the engine takes memory

@@ -38,7 +38,7 @@ from tpfleet.engine.step_input import ModelInput, StepLayout, fill_pending, to_d
 from tpfleet.jit import STATS as JIT_STATS
 from tpfleet.jit import track_triton
 from tpfleet.memory import KV_CACHE, WEIGHTS, make_saver
-from tpfleet.model.config import ModelConfig, parse_dtype
+from tpfleet.model.config import ModelConfig
 from tpfleet.model.loader import init_random_weights, load_weights
 from tpfleet.model.registry import build_model
 from tpfleet.phases import report_phase
@@ -84,7 +84,7 @@ class ModelRunner:
         self.model_config = ModelConfig.from_dir(cfg.model)
         max_pos = self.model_config.max_position_embeddings
         self.context_length = min(cfg.context_length or max_pos, max_pos)
-        self.dtype = self.model_config.dtype if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
+        self.dtype = getattr(torch, self.model_config.dtype if cfg.dtype == "auto" else cfg.dtype)
         self.tp: TPGroup = init_tp_group(rank, cfg.tp_size, self.device, "127.0.0.1", store_port, store, self.dtype,
                                          cfg.enable_custom_all_reduce, cfg.enable_symm_mem)
         self.timings: dict[str, float] = {}

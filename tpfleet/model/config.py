@@ -12,17 +12,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 MODEL_TYPES = ("qwen3", "qwen3_moe")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # torch's names, without importing torch: the CLI checks with this
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+def check_dtype(name: str) -> str:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {list(DTYPES)}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -39,7 +36,7 @@ class ModelConfig:
     rope_theta: float
     tie_word_embeddings: bool
     attention_bias: bool
-    dtype: torch.dtype
+    dtype: str  # one of DTYPES
     eos_token_ids: tuple[int, ...]
     model_type: str = "qwen3"
     # Qwen3-MoE only; a dense model has no experts
@@ -59,12 +56,50 @@ class ModelConfig:
         return (index not in self.mlp_only_layers and self.num_experts > 0
                 and (index + 1) % self.decoder_sparse_step == 0)
 
+    def check_parallelism(self, tp_size: int, ep_size: int = 1) -> None:
+        """A ValueError naming the first size that tp_size (or ep_size) does not divide: checked before any
+        rank starts, rather than by every rank as it builds its shard."""
+        def divisible(n: int, what: str) -> None:
+            if n % tp_size:
+                raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({tp_size})")
+
+        divisible(self.num_attention_heads, "num_attention_heads")
+        kv = self.num_key_value_heads
+        if kv >= tp_size:
+            divisible(kv, "num_key_value_heads")
+        elif tp_size % kv:
+            raise ValueError(f"the tensor-parallel size ({tp_size}) must be a multiple of num_key_value_heads "
+                             f"({kv}), whose heads are then replicated")
+        if not all(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
+            divisible(self.intermediate_size, "intermediate_size")
+        if not self.is_moe:
+            if ep_size != 1:
+                raise ValueError(f"ep_size ({ep_size}) divides experts, and this {self.model_type!r} model has "
+                                 "none: use ep_size 1")
+            return
+        if ep_size not in (1, tp_size):
+            raise ValueError(f"ep_size ({ep_size}) must be 1 (each rank holds a slice of every expert) or equal "
+                             f"tp_size ({tp_size}) (each rank holds whole experts)")
+        if ep_size > 1 and self.num_experts % ep_size:
+            raise ValueError(f"num_experts ({self.num_experts}) is not divisible by ep_size ({ep_size})")
+        if ep_size == 1 and self.moe_intermediate_size % tp_size:
+            hint = f"; ep_size={tp_size} divides the experts instead" if self.num_experts % tp_size == 0 else ""
+            raise ValueError(f"moe_intermediate_size ({self.moe_intermediate_size}) is not divisible by the "
+                             f"tensor-parallel size ({tp_size}){hint}")
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: --model must be a Hugging Face checkpoint directory")
         raw = json.loads(path.read_text())
+        try:
+            return cls._from_raw(Path(model_dir), path, raw)
+        except KeyError as missing:
+            raise ValueError(f"{path}: no {missing.args[0]!r}, which a {raw.get('model_type')} config needs") from None
+
+    @classmethod
+    def _from_raw(cls, model_dir: Path, path: Path, raw: dict) -> ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"{path}: model_type is {model_type!r}; tpfleet serves Qwen3 ('qwen3') "
@@ -88,8 +123,8 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             attention_bias=raw.get("attention_bias", False),
-            dtype=parse_dtype(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
-            eos_token_ids=_eos_ids(Path(model_dir), raw),
+            dtype=check_dtype(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+            eos_token_ids=_eos_ids(model_dir, raw),
             model_type=model_type,
             **(_moe_fields(path, raw) if model_type == "qwen3_moe" else {}),
         )

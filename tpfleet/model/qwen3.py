@@ -123,7 +123,6 @@ class Qwen3ForCausalLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup, backend: AttentionBackend):
         super().__init__()
-        divide(cfg.num_attention_heads, tp.world_size, "num_attention_heads")
         self.cfg = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(self.decoder_layer(cfg, tp, backend, i) for i in range(cfg.num_hidden_layers))

@@ -37,18 +37,6 @@ if TYPE_CHECKING:
     from tpfleet.kernels.fused_ar import Exchange
 
 
-def check_parallelism(cfg: ModelConfig, tp_size: int, ep_size: int) -> None:
-    if ep_size not in (1, tp_size):
-        raise ValueError(f"ep_size ({ep_size}) must be 1 (each rank holds a slice of every expert) or equal "
-                         f"tp_size ({tp_size}) (each rank holds whole experts)")
-    if ep_size > 1 and cfg.num_experts % ep_size:
-        raise ValueError(f"num_experts ({cfg.num_experts}) is not divisible by ep_size ({ep_size})")
-    if ep_size == 1 and cfg.moe_intermediate_size % tp_size:
-        hint = f"; ep_size={tp_size} divides the experts instead" if cfg.num_experts % tp_size == 0 else ""
-        raise ValueError(f"moe_intermediate_size ({cfg.moe_intermediate_size}) is not divisible by the "
-                         f"tensor-parallel size ({tp_size}){hint}")
-
-
 class Router(nn.Module):
     """`mlp.gate`: one logit per expert, the same full weight on every rank."""
 
@@ -188,7 +176,6 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
                  max_num_tokens: int = 8192):
         """`max_num_tokens`: the most tokens one forward takes (the engine's token budget), the rows of
         the routing-replay buffer."""
-        check_parallelism(cfg, tp.world_size, ep_size)
         self.expert_parallel = ep_size > 1  # read by decoder_layer, which the base constructor calls
         super().__init__(cfg, tp, backend)
         shape = (max_num_tokens, cfg.num_hidden_layers, cfg.num_experts_per_tok)

@@ -14,9 +14,7 @@ def build_model(model_config: ModelConfig, tp: TPGroup, backend: AttentionBacken
     """This rank's shard of the model, parameters allocated but not loaded. `ep_size` and
     `max_num_tokens` (the most tokens one forward takes: rows of the routing-replay buffer) concern MoE
     models only."""
+    model_config.check_parallelism(tp.world_size, ep_size)
     if model_config.is_moe:
         return Qwen3MoeForCausalLM(model_config, tp, backend, ep_size=ep_size, max_num_tokens=max_num_tokens)
-    if ep_size != 1:
-        raise ValueError(f"ep_size ({ep_size}) divides experts, and this {model_config.model_type!r} model has none: "
-                         "use ep_size 1")
     return Qwen3ForCausalLM(model_config, tp, backend)
