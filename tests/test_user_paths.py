@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,6 +67,24 @@ def test_a_tp_size_the_model_cannot_split_fails_before_any_rank_starts(command, 
     result = tpfleet_cli(command, "--model", str(tiny_model), "--device", "cpu", "--tp-size", "8")
     assert time.monotonic() - started < 10  # no rank spawned, no engine started
     assert_one_line_error(result, f"tpfleet {command}: error:", "num_attention_heads (4)", "(8)")
+
+
+@pytest.mark.parametrize("command", ["serve", "launch", "router"])
+def test_a_taken_port_is_one_line_before_anything_starts(command, tiny_model):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        model = [] if command == "router" else ["--model", str(tiny_model), "--device", "cpu"]
+        started = time.monotonic()
+        result = tpfleet_cli(command, *model, "--port", str(port))
+        assert time.monotonic() - started < 10  # launch: no engine started before the router's port
+        assert_one_line_error(result, f"tpfleet {command}: error:", f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_a_fleet_of_no_engines_is_refused(tiny_model):
+    result = tpfleet_cli("launch", "--model", str(tiny_model), "--device", "cpu", "--engines", "0")
+    assert result.returncode == 2 and "engines must be at least 1" in result.stderr, result.stderr
 
 
 def test_the_checkpoint_check_names_what_is_missing(tiny_model, tmp_path):

@@ -23,6 +23,7 @@ from tpfleet.devices import DEVICE_CHOICES, DeviceError, require_cuda, resolve_d
 from tpfleet.jit import default_triton_cache
 from tpfleet.lifecycle import interrupts_deferred, sigterm_as_interrupt
 from tpfleet.model.config import ModelConfig
+from tpfleet.server.launch import CannotListen
 
 INTERRUPTED = 128 + signal.SIGINT  # the shell's code for a command ended by Ctrl-C
 GPU_ONLY = ("bench allreduce", "bench gemv", "bench attention", "bench moe")  # commands with no CPU path
@@ -321,7 +322,8 @@ def check_local_inputs(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Ctrl-C or SIGTERM ends any stage quietly: exit code 130, or 0 where stopping is the
-    command's normal end (serve, launch). A bad --model or --device is one line on stderr and exit code 2."""
+    command's normal end (serve, launch). A bad --model, --device, --tp-size or --port is one line on
+    stderr and exit code 2."""
     env.apply_multicast_off()
     env.apply_hub_offline()
     if threading.current_thread() is threading.main_thread():
@@ -336,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tpfleet {command_name(args)}: error: {error}", file=sys.stderr)
             return 2
         return run_command(args)
+    except CannotListen as error:  # serve, launch, router: the port is taken or the address not ours
+        print(f"tpfleet {command_name(args)}: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED

@@ -63,6 +63,8 @@ class FleetConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.engines < 1:
+            raise ValueError(f"engines must be at least 1, got {self.engines}")
         if self.max_concurrent_starts < 1:
             raise ValueError("max_concurrent_starts must be at least 1")
         for name in FLEET_FIELDS:

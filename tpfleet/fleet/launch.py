@@ -24,6 +24,7 @@ def _progress(engine: int, event: str, info: dict) -> None:
 
 def launch(cfg: FleetConfig, router_host: str = "127.0.0.1", router_port: int = 0,
            router_config: RouterConfig | None = None) -> int:
+    sock = bind_socket(router_host, router_port)  # a taken port fails here, before any engine starts
     fleet = Fleet(cfg, on_event=_progress)
     sigterm_as_interrupt()
     try:
@@ -37,7 +38,6 @@ def launch(cfg: FleetConfig, router_host: str = "127.0.0.1", router_port: int = 
         for info in infos:
             print(f"{info.engine:>6}  {info.gpus:<10}  {info.url or '-':<28}  {info.startup_s or 0:9.1f}")
         print(f"logs: {fleet.log_dir}", flush=True)
-        sock = bind_socket(router_host, router_port)
         print(f"{ROUTER_READY_PREFIX} {url_of(sock)}", flush=True)
         uvicorn.Server(uvicorn.Config(create_router_app(fleet, router_config), log_level="warning")).run(
             sockets=[sock])

@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     from tpfleet.server.async_engine import AsyncEngine
 
 
+class CannotListen(OSError):
+    """The address to serve on is taken or not this machine's: said in one line, before anything starts."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on sockets it knows are TCP, and without
@@ -37,7 +44,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+        raise CannotListen(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.listen(2048)
     sock.set_inheritable(False)
     return sock
