@@ -363,6 +363,8 @@ def test_failed_restarts_use_the_budget_and_leave_nothing_running(tiny_model, tm
         os.kill(fleet.engines[0].proc.pid, signal.SIGKILL)
         assert wait_for(lambda: fleet.restarts.get(0) == 2 and fleet.engines[0].state.value == "stopped", 120)
         assert fleet.urls == []
+        [info] = fleet.info()  # what the router's /fleet shows: down, and why
+        assert info.state == "failed" and info.restarts == 2 and info.failure == fleet.failures[-1].reason
         last = fleet.engines[0]
         assert members(last.proc.pid, last.marker) == []  # the failed attempt was cleaned up
     finally:

@@ -105,8 +105,9 @@ class EngineInfo:
     gpus: str
     url: str | None
     startup_s: float | None
-    state: str
+    state: str  # "failed": down after its last restart failed or its budget was spent
     restarts: int = 0
+    failure: str | None = None  # why it last went down, if it ever did
 
 
 class Fleet:
@@ -171,8 +172,11 @@ class Fleet:
     # --- running ----------------------------------------------------------------------------------
 
     def info(self) -> list[EngineInfo]:
-        return [EngineInfo(e.engine, e.placement.describe(), e.url, e.ready_s, e.state.value,
-                           self.restarts.get(e.engine, 0)) for e in self.engines]
+        last = {failure.engine: failure.reason for failure in self.failures}
+        left_down = {e.engine for e in self.engines if e.state is State.STOPPED and e.engine in last}
+        return [EngineInfo(e.engine, e.placement.describe(), e.url, e.ready_s,
+                           State.FAILED.value if e.engine in left_down and not self._stop.is_set() else e.state.value,
+                           self.restarts.get(e.engine, 0), last.get(e.engine)) for e in self.engines]
 
     @property
     def urls(self) -> list[str]:
