@@ -92,6 +92,12 @@ def test_doctor_command_exit_status_and_json():
     assert bad.returncode == 1 and "[error] nvls-forced" in bad.stdout and "fix:" in bad.stdout
 
 
+def test_a_gpu_that_is_not_there_is_an_error():
+    """`--gpus 64`: no machine here has 65 GPUs, so the answer must say so, not "no problems found"."""
+    r = run_doctor("--gpus", "64")
+    assert r.returncode == 1 and "[error] gpu-not-found: --gpus names '64'" in r.stdout, r.stdout + r.stderr
+
+
 def test_compare_ray_runs_a_real_actor():
     pytest.importorskip("ray")
     r = run_doctor("--compare-ray", "--json", unset=("OMP_NUM_THREADS",))

@@ -21,7 +21,10 @@ def gather(env: dict[str, str] | None = None, gpus_wanted: list[str] | None = No
     except Exception:  # noqa: BLE001 - no driver, no NVML: a CPU machine
         f.gpus = []
     if gpus_wanted:
-        f.gpus = [g for g in f.gpus if str(g.index) in gpus_wanted or any(g.uuid.startswith(w) for w in gpus_wanted)]
+        def named(g, w: str) -> bool:
+            return str(g.index) == w or g.uuid.startswith(w)
+        f.gpus_not_found = [w for w in gpus_wanted if not any(named(g, w) for g in f.gpus)]
+        f.gpus = [g for g in f.gpus if any(named(g, w) for w in gpus_wanted)]
     if f.gpus:
         _nvml_facts(f)
         if test_ipc and len(f.gpus) > 1:

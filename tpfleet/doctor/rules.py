@@ -26,6 +26,7 @@ class Finding:
 class Facts:
     env: dict[str, str]
     gpus: list[PhysicalGPU] = field(default_factory=list)
+    gpus_not_found: list[str] = field(default_factory=list)  # asked for (--gpus) and matching no GPU here
     gpu_processes: list[dict] = field(default_factory=list)  # {uuid, pid, name, used_bytes}
     gpu_memory: dict[str, tuple[int, int]] = field(default_factory=dict)  # uuid -> (bytes used, bytes total)
     p2p: dict[tuple[int, int], str] = field(default_factory=dict)  # (i, j) -> "NV18", "PIX", "none", ...
@@ -43,6 +44,10 @@ def _truthy(v: str | None) -> bool:
 def check(f: Facts) -> list[Finding]:
     out: list[Finding] = []
     env = f.env
+
+    for wanted in f.gpus_not_found:
+        out.append(Finding("error", "gpu-not-found", f"--gpus names {wanted!r}, which is no GPU's index or UUID "
+                           "prefix here", "run `nvidia-smi -L` for this machine's GPUs"))
 
     if env.get("NCCL_NVLS_ENABLE", "").strip() not in ("", "0"):
         out.append(Finding("error", "nvls-forced", f"NCCL_NVLS_ENABLE={env['NCCL_NVLS_ENABLE']} forces NVLink "
