@@ -97,6 +97,19 @@ def test_progress_and_idle_ranks_are_not_hangs():
     assert watch.check(start + 33.5) is not None
 
 
+def test_when_rank_0_is_stuck_a_silent_peer_is_named():
+    """Rank 0's step watch may fire before the peer's own check does: a peer that missed heartbeats is
+    then the cause named, not rank 0, which only waited for it."""
+    table = _table(steps_begun=5, steps_done=4)
+    watch = HangWatch(table, HangTimeouts(step=2.0, startup=100.0), lambda hang: None, lambda: False)
+    now = time.time()
+    _set_heartbeat(table, now - 0.6)
+    assert watch.silent_rank(now) is None  # a beat late: merely slow to be scheduled
+    _set_heartbeat(table, now - 3.0)
+    hang = watch.silent_rank(now)
+    assert hang is not None and hang.rank == 1 and "no heartbeat for 3.0s" in hang.message
+
+
 def test_calls_and_start_up_get_the_longer_timeout():
     table = _table(steps_begun=0, steps_done=0, phase="weights_loaded")
     watch = HangWatch(table, HangTimeouts(step=2.0, startup=100.0), lambda hang: None, lambda: False)

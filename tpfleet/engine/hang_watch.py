@@ -26,6 +26,7 @@ from tpfleet.config import EngineConfig
 from tpfleet.phases import PHASES
 
 HEARTBEAT_INTERVAL_S = 0.5
+MISSED_BEATS = 4  # a rank this many heartbeats late is not merely slow to be scheduled
 SERVING = "serving"  # the phase of a rank that finished starting
 _PHASE_NAMES = (*PHASES, SERVING)
 
@@ -121,6 +122,17 @@ class HangWatch:
 
     def phase(self, rank: int) -> str:
         return _PHASE_NAMES[int(self.table.get(rank, PHASE))]
+
+    def silent_rank(self, now: float) -> Hang | None:
+        """The rank whose heartbeat is the stalest, if it has missed a few beats: when rank 0 is stuck in a
+        step, a stopped peer is the likelier cause than rank 0 itself. Reads the table only."""
+        silent = {rank: now - self.table.get(rank, HEARTBEAT) for rank in range(1, self.table.tp_size)}
+        rank = max(silent, key=silent.get, default=None)
+        if rank is None or silent[rank] <= MISSED_BEATS * HEARTBEAT_INTERVAL_S:
+            return None
+        return Hang(rank, self.phase(rank), f"rank {rank} sent no heartbeat for {silent[rank]:.1f}s while rank 0 "
+                                            f"waited in a step past the hang timeout: its process is stopped or "
+                                            f"stuck holding the GIL")
 
     def check(self, now: float) -> Hang | None:
         """The first stuck rank at time `now`, or None."""

@@ -73,6 +73,7 @@ class RankGroup:
     def __init__(self, cfg: EngineConfig):
         self.tp_size = cfg.tp_size
         self.workers: list[RankProcess] = []
+        self._hang_watch: HangWatch | None = None  # ranks 1..N-1's, with TP > 1
         self._stopping = False
         self._serving = False
         self.hung: str | None = None  # why the engine is unhealthy: a rank stopped making progress
@@ -95,7 +96,8 @@ class RankGroup:
         report_phase("ranks_started", pids=self.pids)
         if self.workers:
             threading.Thread(target=self._watch, name="tpfleet-watchdog", daemon=True).start()
-            HangWatch(self._progress, hang_timeouts(cfg), self._on_hang, lambda: self._stopping).start()
+            self._hang_watch = HangWatch(self._progress, hang_timeouts(cfg), self._on_hang, lambda: self._stopping)
+            self._hang_watch.start()
 
         try:
             self.driver = ModelRunner(cfg, 0, store_port, self._store)
@@ -194,8 +196,14 @@ class RankGroup:
     def driver_hung(self, message: str) -> None:
         """Rank 0's own step has made no progress past the hang timeout (a kernel or a collective that
         never returns blocks it, while this process's other threads still run): end the engine as for
-        any hung rank. Called by the server's step watch."""
-        if not self._stopping:
+        any hung rank, unless a peer has gone silent, which is then the one named. Called by the server's
+        step watch."""
+        if self._stopping:
+            return
+        silent = self._hang_watch.silent_rank(time.time()) if self._hang_watch is not None else None
+        if silent is not None:
+            self._on_hang(silent)
+        else:
             self._end_hung(ExitRecord("rank", 0, os.getpid(), self.phase, "RankHung", message))
 
     def _end_hung(self, record: ExitRecord) -> None:
