@@ -95,3 +95,33 @@ def test_n_choices(client):
                                        n=2, temperature=0)
     assert [choice.index for choice in r.choices] == [0, 1]
     assert r.choices[0].message.content == r.choices[1].message.content  # greedy: both the same
+
+
+def test_messages_the_chat_template_refuses_are_a_400(tiny_model, tmp_path):
+    """Qwen3's template raises on a conversation with no user turn: the request's fault, so a 400 naming
+    messages, and the server goes on serving."""
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from tpfleet.config import EngineConfig
+    from tpfleet.engine.llm_engine import LLMEngine
+    from tpfleet.server.app import create_app
+    from tpfleet.server.async_engine import AsyncEngine
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{%- if not messages | selectattr('role', 'equalto', 'user') | list %}"
+                               "{{ raise_exception('No user query found in messages.') }}{%- endif %}"
+                               "{%- for m in messages %}{{ m.role }}: {{ m.content }}\n{%- endfor %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    aengine = AsyncEngine(LLMEngine(EngineConfig(model=str(model), kv_cache_tokens=2048)))
+    with TestClient(create_app(aengine, {"model": str(model), "tp_size": 1})) as client:
+        refused = client.post("/v1/chat/completions", json={"messages": [{"role": "assistant", "content": "hi"}]})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "messages" and "No user query" in refused.json()["message"]
+        ok = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 3})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3

@@ -34,6 +34,10 @@ def load_tokenizer(model_dir: str | Path):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+class ChatTemplateError(ValueError):
+    """The chat template refused the messages (e.g. Qwen3's "No user query found in messages.")."""
+
+
 class Tokenizer:
     """The part of transformers' fast tokenizer an engine uses: `tokenizer(text).input_ids` (special
     tokens added as tokenizer.json's post-processor says), `decode`, `apply_chat_template`, and
@@ -48,7 +52,12 @@ class Tokenizer:
         self.chat_template = _chat_template(model_dir, config)
 
     def __call__(self, text: str) -> Encoding:
-        return Encoding(self.backend_tokenizer.encode(text).ids)
+        return Encoding(self._encode(text, add_special_tokens=True))
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """`encode_batch` of one text: unlike `encode`, it lets go of the interpreter lock while it works, so
+        a long prompt tokenized on a worker thread does not stall the event loop and the engine thread."""
+        return self.backend_tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """The text of `ids`, with no clean-up of spaces: transformers skips it for byte-level BPE
@@ -62,9 +71,17 @@ class Tokenizer:
         arguments reach the template, as transformers passes them (e.g. enable_thinking)."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        text = self._template.render(messages=messages, tools=tools, documents=documents,
-                                     add_generation_prompt=add_generation_prompt, **{**self.special_tokens, **kwargs})
-        return self.backend_tokenizer.encode(text, add_special_tokens=False).ids if tokenize else text
+        import jinja2.sandbox
+
+        try:
+            text = self._template.render(messages=messages, tools=tools, documents=documents,
+                                         add_generation_prompt=add_generation_prompt,
+                                         **{**self.special_tokens, **kwargs})
+        except (jinja2.TemplateSyntaxError, jinja2.sandbox.SecurityError):
+            raise  # the checkpoint's template is at fault, not the messages
+        except jinja2.TemplateError as error:  # its own raise_exception, or messages it cannot render
+            raise ChatTemplateError(str(error)) from None
+        return self._encode(text, add_special_tokens=False) if tokenize else text
 
     @cached_property
     def _template(self):

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tpfleet.engine.sequence import InvalidRequest, OutputOptions
+from tpfleet.engine.tokenizer import ChatTemplateError
 from tpfleet.server.async_engine import AsyncEngine, RequestOutput
 from tpfleet.server.guard import tokenize_off_loop
 from tpfleet.server.http_utils import last_output, merge, sse, stream_error, unless_disconnected
@@ -195,8 +196,11 @@ def openai_router() -> APIRouter:
         tok = engine.tokenizer
         if not getattr(tok, "chat_template", None):
             raise InvalidRequest("messages", "this model's tokenizer has no chat template")
-        text = tok.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages], tokenize=False,
-                                       add_generation_prompt=True)
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        try:  # rendered on a worker thread, as prompts are tokenized: a long conversation takes a while
+            text = await asyncio.to_thread(tok.apply_chat_template, messages, tokenize=False, add_generation_prompt=True)
+        except ChatTemplateError as error:
+            raise InvalidRequest("messages", f"the model's chat template refused them: {error}") from None
         if req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
         [prompt] = await tokenize_off_loop(tok, [text], "messages")
