@@ -92,14 +92,16 @@ def test_flush_cache_refuses_while_requests_run(engine):
     assert again.num_cached_tokens == 0 and seq.is_finished
 
 
-def test_weight_version_is_reported_from_admission(engine):
+def test_weight_version_is_that_of_the_weights_that_made_the_last_tokens(engine):
     engine.set_weight_version("7")
     try:
+        done = engine.add_request([5, 6], SamplingParams(max_new_tokens=2))
+        finish(engine)
         seq = engine.add_request([5, 6], SamplingParams(max_new_tokens=2))
         assert engine.snapshot().weight_version == "7"
-        engine.set_weight_version("8")
+        engine.set_weight_version("8")  # before seq's tokens: they all come from the new weights
         finish(engine)
-        assert seq.weight_version == "7"
+        assert (done.weight_version, seq.weight_version) == ("7", "8")
     finally:
         engine.set_weight_version("default")
 
