@@ -173,6 +173,22 @@ def test_a_typo_is_a_400_naming_the_key(url, body, field):
     assert r.json()["success"] is False and field.split(".")[-1] in r.json()["message"]
 
 
+@pytest.mark.parametrize("body,why", [(b'{"text": "caf\xe9"}', "utf-8"),
+                                      (b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "recursion"),
+                                      (b'{"input_ids": [1' + b"0" * 5000 + b"]}", "digits")])
+def test_an_unparsable_body_is_a_400_saying_why(url, body, why):
+    for route in ("/generate", "/v1/completions", "/abort_request"):
+        r = httpx.post(f"{url}{route}", content=body)
+        assert r.status_code == 400 and check_post_json(r)["success"] is False, (route, r.text)
+        assert r.json()["error"]["param"] == "body" and why in r.json()["message"], (route, r.text)
+
+
+@pytest.mark.parametrize("key", ["x", "1_0", " 10", "+10", "-1", "\u0661"])
+def test_logit_bias_keys_are_decimal_token_ids(url, key):
+    r = httpx.post(f"{url}/generate", json={"input_ids": PROMPT, "sampling_params": GREEDY | {"logit_bias": {key: 5}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "sampling_params.logit_bias", r.text
+
+
 def test_batched_input_ids_answer_a_list_in_order(url):
     prompts = [PROMPT, PROMPT[:3], [5, 6, 7, 8, 9]]
     batch = generate(url, {"input_ids": prompts, "sampling_params": GREEDY, "return_logprob": True})

@@ -140,10 +140,10 @@ def _engine_params(body, max_new_tokens: int, top_k: int, seed: int | None, min_
 def _token_bias(bias: dict[str, float] | None, field: str) -> dict[int, float] | None:
     if not bias:
         return None
-    try:
-        return {int(token): value for token, value in bias.items()}
-    except ValueError:
-        raise InvalidRequest(field, "keys must be token ids") from None
+    bad = next((token for token in bias if not (token.isascii() and token.isdigit())), None)
+    if bad is not None:  # int() would also take "1_0", " 10" or "+10"
+        raise InvalidRequest(field, f"keys must be token ids written in decimal digits, got {bad!r}")
+    return {int(token): value for token, value in bias.items()}
 
 
 SamplingParamsBody = _strict_with_unsupported("SamplingParamsBody", _SamplingFields, UNSUPPORTED_SAMPLING)
