@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import time
 import uuid
 from collections.abc import Callable
@@ -45,22 +46,49 @@ def _top_logprobs_num(value: int | None, field: str) -> int:
     return value or 0
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2's, Qwen3's) spells each byte as one printable character: the printable Latin-1
+    bytes as themselves, the others as the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class LogprobFormat:
-    """The logprobs of tokens [start, end) of an output, in either API's shape."""
+    """The logprobs of tokens [start, end) of an output, in either API's shape. A token is shown as its text,
+    or as `bytes:\\xNN...` when it holds part of a character; `bytes` are its own, not its text's."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.texts: dict[int, str] = {}
+        self.backend = tokenizer.backend_tokenizer
+        self.added = set(self.backend.get_added_tokens_decoder())
+        self.pieces: dict[int, tuple[str, bytes]] = {}
+        self.decoders: dict[str, codecs.IncrementalDecoder] = {}  # per output: characters its tokens complete
 
-    def text(self, token_id: int) -> str:
-        if token_id not in self.texts:
-            self.texts[token_id] = self.tokenizer.decode([token_id])
-        return self.texts[token_id]
+    def piece(self, token_id: int) -> tuple[str, bytes]:
+        if token_id not in self.pieces:
+            raw = self._bytes(token_id)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            self.pieces[token_id] = (text, raw)
+        return self.pieces[token_id]
+
+    def _bytes(self, token_id: int) -> bytes:
+        spelled = self.backend.id_to_token(token_id)
+        if spelled is None or token_id in self.added or any(c not in BYTE_OF_CHAR for c in spelled):
+            return self.tokenizer.decode([token_id]).encode("utf-8")  # not byte-level: its text is all there is
+        return bytes(BYTE_OF_CHAR[c] for c in spelled)
 
     def chat(self, out: RequestOutput, start: int, end: int) -> dict:
         def entry(logprob: float, token_id: int) -> dict:
-            token = self.text(token_id)
-            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+            text, raw = self.piece(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
         content = []
         for pos in range(start, end):
@@ -70,14 +98,18 @@ class LogprobFormat:
         return {"content": content}
 
     def completion(self, out: RequestOutput, start: int, end: int, offset: int) -> dict:
-        """`offset`: characters of the completion before token `start`."""
+        """`offset`: characters of the completion before token `start`. A character split over tokens counts
+        at the token that completes it."""
+        decoder = self.decoders.setdefault(out.rid, codecs.getincrementaldecoder("utf-8")("replace"))
         tokens, offsets = [], []
         for pos in range(start, end):
+            text, raw = self.piece(out.output_ids[pos])
+            tokens.append(text)
             offsets.append(offset)
-            tokens.append(self.text(out.output_ids[pos]))
-            offset += len(tokens[-1])
-        tops = [{self.text(tid): lp for lp, tid in (out.output_top_logprobs[pos] if pos < len(out.output_top_logprobs)
-                                                     else [])} for pos in range(start, end)]
+            offset += len(decoder.decode(raw))
+        tops = [{self.piece(tid)[0]: lp for lp, tid in (out.output_top_logprobs[pos]
+                                                         if pos < len(out.output_top_logprobs) else [])}
+                for pos in range(start, end)]
         return {"tokens": tokens, "token_logprobs": list(out.output_logprobs[start:end]), "top_logprobs": tops,
                 "text_offset": offsets}
 
