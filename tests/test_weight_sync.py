@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from tpfleet.engine.llm_engine import LLMEngine
 from tpfleet.engine.sequence import InvalidRequest
 from tpfleet.engine.weight_sync import OpenBucket, parse_payload
 from tpfleet.server.async_engine import AsyncEngine
+from tpfleet.server import weights_api
 from tpfleet.server.weights_api import weights_router
 from tpfleet.weight_sync import FlattenedBucketSender, update_weights_from_tensor_request
 
@@ -222,6 +224,14 @@ def test_http_tensor_update_and_bodies_checked(client, aengine):
                                                               "master_port": 29500, "rank_offset": 1, "world_size": 2,
                                                               "backend": "gloo"})
     assert unknown.status_code == 400 and unknown.json()["message"].startswith("master_address: cannot resolve")
+    with socket.socket() as closed:  # a port nothing listens on once this block ends
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(weights_api, "REACH_TIMEOUT_S", 1.0)
+        nobody = client.post("/init_weights_update_group", json={"master_address": "127.0.0.1", "master_port": port,
+                                                                 "rank_offset": 1, "world_size": 2, "backend": "gloo"})
+    assert nobody.status_code == 400 and nobody.json()["message"].startswith("master_port: nothing accepted")
     typo = client.post("/destroy_weights_update_group", json={"group": "g"})
     assert typo.status_code == 400 and typo.json()["message"].startswith("group")
     nested = client.post("/update_weights_from_disk", content=b"[" * 2000 + b"]" * 2000)

@@ -370,8 +370,10 @@ class EngineWeights:
         self._all_ok(self.ranks.call_all("colocation.weights.check_distributed", *args))
         return self._apply("stage_distributed", weight_version, *args)
 
-    def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                   group_name: str, backend: str) -> list[dict]:
+    def check_join(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                   group_name: str, backend: str) -> None:
+        """An InvalidRequest naming the field at fault, before anything waits on the trainer. Reads only
+        settings: the server calls it off the engine thread too."""
         tp_size = self.engine.cfg.tp_size
         if not isinstance(master_address, str) or not HOST.fullmatch(master_address):
             raise InvalidRequest("master_address", "must be a host name or an IP address")
@@ -393,6 +395,10 @@ class EngineWeights:
             socket.getaddrinfo(master_address.strip("[]"), master_port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as error:
             raise InvalidRequest("master_address", f"cannot resolve {master_address[:60]!r}: {error}") from None
+
+    def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                   group_name: str, backend: str) -> list[dict]:
+        self.check_join(master_address, master_port, rank_offset, world_size, group_name, backend)
         try:
             reports = self.ranks.call_all("colocation.weights.init_group", master_address, master_port, rank_offset,
                                           world_size, group_name, backend)

@@ -9,7 +9,8 @@ engine thread between two steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -65,6 +66,26 @@ class DestroyWeightsUpdateGroupBody(ControlBody):
 
 
 DISK_LOAD_FORMATS = (None, "auto", "safetensors")
+REACH_TIMEOUT_S = 60.0  # how long the trainer's rendezvous may take to accept connections
+
+
+async def reach_rendezvous(host: str, port: int) -> None:
+    """Wait, here and not on the engine thread (which would stop generating), until the trainer's rendezvous
+    accepts connections: a wrong port then costs a minute and a 400 naming it, not the ranks' whole join
+    timeout with nothing served."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + REACH_TIMEOUT_S
+    while True:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), port), 5)
+            writer.close()
+            return
+        except (OSError, asyncio.TimeoutError) as error:
+            if loop.time() > deadline:
+                raise InvalidRequest("master_port", f"nothing accepted a connection at {host}:{port} in "
+                                                    f"{REACH_TIMEOUT_S:g}s ({error or 'timed out'}): is the "
+                                                    f"trainer creating its group there?") from None
+            await asyncio.sleep(0.5)
 
 
 def body_schema(model: type[ControlBody]) -> dict:
@@ -96,9 +117,12 @@ def weights_router(aengine: AsyncEngine) -> APIRouter:
     engine = aengine.engine
 
     async def run(request: Request, model: type[ControlBody], call: Callable[[ControlBody], Callable[[], list[dict]]],
-                  describe: Callable[[ControlBody, list[dict]], str]) -> JSONResponse:
+                  describe: Callable[[ControlBody, list[dict]], str],
+                  before: Callable[[ControlBody], Awaitable[None]] | None = None) -> JSONResponse:
         try:
             body = await _parse(request, model)
+            if before is not None:
+                await before(body)
             if getattr(body, "abort_all_requests", False):
                 aengine.abort_all()
             reports = await aengine.run_on_engine(call(body))
@@ -128,6 +152,11 @@ def weights_router(aengine: AsyncEngine) -> APIRouter:
                              body.serialized_named_tensors, body.load_format, body.weight_version),
                          lambda body, reports: f"loaded {reports[0]['tensors']} tensors{version(body)}")
 
+    async def join_checked(body: InitWeightsUpdateGroupBody) -> None:
+        await asyncio.to_thread(engine.weights.check_join, body.master_address, body.master_port,  # it resolves
+                                body.rank_offset, body.world_size, body.group_name, body.backend)
+        await reach_rendezvous(body.master_address, body.master_port)
+
     @router.post("/init_weights_update_group", openapi_extra=body_schema(InitWeightsUpdateGroupBody))
     async def init_weights_update_group(request: Request):
         return await run(request, InitWeightsUpdateGroupBody,
@@ -135,7 +164,8 @@ def weights_router(aengine: AsyncEngine) -> APIRouter:
                              body.master_address, body.master_port, body.rank_offset, body.world_size,
                              body.group_name, body.backend),
                          lambda body, reports: f"joined {body.group_name} as ranks "
-                                               f"{[report['group_rank'] for report in reports]}")
+                                               f"{[report['group_rank'] for report in reports]}",
+                         before=lambda body: join_checked(body))
 
     @router.post("/update_weights_from_distributed", openapi_extra=body_schema(UpdateWeightsFromDistributedBody))
     async def update_weights_from_distributed(request: Request):
