@@ -153,8 +153,10 @@ class LLMEngine:
 
     def _keep_routing(self, seq: Sequence) -> None:
         """A sequence leaving the device (preempted, retracted) keeps the experts of the positions it
-        computed: aborted before it runs again, it still reports them."""
-        if seq.options.return_routed_experts and seq.num_computed_tokens:
+        computed: aborted before it runs again, it still reports them. A copy from an earlier eviction that
+        covers more positions is kept."""
+        kept = len(seq.routed_experts or b"") // self.runner.routing_row_bytes
+        if seq.options.return_routed_experts and seq.num_computed_tokens > kept:
             seq.routed_experts = self.runner.routed_experts(seq.block_table, seq.num_computed_tokens)
 
     def _end(self, seq: Sequence, reason: dict) -> None:
