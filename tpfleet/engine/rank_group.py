@@ -84,6 +84,20 @@ class RankGroup:
         # has exited (see `shutdown`).
         self._store = create_store(cfg.tp_size) if cfg.tp_size > 1 else None
         store_port = self._store.port if self._store else 0
+        try:  # from the first spawn on, anything raised here (a Ctrl-C included) stops every rank it started
+            self._start_workers(cfg, store_port)
+            try:
+                self.driver = ModelRunner(cfg, 0, store_port, self._store)
+            except Exception as exc:
+                record_rank_failure(exc, 0, current_phase())  # rank 0's own error is the story
+                raise
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # before the kills: no watchdog report of the others
+            raise
+        self._serving = True
+
+    def _start_workers(self, cfg: EngineConfig, store_port: int) -> None:
         context = mp.get_context("spawn")
         for rank in range(1, cfg.tp_size):
             parent_end, child_end = context.Pipe()
@@ -98,22 +112,6 @@ class RankGroup:
             threading.Thread(target=self._watch, name="tpfleet-watchdog", daemon=True).start()
             self._hang_watch = HangWatch(self._progress, hang_timeouts(cfg), self._on_hang, lambda: self._stopping)
             self._hang_watch.start()
-
-        try:
-            self.driver = ModelRunner(cfg, 0, store_port, self._store)
-        except Exception as exc:
-            record_rank_failure(exc, 0, current_phase())
-            self.stop()  # rank 0's own error is the story: no watchdog report of the others
-            raise
-        except BaseException:
-            self.stop()
-            raise
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        self._serving = True
 
     @property
     def pids(self) -> list[int]:
@@ -163,7 +161,7 @@ class RankGroup:
         by_sentinel = {worker.process.sentinel: worker for worker in self.workers}
         ready = wait(list(by_sentinel))
         died_at = time.time()
-        if self._stopping:
+        if self._stopping or not threading.main_thread().is_alive():  # stopped, or the interpreter is exiting
             return
         dead = by_sentinel[ready[0]]
         dead.process.join(timeout=1)

@@ -10,7 +10,9 @@ fails with an exception writes its own exit record (tpfleet.exits) before it die
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import traceback
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
@@ -82,9 +84,14 @@ def _serve(cfg: EngineConfig, rank: int, store_port: int, conn: Connection, prog
 
     try:
         runner = ModelRunner(cfg, rank, store_port, on_phase=progress.reach)
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-        raise
+    except BaseException as exc:
+        # The driver raises this traceback as the start's failure, so it is printed once, there; a driver
+        # that went away meanwhile (a Ctrl-C while the ranks start) reads nothing, and this rank says
+        # nothing either: its exit record and exit code tell.
+        record_rank_failure(exc, rank, progress.phase)
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
+        sys.exit(1)
     progress.reach(SERVING)
     conn.send(("ready", runner.num_blocks))
     while True:
