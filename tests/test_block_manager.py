@@ -90,6 +90,22 @@ def test_reset_prefix_cache_only_when_idle():
     assert bm.match_prefix(seq(list(range(8)) + [1])) == 0
 
 
+def test_forgetting_prefixes_while_blocks_are_in_use():
+    """New weights: no block the old ones filled is matched again, and a sequence running across the change
+    registers none of its later blocks (their KV rests on the old); sequences admitted after it do."""
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = seq(range(12), "a")
+    bm.match_prefix(a)
+    computed(bm, a, 8)
+    bm.forget_prefixes()
+    assert bm.match_prefix(seq(list(range(8)) + [1], "b")) == 0
+    d = seq(list(range(8)) + [50], "d")  # admitted after the change: computes blocks 0 and 1 again
+    bm.match_prefix(d)
+    computed(bm, d, 8)
+    computed(bm, a, 4)  # a's third block fills after the change
+    assert bm.match_prefix(seq(list(range(12)) + [1], "e")) == 8  # d's two blocks, not a's third
+
+
 def test_prefix_caching_can_be_disabled():
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
     a = seq(range(8))

@@ -104,6 +104,24 @@ def test_tensor_update_over_shared_memory_matches_transformers(engine, prompts, 
     assert greedy(engine, prompts) == expected
 
 
+def test_an_update_while_a_request_runs_forgets_every_cached_prefix(engine, prompts, trained, original):
+    """RL's usual step pushes weights while requests hold KV blocks (paused in place, or still running): no KV
+    the old weights computed may serve a later request, whose outputs are the new weights' own."""
+    named, _ = trained
+    long = [ids * 4 for ids in prompts]  # full blocks of prompt: what the prefix cache holds
+    before = greedy(engine, long)  # now cached, computed by the original weights
+    running = engine.add_request(long[0] + [7], SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    with FlattenedBucketSender(named) as sender:
+        engine.update_weights_from_tensor([sender.payload(), sender.payload()], "flattened_bucket", "step-1")
+    engine.abort(running.rid)
+    after = greedy(engine, long)
+    assert engine.flush_cache()
+    assert after == greedy(engine, long) != before  # what the new weights compute from nothing cached
+
+
 def test_partial_tensor_update_of_fused_projections(engine, prompts, trained, original):
     """q/k/v and gate/up land in fused parameters shard by shard: a bucket per tensor (load_format null)
     of one layer's tensors changes exactly that layer."""

@@ -41,6 +41,7 @@ class BlockManager:
         self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # chain hash -> block id
         self.computing: dict[int, Sequence] = {}  # chain hash -> the running sequence computing that block
+        self.generation = 0  # bumped when every cached prefix is forgotten (new weights)
 
     @property
     def num_free_blocks(self) -> int:
@@ -72,6 +73,7 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> int:
         """Take every cached full block of `seq`'s leading tokens; returns the number of tokens reused."""
         assert not seq.block_table
+        seq.cache_generation = self.generation
         if not self.enable_prefix_caching:
             return 0
         for i in range(self.matchable_blocks(seq)):
@@ -124,8 +126,9 @@ class BlockManager:
         return True
 
     def commit_full_blocks(self, seq: Sequence) -> None:
-        """Register blocks that became full of computed tokens, so later requests can share them."""
-        if not self.enable_prefix_caching:
+        """Register blocks that became full of computed tokens, so later requests can share them; not those
+        of a sequence admitted before the cache was last forgotten, whose KV rests on what was forgotten."""
+        if not self.enable_prefix_caching or seq.cache_generation != self.generation:
             return
         bs = self.block_size
         for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):
@@ -149,10 +152,17 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_hashed_blocks = 0
 
     def reset_prefix_cache(self) -> bool:
-        """Forget every cached prefix. Only allowed while no block is in use."""
+        """Forget every cached prefix, only while no block is in use (/flush_cache's rule)."""
         if self.num_free_blocks != self.num_blocks:
             return False
+        self.forget_prefixes()
+        return True
+
+    def forget_prefixes(self) -> None:
+        """Forget every cached prefix, also while sequences hold blocks: after a weight update, no KV the
+        old weights computed may be matched again. Sequences running now register nothing later."""
+        self.generation += 1
         self.cached.clear()
+        self.computing.clear()
         for block in self.blocks:
             block.hash, block.token_ids = None, ()
-        return True

@@ -145,6 +145,7 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, tokens found in the prefix cache at admission
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
+        self.cache_generation = 0  # the block manager's generation when this sequence was admitted
         self.num_preemptions = 0
         self.output_text = ""
         self.finish_reason: dict | None = None

@@ -436,7 +436,7 @@ class EngineWeights:
             self.engine.stale_weights = (stale - written) or None
         if weight_version is not None:
             self.engine.set_weight_version(weight_version)
-        self.engine.block_manager.reset_prefix_cache()  # cached prefixes were computed by the old weights
+        self.engine.block_manager.forget_prefixes()  # cached prefixes were computed by the old weights
         return [{"rank": report["rank"], "tensors": report["tensors"], **seconds} for report in reports]
 
     @staticmethod
