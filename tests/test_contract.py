@@ -447,6 +447,21 @@ def test_weight_version_routes(url):
     assert bad.status_code == 400 and check_post_json(bad)["success"] is False
 
 
+def test_abort_all_requests_takes_effect_only_with_the_update(url, tiny_model):
+    wait_idle(url)
+    join = in_background(lambda: httpx.post(f"{url}/generate", timeout=120, json={
+        "input_ids": PROMPT, "sampling_params": LONG}))
+    wait_for(lambda: loads(url)["num_running_reqs"] == 1)
+    refused = httpx.post(f"{url}/update_weights_from_disk", json={"model_path": str(tiny_model / "nowhere"),
+                                                                  "abort_all_requests": True})
+    assert refused.status_code == 400 and check_post_json(refused)["success"] is False
+    assert loads(url)["num_running_reqs"] == 1  # a refused update changes nothing, its abort included
+    done = httpx.post(f"{url}/update_weights_from_disk", json={"model_path": str(tiny_model),
+                                                               "abort_all_requests": True}, timeout=60)
+    assert done.status_code == 200 and check_post_json(done)["success"] is True
+    assert join().json()["meta_info"]["finish_reason"]["type"] == "abort"
+
+
 def test_a_request_spanning_an_update_reports_the_new_version(url):
     wait_idle(url)
     httpx.post(f"{url}/update_weight_version", json={"new_version": "before"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -402,13 +403,17 @@ class LLMEngine:
 
         return EngineWeights(self)
 
-    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> list[dict]:
-        return self.weights.update_from_disk(model_path, weight_version)
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None,
+                                 before_commit: Callable[[], None] | None = None) -> list[dict]:
+        """`before_commit` (each update takes one) runs once the update is checked and staged, just before
+        the weights change: where a caller aborts the requests in flight."""
+        return self.weights.update_from_disk(model_path, weight_version, before_commit)
 
     def update_weights_from_tensor(self, serialized_named_tensors: list[str], load_format: str | None = None,
-                                   weight_version: str | None = None) -> list[dict]:
+                                   weight_version: str | None = None,
+                                   before_commit: Callable[[], None] | None = None) -> list[dict]:
         """One payload (tpfleet.weight_sync's format) for every TP rank, or one per rank."""
-        return self.weights.update_from_tensor(serialized_named_tensors, load_format, weight_version)
+        return self.weights.update_from_tensor(serialized_named_tensors, load_format, weight_version, before_commit)
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str, backend: str) -> list[dict]:
@@ -417,9 +422,11 @@ class LLMEngine:
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                         group_name: str, weight_version: str | None = None,
-                                        load_format: str | None = None) -> list[dict]:
+                                        load_format: str | None = None,
+                                        before_commit: Callable[[], None] | None = None) -> list[dict]:
         """Receive each named full tensor by broadcast from the group's rank 0, in order."""
-        return self.weights.update_from_distributed(names, dtypes, shapes, group_name, weight_version, load_format)
+        return self.weights.update_from_distributed(names, dtypes, shapes, group_name, weight_version, load_format,
+                                                    before_commit)
 
     def destroy_weights_update_group(self, group_name: str) -> list[dict]:
         return self.weights.destroy_group(group_name)

@@ -331,15 +331,16 @@ class EngineWeights:
             raise InvalidRequest("weights", "the weights are released: POST /resume_memory_occupation with tags "
                                             "['weights'] before updating them")
 
-    def update_from_disk(self, model_path: str, weight_version: str | None) -> list[dict]:
+    def update_from_disk(self, model_path: str, weight_version: str | None,
+                         before_commit: Callable[[], None] | None = None) -> list[dict]:
         self._check_resident()
         check_version(weight_version)
         roots = allowed_roots(self.engine.cfg)
         check_checkpoint(model_path, roots, self.local.manifest)
-        return self._apply("stage_disk", weight_version, model_path, [str(r) for r in roots])
+        return self._apply("stage_disk", weight_version, before_commit, model_path, [str(r) for r in roots])
 
-    def update_from_tensor(self, payloads: list[str], load_format: str | None,
-                           weight_version: str | None) -> list[dict]:
+    def update_from_tensor(self, payloads: list[str], load_format: str | None, weight_version: str | None,
+                           before_commit: Callable[[], None] | None = None) -> list[dict]:
         self._check_resident()
         check_version(weight_version)
         tp_size = self.engine.cfg.tp_size
@@ -355,11 +356,11 @@ class EngineWeights:
             names.append(sorted(entry.name for entry in entries))
         if any(other != names[0] for other in names):
             raise InvalidRequest("serialized_named_tensors", "the ranks' payloads name different tensors")
-        return self._apply("stage_tensor", weight_version, payloads)
+        return self._apply("stage_tensor", weight_version, before_commit, payloads)
 
     def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                                group_name: str, weight_version: str | None,
-                                load_format: str | None = None) -> list[dict]:
+                                group_name: str, weight_version: str | None, load_format: str | None = None,
+                                before_commit: Callable[[], None] | None = None) -> list[dict]:
         self._check_resident()
         check_version(weight_version)
         check_distributed_request(self.local.manifest, names, dtypes, shapes, load_format)
@@ -368,7 +369,7 @@ class EngineWeights:
                                                "call /init_weights_update_group first")
         args = (names, dtypes, shapes, group_name, load_format)
         self._all_ok(self.ranks.call_all("colocation.weights.check_distributed", *args))
-        return self._apply("stage_distributed", weight_version, *args)
+        return self._apply("stage_distributed", weight_version, before_commit, *args)
 
     def check_join(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                    group_name: str, backend: str) -> None:
@@ -414,10 +415,12 @@ class EngineWeights:
         self.group_names.discard(group_name)
         return self.ranks.call_all("colocation.weights.destroy_group", group_name)
 
-    def _apply(self, stage: str, weight_version: str | None, *args) -> list[dict]:
-        """Stage on every rank (everything checked, buffers opened), then commit on every rank (the
-        copies). Each rank's report says how many tensors it took, with the driver's wall seconds of
-        both phases (all ranks together)."""
+    def _apply(self, stage: str, weight_version: str | None, before_commit: Callable[[], None] | None,
+               *args) -> list[dict]:
+        """Stage on every rank (everything checked, buffers opened), then `before_commit` (aborting the
+        requests in flight: a refused update must change nothing), then commit on every rank (the copies).
+        Each rank's report says how many tensors it took, with the driver's wall seconds of both phases
+        (all ranks together)."""
         started = time.perf_counter()
         try:
             reports = self.ranks.call_all(f"colocation.weights.{stage}", *args)
@@ -428,6 +431,8 @@ class EngineWeights:
             self.ranks.call_all("colocation.weights.discard")
             raise
         staged = time.perf_counter()
+        if before_commit is not None:
+            before_commit()
         self.ranks.call_all("colocation.weights.commit")
         seconds = {"stage_s": staged - started, "commit_s": time.perf_counter() - staged}
         stale = self.engine.stale_weights

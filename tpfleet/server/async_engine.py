@@ -279,7 +279,12 @@ class AsyncEngine:
         return exists
 
     def abort_all(self) -> None:
-        self._post(lambda: [self._abort_now(rid) for rid in list(self.engine.seqs)])
+        self._post(self.abort_all_now)
+
+    def abort_all_now(self) -> None:
+        """On the engine thread: abort every request, each caller answered with its partial output."""
+        for rid in list(self.engine.seqs):
+            self._abort_now(rid)
 
     def close(self) -> None:
         """The server is shutting down: refuse new requests (503) and abort those in flight, whose

@@ -123,14 +123,16 @@ def weights_router(aengine: AsyncEngine) -> APIRouter:
             body = await _parse(request, model)
             if before is not None:
                 await before(body)
-            if getattr(body, "abort_all_requests", False):
-                aengine.abort_all()
             reports = await aengine.run_on_engine(call(body))
         except InvalidRequest as error:
             return answer(False, str(error), 400)
         except EngineUnavailable as error:
             return answer(False, f"engine unavailable: {error}", 503)
         return answer(True, describe(body, reports))
+
+    def aborts(body) -> Callable[[], None] | None:
+        """abort_all_requests: once the update is checked and staged, so that a refused one aborts nothing."""
+        return aengine.abort_all_now if body.abort_all_requests else None
 
     def version(body) -> str:
         return f" (weight_version {body.weight_version})" if body.weight_version is not None else ""
@@ -141,7 +143,7 @@ def weights_router(aengine: AsyncEngine) -> APIRouter:
             if body.load_format not in DISK_LOAD_FORMATS:
                 raise InvalidRequest("load_format", "this engine loads safetensors checkpoints (null, 'auto' or "
                                                     "'safetensors')")
-            return lambda: engine.update_weights_from_disk(body.model_path, body.weight_version)
+            return lambda: engine.update_weights_from_disk(body.model_path, body.weight_version, aborts(body))
         return await run(request, UpdateWeightsFromDiskBody, call,
                          lambda body, _: f"loaded {body.model_path}{version(body)}")
 
@@ -149,7 +151,7 @@ def weights_router(aengine: AsyncEngine) -> APIRouter:
     async def update_weights_from_tensor(request: Request):
         return await run(request, UpdateWeightsFromTensorBody,
                          lambda body: lambda: engine.update_weights_from_tensor(
-                             body.serialized_named_tensors, body.load_format, body.weight_version),
+                             body.serialized_named_tensors, body.load_format, body.weight_version, aborts(body)),
                          lambda body, reports: f"loaded {reports[0]['tensors']} tensors{version(body)}")
 
     async def join_checked(body: InitWeightsUpdateGroupBody) -> None:
@@ -172,7 +174,7 @@ def weights_router(aengine: AsyncEngine) -> APIRouter:
         return await run(request, UpdateWeightsFromDistributedBody,
                          lambda body: lambda: engine.update_weights_from_distributed(
                              body.names, body.dtypes, body.shapes, body.group_name, body.weight_version,
-                             body.load_format),
+                             body.load_format, aborts(body)),
                          lambda body, reports: f"received {reports[0]['tensors']} tensors{version(body)}")
 
     @router.post("/destroy_weights_update_group", openapi_extra=body_schema(DestroyWeightsUpdateGroupBody))
