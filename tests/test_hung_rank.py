@@ -225,3 +225,48 @@ def test_a_driver_stuck_in_a_step_fails_its_requests_and_ends_the_engine(tmp_pat
     assert rank.time - started < 60, log
     record = exits.read(record_path)
     assert record is not None and record.exitcode == RANK_HUNG_EXIT_CODE, log
+
+
+# `python call_main.py MODEL TIMEOUT`: a TP=1 server engine whose call on the engine thread never returns (a
+# trainer gone quiet in the middle of a weight update), while a request waits.
+CALL_MAIN = """
+import asyncio
+import sys
+import threading
+
+from tpfleet.config import EngineConfig
+from tpfleet.engine.llm_engine import LLMEngine
+from tpfleet.engine.sequence import SamplingParams
+from tpfleet.server.async_engine import AsyncEngine, EngineDead
+
+if __name__ == "__main__":
+    engine = LLMEngine(EngineConfig(model=sys.argv[1], kv_cache_tokens=4096, startup_hang_timeout=float(sys.argv[2])))
+    aengine = AsyncEngine(engine)
+
+    async def request():
+        try:
+            async for _ in aengine.generate([1, 2, 3, 4], SamplingParams(max_new_tokens=4000, ignore_eos=True)):
+                pass
+        except EngineDead as error:
+            print("request failed:", error, flush=True)
+
+    async def main():
+        waiting = asyncio.create_task(request())
+        await asyncio.sleep(0.5)
+        asyncio.ensure_future(aengine.run_on_engine(threading.Event().wait))
+        await waiting
+        await asyncio.sleep(60)
+
+    asyncio.run(main())
+"""
+
+
+def test_a_call_on_the_engine_thread_past_its_limit_ends_the_engine(tmp_path, tiny_model):
+    """A weight update whose trainer went quiet holds the engine thread, so nothing is served: past
+    startup_hang_timeout the engine fails its requests and exits 75 for its fleet to restart it."""
+    (tmp_path / "call_main.py").write_text(textwrap.dedent(CALL_MAIN))
+    run = subprocess.run([sys.executable, str(tmp_path / "call_main.py"), str(tiny_model), str(HANG_TIMEOUT)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    log = (run.stdout + run.stderr)[-3000:]
+    assert run.returncode == RANK_HUNG_EXIT_CODE, log
+    assert "request failed: rank 0" in run.stdout and "one call for more than" in run.stdout, log

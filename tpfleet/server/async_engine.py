@@ -88,7 +88,14 @@ class AsyncEngine:
         self._stopped = False
         self._closing = False  # the server is shutting down: no new requests
         self.error: str | None = None
-        self._step_started: float | None = None  # monotonic time the step in progress began
+        # What the engine thread is in now: (monotonic start, its limit in seconds, what it is), or None.
+        self._busy: tuple[float, float, str] | None = None
+        cfg = engine.cfg
+        self._step = (cfg.hang_timeout, f"one step for more than {cfg.hang_timeout:g}s (hang_timeout): a kernel "
+                                        f"or collective that never returns")
+        self._call = (cfg.startup_hang_timeout, f"one call for more than {cfg.startup_hang_timeout:g}s "
+                                                f"(startup_hang_timeout): a collective whose peers never come, such "
+                                                f"as a trainer gone quiet in a weight update")
         self._thread = threading.Thread(target=self._loop, name="tpfleet-engine", daemon=True)
         self._thread.start()
         engine.ranks.on_failure = self._fail_all
@@ -97,28 +104,29 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         """False once the engine loop failed, a rank stopped making progress (it is about to exit), or
-        the driver's own step has run past the hang timeout (a kernel that never finishes blocks it)."""
+        the driver's own step or call has run past its limit (a kernel that never finishes, a trainer
+        that went quiet in the middle of a weight update)."""
         return (self.error is None and self._thread.is_alive() and self.engine.ranks.hung is None
-                and not self._step_overran)
+                and self._overran() is None)
 
-    @property
-    def _step_overran(self) -> bool:
-        """Whether the driver's step in progress has run past the hang timeout."""
-        started = self._step_started
-        return started is not None and time.monotonic() - started > self.engine.cfg.hang_timeout
+    def _overran(self) -> str | None:
+        """Why the engine thread's step or call in progress is past its limit, or None."""
+        busy = self._busy
+        if busy is None or time.monotonic() - busy[0] <= busy[1]:
+            return None
+        return f"rank 0 (pid {os.getpid()}) has been in {busy[2]}"
 
     def _watch_steps(self) -> None:
-        """The driver's own hang: a step of rank 0 that runs past the hang timeout (ranks 1..N-1 are
-        watched by their progress table) ends the engine, its requests failed first, so that the
-        fleet restarts it rather than leaving it alive and unhealthy."""
-        timeout = self.engine.cfg.hang_timeout
+        """The driver's own hang: a step of rank 0 past `hang_timeout`, or a call on the engine thread (a
+        weight update, a memory resume) past `startup_hang_timeout`, ends the engine, its requests failed
+        first, so that the fleet restarts it rather than leaving it alive and unhealthy (ranks 1..N-1 are
+        watched by their progress table)."""
         while not self._stopped:
-            if self._step_overran:
-                self.engine.ranks.driver_hung(f"rank 0 (pid {os.getpid()}) has been in one step for more than "
-                                              f"{timeout:g}s (hang_timeout): a kernel or collective that never "
-                                              f"returns")
+            why = self._overran()
+            if why is not None:
+                self.engine.ranks.driver_hung(why)
                 return
-            time.sleep(min(1.0, timeout / 4))
+            time.sleep(min(1.0, self.engine.cfg.hang_timeout / 4))
 
     # --- engine thread ------------------------------------------------------------------------
 
@@ -127,13 +135,16 @@ class AsyncEngine:
             while self._running:
                 while True:
                     try:
-                        self._inbox.get_nowait()()
+                        job = self._inbox.get_nowait()
                     except queue.Empty:
                         break
+                    self._busy = (time.monotonic(), *self._call)
+                    job()
+                    self._busy = None
                 if self.engine.has_work():
-                    self._step_started = time.monotonic()
+                    self._busy = (time.monotonic(), *self._step)
                     outputs = self.engine.step()
-                    self._step_started = None
+                    self._busy = None
                     self._publish(outputs)
                 else:
                     self._wake.wait(0.05)
