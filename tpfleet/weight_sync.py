@@ -36,7 +36,9 @@ tensors (what `FlattenedBucketSender` builds); `load_format: null` accepts the s
 bucket per tensor is simply the degenerate case. The engine checks the whole document (tag,
 version, dtypes, shapes, offsets, sizes, segment names, tensor names against its model) before it
 opens any buffer, opens every buffer on every rank before it changes any parameter, and answers
-400 naming the field at fault otherwise. Keep the sender alive until the engine has answered.
+400 naming the field at fault otherwise. A tensor's `dtype` says how to read its bytes; the engine
+converts it to its parameter's dtype, as a checkpoint of another dtype is converted on load, so bytes
+described with the wrong dtype load as wrong values. Keep the sender alive until the engine has answered.
 
 **Over a collective (`/init_weights_update_group`, `/update_weights_from_distributed`)**: the
 trainer is rank 0 of a new group, engine TP rank r of an engine is `rank_offset + r`. The group is
