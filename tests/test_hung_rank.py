@@ -11,6 +11,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from tpfleet import env, exits
 from tpfleet.engine.hang_watch import (
     CALLS_BEGUN,
@@ -34,6 +36,8 @@ ENGINE_MAIN = """
 import sys
 import threading
 import time
+
+import pytest
 
 from tpfleet.config import EngineConfig
 from tpfleet.engine.llm_engine import LLMEngine
@@ -172,9 +176,10 @@ def test_a_stopped_rank_is_detected_and_named_in_the_exit_record(tmp_path, tiny_
     assert (cause.rank, cause.exc_type) == (1, "RankHung")
 
 
-# `python driver_main.py MODEL TIMEOUT`: a TP=1 server engine whose fourth forward never returns, as a
-# kernel or collective that never completes would block rank 0; the request it was serving must fail.
-DRIVER_MAIN = """
+# `python stuck_main.py MODEL TIMEOUT step|call`: a TP=1 server engine stuck while a request waits: in its
+# fourth forward (a kernel or collective that never completes blocks rank 0), or in a call on the engine
+# thread (a trainer gone quiet in the middle of a weight update). The request must fail.
+STUCK_MAIN = """
 import asyncio
 import sys
 import threading
@@ -185,75 +190,32 @@ from tpfleet.engine.sequence import SamplingParams
 from tpfleet.server.async_engine import AsyncEngine, EngineDead
 
 if __name__ == "__main__":
-    engine = LLMEngine(EngineConfig(model=sys.argv[1], kv_cache_tokens=4096, hang_timeout=float(sys.argv[2])))
+    model, timeout, where = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    limit = {"hang_timeout": timeout} if where == "step" else {"startup_hang_timeout": timeout}
+    engine = LLMEngine(EngineConfig(model=model, kv_cache_tokens=4096, **limit))
     forward, calls = engine.runner.run, []
 
     def run(*args, **kwargs):
         calls.append(1)
-        if len(calls) > 3:
+        if where == "step" and len(calls) > 3:
             threading.Event().wait()
         return forward(*args, **kwargs)
 
     engine.runner.run = run
     aengine = AsyncEngine(engine)
 
-    async def main():
-        try:
-            async for _ in aengine.generate([1, 2, 3, 4], SamplingParams(max_new_tokens=64, ignore_eos=True)):
-                pass
-        except EngineDead as error:
-            print("request failed:", error, flush=True)
-        await asyncio.sleep(60)
-
-    asyncio.run(main())
-"""
-
-
-def test_a_driver_stuck_in_a_step_fails_its_requests_and_ends_the_engine(tmp_path, tiny_model):
-    (tmp_path / "driver_main.py").write_text(textwrap.dedent(DRIVER_MAIN))
-    record_path = tmp_path / "records" / "engine.json"
-    started = time.time()
-    run = subprocess.run([sys.executable, str(tmp_path / "driver_main.py"), str(tiny_model), str(HANG_TIMEOUT)],
-                         cwd=tmp_path, env={**os.environ, env.EXIT_RECORD: str(record_path)},
-                         capture_output=True, text=True, timeout=120)
-    log = (run.stdout + run.stderr)[-3000:]
-    assert run.returncode == RANK_HUNG_EXIT_CODE, log
-    assert "request failed: rank 0" in run.stdout and "hang_timeout" in run.stdout, log
-    rank = exits.read(exits.rank_path(record_path, 0))
-    assert rank is not None, log
-    assert (rank.role, rank.rank, rank.exc_type, rank.phase) == ("rank", 0, "RankHung", "serving")
-    assert rank.time - started < 60, log
-    record = exits.read(record_path)
-    assert record is not None and record.exitcode == RANK_HUNG_EXIT_CODE, log
-
-
-# `python call_main.py MODEL TIMEOUT`: a TP=1 server engine whose call on the engine thread never returns (a
-# trainer gone quiet in the middle of a weight update), while a request waits.
-CALL_MAIN = """
-import asyncio
-import sys
-import threading
-
-from tpfleet.config import EngineConfig
-from tpfleet.engine.llm_engine import LLMEngine
-from tpfleet.engine.sequence import SamplingParams
-from tpfleet.server.async_engine import AsyncEngine, EngineDead
-
-if __name__ == "__main__":
-    engine = LLMEngine(EngineConfig(model=sys.argv[1], kv_cache_tokens=4096, startup_hang_timeout=float(sys.argv[2])))
-    aengine = AsyncEngine(engine)
-
     async def request():
         try:
-            async for _ in aengine.generate([1, 2, 3, 4], SamplingParams(max_new_tokens=4000, ignore_eos=True)):
+            async for _ in aengine.generate([1, 2, 3, 4], SamplingParams(max_new_tokens=2000, ignore_eos=True)):
                 pass
         except EngineDead as error:
             print("request failed:", error, flush=True)
 
     async def main():
         waiting = asyncio.create_task(request())
-        await asyncio.sleep(0.5)
-        asyncio.ensure_future(aengine.run_on_engine(threading.Event().wait))
+        if where == "call":
+            await asyncio.sleep(0.5)
+            asyncio.ensure_future(aengine.run_on_engine(threading.Event().wait))
         await waiting
         await asyncio.sleep(60)
 
@@ -261,12 +223,22 @@ if __name__ == "__main__":
 """
 
 
-def test_a_call_on_the_engine_thread_past_its_limit_ends_the_engine(tmp_path, tiny_model):
-    """A weight update whose trainer went quiet holds the engine thread, so nothing is served: past
-    startup_hang_timeout the engine fails its requests and exits 75 for its fleet to restart it."""
-    (tmp_path / "call_main.py").write_text(textwrap.dedent(CALL_MAIN))
-    run = subprocess.run([sys.executable, str(tmp_path / "call_main.py"), str(tiny_model), str(HANG_TIMEOUT)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("where,says", [("step", "one step for more than"), ("call", "one call for more than")])
+def test_a_stuck_driver_fails_its_requests_and_ends_the_engine(tmp_path, tiny_model, where, says):
+    """Past hang_timeout in a step, or startup_hang_timeout in a call on the engine thread, the engine fails
+    its requests and exits 75 for its fleet to restart it, with rank 0 named in its exit record."""
+    (tmp_path / "stuck_main.py").write_text(textwrap.dedent(STUCK_MAIN))
+    record_path = tmp_path / "records" / "engine.json"
+    started = time.time()
+    run = subprocess.run([sys.executable, str(tmp_path / "stuck_main.py"), str(tiny_model), str(HANG_TIMEOUT), where],
+                         cwd=tmp_path, env={**os.environ, env.EXIT_RECORD: str(record_path)},
+                         capture_output=True, text=True, timeout=120)
     log = (run.stdout + run.stderr)[-3000:]
     assert run.returncode == RANK_HUNG_EXIT_CODE, log
-    assert "request failed: rank 0" in run.stdout and "one call for more than" in run.stdout, log
+    assert "request failed: rank 0" in run.stdout and says in run.stdout, log
+    rank = exits.read(exits.rank_path(record_path, 0))
+    assert rank is not None, log
+    assert (rank.role, rank.rank, rank.exc_type, rank.phase) == ("rank", 0, "RankHung", "serving")
+    assert rank.time - started < 60, log
+    record = exits.read(record_path)
+    assert record is not None and record.exitcode == RANK_HUNG_EXIT_CODE, log
