@@ -56,6 +56,9 @@ def test_bad_openai_request_is_a_400_naming_the_field(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
     assert e.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as e:  # the engine's words, in the OpenAI request's names
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"min_tokens": 50})
+    assert e.value.body["message"] == "min_tokens: 50 exceeds max_tokens (2)"
 
 
 def test_chat_logprobs_in_openai_format(client):

@@ -34,10 +34,12 @@ def _usage(outs: list[RequestOutput]) -> dict:
 
 
 def _openai_field(e: InvalidRequest) -> InvalidRequest:
-    """Engine validation speaks in SGLang's names; translate to the OpenAI request's."""
-    field = (e.field.removeprefix("sampling_params.").replace("max_new_tokens", "max_tokens")
-             .replace("min_new_tokens", "min_tokens"))
-    return InvalidRequest(field, e.message)
+    """Engine validation speaks in SGLang's names; translate to the OpenAI request's, in the field and the
+    message."""
+    def openai(text: str) -> str:
+        return text.replace("max_new_tokens", "max_tokens").replace("min_new_tokens", "min_tokens")
+
+    return InvalidRequest(openai(e.field.removeprefix("sampling_params.")), openai(e.message))
 
 
 def _top_logprobs_num(value: int | None, field: str) -> int:
