@@ -146,7 +146,8 @@ def test_parallelism_errors(checkpoints, tiny_model):
     dense = ModelConfig.from_dir(tiny_model)
     with pytest.raises(ValueError, match="ep_size"):
         build_model(dense, cpu_group(0, 2), None, ep_size=2)
-    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by the tensor-parallel size \(8\)"):
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by the tensor-parallel "
+                                         r"size \(8\)"):
         dense.check_parallelism(8)
     with pytest.raises(ValueError, match=r"tensor-parallel size \(4\) must be a multiple of num_key_value_heads \(3\)"):
         dataclasses.replace(dense, num_attention_heads=12, num_key_value_heads=3).check_parallelism(4)

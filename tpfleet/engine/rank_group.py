@@ -192,8 +192,8 @@ class RankGroup:
         self._end_hung(ExitRecord("rank", hang.rank, stuck.process.pid, hang.phase, "RankHung", hang.message))
 
     def driver_hung(self, message: str) -> None:
-        """Rank 0's own step has made no progress past the hang timeout (a kernel or a collective that
-        never returns blocks it, while this process's other threads still run): end the engine as for
+        """Rank 0's own step or call has run past its limit (a kernel or a collective that never returns
+        blocks it, while this process's other threads still run): end the engine as for
         any hung rank, unless a peer has gone silent, which is then the one named. Called by the server's
         step watch."""
         if self._stopping:

@@ -232,7 +232,8 @@ def openai_router() -> APIRouter:
             raise InvalidRequest("messages", "this model's tokenizer has no chat template")
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         try:  # rendered on a worker thread, as prompts are tokenized: a long conversation takes a while
-            text = await asyncio.to_thread(tok.apply_chat_template, messages, tokenize=False, add_generation_prompt=True)
+            text = await asyncio.to_thread(tok.apply_chat_template, messages, tokenize=False,
+                                           add_generation_prompt=True)
         except ChatTemplateError as error:
             raise InvalidRequest("messages", f"the model's chat template refused them: {error}") from None
         if req.max_completion_tokens is not None:

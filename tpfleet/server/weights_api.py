@@ -20,6 +20,7 @@ from tpfleet.engine.sequence import InvalidRequest
 from tpfleet.server.async_engine import AsyncEngine, EngineUnavailable
 from tpfleet.server.protocol import ControlBody
 
+
 class UpdateWeightsFromDiskBody(ControlBody):
     model_path: str
     load_format: str | None = None
@@ -167,7 +168,7 @@ def weights_router(aengine: AsyncEngine) -> APIRouter:
                              body.group_name, body.backend),
                          lambda body, reports: f"joined {body.group_name} as ranks "
                                                f"{[report['group_rank'] for report in reports]}",
-                         before=lambda body: join_checked(body))
+                         before=join_checked)
 
     @router.post("/update_weights_from_distributed", openapi_extra=body_schema(UpdateWeightsFromDistributedBody))
     async def update_weights_from_distributed(request: Request):
