@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import time
 import uuid
 from collections.abc import Callable
@@ -60,18 +61,17 @@ def _byte_level_alphabet() -> dict[str, int]:
 BYTE_OF_CHAR = _byte_level_alphabet()
 
 
-class LogprobFormat:
-    """The logprobs of tokens [start, end) of an output, in either API's shape. A token is shown as its text,
-    or as `bytes:\\xNN...` when it holds part of a character; `bytes` are its own, not its text's."""
+class TokenPieces:
+    """Each token as the logprobs show it: its text, or `bytes:\\xNN...` when it holds part of a character, with
+    its own bytes (not its text's). One per tokenizer, filled as tokens are first shown."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.backend = tokenizer.backend_tokenizer
         self.added = set(self.backend.get_added_tokens_decoder())
         self.pieces: dict[int, tuple[str, bytes]] = {}
-        self.decoders: dict[str, codecs.IncrementalDecoder] = {}  # per output: characters its tokens complete
 
-    def piece(self, token_id: int) -> tuple[str, bytes]:
+    def __call__(self, token_id: int) -> tuple[str, bytes]:
         if token_id not in self.pieces:
             raw = self._bytes(token_id)
             try:
@@ -86,6 +86,20 @@ class LogprobFormat:
         if spelled is None or token_id in self.added or any(c not in BYTE_OF_CHAR for c in spelled):
             return self.tokenizer.decode([token_id]).encode("utf-8")  # not byte-level: its text is all there is
         return bytes(BYTE_OF_CHAR[c] for c in spelled)
+
+
+@functools.lru_cache(maxsize=4)
+def token_pieces(tokenizer) -> TokenPieces:
+    """The engine's tokenizer's pieces, kept across requests."""
+    return TokenPieces(tokenizer)
+
+
+class LogprobFormat:
+    """The logprobs of tokens [start, end) of a request's outputs, in either API's shape."""
+
+    def __init__(self, piece: TokenPieces):
+        self.piece = piece
+        self.decoders: dict[str, codecs.IncrementalDecoder] = {}  # per output: characters its tokens complete
 
     def chat(self, out: RequestOutput, start: int, end: int) -> dict:
         def entry(logprob: float, token_id: int) -> dict:
@@ -130,6 +144,8 @@ def openai_router() -> APIRouter:
         limits.check_batch(len(prompts) * n, "n" if n > 1 else field)
         try:
             params = req.to_params(default_max)
+            if params.max_new_tokens < 1:  # checked here: the engine's message would offer a scoring call
+                raise InvalidRequest("max_tokens", f"must be an integer >= 1, got {params.max_new_tokens!r}")
             limits.check_stop(params.stop, "stop")
             for i, ids in enumerate(prompts):
                 aengine.engine.validate(ids, params, field if len(prompts) == 1 else f"{field}[{i}]", options)
@@ -201,7 +217,7 @@ def openai_router() -> APIRouter:
         options = OutputOptions(return_logprob=wants_logprobs, top_logprobs_num=_top_logprobs_num(req.logprobs,
                                                                                                   "logprobs"))
         streams = start(request, prompts, req, "prompt", DEFAULT_COMPLETION_TOKENS, options)
-        fmt = LogprobFormat(tok)
+        fmt = LogprobFormat(token_pieces(tok))
         text_sent: dict[int, int] = {}  # characters of each choice already streamed, for text_offset
 
         def logprobs(i: int, o: RequestOutput, start: int) -> dict | None:
@@ -243,7 +259,7 @@ def openai_router() -> APIRouter:
                                 top_logprobs_num=_top_logprobs_num(req.top_logprobs, "top_logprobs"))
         # Unset, a chat reply may use whatever context the prompt leaves.
         streams = start(request, [prompt], req, "messages", max(1, engine.context_length - 1 - len(prompt)), options)
-        fmt = LogprobFormat(tok)
+        fmt = LogprobFormat(token_pieces(tok))
 
         def logprobs(o: RequestOutput, start: int) -> dict | None:
             return fmt.chat(o, start, len(o.output_ids)) if req.logprobs else None
