@@ -26,6 +26,8 @@ class Behaviour:
     stream_chunks: int = 3
     stall_stream_after: int | None = None  # chunks sent before the stream goes silent
     break_stream_after: int | None = None  # chunks sent before the connection is dropped
+    break_mid_event: bool = False  # ... after the first half of the next event
+    api_key: str | None = None  # what GET /v1/loads and /get_weight_version need, as an engine's --api-key
     fail: set[str] = field(default_factory=set)  # control routes that answer 400
     weight_version: str = "default"
     calls: list[tuple[str, dict, str | None]] = field(default_factory=list)  # (path, body, authorization)
@@ -55,6 +57,8 @@ def create_fake_engine(name: str, behaviour: Behaviour) -> FastAPI:
         async def chunks():
             for i in range(behaviour.stream_chunks):
                 if behaviour.break_stream_after == i:
+                    if behaviour.break_mid_event:
+                        yield 'data: {"text": "hal'
                     raise ConnectionResetError("the engine died mid-stream")
                 if behaviour.stall_stream_after == i:
                     await asyncio.sleep(3600)
@@ -64,13 +68,18 @@ def create_fake_engine(name: str, behaviour: Behaviour) -> FastAPI:
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
+    def refused(request: Request) -> JSONResponse | None:
+        if behaviour.api_key and request.headers.get("authorization") != f"Bearer {behaviour.api_key}":
+            return JSONResponse({"success": False, "message": "needs the API key"}, 401)
+        return None
+
     @app.get("/get_weight_version")
-    async def get_weight_version():
-        return {"weight_version": behaviour.weight_version}
+    async def get_weight_version(request: Request):
+        return refused(request) or {"weight_version": behaviour.weight_version}
 
     @app.get("/v1/loads")
-    async def loads():
-        return {"loads": [{"num_running_reqs": 1, "num_waiting_reqs": 0, "num_reqs": 1}]}
+    async def loads(request: Request):
+        return refused(request) or {"loads": [{"num_running_reqs": 1, "num_waiting_reqs": 0, "num_reqs": 1}]}
 
     @app.get("/server_info")
     async def server_info():

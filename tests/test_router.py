@@ -81,7 +81,7 @@ def test_both_worker_apis_edit_one_registry(served):
     assert {httpx.post(f"{url}/generate", json=GEN).json()["worker"] for _ in range(4)} == {"a", "b"}
 
     for bad, param in [({"url": "not a url"}, "url"), ({"url": a, "worker_type": "prefill"}, "worker_type"),
-                       ({}, "url")]:
+                       ({}, "url"), ({"url": "http://xn--a:8000"}, "url")]:  # no IDNA host: no request could go
         r = httpx.post(f"{url}/workers", json=bad)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert httpx.post(f"{url}/add_worker").status_code == 400
@@ -161,7 +161,8 @@ def test_control_routes_go_to_every_worker_and_merge_the_answers(served):
     assert [w["success"] for w in sorted(r.json()["workers"], key=lambda w: w["url"] != a)] == [True, False]
 
     assert httpx.post(f"{url}/abort_request", json={"rid": "a"}).json()["success"] is True  # one engine knew it
-    assert httpx.post(f"{url}/abort_request", json={"rid": "zzz"}).json()["success"] is False
+    r = httpx.post(f"{url}/abort_request", json={"rid": "zzz"})  # answered as an engine answers it: no error
+    assert r.status_code == 200 and r.json()["success"] is False
     assert httpx.post(f"{url}/abort_request", json={"abort_all": True}).json()["success"] is True
     payload = {"serialized_named_tensors": ["p0"], "weight_version": "3"}
     assert httpx.post(f"{url}/update_weights_from_tensor", json=payload).json()["success"] is True
@@ -179,6 +180,28 @@ def test_control_routes_go_to_every_worker_and_merge_the_answers(served):
     assert sorted(entry["url"] for entry in loads) == sorted([a, b]) and all("num_reqs" in e for e in loads)
     assert httpx.get(f"{url}/server_info").json()["tp_size"] == 1
     assert httpx.post(f"{url}/health_generate", json={}).json()["success"] is True  # any other route: one engine
+
+
+def test_an_abort_for_every_request_ignores_a_worker_that_is_down(served):
+    a, _ = fake(served, "a")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    url, _ = router(served, a, dead, config=RouterConfig(health_interval_s=60))
+    r = httpx.post(f"{url}/abort_request", json={"abort_all": True})
+    assert r.status_code == 200 and r.json()["success"] is True and r.json()["message"] == "1 of 1 workers succeeded"
+    assert httpx.post(f"{url}/flush_cache").status_code == 502  # other control routes must reach every worker
+
+
+def test_requests_the_engine_refuses_are_refused_through_the_router_too(served):
+    keyed, behaviour = fake(served, "keyed", api_key="k")
+    url, _ = router(served, keyed, config=RouterConfig(health_interval_s=0.2, max_body_bytes=1000))
+    for path in ("/v1/loads", "/get_weight_version"):
+        assert httpx.get(f"{url}{path}").status_code == 401  # not an empty answer, not a 503 to retry
+        assert httpx.get(f"{url}{path}", headers={"Authorization": "Bearer k"}).status_code == 200
+    r = httpx.post(f"{url}/generate", content=b'{"input_ids": [' + b"1," * 600 + b"1]}")
+    assert r.status_code == 413 and "--max-body-bytes" in r.json()["message"]
+    assert not any(path == "/generate" for path, _, _ in behaviour.calls)
 
 
 def test_a_request_that_fails_before_its_first_byte_is_retried_elsewhere(served):
@@ -202,7 +225,7 @@ def test_a_request_that_fails_before_its_first_byte_is_retried_elsewhere(served)
 
 
 def test_a_stream_that_breaks_after_it_started_ends_with_an_error_event(served):
-    a, _ = fake(served, "a", break_stream_after=2)
+    a, _ = fake(served, "a", break_stream_after=2, break_mid_event=True)  # the half event is dropped
     url, registry = router(served, a)
     with httpx.stream("POST", f"{url}/generate", json={**GEN, "stream": True}) as r:
         assert r.status_code == 200
@@ -285,6 +308,28 @@ def test_router_in_front_of_a_real_engine(served, server):
     assert httpx.get(f"{url}/server_info").json()["tp_size"] == 2
     assert httpx.get(f"{url}/v1/models").status_code == 200
     assert httpx.post(f"{url}/generate", json={"text": ""}).status_code == 400  # the engine's error passes through
+    r = httpx.post(f"{url}/generate", content=b'{"input_ids": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"  # too deep: the engine says so
+    r = httpx.post(f"{url}/generate", json=body, headers={"Authorization": b"Bearer k\xe9"})  # not ASCII
+    assert r.status_code == 200  # the engine wants no key; the router forwards the header's bytes as sent
+
+
+def test_a_client_that_gives_up_closes_its_request_upstream(served, server):
+    """The engine aborts a request whose client left: through the router too, before any answer came back
+    (here the engine is paused, so nothing can come back)."""
+    url, registry = router(served, server)
+
+    def waiting() -> int:
+        return sum(load["num_waiting_reqs"] for load in httpx.get(f"{server}/v1/loads").json()["loads"])
+
+    assert httpx.post(f"{server}/pause_generation", json={"mode": "in_place"}).json()["success"] is True
+    try:
+        for stream in (False, True):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/generate", json={**GEN, "stream": stream}, timeout=1.0)
+            assert wait_for(lambda: waiting() == 0 and registry.all()[0].outstanding == 0, 10), stream
+    finally:
+        httpx.post(f"{server}/continue_generation", json={})
 
 
 def test_router_without_a_fleet_serves_until_sigterm(served):

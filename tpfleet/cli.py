@@ -165,16 +165,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     launch_cmd.add_argument("--admin-api-key", default=None,
                             help="key every engine's admin routes and the router's worker routes require, passed "
                                  f"to engines as ${env.ADMIN_API_KEY} (None: ${env.ADMIN_API_KEY})")
-    launch_cmd.add_argument("--router-read-timeout", type=float, default=600.0,
-                            help="seconds the router waits for an engine's next bytes before answering 504")
+    launch_cmd.add_argument("--router-read-timeout", type=float, default=None,
+                            help="seconds the router waits for an engine's next bytes before answering 504 (None: "
+                                 "as long as the engine takes; health checks catch a dead or hung one)")
     add_engine_arguments(launch_cmd, exclude=PLACEMENT_FIELDS)
 
     router_cmd = command("router", "serve a router alone; engines register over HTTP (POST /workers or /add_worker)")
     router_cmd.add_argument("--worker-urls", nargs="*", default=[], help="engines to start with")
     router_cmd.add_argument("--host", default="127.0.0.1", help="router address")
     router_cmd.add_argument("--port", type=int, default=0, help="router port (0: the kernel picks)")
-    router_cmd.add_argument("--read-timeout", type=float, default=600.0,
-                            help="seconds the router waits for an engine's next bytes before answering 504")
+    router_cmd.add_argument("--read-timeout", type=float, default=None,
+                            help="seconds the router waits for an engine's next bytes before answering 504 (None: "
+                                 "as long as the engine takes; health checks catch a dead or hung one)")
+    router_cmd.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                            help="largest request body the router takes (413 above it, before it is read whole)")
     router_cmd.add_argument("--admin-api-key", default=None,
                             help=f"key needed to register or remove workers (None: ${env.ADMIN_API_KEY})")
 
@@ -407,7 +411,8 @@ def run_command(args: argparse.Namespace) -> int:
         from tpfleet.fleet.router import RouterConfig
 
         return serve_router(args.worker_urls, args.host, args.port,
-                            RouterConfig(read_timeout_s=args.read_timeout, admin_api_key=args.admin_api_key))
+                            RouterConfig(read_timeout_s=args.read_timeout, admin_api_key=args.admin_api_key,
+                                         max_body_bytes=args.max_body_bytes))
     elif args.cmd == "warmup":
         from tpfleet.warmup.cli import warmup_command, warmup_configs
 

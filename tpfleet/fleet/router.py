@@ -7,6 +7,11 @@ worker; after that the client gets a clear error, never a hang or a dropped conn
 answering health checks (hung, stopped) leaves the rotation, and the requests it holds are answered
 with an error at once rather than after the read timeout.
 
+A client that hangs up before its answer came closes the request upstream too, which the engine takes
+as its abort. Bodies over `max_body_bytes` are refused with a 413 before they are read whole, as an
+engine refuses them; a stream is relayed event by event, so that an error event after a break is never
+glued onto half an event.
+
 Control routes go to every registered worker and answer with the merged result. The weight-group
 routes are refused: each engine needs its own `rank_offset` in the trainer's group, so they must be
 sent to the engines' own URLs, as Miles does. `/update_weights_from_tensor` sends the same body to
@@ -27,7 +32,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tpfleet.fleet.workers import HealthChecker, Worker, WorkerRegistry
-from tpfleet.server.http_utils import JSONBodyMiddleware, error_response, sse
+from tpfleet.server.guard import DEFAULT_MAX_BODY_BYTES, GuardMiddleware, KeyPolicy
+from tpfleet.server.http_utils import (JSONBodyMiddleware, error_response, install_error_handlers, sse,
+                                       unless_disconnected)
 
 if TYPE_CHECKING:
     from tpfleet.fleet.fleet import Fleet
@@ -44,12 +51,15 @@ FORWARDED_HEADERS = ("authorization",)
 
 @dataclass
 class RouterConfig:
-    read_timeout_s: float = 600.0  # one upstream read; long RL generations stream nothing until they end
+    # One upstream read; None waits as long as the engine takes (a long RL generation streams nothing until it
+    # ends), health checks catching a dead or hung one.
+    read_timeout_s: float | None = None
     connect_timeout_s: float = 5.0
     health_interval_s: float = 1.0
     health_timeout_s: float = 2.0
     failures_to_evict: int = 2  # consecutive failed health checks
     admin_api_key: str | None = None  # when set, registering and removing workers needs `Bearer <key>`
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # an engine's default --max-body-bytes
 
 
 class WorkerEvicted(Exception):
@@ -104,7 +114,7 @@ class Router:
     async def forward(self, request: Request, path: str) -> Response:
         """Send the request to one healthy worker, retrying on another while nothing has come back."""
         body = await request.body()
-        stream = _wants_stream(body)
+        stream = bool(await _field(body, "stream"))
         tried: set[str] = set()
         while True:
             worker = self.registry.acquire(tried)
@@ -113,7 +123,8 @@ class Router:
                 return _stream_error(503, message) if stream and tried else error_response(503, message)
             tried.add(worker.url)
             try:
-                return await self._forward_to(worker, request, path, body, stream)
+                # a client that leaves before its answer came cancels this, closing the request upstream
+                return await unless_disconnected(request, self._forward_to(worker, request, path, body, stream))
             except UpstreamError as error:
                 self.registry.record_failure(worker, error.retry, unreachable=error.retry)
                 if not error.retry:
@@ -154,19 +165,27 @@ class Router:
             raise UpstreamError(503, f"worker {worker.url} did not accept a connection: {error!r}",
                                 retry=True) from None
         except httpx.TimeoutException:
-            raise UpstreamError(504, f"worker {worker.url} sent nothing for {self.config.read_timeout_s:g} s "
-                                     "(RouterConfig.read_timeout_s)", retry=False) from None
+            raise UpstreamError(504, f"worker {worker.url} sent nothing for {self.config.read_timeout_s} s "
+                                     "(the router's --read-timeout, RouterConfig.read_timeout_s)", retry=False) from None
         except httpx.TransportError as error:
             raise UpstreamError(502, f"worker {worker.url} failed: {error!r}", retry=True) from None
 
     async def _relay(self, worker: Worker, upstream: httpx.Response, first: bytes,
                      chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Pass the stream through; if it breaks, end it with an error event and [DONE]."""
+        """Pass the stream through, whole events at a time; if it breaks, drop the event it broke in and end
+        with an error event and [DONE]."""
+        pending = b""
         try:
             chunk = first
             while chunk:
-                yield chunk
+                pending += chunk
+                end = _events_end(pending)
+                if end:
+                    yield pending[:end]
+                    pending = pending[end:]
                 chunk = await self._upstream(worker, anext(chunks, b""))
+            if pending:
+                yield pending
         except UpstreamError as error:
             self.registry.record_failure(worker, retried=False, unreachable=False)
             yield _error_event(error.status, f"the stream broke after it started: {error}").encode()
@@ -185,7 +204,10 @@ class Router:
         body = await request.body()
         answers = await asyncio.gather(*(self._send(w, request.method, path, body, _headers(request))
                                          for w in workers))
-        by_rid = path == "/abort_request" and _field(body, "rid") and not _field(body, "abort_all")
+        abort = path == "/abort_request"
+        if abort:  # a worker that is down holds nothing left to abort
+            answers = [a for a in answers if a["status"]] or answers
+        by_rid = abort and await _field(body, "rid") and not await _field(body, "abort_all")
         ok = [a["success"] for a in answers]
         success = any(ok) if by_rid else all(ok)
         message = f"{sum(ok)} of {len(ok)} workers succeeded"
@@ -195,9 +217,9 @@ class Router:
         merged = {"success": success, "message": message, "workers": answers}
         if path == "/pause_generation" and success:
             merged["status"] = "ok"
-        if success:
-            return JSONResponse(merged)
         client_errors = [a["status"] for a in answers if a["status"] and 400 <= a["status"] < 500]
+        if success or (abort and not client_errors and all(a["status"] for a in answers)):
+            return JSONResponse(merged)  # an abort that found nothing to abort is answered, as an engine answers it
         reached = any(a["status"] for a in answers)
         return JSONResponse(merged, client_errors[0] if client_errors else 502 if reached else 503)
 
@@ -218,10 +240,14 @@ class Router:
         message = data.get("message", "") if isinstance(data, dict) else ""
         return {**answer, "status": r.status_code, "success": success, "message": message, "response": data}
 
-    async def gather_get(self, path: str, request: Request) -> list[tuple[Worker, dict]]:
-        """GET `path` from every healthy worker; the answers that came back, as (worker, JSON)."""
+    async def gather_get(self, path: str, request: Request) -> list[tuple[Worker, dict]] | JSONResponse:
+        """GET `path` from every healthy worker; the answers that came back, as (worker, JSON), or the first
+        refusal of the request itself (a 4xx: a missing API key), passed on as the worker gave it."""
         workers = self.registry.healthy()
         answers = await asyncio.gather(*(self._send(w, "GET", path, b"", _headers(request)) for w in workers))
+        for a in answers:
+            if a["status"] and 400 <= a["status"] < 500:
+                return JSONResponse(a["response"], a["status"])
         return [(w, a["response"]) for w, a in zip(workers, answers) if a["success"]]
 
     # --- metrics --------------------------------------------------------------------------------------
@@ -247,22 +273,30 @@ class Router:
         await self.checker.aclose()
 
 
-def _headers(request: Request) -> dict[str, str]:
-    headers = {"content-type": "application/json"}
-    headers.update({k: v for k, v in request.headers.items() if k in FORWARDED_HEADERS})
+def _headers(request: Request) -> dict[str, bytes]:
+    """The headers an engine reads, as the bytes the client sent (a key need not be ASCII to be refused)."""
+    headers = {"content-type": b"application/json"}
+    headers.update({k.decode("latin-1"): v for k, v in request.headers.raw if k.decode("latin-1") in FORWARDED_HEADERS})
     return headers
 
 
-def _field(body: bytes, name: str):
+PARSED_ON_THREAD = 1 << 20  # bytes: a larger body is parsed off the event loop, which every stream shares
+
+
+async def _field(body: bytes, name: str):
+    """A top-level field of a JSON body; None where there is none or the body is not a JSON object (the
+    engine says why)."""
     try:
-        data = json.loads(body or b"{}")
-    except ValueError:
+        data = await asyncio.to_thread(json.loads, body) if len(body) > PARSED_ON_THREAD else json.loads(body or b"{}")
+    except (ValueError, RecursionError):
         return None
     return data.get(name) if isinstance(data, dict) else None
 
 
-def _wants_stream(body: bytes) -> bool:
-    return bool(_field(body, "stream"))
+def _events_end(data: bytes) -> int:
+    """Where the last whole server-sent event in `data` ends (0: none has)."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
 def _error_event(status: int, message: str) -> str:
@@ -299,5 +333,9 @@ def create_router_app(source: Fleet | WorkerRegistry | None = None, config: Rout
     app = FastAPI(title="tpfleet router", lifespan=lifespan)
     app.state.router = router
     add_routes(app, router)
+    install_error_handlers(app)
     app.add_middleware(JSONBodyMiddleware)
+    # No keys here (each engine checks its own), but an engine's body limit, before a body is read whole.
+    app.add_middleware(GuardMiddleware, keys=KeyPolicy(None, None), max_body_bytes=router.config.max_body_bytes,
+                       count_rejection=lambda reason: None)
     return app

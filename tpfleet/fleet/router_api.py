@@ -58,8 +58,8 @@ def add_routes(app: FastAPI, router: Router) -> None:
             return denied
         try:
             body = json.loads(await request.body() or b"{}")
-        except ValueError as error:
-            return error_response(400, f"malformed JSON body: {error}", "body")
+        except (ValueError, RecursionError) as error:
+            return error_response(400, f"malformed JSON body: {error!r}"[:300], "body")
         if not isinstance(body, dict):
             return error_response(400, "body: a JSON object {\"url\": ...} is required", "body")
         return await register(body.get("url"), body.get("worker_type"))
@@ -114,6 +114,8 @@ def add_routes(app: FastAPI, router: Router) -> None:
     @app.get("/get_weight_version")
     async def weight_version(request: Request):
         answers = await router.gather_get("/get_weight_version", request)
+        if isinstance(answers, Response):
+            return answers
         if not answers:
             return error_response(503, "no healthy worker answered")
         versions = {a.get("weight_version") for _, a in answers}
@@ -123,6 +125,8 @@ def add_routes(app: FastAPI, router: Router) -> None:
     @app.get("/v1/loads")
     async def loads(request: Request):
         answers = await router.gather_get("/v1/loads", request)
+        if isinstance(answers, Response):
+            return answers
         return {"loads": [{**load, "url": w.url} for w, a in answers for load in a.get("loads", [])]}
 
     if router.fleet is not None:

@@ -25,6 +25,10 @@ def normalize_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
         raise ValueError(f"worker url {url!r} must look like http://host:port")
+    try:
+        httpx.Request("GET", url)
+    except Exception as error:  # noqa: BLE001 - httpx raises several kinds (InvalidURL, IDNA's codepoint errors)
+        raise ValueError(f"worker url {url!r} cannot be requested: {error}") from None
     return url
 
 
@@ -146,7 +150,7 @@ class HealthChecker:
     async def check(self, worker: Worker) -> bool:
         try:
             ok = (await self.client.get(f"{worker.url}/health")).status_code == 200
-        except httpx.HTTPError:
+        except Exception:  # noqa: BLE001 - whatever fails one worker's check must not end the checks of all
             ok = False
         if self.registry.record_check(worker, ok, self.failures_to_evict):
             self.on_evict(worker)

@@ -11,14 +11,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from starlette.exceptions import HTTPException
 
 from tpfleet import __version__
 from tpfleet.engine.sequence import InvalidRequest, SamplingParams
 from tpfleet.server.async_engine import AsyncEngine, EngineUnavailable
 from tpfleet.server.generate_api import generate_router
 from tpfleet.server.guard import install_guards
-from tpfleet.server.http_utils import JSONBodyMiddleware, error_response, last_output, validation_error_response
+from tpfleet.server.http_utils import (JSONBodyMiddleware, error_response, install_error_handlers, last_output,
+                                       validation_error_response)
 from tpfleet.server.openai_api import openai_router
 from tpfleet.server.protocol import (
     AbortRequest,
@@ -58,16 +58,7 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
     async def _unavailable(request: Request, exc: EngineUnavailable):
         return error_response(503, f"engine unavailable: {exc}")
 
-    @app.exception_handler(HTTPException)  # FastAPI's own refusals (an unparsable body, 404, 405) in our shape
-    async def _http(request: Request, exc: HTTPException):
-        cause = exc.__cause__  # why FastAPI could not parse the body: bad UTF-8, too deep, a number too long
-        if cause is not None:
-            return error_response(exc.status_code, f"body: not a JSON document ({str(cause)[:200]})", "body")
-        return error_response(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(Exception)  # a failure inside the engine: still the JSON body clients read
-    async def _internal(request: Request, exc: Exception):
-        return error_response(500, f"{type(exc).__name__}: {exc}")
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health():

@@ -7,9 +7,10 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from tpfleet.server.async_engine import EngineUnavailable, RequestOutput
 
@@ -21,6 +22,22 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
     kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
     return JSONResponse({"success": False, "message": message,
                          "error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """FastAPI's own refusals (an unparsable body, 404, 405) and any failure in a handler, answered in
+    `error_response`'s shape: clients read a JSON body whatever went wrong."""
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        cause = exc.__cause__  # why FastAPI could not parse the body: bad UTF-8, too deep, a number too long
+        if cause is not None:
+            return error_response(exc.status_code, f"body: not a JSON document ({str(cause)[:200]})", "body")
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        return error_response(500, f"{type(exc).__name__}: {exc}")
 
 
 def validation_error_response(exc: RequestValidationError) -> JSONResponse:
