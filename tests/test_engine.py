@@ -81,6 +81,47 @@ def test_seeded_output_does_not_depend_on_batch_neighbours(engine):
     [alone] = run(engine, [ids], p)
     together = run(engine, [ids, engine.tokenizer("Red, orange").input_ids], p)
     assert together[0].completion_ids == alone.completion_ids
+    beside = [engine.add_request(ids, p), engine.add_request([9, 10, 11], SamplingParams(
+        max_new_tokens=16, temperature=1.0, top_k=50, ignore_eos=True))]  # a neighbour that filters
+    while engine.has_work():
+        engine.step()
+    assert beside[0].completion_ids == alone.completion_ids
+
+
+def test_a_preempted_request_reports_only_its_prompt_as_cached(tiny_model):
+    """Re-admitted after a preemption, a sequence finds its own output in the prefix cache: that is not
+    the prompt's cached part (reported as meta_info.cached_tokens)."""
+    e = LLMEngine(EngineConfig(model=str(tiny_model), kv_cache_tokens=48, block_size=4))
+    try:
+        seqs = run(e, [[5, 6, 7, 8], [9, 10, 11, 12]], SamplingParams(max_new_tokens=30, temperature=0.0,
+                                                                       ignore_eos=True))
+        assert e.scheduler.num_preemptions > 0
+        assert all(s.num_cached_tokens <= s.num_prompt_tokens for s in seqs), [s.num_cached_tokens for s in seqs]
+    finally:
+        e.shutdown()
+
+
+def test_a_sequence_whose_last_token_is_unread_preempts_nobody(tiny_model):
+    """Under the overlap schedule, A's stop token (position 8, a block boundary) is unread when the next step
+    is scheduled; the row it would get needs a new block from a full pool, and must not cost B its KV."""
+    first, second = [5, 6, 7], [9, 10, 11, 12, 13]
+    e = LLMEngine(EngineConfig(model=str(tiny_model), kv_cache_tokens=4096))
+    try:
+        [free] = run(e, [first], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
+    finally:
+        e.shutdown()
+    stop = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True, stop_token_ids=[free.completion_ids[5]])
+    for overlap in (False, True):
+        e = LLMEngine(EngineConfig(model=str(tiny_model), kv_cache_tokens=20, block_size=4, overlap_schedule=overlap))
+        try:
+            a = e.add_request(first, stop)
+            b = e.add_request(second, SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True))
+            while e.has_work():
+                e.step()
+            assert a.finish_reason["type"] == "stop" and len(a.completion_ids) == 6
+            assert b.num_preemptions == 0, overlap
+        finally:
+            e.shutdown()
 
 
 def test_max_new_tokens_and_finish_reason(engine):

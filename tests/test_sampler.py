@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import pytest
 import torch
+from conftest import DEVICES
 
 from tpfleet.engine.sampler import sample
 from tpfleet.engine.sequence import SamplingParams, Sequence
 
 
-def seqs(*params):
-    return [Sequence(str(i), [1], p, (), 100, torch.device("cpu")) for i, p in enumerate(params)]
+def seqs(*params, device="cpu"):
+    return [Sequence(str(i), [1], p, (), 100, torch.device(device)) for i, p in enumerate(params)]
 
 
 def draw(x, batch):
@@ -56,3 +58,23 @@ def test_seeded_rows_are_reproducible_and_independent_of_the_batch():
     batch_seqs = seqs(SamplingParams(temperature=1.0), p, SamplingParams(temperature=0.7))
     together = draw(x, batch_seqs)[1]
     assert together == alone[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_seeded_row_samples_alike_whatever_its_neighbours_filter(device):
+    """Eight steps of a seeded request, alone and in batches whose other rows filter or not: the same tokens
+    (a neighbour's top-k once changed the order the seeded row's noise met the vocabulary in, and on a GPU
+    moved the row off the one-pass kernel)."""
+    x = logits(3, vocab=1000, seed=5).to(device)
+    for p in (SamplingParams(temperature=1.0, seed=99), SamplingParams(temperature=1.0, top_k=40, seed=7),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=11)):
+        def steps(neighbours: list[SamplingParams]) -> list[int]:
+            batch = seqs(*neighbours[:1], p, *neighbours[1:], device=device)
+            row = len(neighbours[:1])
+            rows = x[1 - row: 1 - row + len(batch)]
+            return [draw(rows, batch)[row] for _ in range(8)]
+
+        alone = steps([])
+        for neighbours in ([SamplingParams(temperature=1.0)], [SamplingParams(top_k=5), SamplingParams(top_p=0.5)],
+                           [SamplingParams(min_p=0.2)], [SamplingParams(temperature=0.0)]):
+            assert steps(neighbours) == alone, (p, neighbours)

@@ -87,8 +87,10 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block_id)
         seq.num_hashed_blocks = len(seq.block_table)
-        seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * self.block_size
-        return seq.num_cached_tokens
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        if seq.num_tokens == seq.num_prompt_tokens:  # re-admitted after its first token, it finds its own output
+            seq.num_cached_tokens = seq.num_computed_tokens
+        return seq.num_computed_tokens
 
     def prefix_in_progress(self, seq: Sequence) -> bool:
         """Whether the first block `seq` would compute is being computed by another running sequence

@@ -7,11 +7,11 @@ multiplied); frequency and presence penalties (over the output tokens); and, unt
 are out, the stop tokens masked. The row is then divided by its temperature (0 counts as 1).
 
 Sampling uses the exponential-race form (argmax of p / E with E ~ Exp(1)), which draws exactly
-from p; it sorts the vocabulary only for rows with top-k or top-p. On a GPU, a batch without top-k,
-top-p or min-p runs the race and the logprobs in one pass over the logits
-(tpfleet.kernels.sampling), its noise keyed per row. A request with a seed draws its noise from its
-own generator (on the GPU: from its seed and position), so its output does not depend on what else
-shares the batch.
+from p, every row in vocabulary order; top-k and top-p sort only their own rows, to mask them. On a
+GPU, rows without top-k, top-p or min-p run the race and the logprobs in one pass over the logits
+(tpfleet.kernels.sampling), their noise keyed per row, and the others the torch path. A request with a
+seed draws its noise from its own generator (in the one-pass kernel: from its seed and position), so its
+output does not depend on what else shares the batch.
 
 Logprobs are those of the distribution actually sampled from, after the adjustments and the
 temperature: log_softmax(adjusted logits / temperature), in float32. They stay on the device with
@@ -80,34 +80,33 @@ def adjust_logits(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 
 
 def _draw(scaled: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """One token per row from softmax(scaled), filtered by each row's top-k, top-p and min-p."""
+    """One token per row from softmax(scaled), filtered by each row's top-k, top-p and min-p. Every row races
+    in vocabulary order, a filter being only a mask over it: a seeded row's noise meets the same tokens
+    whatever its neighbours filter."""
     dev = scaled.device
     vocab = scaled.shape[-1]
-    order = None
-    if any(s.params.top_k > 0 or s.params.top_p < 1.0 for s in seqs):
-        scaled, order = scaled.sort(dim=-1, descending=True)
-        probs = scaled.softmax(dim=-1)
-        top_k = to_device([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], torch.int64, dev)
-        top_p = to_device([s.params.top_p for s in seqs], torch.float32, dev)
-        rank = torch.arange(vocab, device=dev)[None, :]
-        drop = rank >= top_k[:, None]
-        drop |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]  # keeps the token that crosses top_p
-        highest = probs[:, :1]
-    else:
-        probs = scaled.softmax(dim=-1)
-        drop = torch.zeros_like(probs, dtype=torch.bool)
-        highest = probs.amax(dim=-1, keepdim=True)
+    probs = scaled.softmax(dim=-1)
+    drop = torch.zeros_like(probs, dtype=torch.bool)
+    filtered = [i for i, s in enumerate(seqs) if s.params.top_k > 0 or s.params.top_p < 1.0]
+    if filtered:
+        rows = to_device(filtered, torch.int64, dev)
+        ranked, order = probs[rows].sort(dim=-1, descending=True, stable=True)
+        params = [seqs[i].params for i in filtered]
+        top_k = to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64, dev)
+        top_p = to_device([p.top_p if p.top_p < 1.0 else float("inf") for p in params], torch.float32, dev)
+        cut = torch.arange(vocab, device=dev)[None, :] >= top_k[:, None]
+        cut |= (ranked.cumsum(dim=-1) - ranked) > top_p[:, None]  # keeps the token that crosses top_p
+        drop[rows] = cut.scatter(1, order, cut)
     if any(s.params.min_p > 0.0 for s in seqs):
         min_p = to_device([s.params.min_p for s in seqs], torch.float32, dev)
-        drop |= probs < min_p[:, None] * highest
+        drop |= probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True)
     probs = probs.masked_fill(drop, 0.0)
 
     noise = torch.empty_like(probs).exponential_()
     for i, s in enumerate(seqs):
         if s.generator is not None:
             noise[i].exponential_(generator=s.generator)
-    choice = (probs / noise).argmax(dim=-1)
-    return choice if order is None else order.gather(1, choice[:, None]).squeeze(1)
+    return (probs / noise).argmax(dim=-1)
 
 
 SEED_MIX = 0x9E3779B97F4A7C15  # spreads consecutive seeds apart before the position is added
@@ -123,7 +122,7 @@ def _row_seeds(seqs: list[Sequence]) -> list[int]:
     return seeds
 
 
-def _sample_fused(logits: torch.Tensor, seqs: list[Sequence], wants_logprobs: bool) -> SamplerOutput:
+def _sample_fused(logits: torch.Tensor, seqs: list[Sequence], wants_logprobs: bool, k: int) -> SamplerOutput:
     """The one-pass kernel (tpfleet.kernels.sampling): rows without top-k, top-p or min-p, on a GPU."""
     dev = logits.device
     if any(s.params.adjusts_logits for s in seqs):
@@ -135,19 +134,13 @@ def _sample_fused(logits: torch.Tensor, seqs: list[Sequence], wants_logprobs: bo
     out = SamplerOutput(tokens)
     if wants_logprobs:
         out.logprobs = logprobs
-        k = max(s.options.top_logprobs_num for s in seqs)
         if k:
             values, out.top_ids = logits.topk(k, dim=-1)  # the same order as logits / temperature
             out.top_logprobs = values.float() / temps.abs()[:, None] - lse[:, None]
     return out
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-    """One token per row, and the logprobs the rows' requests ask for, left on the logits' device:
-    reading them back is the caller's choice."""
-    wants_logprobs = any(s.options.return_logprob for s in seqs)
-    if fused_sample is not None and logits.is_cuda and not any(s.params.filters for s in seqs):
-        return _sample_fused(logits, seqs, wants_logprobs)
+def _sample_torch(logits: torch.Tensor, seqs: list[Sequence], wants_logprobs: bool, k: int) -> SamplerOutput:
     logits = logits.float()
     if any(s.params.adjusts_logits for s in seqs):
         logits = logits.clone()  # the caller's logits stay as the model gave them
@@ -165,10 +158,34 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
     if wants_logprobs:
         logprobs = scaled.log_softmax(dim=-1)
         out.logprobs = logprobs.gather(1, tokens[:, None]).squeeze(1)
-        k = max(s.options.top_logprobs_num for s in seqs)
         if k:
             out.top_logprobs, out.top_ids = logprobs.topk(k, dim=-1)
     return out
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+    """One token per row, and the logprobs the rows' requests ask for, left on the logits' device:
+    reading them back is the caller's choice. On a GPU, rows without filters take the fused kernel and the
+    others the torch path, each row the same path whatever shares its batch (their seeded noise differs)."""
+    wants_logprobs = any(s.options.return_logprob for s in seqs)
+    k = max(s.options.top_logprobs_num for s in seqs) if wants_logprobs else 0
+    if fused_sample is None or not logits.is_cuda:
+        return _sample_torch(logits, seqs, wants_logprobs, k)
+    plain = [i for i, s in enumerate(seqs) if not s.params.filters]
+    if len(plain) == len(seqs):
+        return _sample_fused(logits, seqs, wants_logprobs, k)
+    if not plain:
+        return _sample_torch(logits, seqs, wants_logprobs, k)
+    rest = [i for i, s in enumerate(seqs) if s.params.filters]
+    merged: dict[str, torch.Tensor] = {}
+    for rows, path in ((plain, _sample_fused), (rest, _sample_torch)):
+        index = to_device(rows, torch.int64, logits.device)
+        part = path(logits.index_select(0, index), [seqs[i] for i in rows], wants_logprobs, k)
+        for name, tensor in part.tensors().items():
+            if name not in merged:
+                merged[name] = tensor.new_empty((len(seqs), *tensor.shape[1:]))
+            merged[name].index_copy_(0, index, tensor.to(merged[name].dtype))
+    return SamplerOutput(**merged)
 
 
 def score_prompt(logits: torch.Tensor, seqs: list[Sequence], targets: list[int], out: SamplerOutput) -> None:

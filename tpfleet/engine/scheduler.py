@@ -5,7 +5,9 @@ decode, or the next chunk of an unfinished prefill. New requests are then admitt
 waiting queue while budget, sequence slots and KV blocks last; a long prompt is split into
 chunks across steps so it never stalls the decodes behind it. When KV blocks run out, the newest
 running sequence is preempted: its blocks are freed and it goes back to the front of the queue,
-to be recomputed (cheaply, often from the prefix cache) once memory is available.
+to be recomputed (cheaply, often from the prefix cache) once memory is available. A sequence whose last
+sampled token is not read back yet (the overlap schedule) preempts nobody: that token may have ended it,
+so it waits a step instead.
 
 A waiting request whose next prompt block another running sequence is computing right now (the
 G samples of a group arrive together) is passed over until that block is in the prefix cache, so a
@@ -74,13 +76,18 @@ class Scheduler:
                 i += 1
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.bm.allocate_slots(seq, n):
+            room = self.bm.allocate_slots(seq, n)
+            if not room and seq.num_pending:
+                i += 1  # its unread token may have ended it: it waits a step rather than evict another
+                continue
+            while not room:
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
-            else:
+                room = self.bm.allocate_slots(seq, n)
+            if room:
                 batch.append(ScheduledSeq(seq, n))
                 budget -= n
                 i += 1
