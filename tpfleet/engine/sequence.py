@@ -142,7 +142,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_pending = 0  # tokens sampled on the device but not yet read back (overlap schedule)
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
-        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its admission, the last before its first token
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its last admission before a token
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
         self.cache_generation = 0  # the block manager's generation when this sequence was admitted

@@ -165,8 +165,8 @@ class Router:
             raise UpstreamError(503, f"worker {worker.url} did not accept a connection: {error!r}",
                                 retry=True) from None
         except httpx.TimeoutException:
-            raise UpstreamError(504, f"worker {worker.url} sent nothing for {self.config.read_timeout_s} s "
-                                     "(the router's --read-timeout, RouterConfig.read_timeout_s)", retry=False) from None
+            raise UpstreamError(504, f"worker {worker.url} sent nothing for {self.config.read_timeout_s} s (the "
+                                     "router's --read-timeout, RouterConfig.read_timeout_s)", retry=False) from None
         except httpx.TransportError as error:
             raise UpstreamError(502, f"worker {worker.url} failed: {error!r}", retry=True) from None
 
