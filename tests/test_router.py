@@ -346,3 +346,14 @@ def test_router_without_a_fleet_serves_until_sigterm(served):
         assert proc.wait(timeout=20) == 0
     finally:
         proc.kill()
+
+
+def test_a_worker_added_late_takes_its_turn_not_every_request(served):
+    a, _ = fake(served, "a")
+    b, _ = fake(served, "b")
+    url, registry = router(served, a)
+    for _ in range(6):
+        assert httpx.post(f"{url}/generate", json=GEN).json()["worker"] == "a"
+    registry.add(b, healthy=True)
+    picked = [httpx.post(f"{url}/generate", json=GEN).json()["worker"] for _ in range(6)]
+    assert picked == ["b", "a"] * 3  # one after another, though b has served six fewer

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
 import httpx
@@ -44,9 +44,10 @@ class Worker:
     failures: int = 0  # requests that failed on it (transport errors and timeouts)
     retries: int = 0  # requests that failed on it before their first byte and went to another worker
     failed_checks: int = 0  # consecutive failed health checks
+    last_turn: int = field(default=0, repr=False)  # the registry's count of acquisitions when it was last picked
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "last_turn"}
 
 
 def worker_id(url: str) -> str:
@@ -58,6 +59,7 @@ class WorkerRegistry:
     def __init__(self):
         self._workers: dict[str, Worker] = {}
         self._lock = threading.Lock()
+        self._turns = 0
 
     def add(self, url: str, worker_type: str = "regular", engine: int | None = None,
             healthy: bool = False) -> Worker:
@@ -101,12 +103,16 @@ class WorkerRegistry:
             return [w for w in self._workers.values() if w.is_healthy]
 
     def acquire(self, exclude: set[str]) -> Worker | None:
-        """The healthy worker with the fewest outstanding requests (then the fewest served), now counted busy."""
+        """The healthy worker with the fewest outstanding requests, now counted busy; among equals the one picked
+        longest ago (not the one that served fewest: a worker added late would take every request until it
+        caught up)."""
         with self._lock:
             candidates = [w for w in self._workers.values() if w.is_healthy and w.url not in exclude]
             if not candidates:
                 return None
-            worker = min(candidates, key=lambda w: (w.outstanding, w.served))
+            worker = min(candidates, key=lambda w: (w.outstanding, w.last_turn))
+            self._turns += 1
+            worker.last_turn = self._turns
             worker.outstanding += 1
             worker.served += 1
             return worker
