@@ -59,8 +59,9 @@ def test_every_triton_kernel_module_is_in_the_marker_key():
 
 
 def test_every_file_under_kernels_is_in_the_marker_key(tmp_path):
-    """The CUDA sources count as the Triton modules do, and so does a kernel file added later."""
-    assert "kernels/csrc/custom_all_reduce.cu" in kernel_sources()
+    """The CUDA sources count as the Triton modules do (the memory saver's allocator too), and so does a kernel
+    file added later."""
+    assert {"kernels/csrc/custom_all_reduce.cu", "memory/csrc/vmm_allocator.cpp"} <= set(kernel_sources())
     (tmp_path / "kernels" / "csrc").mkdir(parents=True)
     (tmp_path / "kernels" / "gemv.py").write_text("v1")
     (tmp_path / "kernels" / "csrc" / "k.cu").write_text("v1")

@@ -182,7 +182,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     router_cmd.add_argument("--admin-api-key", default=None,
                             help=f"key needed to register or remove workers (None: ${env.ADMIN_API_KEY})")
 
-    demo_cmd = command("demo", "build the tiny model, serve it with TP=2 on CPU, send requests, stop")
+    demo_cmd = command("demo", "build the tiny model, serve it with TP=2 on CPU, send requests, stop; then a few "
+                                "RL steps with two engines behind the router")
     demo_cmd.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=2, help="tensor-parallel size")
     demo_cmd.add_argument("--workdir", default=None, help="where to build the model (None: a fresh temp dir)")
 

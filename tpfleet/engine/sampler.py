@@ -13,8 +13,9 @@ GPU, rows without top-k, top-p or min-p run the race and the logprobs in one pas
 seed draws its noise from its own generator (in the one-pass kernel: from its seed and position), so its
 output does not depend on what else shares the batch.
 
-Logprobs are those of the distribution actually sampled from, after the adjustments and the
-temperature: log_softmax(adjusted logits / temperature), in float32. They stay on the device with
+Logprobs are log_softmax(adjusted logits / temperature), in float32: after the adjustments and the
+temperature, before top-k, top-p and min-p cut the distribution, as SGLang returns them and as a trainer
+recomputes them from its own logits. They stay on the device with
 the tokens, so the one copy home that reads the tokens reads them too.
 """
 

@@ -20,9 +20,9 @@ from tpfleet import __version__, env
 from tpfleet.devices import visible_gpus
 from tpfleet.jit import write_atomic
 
-# Every JIT cache entry is built from sources under tpfleet/kernels/ (Triton modules, CUDA files): a
-# change to any of them must invalidate the markers. Compiled Python is not a source.
-KERNELS_DIR = "kernels"
+# Every JIT cache entry is built from sources under these directories (Triton modules, CUDA files, the memory
+# saver's allocator): a change to any of them must invalidate the markers. Compiled Python is not a source.
+JIT_SOURCE_DIRS = ("kernels", "memory/csrc")
 SOURCE_SUFFIXES = (".py", ".cu", ".cuh", ".h", ".cpp")
 
 
@@ -31,9 +31,9 @@ def _sha(data: bytes) -> str:
 
 
 def kernel_sources(root: Path | None = None) -> list[str]:
-    """Every kernel source file, as a path relative to the package root `root`, in sorted order."""
+    """Every JIT source file, as a path relative to the package root `root`, in sorted order."""
     root = root or Path(__file__).parents[1]
-    return sorted(str(path.relative_to(root)) for path in (root / KERNELS_DIR).rglob("*")
+    return sorted(str(path.relative_to(root)) for folder in JIT_SOURCE_DIRS for path in (root / folder).rglob("*")
                   if path.is_file() and path.suffix in SOURCE_SUFFIXES and "__pycache__" not in path.parts)
 
 
