@@ -13,6 +13,8 @@ than computing them a second time.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from tpfleet.engine.sequence import Sequence
@@ -24,12 +26,16 @@ class Block:
     def __init__(self, block_id: int):
         self.id = block_id
         self.ref_count = 0
-        self.hash: int | None = None
+        self.hash: bytes | None = None
         self.token_ids: tuple[int, ...] = ()
 
 
-def chain_hash(prev: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((prev, token_ids))
+def chain_hash(prev: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    """128 bits over the block's tokens and the digest of those before it. Python's 64-bit `hash` would do
+    for chance alone, but its collisions can be built, and a collision hands one prompt another's KV."""
+    digest = hashlib.blake2b(prev or b"", digest_size=16)
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
 
 
 class BlockManager:
@@ -39,8 +45,8 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached: dict[int, int] = {}  # chain hash -> block id
-        self.computing: dict[int, Sequence] = {}  # chain hash -> the running sequence computing that block
+        self.cached: dict[bytes, int] = {}  # chain hash -> block id
+        self.computing: dict[bytes, Sequence] = {}  # chain hash -> the running sequence computing that block
         self.generation = 0  # bumped when every cached prefix is forgotten (new weights)
 
     @property
@@ -54,7 +60,7 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def block_hash(self, seq: Sequence, index: int) -> int:
+    def block_hash(self, seq: Sequence, index: int) -> bytes:
         """The chain hash of `seq`'s full block `index`, remembered on the sequence (its tokens only grow)."""
         hashes, bs = seq.block_hashes, self.block_size
         while len(hashes) <= index:

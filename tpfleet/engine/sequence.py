@@ -127,7 +127,7 @@ class Sequence:
         self.params = params
         self.options = options or OutputOptions()
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
-        self.block_hashes: list[int] = []  # chain hashes of leading full blocks, extended as needed
+        self.block_hashes: list[bytes] = []  # chain hashes of leading full blocks, extended as needed
         # Logprobs, cumulative and read back with the tokens (see tpfleet.engine.sampler)
         self.output_logprobs: list[float] = []
         self.output_top_logprobs: list[list[tuple[float, int]]] = []
