@@ -5,7 +5,7 @@ before its first byte came back (connection refused or reset: the engine died) i
 worker; after that the client gets a clear error, never a hang or a dropped connection: a JSON 502,
 503 or 504 for a plain request, an error event and `data: [DONE]` for a stream. A worker that stops
 answering health checks (hung, stopped) leaves the rotation, and the requests it holds are answered
-with an error at once rather than after the read timeout.
+with an error at once rather than left waiting on it.
 
 A client that hangs up before its answer came closes the request upstream too, which the engine takes
 as its abort. Bodies over `max_body_bytes` are refused with a 413 before they are read whole, as an
