@@ -76,6 +76,15 @@ def test_plan_from_bundles_takes_the_gpus_each_bundle_reports():
         plan_from_bundles(twice, 2, with_gpus=True)
 
 
+def test_each_engine_of_a_fleet_draws_its_own_noise():
+    """One seed for all would give every engine the same random stream: the samples of a group sent to
+    different engines would repeat one another."""
+    cfg = FleetConfig(model="m", engines=3)
+    assert [cfg.engine_config([], i).seed for i in range(3)] == [0, 1, 2]
+    cfg = FleetConfig(model="m", engines=2, engine={"seed": 7})
+    assert [cfg.engine_config([], i).seed for i in range(2)] == [7, 8]
+
+
 def test_fleet_config_checks_its_engine_fields():
     cfg = FleetConfig(model="m", tp_size=2, engine={"kv_cache_tokens": 4096, "enable_prefix_caching": False})
     assert cfg.engine_config(["GPU-a", "GPU-b"]) == EngineConfig(
@@ -126,6 +135,17 @@ def test_start_respects_the_concurrency_limit_and_leaves_nothing(tiny_model, tmp
         reports = fleet.stop()
     assert all(r.leftover == [] for r in reports)
     assert all(members(sid, marker) == [] for sid, marker in sessions)
+
+
+def test_a_clean_stop_is_not_recorded_as_a_rank_death(tiny_model, tmp_path):
+    """The driver is told first and stops its own ranks: signalled with them, a rank that died first was
+    written up as the engine's crash (exit record, exit code 70)."""
+    fleet, _ = _fleet(tiny_model, tmp_path, engines=1, tp_size=2)
+    fleet.start()
+    [report] = fleet.stop()
+    assert report.leftover == []
+    assert sorted(p.name for p in fleet.log_dir.glob("engine0.exit.json*")) == []
+    assert "CRITICAL" not in (fleet.log_dir / "engine0.log").read_text()
 
 
 def _kill_when(events, phase, sig, which):

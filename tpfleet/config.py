@@ -157,7 +157,9 @@ FIELD_HELP = {
                         "so the GPU never waits on the host",
     "enable_custom_all_reduce": "the custom all-reduce kernel (off: NCCL and symmetric memory only)",
     "enable_symm_mem": "PyTorch symmetric-memory all-reduce",
-    "seed": "seed of torch's random number generators on every rank",
+    "seed": "seed of torch's random number generators on every rank; engines started with one seed draw the same "
+            "noise for requests without a sampling_seed, so give each engine of yours its own (a fleet adds its "
+            "engine index)",
     "enable_return_routed_experts": "MoE routing replay: requests may ask for the experts chosen per token",
     "hang_timeout": "seconds a rank may make no progress in a step or collective before the engine reports it "
                     "hung and exits (so the fleet restarts it)",

@@ -88,10 +88,13 @@ class FleetConfig:
             raise ValueError(f"num_gpus_per_actor must be in (0, 1], not {self.num_gpus_per_actor}")
         self.engine_config([])  # a field that is not an EngineConfig field, or a bad value, fails here
 
-    def engine_config(self, gpu_uuids: list[str]) -> EngineConfig:
-        """The whole configuration of one engine, whose ranks run on `gpu_uuids` (empty on CPUs)."""
+    def engine_config(self, gpu_uuids: list[str], index: int = 0) -> EngineConfig:
+        """The whole configuration of engine `index`, whose ranks run on `gpu_uuids` (empty on CPUs). Engine i
+        seeds its generators with seed + i: with one seed, every engine would draw the same noise, and the
+        samples of a group spread over the fleet would repeat one another."""
         return EngineConfig.from_dict({**self.engine, "model": str(self.model), "tp_size": self.tp_size,
-                                       "device": self.device, "gpu_uuids": list(gpu_uuids)})
+                                       "device": self.device, "gpu_uuids": list(gpu_uuids),
+                                       "seed": self.engine.get("seed", EngineConfig.seed) + index})
 
 
 def make_backend(cfg: FleetConfig, log_dir: Path, on_event: EventSink) -> FleetBackend:

@@ -41,7 +41,7 @@ class LocalBackend:
         cfg = self.cfg
         placement = self._plan.engines[index]
         host = socket.gethostbyname(socket.gethostname()) if cfg.host == "node" else cfg.host
-        return EngineProcess(index, placement, cfg.engine_config(placement.uuids), self.log_dir, host,
+        return EngineProcess(index, placement, cfg.engine_config(placement.uuids, index), self.log_dir, host,
                              cfg.engine_port, attempt, self.on_event)
 
     def close(self) -> None:

@@ -39,13 +39,20 @@ def signal_all(procs: list[psutil.Process], sig: int) -> None:
 
 
 def terminate(sid: int, marker: str, grace_s: float = 10.0) -> list[str]:
-    """SIGTERM every member, wait up to `grace_s`, SIGKILL what is left, and verify.
-    Returns descriptions of processes that survived even SIGKILL (empty when all went)."""
+    """SIGTERM the engine's driver (the session leader), whose own shutdown stops its ranks, and wait up to
+    `grace_s` for every member to go; then SIGTERM the members left, and SIGKILL what outlives that, and
+    verify. Signalled together, a rank could die before its driver began to stop, and the engine would
+    record a clean stop as a rank's death. Returns descriptions of processes that survived even SIGKILL
+    (empty when all went)."""
     procs = members(sid, marker)
-    signal_all(procs, signal.SIGTERM)
+    leader = [p for p in procs if p.pid == sid]
+    signal_all(leader or procs, signal.SIGTERM)
     signal_all(procs, signal.SIGCONT)  # a stopped process cannot act on SIGTERM until continued
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    late = members(sid, marker)  # may include children started while we waited
+    psutil.wait_procs(procs, timeout=grace_s)
+    rest = members(sid, marker)  # may include children started while we waited
+    signal_all(rest, signal.SIGTERM)
+    psutil.wait_procs(rest, timeout=min(grace_s, 2.0))
+    late = members(sid, marker)
     signal_all(late, signal.SIGKILL)
     psutil.wait_procs(late, timeout=5)
     deadline = time.monotonic() + 5

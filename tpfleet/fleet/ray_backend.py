@@ -236,7 +236,7 @@ class RayBackend:
     def engine(self, index: int, attempt: int) -> RayEngine:
         placement = self._plan.engines[index]
         host = placement.host if self.cfg.host == "node" else self.cfg.host
-        return RayEngine(index, attempt, self.actors[index], placement, self.cfg.engine_config(placement.uuids),
+        return RayEngine(index, attempt, self.actors[index], placement, self.cfg.engine_config(placement.uuids, index),
                          self.log_dir, host, self.cfg.engine_port, self.on_event)
 
     def close(self) -> None:
