@@ -389,3 +389,11 @@ def test_failed_restarts_use_the_budget_and_leave_nothing_running(tiny_model, tm
         assert members(last.proc.pid, last.marker) == []  # the failed attempt was cleaned up
     finally:
         fleet.stop()
+
+
+def test_a_fleet_removes_the_log_directory_it_made_once_stopped_cleanly(tiny_model):
+    fleet = Fleet(FleetConfig(model=str(tiny_model), engine=SMALL_KV))
+    fleet.start()
+    assert (fleet.log_dir / "engine0.log").is_file()
+    fleet.stop()
+    assert not fleet.log_dir.exists()

@@ -53,9 +53,18 @@ def test_bad_openai_request_is_a_400_naming_the_field(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="x", max_tokens=-2)
     assert "max_tokens" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:  # a standard field tpfleet lacks: said so, not "extra input"
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_object"})
+    assert e.value.body["param"] == "response_format"
+    assert "does not support this OpenAI field" in e.value.body["message"]
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1,
+                                       response_format={"type": "text"})  # its default: accepted
+    assert r.choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError) as e:  # no scoring call in this API: the message offers none
         client.completions.create(model="tiny", prompt="x", max_tokens=0, logprobs=1)
-    assert e.value.body["param"] == "max_tokens" and e.value.body["message"] == "max_tokens: must be an integer >= 1, got 0"
+    assert e.value.body["param"] == "max_tokens"
+    assert e.value.body["message"] == "max_tokens: must be an integer >= 1, got 0"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
     assert e.value.body["param"] == "top_logprobs"

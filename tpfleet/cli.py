@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 import threading
 
 import tpfleet
@@ -39,7 +40,7 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-GROUP_HELP = {"bench": "benchmarks (GPU)"}
+GROUP_HELP = {"bench": "benchmarks (decode, engine, start and colocate also run on CPU)"}
 
 
 def _grids(text: str) -> list[tuple[int, int]]:
@@ -117,7 +118,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     serve_cmd.add_argument("--port", type=int, default=0, help="0: the kernel picks a free port (printed when ready)")
     serve_cmd.add_argument("--served-model-name", default=None, help="model name in OpenAI API answers (None: --model)")
     serve_cmd.add_argument("--api-key", default=None,
-                           help=f"key generation routes require as `Authorization: Bearer KEY` (None: ${env.API_KEY})")
+                           help="key every route but /health, /health_generate and /metrics requires, as "
+                                f"`Authorization: Bearer KEY` (None: ${env.API_KEY})")
     serve_cmd.add_argument("--admin-api-key", default=None,
                            help="key the admin routes (weights, memory, pause, abort, flush) require "
                                 f"(None: ${env.ADMIN_API_KEY}); needed to listen beyond loopback")
@@ -143,7 +145,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     launch_cmd.add_argument("--restart-budget", type=int, default=3, help="restarts per engine after it dies")
     launch_cmd.add_argument("--reap-stale", action="store_true", help="kill processes already holding the GPUs")
     launch_cmd.add_argument("--log-dir", default=None,
-                            help="engine logs, config documents and exit records (None: a fresh temp dir)")
+                            help="engine logs, config documents and exit records (None: a fresh temp dir, kept "
+                                 "after the stop)")
     launch_cmd.add_argument("--host", default="127.0.0.1", help="router address")
     launch_cmd.add_argument("--engine-host", default="127.0.0.1",
                             help="where engines listen; 'node' for each Ray node's IP when engines span machines")
@@ -160,8 +163,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     launch_cmd.add_argument("--num-gpus-per-actor", type=float, default=1.0,
                             help="GPU share each rank asks of its bundle (e.g. 0.2 beside a trainer's 0.8)")
     launch_cmd.add_argument("--api-key", default=None,
-                            help=f"key every engine's generation routes require, passed to them as ${env.API_KEY} "
-                                 f"(None: ${env.API_KEY})")
+                            help="key every engine's routes but /health, /health_generate and /metrics require, "
+                                 f"passed to them as ${env.API_KEY} (None: ${env.API_KEY})")
     launch_cmd.add_argument("--admin-api-key", default=None,
                             help="key every engine's admin routes and the router's worker routes require, passed "
                                  f"to engines as ${env.ADMIN_API_KEY} (None: ${env.ADMIN_API_KEY})")
@@ -400,7 +403,8 @@ def run_command(args: argparse.Namespace) -> int:
                 model=args.model, engines=args.engines, tp_size=args.tp_size, device=fields["device"], engine=engine,
                 backend=args.backend, gpus=[g for g in args.gpus.split(",") if g.strip()] or None,
                 max_concurrent_starts=args.max_concurrent_starts, startup_timeout_s=args.startup_timeout,
-                log_dir=args.log_dir, reap_stale=args.reap_stale, restart_budget=args.restart_budget,
+                log_dir=args.log_dir or tempfile.mkdtemp(prefix="tpfleet-logs-"), reap_stale=args.reap_stale,
+                restart_budget=args.restart_budget,
                 host=args.engine_host, ray_address=args.ray_address, placement_group=args.placement_group,
                 bundle_indices=args.bundle_indices, num_gpus_per_actor=args.num_gpus_per_actor)
         except ValueError as error:

@@ -155,7 +155,7 @@ FIELD_HELP = {
                   "'auto': full on GPU",
     "overlap_schedule": "the overlap schedule: step N+1 is launched before step N's tokens are read back, "
                         "so the GPU never waits on the host",
-    "enable_custom_all_reduce": "the custom all-reduce kernel (off: NCCL and symmetric memory only)",
+    "enable_custom_all_reduce": "the custom all-reduce kernel (without it: NCCL and symmetric memory)",
     "enable_symm_mem": "PyTorch symmetric-memory all-reduce",
     "seed": "seed of torch's random number generators on every rank; engines started with one seed draw the same "
             "noise for requests without a sampling_seed, so give each engine of yours its own (a fleet adds its "
@@ -283,7 +283,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, exclude: tuple[str,
                                help=f"{text}; comma-separated, one engine config each")
         elif hint is bool and _field_default(name) is True:
             group.add_argument(*flags, dest=name, action="store_false", default=default,
-                               help=f"turn off {text} ({name} is %(default)s without this flag)")
+                               help=f"{text}; on (%(default)s) unless this flag is given")
         elif hint is bool:
             group.add_argument(*flags, dest=name, action="store_true", default=default, help=text)
         elif typing.get_origin(item) is list:
@@ -342,4 +342,5 @@ def _check_weights(where: Path, path: str) -> None:
             raise ValueError(f"--model {path}: model.safetensors.index.json names missing shards: "
                              f"{', '.join(missing)}")
     elif not any(where.glob("*.safetensors")):
-        raise ValueError(f"--model {path}: no *.safetensors weights")
+        raise ValueError(f"--model {path}: no *.safetensors weights (--load-format dummy runs its shapes with random "
+                         "weights)")

@@ -667,6 +667,7 @@ def bench_engine(cfg: EngineConfig, out_dir: str, num_seqs: int = 256, with_hf: 
     else:
         result["transformers_skipped"] = why_no_hf
         path.write_text(json.dumps(result, indent=1))
+        print(f"transformers baseline skipped: {why_no_hf}", flush=True)
     result["json"] = str(path)
     _plot(result, path.with_suffix(".png"))
     return result

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -44,7 +45,7 @@ class FleetConfig:
     backend: str = "local"  # "local" or "ray"
     max_concurrent_starts: int = 1
     startup_timeout_s: float = 600.0
-    log_dir: str | None = None
+    log_dir: str | None = None  # None: a fresh temporary directory, removed by a stop that found nothing wrong
     reap_stale: bool = False
     restart_budget: int = 3
     restart_backoff_s: float = 1.0
@@ -249,6 +250,8 @@ class Fleet:
             reports = [f.result() for f in futures]
         self.backend.close()
         self._spawner.shutdown(wait=False)
+        if self.cfg.log_dir is None and not self.failures and not any(r.leftover for r in reports):
+            shutil.rmtree(self.log_dir, ignore_errors=True)
         return reports
 
     def __enter__(self) -> Fleet:

@@ -17,7 +17,8 @@ from tpfleet.engine.tokenizer import ChatTemplateError
 from tpfleet.server.async_engine import AsyncEngine, RequestOutput
 from tpfleet.server.guard import tokenize_off_loop
 from tpfleet.server.http_utils import last_output, merge, sse, stream_error, unless_disconnected
-from tpfleet.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAISampling
+from tpfleet.server.protocol import (UNSUPPORTED_OPENAI, ChatCompletionRequest, CompletionRequest, OpenAISampling,
+                                     check_unsupported)
 
 DEFAULT_COMPLETION_TOKENS = 16
 MAX_TOP_LOGPROBS = 20
@@ -200,6 +201,7 @@ def openai_router() -> APIRouter:
 
     @router.post("/completions")
     async def completions(req: CompletionRequest, request: Request):
+        check_unsupported(req, UNSUPPORTED_OPENAI, api="OpenAI")
         if req.echo:
             raise InvalidRequest("echo", "tpfleet does not support echo")
         aengine: AsyncEngine = request.app.state.aengine
@@ -237,6 +239,7 @@ def openai_router() -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        check_unsupported(req, UNSUPPORTED_OPENAI, api="OpenAI")
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequest("top_logprobs", "needs logprobs: true")
         if not req.messages:

@@ -58,14 +58,15 @@ def _is_unset(value: object, default: object) -> bool:
 
 
 def _strict_with_unsupported(name: str, base: type[Strict], unsupported: dict[str, object]) -> type[Strict]:
-    """`base` plus SGLang's fields tpfleet does not implement, each accepted while it holds its default."""
+    """`base` plus an API's fields tpfleet does not implement, each accepted while it holds its default (see
+    `check_unsupported`)."""
     return create_model(name, __base__=base, **{field: (Any, None) for field in unsupported})
 
 
-def check_unsupported(body: BaseModel, unsupported: dict[str, object], prefix: str = "") -> None:
+def check_unsupported(body: BaseModel, unsupported: dict[str, object], prefix: str = "", api: str = "SGLang") -> None:
     for field, default in unsupported.items():
         if not _is_unset(getattr(body, field), default):
-            raise InvalidRequest(prefix + field, "tpfleet does not support this SGLang field; leave it unset or null")
+            raise InvalidRequest(prefix + field, f"tpfleet does not support this {api} field; leave it unset or null")
 
 
 # SGLang sampling fields with no tpfleet implementation, and the value that means "off".
@@ -275,7 +276,15 @@ class OpenAISampling(Strict):
         return _engine_params(self, max_new, _or(self.top_k, -1), self.seed, _or(self.min_tokens, 0), "logit_bias")
 
 
-class CompletionRequest(OpenAISampling):
+# OpenAI fields with no tpfleet implementation (structured output, tools, ...), and the value that means "off".
+UNSUPPORTED_OPENAI: dict[str, object] = {
+    "response_format": {"type": "text"}, "tools": None, "tool_choice": "none", "parallel_tool_calls": None,
+    "functions": None, "function_call": "none", "suffix": None, "best_of": 1, "modalities": None, "audio": None,
+    "prediction": None, "reasoning_effort": None,
+}
+
+
+class _CompletionFields(OpenAISampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
     logprobs: int | None = None
@@ -287,8 +296,12 @@ class ChatMessage(Strict):
     name: str | None = None
 
 
-class ChatCompletionRequest(OpenAISampling):
+class _ChatCompletionFields(OpenAISampling):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
+
+
+CompletionRequest = _strict_with_unsupported("CompletionRequest", _CompletionFields, UNSUPPORTED_OPENAI)
+ChatCompletionRequest = _strict_with_unsupported("ChatCompletionRequest", _ChatCompletionFields, UNSUPPORTED_OPENAI)
