@@ -39,6 +39,9 @@
 # rows: the skinny GEMM's GPU tests (EXTRA_TESTS adds files, TESTS_K filters), then `bench gemv --rows --sweep`
 #       (cuBLAS and tpfleet's skinny GEMM at 8-256 rows, the table the engine then reads), then the decode steps of
 #       BASE and this checkout through scripts/ab.py (TREES: trees in turn, each TREE or TREE@VAR=VALUE,...)
+# steps: the decode step of each tree in TREES in turn (a package copy such as prev, or ., each TREE or
+#        TREE@VAR=VALUE,...), on each preset of PRESETS
+#        with random weights (`make-model --no-weights`, `--load-format dummy`), full graphs, at BATCHES x CONTEXTS
 # last: the RL loop's GPU test (alone on the GPU: the fleet refuses a GPU another process holds), the RL
 #       workload in-process and over HTTP, `bench start`, and the attention tile sweep
 set -uo pipefail
@@ -307,6 +310,22 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
     step . tuned
     cp "$(python3 -c 'from tpfleet import env; print(env.cache_root())')"/tuning/* "$OUT/" 2>/dev/null
     ;;
+  steps)
+    for preset in ${PRESETS:-30b-a3b-shape}; do
+      python3 -m tpfleet make-model --preset "$preset" --no-weights --out "/tmp/tpfleet-$preset" > /dev/null
+      i=0
+      for spec in ${TREES:-prev . . prev}; do
+        tree=${spec%%@*}; vars=""; [ "$spec" != "$tree" ] && vars=$(echo "${spec#*@}" | tr , ' ')
+        i=$((i + 1)); label="${preset}_$(basename "$(realpath "$tree")")${vars:+_${vars// /_}}_$i"
+        log "bench engine, $preset, dummy weights, decode only: $label"
+        env $vars PYTHONPATH=/tmp/site:$PWD/$tree timeout ${ENGINE_S:-120} python3 -P -m tpfleet bench engine \
+          --model "/tmp/tpfleet-$preset" --load-format dummy --device cuda --tp 1 --graph-mode full \
+          --max-num-seqs ${MAX_SEQS:-8} --num-seqs 0 --no-hf --batches ${BATCHES:-1} --contexts ${CONTEXTS:-128} \
+          --out "$OUT/$label" > "$OUT/$label.log" 2>&1
+        echo "exit $?"; grep -E "^ +[0-9]+ +[0-9]+ |^batch-1" "$OUT/$label.log" | head -8
+      done
+    done
+    ;;
   last)
     log "GPU test: the RL loop"
     timeout 100 python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_rl_loop.py > "$OUT/tests.log" 2>&1
@@ -322,6 +341,6 @@ cProfile.run('LLMEngine(EngineConfig(model=\"$MODEL\", device=\"cuda\", graph_mo
     log "bench attention --tiles"
     timeout 70 python3 -m tpfleet bench attention --tiles --contexts 1024,4096 --out "$OUT"
     ;;
-  *) echo "usage: $0 tests|ops|kernels|check|engine|pdl|warm|fleet|compare|rl|roofline|rlwork|ab|start|colocate|moe|moestep|last" \
+  *) echo "usage: $0 tests|ops|kernels|check|engine|pdl|warm|fleet|compare|rl|roofline|rlwork|ab|start|colocate|moe|moestep|steps|last" \
        >&2; exit 2 ;;
 esac

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,26 @@ def run_in_triton_interpreter(module: str) -> str:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r.stdout
+
+
+@contextmanager
+def pdl_forced(lines: tuple[int, ...]) -> Iterator[Iterator[int]]:
+    """For interpreter runs: kernels take their batch-1 PDL path (tpfleet.kernels.pdl), whose code the
+    interpreter runs whole, with each L2 prefetch count of `lines` in turn (the iterator yields them)."""
+    from tpfleet.kernels import pdl
+
+    enabled, prefetch_lines = pdl.enabled, pdl.prefetch_lines
+    pdl.enabled = lambda device, rows: rows == 1
+
+    def each() -> Iterator[int]:
+        for n in lines:
+            pdl.prefetch_lines = lambda device, slices, slice_bytes: n
+            yield n
+
+    try:
+        yield each()
+    finally:
+        pdl.enabled, pdl.prefetch_lines = enabled, prefetch_lines
 
 
 # cpu runs float32 (token-exact against transformers); cuda runs where a GPU exists.
