@@ -360,10 +360,11 @@ def run_command(args: argparse.Namespace) -> int:
         if hasattr(args, name) and getattr(args, name) is None:  # keys come from the environment, never a default
             setattr(args, name, os.environ.get(variable))
     if args.cmd == "make-model":
-        from tpfleet.model.make_model import make_model
+        from tpfleet.model.make_model import PRESETS, make_model
 
         out = make_model(args.preset, args.out, args.seed, resolve_device(args.device), weights=not args.no_weights)
-        print(f"wrote {args.preset} Qwen3 {'config and tokenizer' if args.no_weights else 'checkpoint'} to {out}")
+        family = "Qwen3-MoE" if PRESETS[args.preset].num_experts else "Qwen3"
+        print(f"wrote {args.preset} {family} {'config and tokenizer' if args.no_weights else 'checkpoint'} to {out}")
     elif args.cmd == "serve":
         try:
             with interrupts_deferred():  # torch comes with these: an import an interrupt must not land inside
