@@ -85,7 +85,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser = argparse.ArgumentParser(prog="tpfleet", description=tpfleet.__doc__, formatter_class=Formatter)
     parser.add_argument("--version", action="version", version=f"tpfleet {tpfleet.__version__}",
                         help="print the version and exit")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     groups = {"": sub}
     commands: dict[str, argparse.ArgumentParser] = {}
 
