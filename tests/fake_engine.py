@@ -95,7 +95,8 @@ def create_fake_engine(name: str, behaviour: Behaviour) -> FastAPI:
             return JSONResponse({"success": False, "message": f"{name} refused"}, 400)
         if path == "abort_request" and body.get("rid") and body["rid"] != name:
             return {"success": False, "message": f"no request {body['rid']!r} on {name}"}
-        return {"success": True, "message": f"{name} did {path}"}
+        said = {"status": "ok"} if path in ("pause_generation", "continue_generation") else {}  # as an engine says
+        return {"success": True, "message": f"{name} did {path}", **said}
 
     return app
 

@@ -153,11 +153,13 @@ def test_control_routes_go_to_every_worker_and_merge_the_answers(served):
     r = httpx.post(f"{url}/pause_generation", json={"mode": "retract"}, headers={"Authorization": "Bearer admin"})
     assert r.status_code == 200 and r.json()["success"] is True and r.json()["status"] == "ok"
     assert sorted(w["url"] for w in r.json()["workers"]) == sorted([a, b])
+    assert httpx.post(f"{url}/continue_generation", json={}).json()["status"] == "ok"  # what both engines said
     for behaviour in (behaviour_a, behaviour_b):
         assert ("/pause_generation", {"mode": "retract"}, "Bearer admin") in behaviour.calls
 
     r = httpx.post(f"{url}/flush_cache")
     assert r.status_code == 400 and r.json()["success"] is False and "b refused" in r.json()["message"]
+    assert r.json()["error"]["code"] == 400  # the OpenAI-shaped error an engine's refusal carries too
     assert [w["success"] for w in sorted(r.json()["workers"], key=lambda w: w["url"] != a)] == [True, False]
 
     assert httpx.post(f"{url}/abort_request", json={"rid": "a"}).json()["success"] is True  # one engine knew it

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tpfleet.fleet.workers import HealthChecker, Worker, WorkerRegistry
 from tpfleet.server.guard import DEFAULT_MAX_BODY_BYTES, GuardMiddleware, KeyPolicy
-from tpfleet.server.http_utils import (JSONBodyMiddleware, error_response, install_error_handlers, sse,
+from tpfleet.server.http_utils import (JSONBodyMiddleware, error_body, error_response, install_error_handlers, sse,
                                        unless_disconnected)
 
 if TYPE_CHECKING:
@@ -214,14 +214,12 @@ class Router:
         failed = [f"{a['url']}: {a['message']}" for a in answers if not a["success"]]
         if failed and not success:
             message += "; " + "; ".join(failed)
-        merged = {"success": success, "message": message, "workers": answers}
-        if path == "/pause_generation" and success:
-            merged["status"] = "ok"
         client_errors = [a["status"] for a in answers if a["status"] and 400 <= a["status"] < 500]
         if success or (abort and not client_errors and all(a["status"] for a in answers)):
-            return JSONResponse(merged)  # an abort that found nothing to abort is answered, as an engine answers it
-        reached = any(a["status"] for a in answers)
-        return JSONResponse(merged, client_errors[0] if client_errors else 502 if reached else 503)
+            # an engine's own answer, plus what every worker's said alike (pause's "status", the new version)
+            return JSONResponse({**_said_alike(answers), "success": success, "message": message, "workers": answers})
+        status = client_errors[0] if client_errors else 502 if any(a["status"] for a in answers) else 503
+        return JSONResponse({**error_body(status, message), "workers": answers}, status)
 
     async def _send(self, worker: Worker, method: str, path: str, body: bytes, headers: dict) -> dict:
         answer = {"id": worker.id, "url": worker.url, "status": None}
@@ -278,6 +276,16 @@ def _headers(request: Request) -> dict[str, bytes]:
     headers = {"content-type": b"application/json"}
     headers.update({k.decode("latin-1"): v for k, v in request.headers.raw if k.decode("latin-1") in FORWARDED_HEADERS})
     return headers
+
+
+def _said_alike(answers: list[dict]) -> dict:
+    """The fields every worker's JSON answer holds with one value, but success and message."""
+    responses = [a.get("response") for a in answers]
+    if not responses or not all(isinstance(r, dict) for r in responses):
+        return {}
+    missing = object()
+    return {k: v for k, v in responses[0].items()
+            if k not in ("success", "message") and all(r.get(k, missing) == v for r in responses[1:])}
 
 
 PARSED_ON_THREAD = 1 << 20  # bytes: a larger body is parsed off the event loop, which every stream shares

@@ -17,11 +17,15 @@ from tpfleet.server.async_engine import EngineUnavailable, RequestOutput
 log = logging.getLogger("tpfleet.server")
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+def error_body(status: int, message: str, param: str | None = None) -> dict:
     """One body for both APIs: OpenAI clients read `error`, SGLang's clients `success` and `message`."""
     kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
-    return JSONResponse({"success": False, "message": message,
-                         "error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+    return {"success": False, "message": message,
+            "error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status)
 
 
 def install_error_handlers(app: FastAPI) -> None:
