@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from tpfleet.fleet.router import BROADCAST_ROUTES, GENERATION_ROUTES, ONE_WORKER_GETS, PER_ENGINE_ROUTES, Router
 from tpfleet.fleet.workers import Worker
+from tpfleet.server.guard import bearer_token
 from tpfleet.server.http_utils import error_response
 
 
@@ -26,8 +27,8 @@ def add_routes(app: FastAPI, router: Router) -> None:
         """Changing the registry decides where prompts and weights go: with a key set, only its holder may."""
         if admin_key is None:
             return None
-        given = request.headers.get("authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {admin_key}".encode()):
+        given = bearer_token(request.headers.raw)
+        if given is not None and hmac.compare_digest(given.encode("latin-1"), admin_key.encode()):
             return None
         return error_response(401, "registering or removing workers needs the router's admin key "
                                    "(Authorization: Bearer ...)", "authorization")

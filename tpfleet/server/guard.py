@@ -156,7 +156,8 @@ def _normalized(path: str) -> str:
     return "/" + "/".join(part for part in path.split("/") if part)
 
 
-def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
+def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case), or None."""
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").strip().partition(" ")
@@ -224,7 +225,7 @@ class GuardMiddleware:
             return
         send = self._counting(send)
         headers = scope["headers"]
-        refusal = self.keys.refusal(scope["path"], _bearer(headers))
+        refusal = self.keys.refusal(scope["path"], bearer_token(headers))
         if refusal is not None:
             await send_error(send, 401, refusal, "authentication_error", [(b"www-authenticate", b"Bearer")])
             return
