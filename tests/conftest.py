@@ -37,23 +37,17 @@ def run_in_triton_interpreter(module: str) -> str:
 
 
 @contextmanager
-def pdl_forced(lines: tuple[int, ...]) -> Iterator[Iterator[int]]:
+def pdl_forced() -> Iterator[None]:
     """For interpreter runs: kernels take their batch-1 PDL path (tpfleet.kernels.pdl), whose code the
-    interpreter runs whole, with each L2 prefetch count of `lines` in turn (the iterator yields them)."""
+    interpreter runs whole (the weights' first tile before the wait)."""
     from tpfleet.kernels import pdl
 
-    enabled, prefetch_lines = pdl.enabled, pdl.prefetch_lines
+    enabled = pdl.enabled
     pdl.enabled = lambda device, rows: rows == 1
-
-    def each() -> Iterator[int]:
-        for n in lines:
-            pdl.prefetch_lines = lambda device, slices, slice_bytes: n
-            yield n
-
     try:
-        yield each()
+        yield
     finally:
-        pdl.enabled, pdl.prefetch_lines = enabled, prefetch_lines
+        pdl.enabled = enabled
 
 
 # cpu runs float32 (token-exact against transformers); cuda runs where a GPU exists.

@@ -118,13 +118,12 @@ def interpreter_main() -> None:
         for cfg in tiny_configs():
             got = moe_triton.fused_moe(hidden, w_gate_up, w_down, topk_ids, topk_weights, first, config=cfg)
             assert_matches(got, ref, torch.float32, f"tokens={tokens} first={first} {cfg['path']}")
-    with pdl_forced(lines=(1, 16)) as each:  # one token: the PDL path, with part or all of a slice prefetched
-        for _ in each:
-            hidden, w_gate_up, w_down, topk_ids, topk_weights = make_case(shape, 1, torch.float32, "cpu", 4, 5, seed=1)
-            ref = moe_reference(hidden, w_gate_up, w_down, topk_ids, topk_weights, 4)
-            for cfg in tiny_configs():
-                got = moe_triton.fused_moe(hidden, w_gate_up, w_down, topk_ids, topk_weights, 4, config=cfg)
-                assert_matches(got, ref, torch.float32, f"PDL, {cfg['path']}")
+    with pdl_forced():  # one token: the PDL path, the routing and first weight tile read before the wait
+        hidden, w_gate_up, w_down, topk_ids, topk_weights = make_case(shape, 1, torch.float32, "cpu", 4, 5, seed=1)
+        ref = moe_reference(hidden, w_gate_up, w_down, topk_ids, topk_weights, 4)
+        for cfg in tiny_configs():
+            got = moe_triton.fused_moe(hidden, w_gate_up, w_down, topk_ids, topk_weights, 4, config=cfg)
+            assert_matches(got, ref, torch.float32, f"PDL, {cfg['path']}")
     # one sort longer than a chunk: pairs of later chunks land after those of earlier ones
     ids = torch.randint(0, 7, (700, 3))
     check_alignment(moe_triton.align_by_expert(ids, 5, 2, 16), ids, 2, 5)

@@ -24,8 +24,6 @@ class Switch:
 
 
 PDL = Switch("TPFLEET_PDL", True, "programmatic dependent launch for batch-1 decode kernels on Hopper (0: off)")
-L2_PREFETCH = Switch("TPFLEET_L2_PREFETCH", False, "batch-1 GEMVs ask L2 for their weights before their PDL wait "
-                     "(1: on; off until measured, docs/benchmarks.md)")
 FUSED_AR = Switch("TPFLEET_FUSED_AR", True, "all-reduces fused into batch-1 decode projections at TP > 1 (0: off)")
 
 CACHE_DIR = "TPFLEET_CACHE_DIR"  # JIT builds, tuning tables, warm-up markers; default $XDG_CACHE_HOME/tpfleet

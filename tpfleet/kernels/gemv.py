@@ -57,22 +57,17 @@ def _gemv_kernel(x, res, res_out, norm_w, normed_out, w, out, N, K, eps, xchg, s
                  arrivals, route_w, route_ids, replay,
                  PROLOGUE: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  PDL: tl.constexpr, WORLD: tl.constexpr, STORE_NORMED: tl.constexpr, TOP_K: tl.constexpr,
-                 K_P2: tl.constexpr, N_P2: tl.constexpr, RENORMALIZE: tl.constexpr, REPLAY: tl.constexpr,
-                 PREFETCH: tl.constexpr, LINE: tl.constexpr):
+                 K_P2: tl.constexpr, N_P2: tl.constexpr, RENORMALIZE: tl.constexpr, REPLAY: tl.constexpr):
     """WORLD > 0: `out` is the sum of WORLD ranks' outputs, each block all-reducing its own rows with the
-    same block of the other ranks through `site` (tpfleet.kernels.fused_ar). PREFETCH: lines of LINE weights
-    this program asks L2 for before its PDL wait (tpfleet.kernels.pdl.prefetch_lines). STORE_NORMED: program 0
+    same block of the other ranks through `site` (tpfleet.kernels.fused_ar). STORE_NORMED: program 0
     also writes the normed row to `normed_out`. TOP_K > 0 (an MoE router): the last program to store its
     logits routes the row (tpfleet.kernels.moe_route)."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     w_rows = w + rn[:, None].to(tl.int64) * K
-    # The weights do not depend on the kernel before this one: under PDL the first tile is on its way, and
-    # the rest of this program's rows (contiguous) on their way to L2, while that kernel drains.
-    if PREFETCH > 0:
-        lines = tl.arange(0, PREFETCH) * LINE
-        pdl.prefetch_l2(w + pid.to(tl.int64) * BLOCK_N * K + lines, lines < BLOCK_N * K)
+    # The weights do not depend on the kernel before this one: under PDL the first tile is on its way
+    # while that kernel drains.
     b = tl.load(w_rows + rk[None, :])
     pdl.enter(PDL)
     rstd = 1.0
@@ -171,10 +166,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: int, out: torch.Ten
     if out is None:
         out = x.new_empty(1, n)
     use_pdl = pdl.enabled(x.device, x.shape[0])
-    programs = n // cfg["BLOCK_N"]
-    prefetch = pdl.prefetch_lines(x.device, programs, cfg["BLOCK_N"] * k * weight.element_size()) if use_pdl else 0
     r = routing
-    _gemv_kernel[(programs,)](
+    _gemv_kernel[(n // cfg["BLOCK_N"],)](
         x, res if res is not None else x, res_out if res_out is not None else x,
         norm_w if norm_w is not None else x, normed_out if normed_out is not None else x, weight, out, n, k, eps,
         exchange.table if exchange is not None else x, site, exchange.rank if exchange else 0,
@@ -183,8 +176,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: int, out: torch.Ten
         PROLOGUE=prologue, K_POW2=triton.next_power_of_2(k), PDL=use_pdl, WORLD=exchange.world if exchange else 0,
         STORE_NORMED=normed_out is not None, TOP_K=r.top_k if r else 0,
         K_P2=triton.next_power_of_2(r.top_k) if r else 1, N_P2=triton.next_power_of_2(n) if r else 1,
-        RENORMALIZE=bool(r and r.renormalize), REPLAY=bool(r and r.replay is not None), PREFETCH=prefetch,
-        LINE=pdl.LINE_BYTES // weight.element_size(), launch_pdl=use_pdl, **cfg)
+        RENORMALIZE=bool(r and r.renormalize), REPLAY=bool(r and r.replay is not None), launch_pdl=use_pdl, **cfg)
     return out
 
 

@@ -277,14 +277,12 @@ def _gemv_gate_up_kernel(hidden, w, ids, act, first, num_local, HIDDEN, INTER, t
 
 @triton.jit
 def _gemv_down_kernel(act, w, ids, weights, out, first, num_local, HIDDEN, INTER, TOP_K: tl.constexpr,
-                      K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                      PREFETCH: tl.constexpr, LINE: tl.constexpr):
+                      K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out[token] for BLOCK_N features: each K step loads the down rows of all the token's experts at
     once, [K_P2, BLOCK_N, BLOCK_K], so a program keeps k experts' bytes in flight, not one expert's
     after another's; each expert's output is rounded to the model dtype, then weighted and summed in fp32.
-    Under PDL the routing (written by the router, two kernels back) and the first weight tile are read,
-    and PREFETCH lines of each chosen expert's rows asked into L2, while gate_up drains; its activations
-    only after the wait."""
+    Under PDL the routing (written by the router, two kernels back) and the first weight tile are read
+    while gate_up drains; its activations only after the wait."""
     token = tl.program_id(0).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -297,12 +295,6 @@ def _gemv_down_kernel(act, w, ids, weights, out, first, num_local, HIDDEN, INTER
             + rn[None, :, None].to(tl.int64) * INTER + rk[None, None, :])
     a_rows = act + pairs[:, None] * INTER + rk[None, :]
     row_ok = mine[:, None, None] & (rn < HIDDEN)[None, :, None]
-    if PREFETCH > 0:  # this program's rows of an expert are contiguous: BLOCK_N (or fewer at the end) x INTER
-        lines = tl.arange(0, PREFETCH) * LINE
-        first_row = tl.program_id(1) * BLOCK_N
-        length = tl.minimum(BLOCK_N, HIDDEN - first_row) * INTER
-        starts = w + tl.where(mine, local, 0).to(tl.int64) * HIDDEN * INTER + first_row.to(tl.int64) * INTER
-        pdl.prefetch_l2(starts[:, None] + lines[None, :], mine[:, None] & (lines < length)[None, :])
     w_tile = tl.load(rows, mask=row_ok & (rk < INTER)[None, None, :], other=0.0)
     pdl.enter(PDL)
     a = tl.load(a_rows, mask=mine[:, None] & (rk < INTER)[None, :], other=0.0).to(tl.float32)
@@ -386,13 +378,9 @@ def gemv_down(act: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor, t
     tokens, top_k = topk_ids.shape
     out = act.new_empty(tokens, hidden_size)
     use_pdl = pdl.enabled(act.device, tokens)
-    blocks = triton.cdiv(hidden_size, tile["BLOCK_N"])
-    slice_bytes = tile["BLOCK_N"] * inter * w_down.element_size()  # one program's rows of one expert
-    prefetch = pdl.prefetch_lines(act.device, tokens * blocks * top_k, slice_bytes) if use_pdl else 0
-    _gemv_down_kernel[(tokens, blocks)](
+    _gemv_down_kernel[(tokens, triton.cdiv(hidden_size, tile["BLOCK_N"]))](
         act, w_down, topk_ids, topk_weights, out, first_expert, num_local, hidden_size, inter, TOP_K=top_k,
-        K_P2=triton.next_power_of_2(top_k), PDL=use_pdl, PREFETCH=prefetch,
-        LINE=pdl.LINE_BYTES // w_down.element_size(), launch_pdl=use_pdl, **_launch_args(tile))
+        K_P2=triton.next_power_of_2(top_k), PDL=use_pdl, launch_pdl=use_pdl, **_launch_args(tile))
     return out
 
 

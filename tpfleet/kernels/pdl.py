@@ -16,13 +16,7 @@ wait it lets its own dependents launch (`enter`). So at most two kernels overlap
 which follows its predecessor's completion, also covers every kernel before that one. Kernels launched without PDL
 (cuBLAS, torch) serialise as usual.
 
-A first tile in registers keeps only a few kilobytes a program on their way. A weight GEMV also asks L2 for the
-rest of its slice before the wait (`prefetch_l2`): a prefetch holds no register and returns nothing, so the
-whole slice streams in while the kernel before drains, above all behind decode attention, whose few
-programs leave the memory idle. `prefetch_lines` keeps a grid's prefetches within half of L2, so that no
-line is evicted before its load. It is off until a GPU measures it (TPFLEET_L2_PREFETCH=1 turns it on).
-
-TPFLEET_PDL=0 (tpfleet.env.PDL) turns PDL off, for A/B measurements or as an escape hatch.
+TPFLEET_PDL=0 (tpfleet.env.PDL) turns it off, for A/B measurements or as an escape hatch.
 """
 
 from __future__ import annotations
@@ -41,17 +35,9 @@ except ImportError:
     triton = None
 
 
-LINE_BYTES = 128  # what one prefetch brings into L2
-
-
 @functools.cache
 def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-@functools.cache
-def _l2_bytes(index: int) -> int:
-    return torch.cuda.get_device_properties(index).L2_cache_size
 
 
 def enabled(device: torch.device, rows: int) -> bool:
@@ -63,20 +49,6 @@ def enabled(device: torch.device, rows: int) -> bool:
     if rows != 1 or device.type != "cuda" or not env.PDL():
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def prefetch_lines(device: torch.device, slices: int, slice_bytes: int) -> int:
-    """How many lines of its `slice_bytes` of weights each of a PDL grid's `slices` asks L2 for before the wait:
-    a power of two (for `tl.arange`) that covers the slice, or as much of it as keeps the grid within half of L2
-    (the kernel masks lines past the slice's end); 0 unless TPFLEET_L2_PREFETCH turns it on."""
-    if not env.L2_PREFETCH():
-        return 0
-    lines = -(-slice_bytes // LINE_BYTES)
-    budget = _l2_bytes(device.index if device.index is not None else torch.cuda.current_device()) // 2
-    share = budget // (max(slices, 1) * LINE_BYTES)
-    if share == 0:
-        return 0
-    return min(1 << (lines - 1).bit_length(), 1 << (share.bit_length() - 1))
 
 
 if triton is not None:
@@ -92,12 +64,3 @@ if triton is not None:
         if PDL and not INTERPRETED:
             gdc_wait()
             gdc_launch_dependents()
-
-    @triton.jit
-    def prefetch_l2(ptrs, mask):
-        """Ask L2 for the lines at `ptrs` where `mask` holds, without waiting for them (see the module docstring);
-        only weights, never what the kernel before writes."""
-        if not INTERPRETED:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }", "=r,l,r",
-                [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
