@@ -175,7 +175,7 @@ def test_abort_frees_blocks(engine):
     s = engine.add_request(engine.tokenizer(LONG).input_ids, GREEDY)
     engine.step()
     assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
-    assert engine.abort(s.rid) is s
+    assert engine.abort(s.rid).seq is s
     assert s.finish_reason["type"] == "abort"
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert not engine.has_work()
@@ -275,3 +275,21 @@ def test_abort_with_a_step_in_flight_drops_its_token(engine):
     assert not engine.has_work()
     assert engine.step() == []  # reads the in-flight step back and discards the aborted row
     assert s.completion_ids == known and s.num_pending == 0
+
+
+def test_an_aborted_request_keeps_the_text_it_held_back(engine):
+    """Text held back as the possible start of a stop string comes out with the abort's last output: the
+    request's text is still the decode of its tokens."""
+    ids = engine.tokenizer("The river flows").input_ids
+    [free] = run(engine, [ids], GREEDY)
+    first = free.completion_ids[:6]
+    held = engine.tokenizer.decode(first[3:])
+    seq = engine.add_request(ids, SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True,
+                                                 stop=[held + "\x00 never"]))
+    shown = ""
+    while seq.num_completion_tokens < 6:
+        shown += "".join(out.new_text for out in engine.step() if out.seq is seq)
+    assert seq.completion_ids == first and not shown.endswith(held)
+    last = engine.abort(seq.rid)
+    assert last.new_text.endswith(held) and seq.finish_reason["type"] == "abort"
+    assert shown + last.new_text == seq.output_text == engine.tokenizer.decode(first)

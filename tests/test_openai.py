@@ -98,6 +98,12 @@ def test_completion_logprobs_in_openai_format(client, server):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == count > 0
     assert "".join(lp.tokens) == c.choices[0].text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(count)]
+    held = {"stop": ["".join(lp.tokens[1:4]) + "\x00"], "max_tokens": 5, "temperature": 0, "logprobs": 0}
+    whole = client.completions.create(model="tiny", prompt="The river flows", **held).choices[0].logprobs
+    chunks = client.completions.create(model="tiny", prompt="The river flows", stream=True, **held)
+    streamed = [o for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for o in chunk.choices[0].logprobs.text_offset]
+    assert streamed == whole.text_offset == lp.text_offset  # text held back for a stop string counts all the same
     assert all(len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-5)
                for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
     native = httpx.post(f"{server}/generate", json={"text": "The river flows", "return_logprob": True,

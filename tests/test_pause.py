@@ -68,7 +68,7 @@ def test_pause_then_continue_gives_the_uninterrupted_output(engine, uninterrupte
 def test_pause_abort_ends_everything_with_partial_output(engine):
     seqs = started(engine)
     aborted = engine.pause("abort")
-    assert sorted(s.rid for s in aborted) == sorted(s.rid for s in seqs)
+    assert sorted(o.seq.rid for o in aborted) == sorted(s.rid for s in seqs)
     for s in seqs:
         assert s.finish_reason["type"] == "abort" and s.is_finished
         assert 0 < s.num_completion_tokens < GREEDY.max_new_tokens

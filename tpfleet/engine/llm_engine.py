@@ -145,12 +145,11 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
-    def abort(self, rid: str, message: str = "aborted") -> Sequence | None:
-        """End the request, keeping what it produced (tokens, text, logprobs) but dropping a step in flight."""
+    def abort(self, rid: str, message: str = "aborted") -> StepOutput | None:
+        """End the request, keeping what it produced (tokens, text, logprobs) but dropping a step in flight;
+        its last output carries the text held back until now."""
         seq = self.seqs.get(rid)
-        if seq is not None:
-            self._end(seq, {"type": "abort", "message": message})
-        return seq
+        return None if seq is None else StepOutput(seq, self._end(seq, {"type": "abort", "message": message}))
 
     def _keep_routing(self, seq: Sequence) -> None:
         """A sequence leaving the device (preempted, retracted) keeps the experts of the positions it
@@ -160,9 +159,10 @@ class LLMEngine:
         if seq.options.return_routed_experts and seq.num_computed_tokens > kept:
             seq.routed_experts = self.runner.routed_experts(seq.block_table, seq.num_computed_tokens)
 
-    def _end(self, seq: Sequence, reason: dict) -> None:
+    def _end(self, seq: Sequence, reason: dict) -> str:
         """Finish `seq`: collect its routing if asked (before its blocks go back), then free it. Routing
-        covers every position or is left out: a request aborted before its prompt ran has none."""
+        covers every position or is left out: a request aborted before its prompt ran has none. Returns the
+        text its detokenizer held back, now added to its output text."""
         if seq.options.return_routed_experts:
             num_positions = len(seq.token_ids) - 1  # every token a forward took
             size = num_positions * self.runner.routing_row_bytes
@@ -173,7 +173,10 @@ class LLMEngine:
             else:
                 seq.routed_experts = None
         self.scheduler.finish(seq, reason)
-        del self.seqs[seq.rid], self.detoks[seq.rid]
+        del self.seqs[seq.rid]
+        tail = self.detoks.pop(seq.rid).take(final=True)
+        seq.output_text += tail
+        return tail
 
     def has_work(self) -> bool:
         """Requests to schedule (unless paused), outputs to hand out, or a step in flight whose tokens
@@ -203,7 +206,7 @@ class LLMEngine:
 
     # --- pausing --------------------------------------------------------------------------------
 
-    def pause(self, mode: str = "abort") -> list[Sequence]:
+    def pause(self, mode: str = "abort") -> list[StepOutput]:
         """Stop scheduling until continue_generation(); returns the requests aborted (mode abort). The
         step in flight is read back first (its outputs come with the next step()), so the engine is
         quiet when this returns."""
@@ -215,10 +218,8 @@ class LLMEngine:
             self.scheduler.retract_all()
         if mode != "abort":
             return []
-        aborted = [self.seqs[rid] for rid in list(self.seqs)]
-        for seq in aborted:
-            self._end(seq, {"type": "abort", "message": "generation paused (mode abort)"})
-        return aborted
+        return [StepOutput(seq, self._end(seq, {"type": "abort", "message": "generation paused (mode abort)"}))
+                for seq in list(self.seqs.values())]
 
     def continue_generation(self) -> None:
         self.paused = False
@@ -365,8 +366,7 @@ class LLMEngine:
         """Detokenize the newly read-back token and end the sequence if it stops here. Before
         min_new_tokens are out no stop string counts (stop tokens were never sampled)."""
         if seq.params.max_new_tokens == 0:
-            self._end(seq, {"type": "length", "length": 0})
-            return StepOutput(seq, "")
+            return StepOutput(seq, self._end(seq, {"type": "length", "length": 0}))
         token_id = seq.token_ids[-1]
         detok = self.detoks[seq.rid]
         stops = seq.num_completion_tokens >= seq.params.min_new_tokens
@@ -382,8 +382,8 @@ class LLMEngine:
             elif seq.reaches_length(len(seq.token_ids)):  # the known tokens; one more may be pending
                 reason = {"type": "length", "length": seq.num_completion_tokens}
         if reason is not None:
-            self._end(seq, reason)
-        new_text = detok.take(final=reason is not None)
+            return StepOutput(seq, self._end(seq, reason))
+        new_text = detok.take(final=False)
         seq.output_text += new_text
         return StepOutput(seq, new_text)
 

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from tpfleet.engine.llm_engine import PAUSE_MODES, LLMEngine
+from tpfleet.engine.llm_engine import PAUSE_MODES, LLMEngine, StepOutput
 from tpfleet.engine.sequence import InvalidRequest, OutputOptions, SamplingParams, Sequence
 from tpfleet.server.metrics import Metrics
 
@@ -305,17 +305,18 @@ class AsyncEngine:
 
     def _abort_now(self, rid: str) -> None:
         """On the engine thread: free the request, and tell its caller if it is still listening."""
-        seq = self.engine.abort(rid)
-        if seq is not None:
-            self._aborted(seq)
+        out = self.engine.abort(rid)
+        if out is not None:
+            self._aborted(out)
 
-    def _aborted(self, seq: Sequence) -> None:
+    def _aborted(self, out: StepOutput) -> None:
         """On the engine thread: hand an aborted request's caller its partial output as the last one."""
+        seq = out.seq
         self._last_token_time.pop(seq.rid, None)
         self.metrics.requests.labels("abort").inc()
         target = self._streams.pop(seq.rid, None)
         if target is not None:
-            target.send(self._output(seq, "", time.perf_counter()))
+            target.send(self._output(seq, out.new_text, time.perf_counter()))
 
     async def pause_generation(self, mode: str = "abort") -> None:
         """Stop scheduling (see LLMEngine.pause); returns once no step is in flight."""
@@ -324,8 +325,8 @@ class AsyncEngine:
 
         def pause() -> None:
             self._publish(self.engine.drain())  # the step in flight reaches its streams first
-            for seq in self.engine.pause(mode):
-                self._aborted(seq)
+            for out in self.engine.pause(mode):
+                self._aborted(out)
 
         await self.run_on_engine(pause)
 

@@ -101,6 +101,7 @@ class LogprobFormat:
     def __init__(self, piece: TokenPieces):
         self.piece = piece
         self.decoders: dict[str, codecs.IncrementalDecoder] = {}  # per output: characters its tokens complete
+        self.offsets: dict[str, int] = {}  # per output: characters completed by the tokens shown so far
 
     def chat(self, out: RequestOutput, start: int, end: int) -> dict:
         def entry(logprob: float, token_id: int) -> dict:
@@ -114,16 +115,19 @@ class LogprobFormat:
                             "top_logprobs": [entry(lp, tid) for lp, tid in top]})
         return {"content": content}
 
-    def completion(self, out: RequestOutput, start: int, end: int, offset: int) -> dict:
-        """`offset`: characters of the completion before token `start`. A character split over tokens counts
-        at the token that completes it."""
+    def completion(self, out: RequestOutput, start: int, end: int) -> dict:
+        """Tokens [start, end) follow those shown before (a stream's earlier chunks). A token's text_offset
+        counts the characters its predecessors' bytes complete: a character split over tokens counts at the
+        token that completes it, and text held back from the stream (a possible stop string) counts too."""
         decoder = self.decoders.setdefault(out.rid, codecs.getincrementaldecoder("utf-8")("replace"))
+        offset = self.offsets.get(out.rid, 0)
         tokens, offsets = [], []
         for pos in range(start, end):
             text, raw = self.piece(out.output_ids[pos])
             tokens.append(text)
             offsets.append(offset)
             offset += len(decoder.decode(raw))
+        self.offsets[out.rid] = offset
         tops = [{self.piece(tid)[0]: lp for lp, tid in (out.output_top_logprobs[pos]
                                                          if pos < len(out.output_top_logprobs) else [])}
                 for pos in range(start, end)]
@@ -220,20 +224,15 @@ def openai_router() -> APIRouter:
                                                                                                   "logprobs"))
         streams = start(request, prompts, req, "prompt", DEFAULT_COMPLETION_TOKENS, options)
         fmt = LogprobFormat(token_pieces(tok))
-        text_sent: dict[int, int] = {}  # characters of each choice already streamed, for text_offset
 
-        def logprobs(i: int, o: RequestOutput, start: int) -> dict | None:
-            if not wants_logprobs:
-                return None
-            result = fmt.completion(o, start, len(o.output_ids), text_sent.get(i, 0))
-            text_sent[i] = len(o.text)
-            return result
+        def logprobs(o: RequestOutput, start: int) -> dict | None:
+            return fmt.completion(o, start, len(o.output_ids)) if wants_logprobs else None
 
         return await respond(
             request, streams, req, "text", req.model or request.app.state.served_model_name,
-            lambda i, o: {"index": i, "text": o.text, "logprobs": logprobs(i, o, 0),
+            lambda i, o: {"index": i, "text": o.text, "logprobs": logprobs(o, 0),
                           "finish_reason": _finish_reason(o)},
-            lambda i, o, start: {"index": i, "text": o.delta, "logprobs": logprobs(i, o, start),
+            lambda i, o, start: {"index": i, "text": o.delta, "logprobs": logprobs(o, start),
                                  "finish_reason": _finish_reason(o)},
         )
 
