@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
+
+from tpfleet.server.async_engine import AsyncEngine, RequestOutput
+from tpfleet.server.http_utils import merge
 
 GREEDY = {"max_new_tokens": 8, "temperature": 0}
 
@@ -73,7 +78,9 @@ def test_streaming_sends_growing_text_then_done(server):
         events = sse_events(r)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert [len(c["output_ids"]) for c in chunks] == list(range(1, 7))
+    lengths = [len(c["output_ids"]) for c in chunks]  # outputs queued behind a busy reader come as one
+    assert lengths == sorted(set(lengths)) and lengths[-1] == 6
+    assert all(c["output_ids"] == chunks[-1]["output_ids"][:len(c["output_ids"])] for c in chunks)
     assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
     assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
     full = httpx.post(f"{server}/generate", json={**body, "stream": False}).json()
@@ -84,7 +91,9 @@ def test_batched_streaming_tags_each_chunk_with_its_index(server):
     body = {"text": ["a b c", "x y z"], "stream": True, "sampling_params": {**GREEDY, "max_new_tokens": 3}}
     with httpx.stream("POST", f"{server}/generate", json=body) as r:
         chunks = [json.loads(e) for e in sse_events(r)[:-1]]
-    assert sorted(c["index"] for c in chunks) == [0, 0, 0, 1, 1, 1]
+    for index in (0, 1):  # each choice's chunks grow to its whole answer, however many came as one
+        lengths = [len(c["output_ids"]) for c in chunks if c["index"] == index]
+        assert lengths == sorted(set(lengths)) and lengths[-1] == 3
 
 
 BAD = [
@@ -233,3 +242,30 @@ def test_n_samples_with_a_seed_differ_yet_reproduce(server):
     outputs = [tuple(answer["output_ids"]) for answer in first]
     assert len(set(outputs)) == 3
     assert outputs == [tuple(answer["output_ids"]) for answer in again]
+
+
+def _output(n: int) -> RequestOutput:
+    """The n-th cumulative output of a request whose every token is one letter."""
+    text = "abcdefgh"[:n]
+    return RequestOutput("r", list(range(n)), text, text[-1:], n == 5, None, 1, 0, 0.0)
+
+
+def test_a_reader_that_falls_behind_gets_one_output_not_a_backlog():
+    """Outputs that queued while the reader was busy come as the newest one, its delta the sum of theirs: a
+    stalled stream once held a cumulative copy per token, and serialized them all, the event loop held,
+    when its client left."""
+    async def request():
+        for n in range(1, 6):
+            yield _output(n)
+
+    async def read() -> tuple[list, list]:
+        merged = [(i, out.delta, out.output_ids, out.finished) async for i, out in merge([request(), request()])]
+        q: asyncio.Queue = asyncio.Queue()
+        for n in range(1, 6):
+            q.put_nowait(_output(n))
+        alone = [(out.delta, out.finished) async for out in AsyncEngine._stream(SimpleNamespace(), "r", q)]
+        return merged, alone
+
+    merged, alone = asyncio.run(read())
+    assert merged == [(0, "abcde", [0, 1, 2, 3, 4], True), (1, "abcde", [0, 1, 2, 3, 4], True)]
+    assert alone == [("abcde", True)]

@@ -161,6 +161,8 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
 
     @app.get("/metrics")
     async def metrics():
+        # the engine's gauges as they are now: requests also end between steps (aborts, a pause)
+        aengine.metrics.set_engine_state(engine.snapshot())
         return Response(aengine.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(generate_router(aengine))

@@ -18,7 +18,7 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tpfleet.engine.llm_engine import PAUSE_MODES, LLMEngine, StepOutput
 from tpfleet.engine.sequence import InvalidRequest, OutputOptions, SamplingParams, Sequence
@@ -49,6 +49,11 @@ class RequestOutput:
     @property
     def completion_tokens(self) -> int:
         return len(self.output_ids)
+
+    def after(self, earlier: RequestOutput) -> RequestOutput:
+        """This output standing for `earlier` too: a reader that fell behind gets one output, not a backlog.
+        Everything but the delta is cumulative already."""
+        return replace(self, delta=earlier.delta + self.delta)
 
 
 @dataclass
@@ -270,10 +275,15 @@ class AsyncEngine:
         return self._stream(rid, target.queue)
 
     async def _stream(self, rid: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """The request's outputs; those that queued while the reader was busy come as one (`after`), so a
+        slow reader never faces a backlog of cumulative copies, growing with the square of the output."""
         finished = False
         try:
             while not finished:
                 item = await q.get()
+                while not isinstance(item, Exception) and not q.empty():
+                    newer = q.get_nowait()
+                    item = newer if isinstance(newer, Exception) else newer.after(item)
                 if isinstance(item, Exception):
                     raise item
                 finished = item.finished

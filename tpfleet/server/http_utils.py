@@ -81,7 +81,8 @@ def sse(payload: dict | str) -> str:
 
 
 async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several request streams as outputs arrive, tagging each with its batch index."""
+    """Interleave several request streams as outputs arrive, tagging each with its batch index; a stream's
+    outputs that queued while the reader was busy come as one (RequestOutput.after)."""
     q: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -98,12 +99,16 @@ async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tu
     try:
         remaining = len(tasks)
         while remaining:
-            item = await q.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
+            ready = {}  # index -> its newest output, in the order the indices first came
+            for item in [await q.get()] + [q.get_nowait() for _ in range(q.qsize())]:
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    i, out = item
+                    ready[i] = out.after(ready[i]) if i in ready else out
+            for item in ready.items():
                 yield item
     finally:
         for t in tasks:
