@@ -46,7 +46,7 @@ BROADCAST_ROUTES = ("/abort_request", "/flush_cache", "/pause_generation", "/con
 PER_ENGINE_ROUTES = ("/init_weights_update_group", "/update_weights_from_distributed",
                      "/destroy_weights_update_group")
 ONE_WORKER_GETS = ("/server_info", "/get_server_info", "/model_info", "/get_model_info", "/v1/models")
-FORWARDED_HEADERS = ("authorization",)
+FORWARDED_HEADERS = (b"authorization",)
 
 
 @dataclass
@@ -114,7 +114,7 @@ class Router:
     async def forward(self, request: Request, path: str) -> Response:
         """Send the request to one healthy worker, retrying on another while nothing has come back."""
         body = await request.body()
-        stream = bool(await _field(body, "stream"))
+        stream = bool((await _json_object(body)).get("stream"))
         tried: set[str] = set()
         while True:
             worker = self.registry.acquire(tried)
@@ -202,12 +202,13 @@ class Router:
         if not workers:
             return error_response(503, "no worker is registered")
         body = await request.body()
-        answers = await asyncio.gather(*(self._send(w, request.method, path, body, _headers(request))
-                                         for w in workers))
+        headers = _headers(request)
+        answers = await asyncio.gather(*(self._send(w, request.method, path, body, headers) for w in workers))
         abort = path == "/abort_request"
         if abort:  # a worker that is down holds nothing left to abort
             answers = [a for a in answers if a["status"]] or answers
-        by_rid = abort and await _field(body, "rid") and not await _field(body, "abort_all")
+        fields = await _json_object(body) if abort else {}
+        by_rid = bool(fields.get("rid")) and not fields.get("abort_all")
         ok = [a["success"] for a in answers]
         success = any(ok) if by_rid else all(ok)
         message = f"{sum(ok)} of {len(ok)} workers succeeded"
@@ -242,7 +243,8 @@ class Router:
         """GET `path` from every healthy worker; the answers that came back, as (worker, JSON), or the first
         refusal of the request itself (a 4xx: a missing API key), passed on as the worker gave it."""
         workers = self.registry.healthy()
-        answers = await asyncio.gather(*(self._send(w, "GET", path, b"", _headers(request)) for w in workers))
+        headers = _headers(request)
+        answers = await asyncio.gather(*(self._send(w, "GET", path, b"", headers) for w in workers))
         for a in answers:
             if a["status"] and 400 <= a["status"] < 500:
                 return JSONResponse(a["response"], a["status"])
@@ -274,7 +276,7 @@ class Router:
 def _headers(request: Request) -> dict[str, bytes]:
     """The headers an engine reads, as the bytes the client sent (a key need not be ASCII to be refused)."""
     headers = {"content-type": b"application/json"}
-    headers.update({k.decode("latin-1"): v for k, v in request.headers.raw if k.decode("latin-1") in FORWARDED_HEADERS})
+    headers.update({k.decode("latin-1"): v for k, v in request.headers.raw if k in FORWARDED_HEADERS})
     return headers
 
 
@@ -291,14 +293,14 @@ def _said_alike(answers: list[dict]) -> dict:
 PARSED_ON_THREAD = 1 << 20  # bytes: a larger body is parsed off the event loop, which every stream shares
 
 
-async def _field(body: bytes, name: str):
-    """A top-level field of a JSON body; None where there is none or the body is not a JSON object (the
-    engine says why)."""
+async def _json_object(body: bytes) -> dict:
+    """The body's JSON object, parsed once for the fields the router reads; empty where the body is not one
+    (the engine says why)."""
     try:
         data = await asyncio.to_thread(json.loads, body) if len(body) > PARSED_ON_THREAD else json.loads(body or b"{}")
     except (ValueError, RecursionError):
-        return None
-    return data.get(name) if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _events_end(data: bytes) -> int:
