@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import threading
 import time
 
@@ -478,6 +479,70 @@ def test_a_request_spanning_an_update_reports_the_new_version(url):
     time.sleep(0.2)
     httpx.post(f"{url}/abort_request", json={"rid": "spans"})
     assert join().json()["meta_info"]["weight_version"] == "after"
+
+
+def test_an_update_waits_for_the_requests_in_flight_and_new_ones_wait_behind_it(url, tiny_model):
+    wait_idle(url)
+    copy = tiny_model.parent / "tiny-copy"  # another checkpoint under the allowed root: the parent of the model's
+    shutil.copytree(tiny_model, copy, dirs_exist_ok=True)
+    httpx.post(f"{url}/update_weight_version", json={"new_version": "A"})
+    done = {}
+
+    def timed(name, fn):
+        result = fn()
+        done[name] = time.monotonic()
+        return result
+
+    body = {"input_ids": PROMPT, "sampling_params": {**LONG, "max_new_tokens": 400}}
+    first = in_background(timed, "first", lambda: httpx.post(f"{url}/generate", json=body, timeout=120))
+    wait_for(lambda: loads(url)["num_running_reqs"] == 1)
+    update = in_background(timed, "update", lambda: httpx.post(f"{url}/update_weights_from_disk", timeout=120, json={
+        "model_path": str(copy), "weight_version": "B"}))
+    time.sleep(0.3)
+    second = in_background(timed, "second", lambda: httpx.post(f"{url}/generate", json={**body, "sampling_params": GREEDY},
+                                                                timeout=120))
+    a, u, b = first().json(), update(), second().json()
+    assert a["meta_info"]["finish_reason"]["type"] == "length" and a["meta_info"]["weight_version"] == "A"
+    assert u.status_code == 200 and check_post_json(u)["success"] is True
+    assert b["meta_info"]["weight_version"] == "B"
+    assert done["first"] <= done["update"] <= done["second"]
+    assert httpx.get(f"{url}/server_info").json()["model_path"] == str(copy)
+    assert httpx.get(f"{url}/model_info").json()["model_path"] == str(copy)
+    back = httpx.post(f"{url}/update_weights_from_disk", json={"model_path": str(tiny_model)}, timeout=60)
+    assert back.status_code == 200 and httpx.get(f"{url}/server_info").json()["model_path"] == str(tiny_model)
+
+
+def test_an_update_while_paused_goes_ahead_and_health_is_not_held_behind_one(url, tiny_model):
+    wait_idle(url)
+    join = in_background(lambda: httpx.post(f"{url}/generate", timeout=120, json={
+        "input_ids": PROMPT, "rid": "kept", "sampling_params": LONG}))
+    wait_for(lambda: loads(url)["num_running_reqs"] == 1)
+    _pause(url, {"mode": "in_place"})
+    update = {"model_path": str(tiny_model), "weight_version": "C"}
+    r = httpx.post(f"{url}/update_weights_from_disk", json=update, timeout=30)  # not held: generation is paused
+    assert r.status_code == 200 and loads(url)["num_running_reqs"] == 1
+    httpx.post(f"{url}/continue_generation", json={})
+    held = in_background(lambda: httpx.post(f"{url}/update_weights_from_disk", json={**update, "weight_version": "D"},
+                                            timeout=120))
+    time.sleep(0.3)
+    assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # a probe passes the waiting update
+    assert loads(url)["num_running_reqs"] == 1
+    httpx.post(f"{url}/abort_request", json={"rid": "kept"})
+    kept = join().json()["meta_info"]
+    assert kept["finish_reason"]["type"] == "abort" and kept["weight_version"] == "C"  # the weights it ended with
+    assert held().status_code == 200
+    assert httpx.get(f"{url}/get_weight_version").json() == {"weight_version": "D"}
+
+
+def test_abort_by_rid_reaches_every_sample_of_n(url):
+    wait_idle(url)
+    join = in_background(lambda: httpx.post(f"{url}/generate", timeout=120, json={
+        "input_ids": PROMPT, "rid": "family", "sampling_params": {**LONG, "n": 2}}))
+    wait_for(lambda: loads(url)["num_running_reqs"] == 2)
+    assert check_post_json(httpx.post(f"{url}/abort_request", json={"rid": "family"}))["success"] is True
+    answers = join().json()
+    assert [a["meta_info"]["id"] for a in answers] == ["family_0", "family_1"]
+    assert all(a["meta_info"]["finish_reason"]["type"] == "abort" for a in answers)
 
 
 def test_memory_routes_take_every_tag_and_null(url):

@@ -186,7 +186,7 @@ def test_abort_frees_blocks(engine):
     ([1, 2, 100000], GREEDY, "input_ids"),
     ([1, -1], GREEDY, "input_ids"),
     (list(range(1, 4097)), GREEDY, "input_ids"),
-    ([1], SamplingParams(max_new_tokens=0), "sampling_params.max_new_tokens"),
+    ([1], SamplingParams(max_new_tokens=-1), "sampling_params.max_new_tokens"),
     ([1], SamplingParams(max_new_tokens=10**9), "sampling_params.max_new_tokens"),
     ([1], SamplingParams(temperature=-0.5), "sampling_params.temperature"),
     ([1], SamplingParams(top_p=1.5), "sampling_params.top_p"),

@@ -115,15 +115,29 @@ def test_scoring_call_returns_prompt_logprobs_and_generates_nothing(engine, hf):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_a_prefill_only_call_scores_from_any_position_or_just_fills_the_cache(engine, hf):
+    ids = engine.tokenizer(TEXT).input_ids[:30]
+    [suffix] = run(engine, [(ids, SamplingParams(max_new_tokens=0),
+                             OutputOptions(return_logprob=True, logprob_start_len=20))])
+    assert suffix.completion_ids == [] and suffix.finish_reason == {"type": "length", "length": 0}
+    expected = hf_logits(hf, ids).log_softmax(-1)[19:-1].gather(1, torch.tensor(ids[20:])[:, None]).squeeze(1)
+    assert len(suffix.input_logprobs) == 10 and suffix.input_logprobs[0] is None
+    torch.testing.assert_close(torch.tensor(suffix.input_logprobs[1:]), expected[1:], atol=ATOL, rtol=0)
+    engine.flush_cache()
+    [fill] = run(engine, [(ids, SamplingParams(max_new_tokens=0), OutputOptions())])
+    assert fill.completion_ids == [] and fill.input_logprobs == [] and fill.finish_reason["type"] == "length"
+    [after] = run(engine, [(ids, SamplingParams(max_new_tokens=2, temperature=0.0), OutputOptions())])
+    assert after.num_cached_tokens >= 16  # the prefill-only call left its full blocks in the prefix cache
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 @pytest.mark.parametrize("options,field", [
-    (OutputOptions(), "sampling_params.max_new_tokens"),
-    (OutputOptions(return_logprob=True, logprob_start_len=3), "sampling_params.max_new_tokens"),
     (OutputOptions(return_logprob=True, logprob_start_len=5), "logprob_start_len"),
     (OutputOptions(return_logprob=True, top_logprobs_num=10**6), "top_logprobs_num"),
     (OutputOptions(return_routed_experts=True), "return_routed_experts"),
 ])
 def test_bad_options_name_the_field(engine, options, field):
-    params = SamplingParams(max_new_tokens=0 if field == "sampling_params.max_new_tokens" else 4)
+    params = SamplingParams(max_new_tokens=4)
     with pytest.raises(InvalidRequest) as e:
         engine.add_request([5, 6, 7, 8, 9], params, options=options)
     assert e.value.field == field

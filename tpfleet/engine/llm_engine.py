@@ -94,6 +94,7 @@ class LLMEngine:
         self.in_flight: InFlightStep | None = None
         self.paused = False
         self.weight_version = "default"
+        self.model_path = cfg.model  # where the weights came from: then the last update_weights_from_disk's
         self.held_outputs: list[StepOutput] = []  # read back by pause, handed out by the next step
 
     # --- requests -----------------------------------------------------------------------------
@@ -111,7 +112,7 @@ class LLMEngine:
         if len(prompt_ids) >= self.max_seq_len:
             raise InvalidRequest(field, f"the prompt has {len(prompt_ids)} tokens; the context holds at most "
                                         f"{self.max_seq_len} including at least one generated token")
-        params.verify(vocab, scoring=options.return_logprob and options.logprob_start_len == 0)
+        params.verify(vocab)
         if params.max_new_tokens > self.context_length:
             raise InvalidRequest("sampling_params.max_new_tokens",
                                  f"{params.max_new_tokens} exceeds the context length {self.context_length}")

@@ -57,16 +57,14 @@ class SamplingParams:
         """Whether the logits are changed before sampling (then greedy is not the raw argmax)."""
         return self.has_penalties or self.min_new_tokens > 0 or bool(self.logit_bias)
 
-    def verify(self, vocab_size: int, prefix: str = "sampling_params", scoring: bool = False) -> None:
-        """`scoring`: the request asks for prompt logprobs from position 0, so max_new_tokens may be 0
-        (a prefill-only scoring call)."""
+    def verify(self, vocab_size: int, prefix: str = "sampling_params") -> None:
+        """max_new_tokens may be 0, as in SGLang: a prefill only, which scores the prompt from
+        logprob_start_len when asked to, and leaves its prefix in the cache."""
         def bad(name: str, msg: str) -> InvalidRequest:
             return InvalidRequest(f"{prefix}.{name}", msg)
 
-        lowest = 0 if scoring else 1
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < lowest:
-            hint = "" if scoring else " (0 only with return_logprob and logprob_start_len 0: a scoring call)"
-            raise bad("max_new_tokens", f"must be an integer >= {lowest}{hint}, got {self.max_new_tokens!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise bad("max_new_tokens", f"must be an integer >= 0, got {self.max_new_tokens!r}")
         if not 0.0 <= self.temperature <= 100.0:
             raise bad("temperature", f"must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

@@ -337,7 +337,9 @@ class EngineWeights:
         check_version(weight_version)
         roots = allowed_roots(self.engine.cfg)
         check_checkpoint(model_path, roots, self.local.manifest)
-        return self._apply("stage_disk", weight_version, before_commit, model_path, [str(r) for r in roots])
+        reports = self._apply("stage_disk", weight_version, before_commit, model_path, [str(r) for r in roots])
+        self.engine.model_path = model_path
+        return reports
 
     def update_from_tensor(self, payloads: list[str], load_format: str | None, weight_version: str | None,
                            before_commit: Callable[[], None] | None = None) -> list[dict]:
@@ -347,7 +349,8 @@ class EngineWeights:
         if load_format not in (None, "flattened_bucket"):
             raise InvalidRequest("load_format", f"must be null or 'flattened_bucket', not {str(load_format)[:60]!r}")
         if not isinstance(payloads, list) or len(payloads) not in (1, tp_size):
-            raise InvalidRequest("serialized_named_tensors", f"give 1 payload or {tp_size} (one per TP rank)")
+            raise InvalidRequest("serialized_named_tensors", f"give one payload for every rank, or one per TP rank "
+                                                             f"({tp_size})")
         names = []
         for i, payload in enumerate(payloads):
             entries = [entry for bucket in parse_payload(payload, f"serialized_named_tensors[{i}]")

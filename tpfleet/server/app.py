@@ -68,7 +68,7 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
     async def health_generate():
         params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
         try:
-            stream = aengine.generate([0], params, rid=f"health-{time.monotonic_ns()}", stream=False)
+            stream = aengine.generate([0], params, rid=f"health-{time.monotonic_ns()}", stream=False, probe=True)
             await asyncio.wait_for(last_output(stream), timeout=30)
         except (EngineUnavailable, asyncio.TimeoutError) as e:
             return error_response(503, f"generation failed: {e!r}")
@@ -78,7 +78,7 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
     @app.get("/get_model_info")
     async def model_info():
         config = engine.model_config
-        return {"model_path": server_args["model"], "tokenizer_path": server_args["model"], "is_generation": True,
+        return {"model_path": engine.model_path, "tokenizer_path": server_args["model"], "is_generation": True,
                 "weight_version": engine.weight_version, "has_image_understanding": False,
                 "has_audio_understanding": False, "preferred_sampling_params": None,
                 "max_context_length": engine.context_length, "vocab_size": config.vocab_size,
@@ -175,7 +175,7 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
 
 def _sglang_server_args(server_args: dict, engine, on_gpu: bool, device_ids: list[int]) -> dict:
     """The engine's settings under SGLang's names, which external-engine mode compares with its own."""
-    return {"model_path": server_args["model"], "tp_size": server_args["tp_size"], "dp_size": 1, "pp_size": 1,
+    return {"model_path": engine.model_path, "tp_size": server_args["tp_size"], "dp_size": 1, "pp_size": 1,
             "ep_size": server_args.get("ep_size", 1), "num_gpus": server_args["tp_size"] if on_gpu else 0,
             "enable_memory_saver": bool(server_args.get("enable_memory_saver", False)),
             "enable_return_routed_experts": bool(server_args.get("enable_return_routed_experts", False)),

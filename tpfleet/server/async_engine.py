@@ -5,6 +5,11 @@ so the scheduler needs no locks. Outputs travel back with `call_soon_threadsafe`
 request's stream ends with what it produced and finish_reason {"type": "abort", ...}, never an error;
 so does every request in flight when the server shuts down. When the engine dies (its loop fails, or a
 rank dies and the engine is about to exit), every stream ends with EngineDead: HTTP 503.
+
+A weight update waits until no request is in flight, and requests that arrive meanwhile wait behind it,
+so that every answer comes from the one weight version it reports, as SGLang's update lock makes it;
+unless generation is paused (the requests kept then go on with the new weights, and report them) or the
+update aborts every request itself.
 """
 
 from __future__ import annotations
@@ -73,6 +78,12 @@ def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
         q.put_nowait(item)
 
 
+def _made_of(rid: str, parent: str) -> bool:
+    """Whether `rid` is `<parent>_<i>`: one of the requests a request id given to a batch or to n > 1 became."""
+    index = rid[len(parent) + 1:]
+    return rid.startswith(parent) and rid[len(parent):len(parent) + 1] == "_" and index.isdigit()
+
+
 class EngineUnavailable(RuntimeError):
     """The engine cannot take requests now (HTTP 503)."""
 
@@ -88,6 +99,9 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, Stream] = {}
+        # Engine thread only: weight updates waiting for no request in flight, and the requests held behind them
+        self._quiet_calls: list[Callable[[BaseException | None], None]] = []
+        self._held: dict[str, Callable[[], None]] = {}
         self._last_token_time: dict[str, float] = {}
         self._running = True
         self._stopped = False
@@ -146,6 +160,8 @@ class AsyncEngine:
                     self._busy = (time.monotonic(), *self._call)
                     job()
                     self._busy = None
+                if self._quiet_calls and (self.engine.paused or not self.engine.seqs):
+                    self._run_quiet_calls()
                 if self.engine.has_work():
                     self._busy = (time.monotonic(), *self._step)
                     outputs = self.engine.step()
@@ -158,10 +174,27 @@ class AsyncEngine:
             error = traceback.format_exc()
             log.critical("engine loop failed; failing every request:\n%s", error)
             self._fail_all(error)
+            self._fail_quiet_calls(error)
             return
-        for rid in list(self.engine.seqs):
-            self._abort_now(rid)
+        self.abort_all_now()
         self._fail_all("the server is shutting down")  # requests posted but never added
+        self._fail_quiet_calls("the server is shutting down")
+
+    def _run_quiet_calls(self) -> None:
+        """The weight updates that waited, then the requests held behind them."""
+        calls, self._quiet_calls = self._quiet_calls, []
+        for call in calls:
+            self._busy = (time.monotonic(), *self._call)
+            call(None)
+            self._busy = None
+        held, self._held = self._held, {}
+        for add in held.values():
+            add()
+
+    def _fail_quiet_calls(self, error: str) -> None:
+        calls, self._quiet_calls = self._quiet_calls, []
+        for call in calls:
+            call(EngineDead(error.strip().splitlines()[-1]))
 
     def _fail_all(self, error: str) -> None:
         """End every stream with EngineDead; from any thread (the watchdog's too), so each stream is
@@ -222,8 +255,9 @@ class AsyncEngine:
 
     # --- caller side --------------------------------------------------------------------------
 
-    async def run_on_engine(self, fn: Callable[[], object]) -> object:
-        """Run `fn` on the engine thread, between steps, and return its result."""
+    async def run_on_engine(self, fn: Callable[[], object], when_quiet: bool = False) -> object:
+        """Run `fn` on the engine thread, between steps, and return its result. With `when_quiet` (a weight
+        update), only once no request is in flight or generation is paused; requests arriving meanwhile wait."""
         if not self.alive:
             raise EngineDead(self.error or "engine stopped")
         loop = asyncio.get_running_loop()
@@ -233,7 +267,10 @@ class AsyncEngine:
             if not fut.done():
                 fut.set_result(result) if error is None else fut.set_exception(error)
 
-        def job():
+        def job(failed: BaseException | None = None) -> None:
+            if failed is not None:
+                loop.call_soon_threadsafe(settle, None, failed)
+                return
             try:
                 result = fn()
             except Exception as e:  # noqa: BLE001 - handed to the caller
@@ -241,15 +278,19 @@ class AsyncEngine:
             else:
                 loop.call_soon_threadsafe(settle, result)
 
-        self._post(job)
+        if when_quiet:
+            self._post(lambda: self._quiet_calls.append(job))
+        else:
+            self._post(job)
         return await fut
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
                  field: str = "input_ids", options: OutputOptions | None = None,
-                 stream: bool = True) -> AsyncIterator[RequestOutput]:
+                 stream: bool = True, probe: bool = False) -> AsyncIterator[RequestOutput]:
         """Validate now (raising InvalidRequest), then return a stream with an output per new token
         (with `stream` False, only the final one); the last has finished=True. A caller that stops
-        reading early aborts the request."""
+        reading early aborts the request. A `probe` (a health check, its output thrown away) is not held
+        behind a waiting weight update."""
         if not self.alive:
             raise EngineDead(self.error or "engine stopped")
         if self._closing:
@@ -264,7 +305,10 @@ class AsyncEngine:
         target = Stream(asyncio.get_running_loop(), asyncio.Queue(), stream)
         self._streams[rid] = target
 
-        def add():
+        def add(released: bool = False):
+            if self._quiet_calls and not (probe or released):
+                self._held[rid] = lambda: add(released=True)
+                return
             try:
                 self.engine.add_request(prompt_ids, params, rid, options)
             except Exception as e:  # noqa: BLE001 - handed to the caller
@@ -293,18 +337,18 @@ class AsyncEngine:
                 self.abort(rid)
 
     def abort(self, rid: str) -> bool:
-        """Abort `rid` on the engine thread soon; returns whether such a request is in flight now (it
-        may still finish on its own first)."""
-        exists = rid in self._streams or rid in self.engine.seqs  # single dict lookups: safe across threads
-        self._post(lambda: self._abort_now(rid))
-        return exists
+        """Abort `rid`, and the requests a batch or `n` made of it (`<rid>_<i>`, as SGLang names them), on the
+        engine thread soon; returns whether any is in flight now (it may still finish on its own first)."""
+        family = {r for r in [*self._streams, *self.engine.seqs] if r == rid or _made_of(r, rid)}
+        self._post(lambda: [self._abort_now(r) for r in family | {rid}])
+        return bool(family)
 
     def abort_all(self) -> None:
         self._post(self.abort_all_now)
 
     def abort_all_now(self) -> None:
         """On the engine thread: abort every request, each caller answered with its partial output."""
-        for rid in list(self.engine.seqs):
+        for rid in [*self._held, *self.engine.seqs]:
             self._abort_now(rid)
 
     def close(self) -> None:
@@ -314,7 +358,11 @@ class AsyncEngine:
         self.abort_all()
 
     def _abort_now(self, rid: str) -> None:
-        """On the engine thread: free the request, and tell its caller if it is still listening."""
+        """On the engine thread: free the request, and tell its caller if it is still listening. One held
+        behind a weight update is added first, so that its answer has the shape of any aborted request's."""
+        held = self._held.pop(rid, None)
+        if held is not None:
+            held()
         out = self.engine.abort(rid)
         if out is not None:
             self._aborted(out)

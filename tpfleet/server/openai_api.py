@@ -149,7 +149,7 @@ def openai_router() -> APIRouter:
         limits.check_batch(len(prompts) * n, "n" if n > 1 else field)
         try:
             params = req.to_params(default_max)
-            if params.max_new_tokens < 1:  # checked here: the engine's message would offer a scoring call
+            if params.max_new_tokens < 1:  # OpenAI's API has no prefill-only call, which the engine allows
                 raise InvalidRequest("max_tokens", f"must be an integer >= 1, got {params.max_new_tokens!r}")
             limits.check_stop(params.stop, "stop")
             for i, ids in enumerate(prompts):

@@ -4,7 +4,8 @@ tensors, and over a collective group the trainer leads (formats: tpfleet.weight_
 Every answer is `{"success": bool, "message": str}`: 200 when the update is in place, 400 naming
 the field when the request is refused (the old weights and weight_version still serve), 503 when
 the engine is gone. Bodies are checked here, so a refusal always has that shape. Updates run on the
-engine thread between two steps.
+engine thread between two steps, once no request is in flight unless generation is paused or the update
+aborts them (tpfleet.server.async_engine): an answer never mixes two weight versions unasked.
 """
 
 from __future__ import annotations
@@ -119,12 +120,14 @@ def weights_router(aengine: AsyncEngine) -> APIRouter:
 
     async def run(request: Request, model: type[ControlBody], call: Callable[[ControlBody], Callable[[], list[dict]]],
                   describe: Callable[[ControlBody, list[dict]], str],
-                  before: Callable[[ControlBody], Awaitable[None]] | None = None) -> JSONResponse:
+                  before: Callable[[ControlBody], Awaitable[None]] | None = None, update: bool = False) -> JSONResponse:
+        """An `update` runs once no request is in flight, unless generation is paused or it aborts them itself
+        (AsyncEngine.run_on_engine's `when_quiet`)."""
         try:
             body = await _parse(request, model)
             if before is not None:
                 await before(body)
-            reports = await aengine.run_on_engine(call(body))
+            reports = await aengine.run_on_engine(call(body), when_quiet=update and not body.abort_all_requests)
         except InvalidRequest as error:
             return answer(False, str(error), 400)
         except EngineUnavailable as error:
@@ -146,14 +149,14 @@ def weights_router(aengine: AsyncEngine) -> APIRouter:
                                                     "'safetensors')")
             return lambda: engine.update_weights_from_disk(body.model_path, body.weight_version, aborts(body))
         return await run(request, UpdateWeightsFromDiskBody, call,
-                         lambda body, _: f"loaded {body.model_path}{version(body)}")
+                         lambda body, _: f"loaded {body.model_path}{version(body)}", update=True)
 
     @router.post("/update_weights_from_tensor", openapi_extra=body_schema(UpdateWeightsFromTensorBody))
     async def update_weights_from_tensor(request: Request):
         return await run(request, UpdateWeightsFromTensorBody,
                          lambda body: lambda: engine.update_weights_from_tensor(
                              body.serialized_named_tensors, body.load_format, body.weight_version, aborts(body)),
-                         lambda body, reports: f"loaded {reports[0]['tensors']} tensors{version(body)}")
+                         lambda body, reports: f"loaded {reports[0]['tensors']} tensors{version(body)}", update=True)
 
     async def join_checked(body: InitWeightsUpdateGroupBody) -> None:
         await asyncio.to_thread(engine.weights.check_join, body.master_address, body.master_port,  # it resolves
@@ -176,7 +179,8 @@ def weights_router(aengine: AsyncEngine) -> APIRouter:
                          lambda body: lambda: engine.update_weights_from_distributed(
                              body.names, body.dtypes, body.shapes, body.group_name, body.weight_version,
                              body.load_format, aborts(body)),
-                         lambda body, reports: f"received {reports[0]['tensors']} tensors{version(body)}")
+                         lambda body, reports: f"received {reports[0]['tensors']} tensors{version(body)}",
+                         update=True)
 
     @router.post("/destroy_weights_update_group", openapi_extra=body_schema(DestroyWeightsUpdateGroupBody))
     async def destroy_weights_update_group(request: Request):
