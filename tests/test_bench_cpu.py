@@ -8,11 +8,13 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from tpfleet.bench.engine import StepCost, offline_floor, offline_lens
 from tpfleet.bench.start import bench_start
 from tpfleet.bench.workloads import RLWorkload, bench_rl
 from tpfleet.config import EngineConfig
-from tpfleet.phases import PHASES
+from tpfleet.phases import PHASES, process_start_time
 
 
 def test_bench_engine_cli_reports_every_point_against_its_floor(tiny_model, tmp_path):
@@ -120,6 +122,12 @@ def test_rl_workload_finishes_every_request_in_process_and_over_http(tiny_model,
     assert result["http"]["server_exit_code"] == 0 and result["http_over_in_process"] > 0
     assert result["http"]["kv_tokens"] == result["kv_tokens"] == 4096  # both engines got the same KV cache
     assert json.loads((tmp_path / "rl_tp1_cpu.json").read_text())["http"]["requests"] == 6
+
+
+def test_the_process_start_time_is_the_kernels():
+    import psutil
+
+    assert process_start_time() == pytest.approx(psutil.Process().create_time(), abs=0.02)
 
 
 def test_bench_start_reports_phases_in_order(tiny_model, tmp_path):

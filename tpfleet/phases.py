@@ -9,6 +9,7 @@ Why a process died is never read from its output: that is what exit records are 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -40,10 +41,13 @@ def report_phase(name: str, **info) -> None:
 
 
 def process_start_time() -> float:
-    """When this process was created (time.time() scale): the start of its start-up."""
-    import psutil
-
-    return psutil.Process().create_time()
+    """When this process was created (time.time() scale): the start of its start-up. Read from /proc, as
+    psutil reads it, without psutil's import (a tenth of a second) in the start-up it times."""
+    with open("/proc/self/stat") as f:
+        after_name = f.read().rpartition(")")[2].split()  # the name may hold spaces and parentheses
+    with open("/proc/stat") as f:
+        boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    return boot + int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5): starttime, in ticks
 
 
 def phase_seconds(reached: list[tuple[str, float]], since: float) -> list[tuple[str, float]]:
