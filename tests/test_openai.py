@@ -104,11 +104,104 @@ def test_completion_logprobs_in_openai_format(client, server):
     streamed = [o for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
                 for o in chunk.choices[0].logprobs.text_offset]
     assert streamed == whole.text_offset == lp.text_offset  # text held back for a stop string counts all the same
-    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-5)
+    assert all(len(top) <= 3 and max(top.values()) == pytest.approx(chosen, abs=1e-5)  # the top 2 and the sampled
                for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
     native = httpx.post(f"{server}/generate", json={"text": "The river flows", "return_logprob": True,
                                                      "sampling_params": {"max_new_tokens": 5, "temperature": 0}}).json()
     assert lp.token_logprobs == pytest.approx([e[0] for e in native["meta_info"]["output_token_logprobs"]], abs=1e-5)
+
+
+def test_the_sampled_token_is_always_among_the_top_logprobs_and_ids_name_tokens_on_request(client):
+    c = client.completions.create(model="tiny", prompt="The river flows", max_tokens=6, temperature=1.5, seed=3,
+                                  logprobs=1)
+    lp = c.choices[0].logprobs
+    assert all(top[token] == chosen for top, token, chosen in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs))
+    none = client.completions.create(model="tiny", prompt="The river flows", max_tokens=6, temperature=1.5, seed=3,
+                                     logprobs=0).choices[0].logprobs
+    assert none.top_logprobs == [{t: v} for t, v in zip(lp.tokens, lp.token_logprobs)]
+    ids = client.completions.create(model="tiny", prompt="The river flows", max_tokens=6, temperature=1.5, seed=3,
+                                    logprobs=0, extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    assert all(t.startswith("token_id:") for t in ids.logprobs.tokens)
+    native = client.completions.create(model="tiny", prompt="The river flows", max_tokens=6, temperature=1.5, seed=3)
+    assert ids.text == native.choices[0].text
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Count."}], max_tokens=3,
+                                       logprobs=True, extra_body={"return_tokens_as_token_ids": True})
+    assert all(c.token.startswith("token_id:") and c.bytes for c in r.choices[0].logprobs.content)
+
+
+def test_seeded_samples_of_n_differ_yet_repeat_and_usage_counts_each_prompt_once(client):
+    def draw():
+        return client.completions.create(model="tiny", prompt=["Hello there", "Goodbye"], max_tokens=8,
+                                         temperature=1.5, n=2, seed=-7)
+    first, again = draw(), draw()
+    texts = [c.text for c in first.choices]
+    assert texts == [c.text for c in again.choices]  # seeded: reproducible
+    assert texts[0] != texts[1] and texts[2] != texts[3]  # sample j draws with seed + j
+    single = [client.completions.create(model="tiny", prompt=p, max_tokens=1).usage.prompt_tokens
+              for p in ("Hello there", "Goodbye")]
+    assert first.usage.prompt_tokens == sum(single)
+    chunks = list(client.completions.create(model="tiny", prompt="Hello there", max_tokens=2, n=3, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens == single[0] and chunks[-1].usage.completion_tokens == 6
+
+
+def test_chat_takes_text_parts_agent_turns_and_template_arguments(client):
+    def prompt_tokens(messages, **extra):
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=1,
+                                              **({"extra_body": extra} if extra else {})).usage.prompt_tokens
+
+    plain = prompt_tokens([{"role": "user", "content": "Hello\nworld"}])
+    assert prompt_tokens([{"role": "user", "content": [{"type": "text", "text": "Hello"},
+                                                       {"type": "text", "text": "world"}]}]) == plain
+    assert prompt_tokens([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]) == \
+        prompt_tokens([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    agent = [{"role": "user", "content": "Add 2 and 3."},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 3}"}}]},
+             {"role": "tool", "content": "5", "tool_call_id": "c1"}]
+    assert prompt_tokens(agent) > plain
+    thinking_off = prompt_tokens([{"role": "user", "content": "Hello\nworld"}],
+                                 chat_template_kwargs={"enable_thinking": False})
+    assert thinking_off > plain  # the template's empty thinking block
+    assert prompt_tokens([{"role": "user", "content": "Hello\nworld"}], add_generation_prompt=False) < plain
+    assert prompt_tokens([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon"}],
+                         continue_final_message=True) < \
+        prompt_tokens([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", max_tokens=1, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}])
+    assert e.value.body["param"] == "messages[0].content" and "image_url" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", max_tokens=1, messages=[{"role": "user", "content": "x"}],
+                                       extra_body={"chat_template_kwargs": {"tokenize": True}})
+    assert e.value.body["param"] == "chat_template_kwargs"
+
+
+def test_bookkeeping_fields_are_accepted_and_a_typo_is_not(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1,
+                                       metadata={"run": "7"}, store=False, service_tier="auto", user="me")
+    assert r.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1,
+                                       extra_body={"max_tokenz": 3})
+    assert e.value.body["param"] == "max_tokenz"
+
+
+def test_a_model_is_retrieved_by_name(client):
+    [listed] = client.models.list().data
+    assert client.models.retrieve(listed.id).id == listed.id and listed.created > 0
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(client):
+    free = client.completions.create(model="tiny", prompt="The river flows", max_tokens=8, temperature=0).choices[0]
+    stop = free.text[2:5]
+    cut = client.completions.create(model="tiny", prompt="The river flows", max_tokens=8, temperature=0, stop=[stop])
+    kept = client.completions.create(model="tiny", prompt="The river flows", max_tokens=8, temperature=0, stop=[stop],
+                                     extra_body={"include_stop_str_in_output": True})
+    assert cut.choices[0].text == free.text[:free.text.index(stop)]
+    assert kept.choices[0].text == free.text[:free.text.index(stop) + len(stop)]
 
 
 def test_n_choices(client):

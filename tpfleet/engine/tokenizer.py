@@ -66,11 +66,15 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False,
                             tools: list[dict] | None = None, documents: list[dict] | None = None,
-                            **kwargs) -> str | list[int]:
+                            continue_final_message: bool = False, **kwargs) -> str | list[int]:
         """The conversation as the model's template writes it (token ids with `tokenize`); extra keyword
-        arguments reach the template, as transformers passes them (e.g. enable_thinking)."""
+        arguments reach the template, as transformers passes them (e.g. enable_thinking). With
+        `continue_final_message` the text ends where the last message's content does, as transformers cuts
+        it, so that the model goes on writing that message."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
+        if continue_final_message and add_generation_prompt:
+            raise ChatTemplateError("continue_final_message and add_generation_prompt exclude each other")
         import jinja2.sandbox
 
         try:
@@ -81,6 +85,12 @@ class Tokenizer:
             raise  # the checkpoint's template is at fault, not the messages
         except jinja2.TemplateError as error:  # its own raise_exception, or messages it cannot render
             raise ChatTemplateError(str(error)) from None
+        if continue_final_message:
+            final = messages[-1].get("content") if messages else None
+            if not isinstance(final, str) or not final.strip() or final.strip() not in text:
+                raise ChatTemplateError("continue_final_message needs a last message with content the template "
+                                        "writes out")
+            text = text[:text.rindex(final.strip()) + len(final.strip())]
         return self._encode(text, add_special_tokens=False) if tokenize else text
 
     @cached_property

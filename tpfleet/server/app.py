@@ -44,6 +44,7 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
     app = FastAPI(title="tpfleet", version=__version__, lifespan=lifespan)
     app.state.aengine = aengine
     app.state.served_model_name = server_args.get("served_model_name") or server_args["model"]
+    app.state.created = int(time.time())  # /v1/models' "created": when this server started
     engine = aengine.engine
 
     @app.exception_handler(RequestValidationError)

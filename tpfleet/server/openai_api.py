@@ -15,8 +15,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tpfleet.engine.sequence import InvalidRequest, OutputOptions
 from tpfleet.engine.tokenizer import ChatTemplateError
 from tpfleet.server.async_engine import AsyncEngine, RequestOutput
+from tpfleet.server.generate_api import seeded
 from tpfleet.server.guard import tokenize_off_loop
-from tpfleet.server.http_utils import last_output, merge, sse, stream_error, unless_disconnected
+from tpfleet.server.http_utils import error_response, last_output, merge, sse, stream_error, unless_disconnected
 from tpfleet.server.protocol import (UNSUPPORTED_OPENAI, ChatCompletionRequest, CompletionRequest, OpenAISampling,
                                      check_unsupported)
 
@@ -28,11 +29,13 @@ def _finish_reason(out: RequestOutput) -> str | None:
     return out.finish_reason["type"] if out.finish_reason else None
 
 
-def _usage(outs: list[RequestOutput]) -> dict:
-    prompt = sum(o.prompt_tokens for o in outs)
-    completion = sum(o.completion_tokens for o in outs)
+def _usage(outs: dict[int, RequestOutput], n: int) -> dict:
+    """Token counts of choices by index (prompt i's j-th sample is choice i*n + j): each prompt counted once."""
+    firsts = [o for i, o in outs.items() if i % n == 0]
+    prompt = sum(o.prompt_tokens for o in firsts)
+    completion = sum(o.completion_tokens for o in outs.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in outs)}}
+            "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in firsts)}}
 
 
 def _openai_field(e: InvalidRequest) -> InvalidRequest:
@@ -95,10 +98,29 @@ def token_pieces(tokenizer) -> TokenPieces:
     return TokenPieces(tokenizer)
 
 
+def pieces(tokenizer, req: OpenAISampling) -> TokenPieces | TokenIds:
+    return TokenIds(token_pieces(tokenizer)) if req.return_tokens_as_token_ids else token_pieces(tokenizer)
+
+
+# What a request sets through its own fields, so chat_template_kwargs may not
+TEMPLATE_ARGUMENTS = {"messages", "conversation", "tokenize", "add_generation_prompt", "continue_final_message",
+                      "tools", "documents", "return_dict"}
+
+
+class TokenIds:
+    """Each token named "token_id:<id>" (vLLM's return_tokens_as_token_ids), its bytes those of its text."""
+
+    def __init__(self, pieces: TokenPieces):
+        self.pieces = pieces
+
+    def __call__(self, token_id: int) -> tuple[str, bytes]:
+        return f"token_id:{token_id}", self.pieces(token_id)[1]
+
+
 class LogprobFormat:
     """The logprobs of tokens [start, end) of a request's outputs, in either API's shape."""
 
-    def __init__(self, piece: TokenPieces):
+    def __init__(self, piece: TokenPieces | TokenIds):
         self.piece = piece
         self.decoders: dict[str, codecs.IncrementalDecoder] = {}  # per output: characters its tokens complete
         self.offsets: dict[str, int] = {}  # per output: characters completed by the tokens shown so far
@@ -128,9 +150,11 @@ class LogprobFormat:
             offsets.append(offset)
             offset += len(decoder.decode(raw))
         self.offsets[out.rid] = offset
-        tops = [{self.piece(tid)[0]: lp for lp, tid in (out.output_top_logprobs[pos]
-                                                         if pos < len(out.output_top_logprobs) else [])}
-                for pos in range(start, end)]
+        tops = []
+        for i, pos in enumerate(range(start, end)):  # the sampled token always among them, as OpenAI's are
+            top = out.output_top_logprobs[pos] if pos < len(out.output_top_logprobs) else []
+            tops.append({self.piece(tid)[0]: lp for lp, tid in top})
+            tops[-1].setdefault(tokens[i], out.output_logprobs[pos])
         return {"tokens": tokens, "token_logprobs": list(out.output_logprobs[start:end]), "top_logprobs": tops,
                 "text_offset": offsets}
 
@@ -156,8 +180,8 @@ def openai_router() -> APIRouter:
                 aengine.engine.validate(ids, params, field if len(prompts) == 1 else f"{field}[{i}]", options)
         except InvalidRequest as e:
             raise _openai_field(e) from None
-        return [aengine.generate(ids, params, options=options, stream=bool(req.stream))
-                for ids in prompts for _ in range(n)]
+        return [aengine.generate(ids, seeded(params, sample), options=options, stream=bool(req.stream))
+                for ids in prompts for sample in range(n)]
 
     async def respond(request: Request, streams, req: OpenAISampling, kind: str, model: str,
                       choice: Callable[[int, RequestOutput], dict],
@@ -166,10 +190,11 @@ def openai_router() -> APIRouter:
         created = int(time.time())
         obj = "chat.completion" if kind == "chat" else "text_completion"
         base = {"id": rid, "created": created, "model": model}
+        n = req.n or 1
         if not req.stream:
             outs = await unless_disconnected(request, asyncio.gather(*(last_output(s) for s in streams)))
             return JSONResponse({**base, "object": obj, "choices": [choice(i, o) for i, o in enumerate(outs)],
-                                 "usage": _usage(outs)})
+                                 "usage": _usage(dict(enumerate(outs)), n)})
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -191,17 +216,24 @@ def openai_router() -> APIRouter:
                 yield sse("[DONE]")
                 return
             if include_usage:
-                yield sse({**base, "object": chunk_obj, "choices": [], "usage": _usage(list(finals.values()))})
+                yield sse({**base, "object": chunk_obj, "choices": [], "usage": _usage(finals, n)})
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    def model_card(app) -> dict:
+        return {"id": app.state.served_model_name, "object": "model", "created": app.state.created,
+                "owned_by": "tpfleet", "max_model_len": app.state.aengine.engine.context_length}
+
     @router.get("/models")
     async def models(request: Request):
-        app = request.app
-        return {"object": "list", "data": [{
-            "id": app.state.served_model_name, "object": "model", "created": 0, "owned_by": "tpfleet",
-            "max_model_len": app.state.aengine.engine.context_length}]}
+        return {"object": "list", "data": [model_card(request.app)]}
+
+    @router.get("/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        if model_id != request.app.state.served_model_name:
+            return error_response(404, f"The model {model_id!r} does not exist", param="model")
+        return model_card(request.app)
 
     @router.post("/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -223,7 +255,7 @@ def openai_router() -> APIRouter:
         options = OutputOptions(return_logprob=wants_logprobs, top_logprobs_num=_top_logprobs_num(req.logprobs,
                                                                                                   "logprobs"))
         streams = start(request, prompts, req, "prompt", DEFAULT_COMPLETION_TOKENS, options)
-        fmt = LogprobFormat(token_pieces(tok))
+        fmt = LogprobFormat(pieces(tok, req))
 
         def logprobs(o: RequestOutput, start: int) -> dict | None:
             return fmt.completion(o, start, len(o.output_ids)) if wants_logprobs else None
@@ -248,11 +280,17 @@ def openai_router() -> APIRouter:
         tok = engine.tokenizer
         if not getattr(tok, "chat_template", None):
             raise InvalidRequest("messages", "this model's tokenizer has no chat template")
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        messages = [m.for_template(f"messages[{i}]") for i, m in enumerate(req.messages)]
+        extra = req.chat_template_kwargs or {}
+        taken = sorted(set(extra) & TEMPLATE_ARGUMENTS)
+        if taken:
+            raise InvalidRequest("chat_template_kwargs", f"{taken[0]!r} is set by the request itself, not here")
+        continuing = bool(req.continue_final_message)
+        adding = req.add_generation_prompt is not False and not continuing
         try:  # rendered on a worker thread, as prompts are tokenized: a long conversation takes a while
             text = await asyncio.to_thread(tok.apply_chat_template, messages, tokenize=False,
-                                           add_generation_prompt=True)
-        except ChatTemplateError as error:
+                                           add_generation_prompt=adding, continue_final_message=continuing, **extra)
+        except ValueError as error:  # the template's own refusal (ChatTemplateError), or transformers'
             raise InvalidRequest("messages", f"the model's chat template refused them: {error}") from None
         if req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
@@ -260,8 +298,8 @@ def openai_router() -> APIRouter:
         options = OutputOptions(return_logprob=bool(req.logprobs),
                                 top_logprobs_num=_top_logprobs_num(req.top_logprobs, "top_logprobs"))
         # Unset, a chat reply may use whatever context the prompt leaves.
-        streams = start(request, [prompt], req, "messages", max(1, engine.context_length - 1 - len(prompt)), options)
-        fmt = LogprobFormat(token_pieces(tok))
+        streams = start(request, [prompt], req, "messages", max(1, engine.context_length - len(prompt)), options)
+        fmt = LogprobFormat(pieces(tok, req))
 
         def logprobs(o: RequestOutput, start: int) -> dict | None:
             return fmt.chat(o, start, len(o.output_ids)) if req.logprobs else None

@@ -269,11 +269,19 @@ class OpenAISampling(Strict):
     skip_special_tokens: bool | None = True
     spaces_between_special_tokens: bool | None = True
     logit_bias: dict[str, float] | None = None
+    include_stop_str_in_output: bool | None = False  # vLLM's name for SGLang's no_stop_trim
+    return_tokens_as_token_ids: bool | None = False  # vLLM's: logprobs name each token "token_id:<id>"
+    # OpenAI's bookkeeping fields: accepted, as its API takes them, and they change nothing here
     user: str | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
 
     def to_params(self, default_max_tokens: int) -> SamplingParams:
         max_new = self.max_tokens if self.max_tokens is not None else default_max_tokens
-        return _engine_params(self, max_new, _or(self.top_k, -1), self.seed, _or(self.min_tokens, 0), "logit_bias")
+        seed = None if self.seed is None else self.seed % 2**63  # OpenAI and vLLM take any 64-bit seed
+        return _engine_params(self, max_new, _or(self.top_k, -1), seed, _or(self.min_tokens, 0), "logit_bias",
+                              no_stop_trim=bool(self.include_stop_str_in_output))
 
 
 # OpenAI fields with no tpfleet implementation (structured output, tools, ...), and the value that means "off".
@@ -290,10 +298,36 @@ class _CompletionFields(OpenAISampling):
     logprobs: int | None = None
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content given as a list; this engine serves text, so only text parts are taken."""
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None  # None: an assistant turn that only called tools
     name: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    def for_template(self, field: str) -> dict:
+        """The message as chat templates take it: content as one string (text parts joined by newlines, as
+        vLLM joins them for string-content templates), a developer message as the system message it replaces."""
+        message = self.model_dump(exclude_none=True)
+        if self.role == "developer":
+            message["role"] = "system"
+        if isinstance(self.content, list):
+            other = next((part.type for part in self.content if part.type != "text" or part.text is None), None)
+            if other is not None:
+                raise InvalidRequest(f"{field}.content", f"this engine serves a text-only model; a {other!r} part "
+                                                         "(or a text part without text) cannot be taken")
+            message["content"] = "\n".join(part.text for part in self.content)
+        elif self.content is None:
+            message["content"] = ""
+        return message
 
 
 class _ChatCompletionFields(OpenAISampling):
@@ -301,6 +335,9 @@ class _ChatCompletionFields(OpenAISampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false} for Qwen3
 
 
 CompletionRequest = _strict_with_unsupported("CompletionRequest", _CompletionFields, UNSUPPORTED_OPENAI)
