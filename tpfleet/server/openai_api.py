@@ -13,7 +13,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tpfleet.engine.sequence import InvalidRequest, OutputOptions
-from tpfleet.engine.tokenizer import ChatTemplateError
 from tpfleet.server.async_engine import AsyncEngine, RequestOutput
 from tpfleet.server.generate_api import seeded
 from tpfleet.server.guard import tokenize_off_loop
