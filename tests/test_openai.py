@@ -204,6 +204,32 @@ def test_include_stop_str_in_output_keeps_the_stop_string(client):
     assert kept.choices[0].text == free.text[:free.text.index(stop) + len(stop)]
 
 
+def test_echo_gives_the_prompt_with_its_logprobs_as_loglikelihood_scoring_asks(client, server):
+    prompt = "The river flows into the sea"
+    c = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    [choice] = c.choices
+    lp = choice.logprobs
+    ids = httpx.post(f"{server}/generate", json={"text": prompt, "return_logprob": True, "logprob_start_len": 0,
+                                                 "sampling_params": {"max_new_tokens": 0}}).json()
+    expected = ids["meta_info"]["input_token_logprobs"]
+    assert choice.text == prompt and c.usage.completion_tokens == 0
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([e[0] for e in expected[1:]], abs=1e-5)
+    assert "".join(lp.tokens) == prompt and lp.text_offset[0] == 0
+    assert all(top[token] == value for top, token, value in zip(lp.top_logprobs[1:], lp.tokens[1:],
+                                                                 lp.token_logprobs[1:]))
+    both = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, echo=True, logprobs=0, temperature=0)
+    alone = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, logprobs=0, temperature=0).choices[0]
+    assert both.choices[0].text == prompt + alone.text
+    assert both.choices[0].logprobs.token_logprobs == lp.token_logprobs + alone.logprobs.token_logprobs
+    assert both.choices[0].logprobs.text_offset[len(lp.tokens):] == [len(prompt) + o for o in alone.logprobs.text_offset]
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=4, echo=True, temperature=0,
+                                            stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == both.choices[0].text
+    with pytest.raises(openai.BadRequestError):  # no echo: a reply must have a token
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=0)
+
+
 def test_n_choices(client):
     c = client.completions.create(model="tiny", prompt=["Hello", "Goodbye"], max_tokens=4, temperature=1.0, n=3)
     assert sorted(choice.index for choice in c.choices) == list(range(6))

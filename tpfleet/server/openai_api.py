@@ -137,24 +137,35 @@ class LogprobFormat:
         return {"content": content}
 
     def completion(self, out: RequestOutput, start: int, end: int) -> dict:
-        """Tokens [start, end) follow those shown before (a stream's earlier chunks). A token's text_offset
-        counts the characters its predecessors' bytes complete: a character split over tokens counts at the
-        token that completes it, and text held back from the stream (a possible stop string) counts too."""
-        decoder = self.decoders.setdefault(out.rid, codecs.getincrementaldecoder("utf-8")("replace"))
-        offset = self.offsets.get(out.rid, 0)
-        tokens, offsets = [], []
-        for pos in range(start, end):
-            text, raw = self.piece(out.output_ids[pos])
+        """Tokens [start, end) follow those shown before (a stream's earlier chunks, an echoed prompt)."""
+        return self._completion(out.rid, out.output_ids[start:end], out.output_logprobs[start:end],
+                                out.output_top_logprobs[start:end])
+
+    def prompt(self, out: RequestOutput, prompt_ids: list[int]) -> dict:
+        """An echoed prompt's tokens, shown before the output's: the first has no logprob (nothing predicts it)."""
+        return self._completion(out.rid, prompt_ids, out.input_logprobs, out.input_top_logprobs)
+
+    def _completion(self, rid: str, ids: list[int], logprobs: list[float | None],
+                    tops: list[list[tuple[float, int]]]) -> dict:
+        """A token's text_offset counts the characters its predecessors' bytes complete: a character split over
+        tokens counts at the token that completes it, and text held back from the stream (a possible stop
+        string) counts too. The token itself is always among its top logprobs, as OpenAI's are."""
+        decoder = self.decoders.setdefault(rid, codecs.getincrementaldecoder("utf-8")("replace"))
+        offset = self.offsets.get(rid, 0)
+        tokens, offsets, top_dicts = [], [], []
+        for i, token_id in enumerate(ids):
+            text, raw = self.piece(token_id)
             tokens.append(text)
             offsets.append(offset)
             offset += len(decoder.decode(raw))
-        self.offsets[out.rid] = offset
-        tops = []
-        for i, pos in enumerate(range(start, end)):  # the sampled token always among them, as OpenAI's are
-            top = out.output_top_logprobs[pos] if pos < len(out.output_top_logprobs) else []
-            tops.append({self.piece(tid)[0]: lp for lp, tid in top})
-            tops[-1].setdefault(tokens[i], out.output_logprobs[pos])
-        return {"tokens": tokens, "token_logprobs": list(out.output_logprobs[start:end]), "top_logprobs": tops,
+            if i < len(logprobs) and logprobs[i] is not None:
+                top = {self.piece(tid)[0]: lp for lp, tid in (tops[i] if i < len(tops) else [])}
+                top.setdefault(text, logprobs[i])
+                top_dicts.append(top)
+            else:
+                top_dicts.append(None)
+        self.offsets[rid] = offset
+        return {"tokens": tokens, "token_logprobs": list(logprobs[:len(ids)]), "top_logprobs": top_dicts,
                 "text_offset": offsets}
 
 
@@ -162,7 +173,7 @@ def openai_router() -> APIRouter:
     router = APIRouter(prefix="/v1")
 
     def start(request: Request, prompts: list[list[int]], req: OpenAISampling, field: str, default_max: int,
-              options: OutputOptions):
+              options: OutputOptions, least_tokens: int = 1):
         """n streams per prompt, prompt-major: choice i*n + j is prompt i's j-th sample."""
         aengine: AsyncEngine = request.app.state.aengine
         limits = request.app.state.request_limits
@@ -172,8 +183,8 @@ def openai_router() -> APIRouter:
         limits.check_batch(len(prompts) * n, "n" if n > 1 else field)
         try:
             params = req.to_params(default_max)
-            if params.max_new_tokens < 1:  # OpenAI's API has no prefill-only call, which the engine allows
-                raise InvalidRequest("max_tokens", f"must be an integer >= 1, got {params.max_new_tokens!r}")
+            if params.max_new_tokens < least_tokens:  # 0 only for an echoed prompt: a prefill-only call
+                raise InvalidRequest("max_tokens", f"must be an integer >= {least_tokens}, got {params.max_new_tokens!r}")
             limits.check_stop(params.stop, "stop")
             for i, ids in enumerate(prompts):
                 aengine.engine.validate(ids, params, field if len(prompts) == 1 else f"{field}[{i}]", options)
@@ -237,35 +248,44 @@ def openai_router() -> APIRouter:
     @router.post("/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_unsupported(req, UNSUPPORTED_OPENAI, api="OpenAI")
-        if req.echo:
-            raise InvalidRequest("echo", "tpfleet does not support echo")
         aengine: AsyncEngine = request.app.state.aengine
         tok = aengine.engine.tokenizer
         p = req.prompt
         if isinstance(p, str):
-            prompts = [await tokenize_off_loop(tok, p, "prompt")]
+            texts = [p]
         elif p and isinstance(p[0], str):
-            prompts = await tokenize_off_loop(tok, p, "prompt")
-        elif p and isinstance(p[0], list):
-            prompts = list(p)
+            texts = list(p)
         else:
-            prompts = [p]
-        wants_logprobs = req.logprobs is not None
+            texts = None
+        if texts is not None:
+            prompts = await tokenize_off_loop(tok, texts, "prompt")
+        else:
+            prompts = list(p) if p and isinstance(p[0], list) else [p]
+        echo, wants_logprobs = bool(req.echo), req.logprobs is not None
         options = OutputOptions(return_logprob=wants_logprobs, top_logprobs_num=_top_logprobs_num(req.logprobs,
-                                                                                                  "logprobs"))
-        streams = start(request, prompts, req, "prompt", DEFAULT_COMPLETION_TOKENS, options)
+                                                                                                  "logprobs"),
+                                logprob_start_len=0 if echo and wants_logprobs else -1)
+        streams = start(request, prompts, req, "prompt", DEFAULT_COMPLETION_TOKENS, options, 0 if echo else 1)
         fmt = LogprobFormat(pieces(tok, req))
+        n = req.n or 1
+        echoed: set[int] = set()
 
-        def logprobs(o: RequestOutput, start: int) -> dict | None:
-            return fmt.completion(o, start, len(o.output_ids)) if wants_logprobs else None
+        def shown(i: int, o: RequestOutput, start: int, text: str) -> dict:
+            """Choice i's text and logprobs from token `start` on; with echo, its prompt's before the first."""
+            first = echo and i not in echoed
+            echoed.add(i)
+            if first:
+                text = (texts[i // n] if texts is not None else tok.decode(prompts[i // n])) + text
+            logprobs = None
+            if wants_logprobs:  # the prompt's first: the output's text offsets follow its characters
+                head = fmt.prompt(o, prompts[i // n]) if first else None
+                logprobs = fmt.completion(o, start, len(o.output_ids))
+                if head is not None:
+                    logprobs = {key: head[key] + logprobs[key] for key in head}
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": _finish_reason(o)}
 
-        return await respond(
-            request, streams, req, "text", req.model or request.app.state.served_model_name,
-            lambda i, o: {"index": i, "text": o.text, "logprobs": logprobs(o, 0),
-                          "finish_reason": _finish_reason(o)},
-            lambda i, o, start: {"index": i, "text": o.delta, "logprobs": logprobs(o, start),
-                                 "finish_reason": _finish_reason(o)},
-        )
+        return await respond(request, streams, req, "text", req.model or request.app.state.served_model_name,
+                             lambda i, o: shown(i, o, 0, o.text), lambda i, o, start: shown(i, o, start, o.delta))
 
     @router.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
