@@ -534,6 +534,26 @@ def test_an_update_while_paused_goes_ahead_and_health_is_not_held_behind_one(url
     assert httpx.get(f"{url}/get_weight_version").json() == {"weight_version": "D"}
 
 
+def test_updates_apply_in_turn_and_held_requests_count_as_waiting(url, tiny_model):
+    wait_idle(url)
+    join = in_background(lambda: httpx.post(f"{url}/generate", timeout=120, json={
+        "input_ids": PROMPT, "sampling_params": LONG}))
+    wait_for(lambda: loads(url)["num_running_reqs"] == 1)
+    older = in_background(lambda: httpx.post(f"{url}/update_weights_from_disk", timeout=120, json={
+        "model_path": str(tiny_model), "weight_version": "older"}))
+    time.sleep(0.3)
+    held = in_background(lambda: httpx.post(f"{url}/generate", json={"input_ids": PROMPT, "sampling_params": GREEDY},
+                                            timeout=120))
+    wait_for(lambda: loads(url)["num_waiting_reqs"] == 1)  # held behind the waiting update, and counted
+    assert httpx.get(f"{url}/server_info").json()["num_waiting_reqs"] == 1
+    newer = httpx.post(f"{url}/update_weights_from_disk", timeout=120, json={
+        "model_path": str(tiny_model), "weight_version": "newer", "abort_all_requests": True})
+    assert newer.status_code == 200 and older().status_code == 200
+    assert httpx.get(f"{url}/get_weight_version").json() == {"weight_version": "newer"}  # applied in turn
+    assert join().json()["meta_info"]["finish_reason"]["type"] == "abort"
+    assert held().json()["meta_info"]["finish_reason"]["type"] == "abort"  # the aborting update's "every request"
+
+
 def test_abort_by_rid_reaches_every_sample_of_n(url):
     wait_idle(url)
     join = in_background(lambda: httpx.post(f"{url}/generate", timeout=120, json={

@@ -175,6 +175,7 @@ def test_chat_takes_text_parts_agent_turns_and_template_arguments(client):
         client.chat.completions.create(model="tiny", max_tokens=1, messages=[{"role": "user", "content": "x"}],
                                        extra_body={"chat_template_kwargs": {"tokenize": True}})
     assert e.value.body["param"] == "chat_template_kwargs"
+    assert prompt_tokens([{"role": "user", "content": "Hello\nworld"}], chat_template_kwargs={"self": 1}) == plain
 
 
 def test_bookkeeping_fields_are_accepted_and_a_typo_is_not(client):

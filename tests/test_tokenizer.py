@@ -138,3 +138,21 @@ def test_a_checkpoint_without_tokenizer_json_falls_back_to_transformers(tiny_mod
     lean = Tokenizer(tiny_model)
     for text in TEXTS[:4]:
         assert fallback(text).input_ids == lean(text).input_ids, text
+
+
+def test_continue_final_message_cuts_as_transformers_does(tiny_model):
+    ours, theirs = load_tokenizer(tiny_model), AutoTokenizer.from_pretrained(str(tiny_model))
+    for final in ("The answer is ", "The answer is", ""):
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": final}]
+        assert ours.apply_chat_template(messages, continue_final_message=True) == theirs.apply_chat_template(
+            messages, tokenize=False, continue_final_message=True)
+
+
+def test_a_template_variable_of_any_name_renders_or_is_refused(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(messages, self=1) == tok.apply_chat_template(messages)
+    shadowed = load_tokenizer(tiny_model)
+    shadowed.chat_template = "{{ range(3) | list }}{{ messages[0].content }}"
+    with pytest.raises(ChatTemplateError):
+        shadowed.apply_chat_template(messages, range=1)

@@ -64,7 +64,7 @@ class Tokenizer:
         tokenizers (Qwen3's), whatever tokenizer_config.json says."""
         return self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False,
+    def apply_chat_template(self, messages: list[dict], /, tokenize: bool = False, add_generation_prompt: bool = False,
                             tools: list[dict] | None = None, documents: list[dict] | None = None,
                             continue_final_message: bool = False, **kwargs) -> str | list[int]:
         """The conversation as the model's template writes it (token ids with `tokenize`); extra keyword
@@ -77,25 +77,43 @@ class Tokenizer:
             raise ChatTemplateError("continue_final_message and add_generation_prompt exclude each other")
         import jinja2.sandbox
 
+        if continue_final_message:
+            messages = _tag_final_message(messages)
+        context = {**self.special_tokens, **kwargs, "messages": messages, "tools": tools, "documents": documents,
+                   "add_generation_prompt": add_generation_prompt}
         try:
-            text = self._template.render(messages=messages, tools=tools, documents=documents,
-                                         add_generation_prompt=add_generation_prompt,
-                                         **{**self.special_tokens, **kwargs})
+            text = self._template.render(context)  # a mapping: a variable of any name, "self" too, is just one
         except (jinja2.TemplateSyntaxError, jinja2.sandbox.SecurityError):
             raise  # the checkpoint's template is at fault, not the messages
-        except jinja2.TemplateError as error:  # its own raise_exception, or messages it cannot render
-            raise ChatTemplateError(str(error)) from None
+        except (jinja2.TemplateError, TypeError) as error:  # its own raise_exception, or messages or variables
+            raise ChatTemplateError(str(error)) from None  # it cannot render (a variable shadowing a function)
         if continue_final_message:
-            final = messages[-1].get("content") if messages else None
-            if not isinstance(final, str) or not final.strip() or final.strip() not in text:
-                raise ChatTemplateError("continue_final_message needs a last message with content the template "
-                                        "writes out")
-            text = text[:text.rindex(final.strip()) + len(final.strip())]
+            text = _cut_at_tag(text)
         return self._encode(text, add_special_tokens=False) if tokenize else text
 
     @cached_property
     def _template(self):
         return _environment().from_string(self.chat_template)
+
+
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' own, so that both cut a conversation alike
+
+
+def _tag_final_message(messages: list[dict]) -> list[dict]:
+    """The conversation with a tag after its last message's content: the text is cut where the tag lands."""
+    final = messages[-1].get("content") if messages else None
+    if not isinstance(final, str):
+        raise ChatTemplateError("continue_final_message needs a last message with text content")
+    return [*messages[:-1], {**messages[-1], "content": final + CONTINUE_TAG}]
+
+
+def _cut_at_tag(text: str) -> str:
+    """The rendered conversation up to the end of its last message's content, as transformers cuts it: at the
+    tag, or before the spaces the template trimmed from the content's end with the tag's."""
+    if CONTINUE_TAG.strip() not in text:
+        raise ChatTemplateError("continue_final_message: the template does not write out the last message's content")
+    at = text.rindex(CONTINUE_TAG.strip())
+    return text[:at] if text[at:at + len(CONTINUE_TAG)] == CONTINUE_TAG else text[:at].rstrip()
 
 
 def _token_text(value) -> str | None:

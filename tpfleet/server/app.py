@@ -88,7 +88,7 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
     @app.get("/server_info")
     @app.get("/get_server_info")
     async def server_info():
-        state = engine.snapshot()
+        state = aengine.snapshot()
         on_gpu = server_args.get("device") == "cuda"
         device_ids = server_args.get("device_ids") or [0]
         public = {key: value for key, value in server_args.items() if "api_key" not in key}  # never the keys
@@ -101,7 +101,7 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
 
     @app.get("/v1/loads")
     async def loads():
-        return {"loads": [await aengine.run_on_engine(engine.loads)]}
+        return {"loads": [await aengine.run_on_engine(aengine.loads)]}
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
@@ -163,7 +163,7 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
     @app.get("/metrics")
     async def metrics():
         # the engine's gauges as they are now: requests also end between steps (aborts, a pause)
-        aengine.metrics.set_engine_state(engine.snapshot())
+        aengine.metrics.set_engine_state(aengine.snapshot())
         return Response(aengine.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(generate_router(aengine))

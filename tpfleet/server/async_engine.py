@@ -25,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
-from tpfleet.engine.llm_engine import PAUSE_MODES, LLMEngine, StepOutput
+from tpfleet.engine.llm_engine import PAUSE_MODES, EngineSnapshot, LLMEngine, StepOutput
 from tpfleet.engine.sequence import InvalidRequest, OutputOptions, SamplingParams, Sequence
 from tpfleet.server.metrics import Metrics
 
@@ -211,7 +211,7 @@ class AsyncEngine:
         for a request that does not stream, nothing until its final output (no per-token snapshot)."""
         now = time.perf_counter()
         m = self.metrics
-        m.set_engine_state(self.engine.snapshot())
+        m.set_engine_state(self.snapshot())
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         tokens = 0
         for out in outputs:
@@ -249,15 +249,28 @@ class AsyncEngine:
                              list(seq.input_logprobs), list(seq.input_top_logprobs), seq.weight_version,
                              seq.routed_experts if seq.is_finished else None)
 
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's, with the requests held behind a waiting weight update counted as waiting."""
+        snap = self.engine.snapshot()
+        return replace(snap, num_waiting_reqs=snap.num_waiting_reqs + len(self._held))
+
+    def loads(self) -> dict:
+        """The engine's /v1/loads entry, with the held requests counted as waiting."""
+        loads, held = self.engine.loads(), len(self._held)
+        return {**loads, "num_waiting_reqs": loads["num_waiting_reqs"] + held, "num_reqs": loads["num_reqs"] + held}
+
     def _post(self, fn: Callable[[], None]) -> None:
         self._inbox.put(fn)
         self._wake.set()
 
     # --- caller side --------------------------------------------------------------------------
 
-    async def run_on_engine(self, fn: Callable[[], object], when_quiet: bool = False) -> object:
-        """Run `fn` on the engine thread, between steps, and return its result. With `when_quiet` (a weight
-        update), only once no request is in flight or generation is paused; requests arriving meanwhile wait."""
+    async def run_on_engine(self, fn: Callable[[], object], update: str | None = None) -> object:
+        """Run `fn` on the engine thread, between steps, and return its result. An `update` ("quiet" or
+        "aborting") runs after every update before it, and only once no request is in flight or generation is
+        paused, requests arriving meanwhile waiting behind it; except one "aborting" (it aborts every request
+        itself) with none waiting before it, which runs at once. Behind a waiting update, an aborting one aborts
+        the requests in flight at once, so that both run, in order."""
         if not self.alive:
             raise EngineDead(self.error or "engine stopped")
         loop = asyncio.get_running_loop()
@@ -278,10 +291,15 @@ class AsyncEngine:
             else:
                 loop.call_soon_threadsafe(settle, result)
 
-        if when_quiet:
-            self._post(lambda: self._quiet_calls.append(job))
-        else:
-            self._post(job)
+        def enqueue() -> None:
+            if update == "aborting":
+                if not self._quiet_calls:
+                    job()
+                    return
+                self.abort_all_now()
+            self._quiet_calls.append(job)
+
+        self._post(job if update is None else enqueue)
         return await fut
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
@@ -337,10 +355,14 @@ class AsyncEngine:
                 self.abort(rid)
 
     def abort(self, rid: str) -> bool:
-        """Abort `rid`, and the requests a batch or `n` made of it (`<rid>_<i>`, as SGLang names them), on the
-        engine thread soon; returns whether any is in flight now (it may still finish on its own first)."""
-        family = {r for r in [*self._streams, *self.engine.seqs] if r == rid or _made_of(r, rid)}
-        self._post(lambda: [self._abort_now(r) for r in family | {rid}])
+        """Abort `rid` or, when no request has that id, the requests a batch or `n` made of it (`<rid>_<i>`, as
+        SGLang names them), on the engine thread soon; returns whether any is in flight now (it may still
+        finish on its own first). A request's own id, as a hung-up client's stream gives it, costs one lookup."""
+        if rid in self._streams or rid in self.engine.seqs:  # single dict lookups: safe across threads
+            family = [rid]
+        else:
+            family = [r for r in [*self._streams, *self.engine.seqs] if _made_of(r, rid)]
+        self._post(lambda: [self._abort_now(r) for r in family or [rid]])
         return bool(family)
 
     def abort_all(self) -> None:

@@ -165,8 +165,8 @@ class LogprobFormat:
             else:
                 top_dicts.append(None)
         self.offsets[rid] = offset
-        return {"tokens": tokens, "token_logprobs": list(logprobs[:len(ids)]), "top_logprobs": top_dicts,
-                "text_offset": offsets}
+        padded = [logprobs[i] if i < len(logprobs) else None for i in range(len(ids))]  # a prefill cut short
+        return {"tokens": tokens, "token_logprobs": padded, "top_logprobs": top_dicts, "text_offset": offsets}
 
 
 def openai_router() -> APIRouter:
@@ -309,7 +309,8 @@ def openai_router() -> APIRouter:
         try:  # rendered on a worker thread, as prompts are tokenized: a long conversation takes a while
             text = await asyncio.to_thread(tok.apply_chat_template, messages, tokenize=False,
                                            add_generation_prompt=adding, continue_final_message=continuing, **extra)
-        except ValueError as error:  # the template's own refusal (ChatTemplateError), or transformers'
+        except (ValueError, TypeError) as error:  # the template's refusal (ChatTemplateError, transformers'
+            # ValueError), or chat_template_kwargs the call cannot take
             raise InvalidRequest("messages", f"the model's chat template refused them: {error}") from None
         if req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens

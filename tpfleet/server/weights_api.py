@@ -121,13 +121,14 @@ def weights_router(aengine: AsyncEngine) -> APIRouter:
     async def run(request: Request, model: type[ControlBody], call: Callable[[ControlBody], Callable[[], list[dict]]],
                   describe: Callable[[ControlBody, list[dict]], str],
                   before: Callable[[ControlBody], Awaitable[None]] | None = None, update: bool = False) -> JSONResponse:
-        """An `update` runs once no request is in flight, unless generation is paused or it aborts them itself
-        (AsyncEngine.run_on_engine's `when_quiet`)."""
+        """An `update` runs in turn with the others, once no request is in flight, unless generation is paused
+        or it aborts them itself (AsyncEngine.run_on_engine)."""
         try:
             body = await _parse(request, model)
             if before is not None:
                 await before(body)
-            reports = await aengine.run_on_engine(call(body), when_quiet=update and not body.abort_all_requests)
+            kind = ("aborting" if body.abort_all_requests else "quiet") if update else None
+            reports = await aengine.run_on_engine(call(body), update=kind)
         except InvalidRequest as error:
             return answer(False, str(error), 400)
         except EngineUnavailable as error:
