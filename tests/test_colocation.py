@@ -150,15 +150,15 @@ def test_bench_colocate_on_cpu(tiny_model, tmp_path):
 # --- the memory saver on a GPU ------------------------------------------------------------------------------
 
 def saver_config(model: Path, tp_size: int = 1, **extra) -> EngineConfig:
-    return EngineConfig(model=str(model), tp_size=tp_size, device="cuda", enable_memory_saver=True,
-                        mem_fraction_static=0.3, graph_mode="full", **extra)
+    return EngineConfig(**{"model": str(model), "tp_size": tp_size, "device": "cuda", "enable_memory_saver": True,
+                           "mem_fraction_static": 0.3, "graph_mode": "full", **extra})
 
 
-def greedy(engine) -> list[list[int]]:
+def greedy(engine, prompts=(PROMPT, [11, 12, 13], [3] * 20)) -> list[list[int]]:
     from tpfleet.engine.sequence import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
-    seqs = [engine.add_request(prompt, params) for prompt in (PROMPT, [11, 12, 13], [3] * 20)]
+    seqs = [engine.add_request(prompt, params) for prompt in prompts]
     while engine.has_work():
         engine.step()
     return [seq.completion_ids for seq in seqs]
@@ -175,7 +175,7 @@ def small_model(tmp_path_factory):
 def test_saver_frees_memory_keeps_addresses_and_graphs(small_model):
     from tpfleet.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(saver_config(small_model))
+    engine = LLMEngine(saver_config(small_model, graph_mode="piecewise"))
     try:
         runner = engine.runner
         device = runner.device
@@ -207,8 +207,19 @@ def test_saver_frees_memory_keeps_addresses_and_graphs(small_model):
                 free_first = free_first or free
         assert abs(free - free_first) <= 0.01 * free_first
         assert greedy(engine) == before and runner.num_graph_captures == captures
+        # A batch and a prefill of sizes not run before: their graphs are captured now, after twenty cycles,
+        # into resumed memory, and decode what a fresh engine's do.
+        lazily = {"decode": set(runner.decode_graphs.graphs), "piecewise": set(runner.piecewise_graphs.graphs)}
+        alone = greedy(engine, [PROMPT])
+        assert 1 in set(runner.decode_graphs.graphs) - lazily["decode"]
+        assert set(runner.piecewise_graphs.graphs) - lazily["piecewise"]
     finally:
         engine.shutdown()
+    fresh = LLMEngine(saver_config(small_model, graph_mode="piecewise", enable_memory_saver=False))
+    try:
+        assert greedy(fresh, [PROMPT]) == alone
+    finally:
+        fresh.shutdown()
 
 
 @pytest.mark.gpu

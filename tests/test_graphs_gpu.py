@@ -6,6 +6,7 @@ import pytest
 from conftest import NUM_GPUS
 
 from tpfleet.config import EngineConfig
+from tpfleet.engine.cuda_graphs import DECODE_BUCKETS, TOKEN_BUCKETS
 from tpfleet.engine.llm_engine import LLMEngine
 from tpfleet.engine.sequence import OutputOptions, SamplingParams
 
@@ -15,18 +16,29 @@ PROMPTS = ["Once upon a time", "The river flows from the mountains", "def add(a,
            "Hello, world! " * 20, "Questions and answers: why is the sky blue?", "0 1 2 3 4 5", "She wrote a letter"]
 
 
-def generate(model, tp, mode, dtype, prompts, n=24, max_num_batched_tokens=2048):
-    """Greedy completions of `prompts` (strings, or token ids), `n` new tokens each (or one count per prompt)."""
+def generate(model, tp, mode, dtype, prompts, n=24, max_num_batched_tokens=2048, capture_all=False, captured=None):
+    """Greedy completions of `prompts` (strings, or token ids), `n` new tokens each (or one count per prompt).
+    `captured` (a dict) receives the graph buckets captured at start and at the end."""
     engine = LLMEngine(EngineConfig(model=str(model), tp_size=tp, device="cuda", dtype=dtype, graph_mode=mode,
                                     attention_backend="triton", kv_cache_tokens=32768, max_num_seqs=64,
-                                    max_num_batched_tokens=max_num_batched_tokens))
+                                    max_num_batched_tokens=max_num_batched_tokens, capture_all_graphs=capture_all))
+    runner = engine.runner
+
+    def buckets():
+        return {kind: sorted(graphs.graphs) for kind, graphs in
+                (("decode", runner.decode_graphs), ("piecewise", runner.piecewise_graphs)) if graphs is not None}
+
     try:
+        if captured is not None:
+            captured["start"] = buckets()
         counts = n if isinstance(n, list) else [n] * len(prompts)
         seqs = [engine.add_request(engine.tokenizer(p).input_ids if isinstance(p, str) else p,
                                    SamplingParams(max_new_tokens=k, temperature=0.0, ignore_eos=True))
                 for p, k in zip(prompts, counts)]
         while engine.has_work():
             engine.step()
+        if captured is not None:
+            captured["end"] = buckets()
         return [s.completion_ids for s in seqs]
     finally:
         engine.shutdown()
@@ -64,6 +76,21 @@ def test_piecewise_graphs_equal_eager_fp32(tiny_model, tp):
     # Piecewise pads prefill token counts to a bucket; fp32 keeps shape-dependent rounding far below any logit gap.
     graphs = generate(tiny_model, tp, "piecewise", "float32", PROMPTS)
     assert graphs == generate(tiny_model, tp, "eager", "float32", PROMPTS)
+
+
+def test_buckets_are_captured_on_first_use_or_all_at_start(tiny_model):
+    # Sequences end one by one: the decode batch shrinks from 7 to 1 through the 8-, 4-, 2- and 1-graphs, each
+    # captured on the step that first needs it (the 64-graph at start), mid-run, under the overlap schedule.
+    n = [3, 5, 7, 9, 11, 13, 15]
+    lazy, every = {}, {}
+    lazily = generate(tiny_model, 1, "piecewise", "float32", PROMPTS[:7], n, captured=lazy)
+    assert lazy["start"] == {"decode": [64], "piecewise": [TOKEN_BUCKETS[-1]]}
+    assert set(lazy["end"]["decode"]) == {1, 2, 4, 8, 64}
+    assert lazy["end"]["piecewise"][-1] == TOKEN_BUCKETS[-1] and len(lazy["end"]["piecewise"]) >= 2
+    at_start = generate(tiny_model, 1, "piecewise", "float32", PROMPTS[:7], n, capture_all=True, captured=every)
+    assert every["start"] == every["end"] == {"decode": DECODE_BUCKETS[:DECODE_BUCKETS.index(64) + 1],
+                                              "piecewise": TOKEN_BUCKETS}
+    assert lazily == at_start
 
 
 def test_graph_capture_is_reported(tiny_model, capfd):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -305,6 +306,12 @@ def _engine_config(args: argparse.Namespace, command: str) -> EngineConfig:
         build_parser()[1][command].error(str(error))
 
 
+def steady_state(cfg: EngineConfig) -> EngineConfig:
+    """What step and throughput benchmarks run: every CUDA-graph bucket captured at start, so that no timed
+    step captures one (`bench start` times the default)."""
+    return dataclasses.replace(cfg, capture_all_graphs=True)
+
+
 def command_name(args: argparse.Namespace) -> str:
     """"serve", "bench decode", ...: the key of `build_parser`'s sub-parsers."""
     return f"{args.cmd} {args.what}" if getattr(args, "what", None) else args.cmd
@@ -440,11 +447,11 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.cmd == "bench" and args.what == "decode":
         from tpfleet.bench.engine import bench_decode
 
-        bench_decode(_engine_config(args, "bench decode"), _int_list(args.batch_sizes), args.input_len)
+        bench_decode(steady_state(_engine_config(args, "bench decode")), _int_list(args.batch_sizes), args.input_len)
     elif args.cmd == "bench" and args.what == "engine":
         from tpfleet.bench.engine import bench_engine, hf_experts_implementations
 
-        cfg = _engine_config(args, "bench engine")
+        cfg = steady_state(_engine_config(args, "bench engine"))
         if args.workload == "rl":
             from tpfleet.bench.workloads import RLWorkload, bench_rl
 

@@ -43,6 +43,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     graph_mode: str = "auto"
+    capture_all_graphs: bool = False
     overlap_schedule: bool = True
     enable_custom_all_reduce: bool = True
     enable_symm_mem: bool = True
@@ -153,6 +154,8 @@ FIELD_HELP = {
     "attention_backend": "'torch' (reference), 'triton', or 'auto': triton on GPUs, torch on CPUs",
     "graph_mode": "CUDA graphs: 'eager' (none), 'full' (decode graphs), 'piecewise' (full plus piecewise); "
                   "'auto': full on GPU",
+    "capture_all_graphs": "capture every batch-size bucket's CUDA graph at start (a slower start); off: the largest "
+                          "of each kind at start and each other on the first step that needs it",
     "overlap_schedule": "the overlap schedule: step N+1 is launched before step N's tokens are read back, "
                         "so the GPU never waits on the host",
     "enable_custom_all_reduce": "the custom all-reduce kernel (without it: NCCL and symmetric memory)",

@@ -79,9 +79,9 @@ class Colocation:
     def _release_without_saver(self, tags: list[str]) -> dict[str, int]:
         runner, per_tag = self.runner, {}
         if tags and runner.has_graphs:  # they point at memory that is about to go
+            per_tag[CUDA_GRAPH] = runner.graph_memory_bytes
             runner.decode_graphs = runner.piecewise_graphs = None
             self.graphs_dropped = True
-            per_tag[CUDA_GRAPH] = runner.graph_memory_bytes
         if KV_CACHE in tags:
             per_tag[KV_CACHE] = runner.free_kv_cache()
         if WEIGHTS in tags and self._on_gpu:

@@ -80,7 +80,6 @@ class ModelRunner:
             # NCCL must not register saver memory for its graphs: a released range would stay registered
             os.environ.setdefault(env.NCCL_GRAPH_REGISTER, "0")
         self.num_graph_captures = 0
-        self.graph_memory_bytes = 0  # what the last capture took, as the driver saw it
         self.model_config = ModelConfig.from_dir(cfg.model)
         max_pos = self.model_config.max_position_embeddings
         self.context_length = min(cfg.context_length or max_pos, max_pos)
@@ -141,17 +140,23 @@ class ModelRunner:
     def has_graphs(self) -> bool:
         return self.decode_graphs is not None
 
+    @property
+    def graph_memory_bytes(self) -> int:
+        """What the graphs and their input buffers hold, as the driver saw each capture take it."""
+        return sum(graphs.memory_bytes for graphs in (self.decode_graphs, self.piecewise_graphs) if graphs)
+
     def capture_graphs(self) -> None:
         """Capture (again, without the saver: the graphs hold the addresses of the weights and the KV
-        cache they saw)."""
+        cache they saw): the largest bucket of each kind now, the others on first use, unless
+        `capture_all_graphs`."""
         cfg = self.cfg
         self.decode_graphs = self.piecewise_graphs = None  # free the old ones before capturing anew
         max_blocks = -(-self.context_length // cfg.block_size)
         self.decode_graphs, self.piecewise_graphs, stats = capture_graphs(
             self.model, self.device, cfg.block_size, min(cfg.max_num_seqs, 512), max_blocks,
-            cfg.max_num_batched_tokens, cfg.resolved_graph_mode, self.saver, show_progress=self.rank == 0)
+            cfg.max_num_batched_tokens, cfg.resolved_graph_mode, self.saver, cfg.capture_all_graphs,
+            show_progress=self.rank == 0)
         self.num_graph_captures += 1
-        self.graph_memory_bytes = stats["memory_bytes"]
         self.timings["graph_capture_s"] = stats["seconds"]
         self._reached("graphs_captured", **stats)
 

@@ -8,6 +8,7 @@ record the runner names in TPFLEET_EXIT_RECORD (tpfleet.exits).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -31,7 +32,8 @@ def warm_up(cfg: EngineConfig) -> int:
     from tpfleet.engine.sequence import SamplingParams
 
     started = time.perf_counter()
-    engine = LLMEngine(cfg)
+    # Every graph bucket, so that each one's kernels are compiled now, not on the first served step that needs it.
+    engine = LLMEngine(dataclasses.replace(cfg, capture_all_graphs=True))
     try:
         params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
         # a long prefill (chunked), a batch of short ones, and their decodes: every kernel shape family
