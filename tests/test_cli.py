@@ -28,7 +28,8 @@ NON_DEFAULT = EngineConfig(
     kv_cache_tokens=8192, mem_fraction_static=0.5, enable_prefix_caching=False, attention_backend="triton",
     graph_mode="piecewise", capture_all_graphs=True, overlap_schedule=False, enable_custom_all_reduce=False,
     enable_symm_mem=False, seed=7, enable_return_routed_experts=True, weights_root=["/ckpt/a", "/ckpt/b"],
-    hang_timeout=30.0, startup_hang_timeout=900.0, enable_memory_saver=True, weights_cpu_backup=True, load_format="dummy")
+    hang_timeout=30.0, startup_hang_timeout=900.0, enable_memory_saver=True, weights_cpu_backup=True,
+    load_format="dummy")
 
 
 def as_flags(cfg: EngineConfig) -> list[str]:

@@ -499,8 +499,8 @@ def test_an_update_waits_for_the_requests_in_flight_and_new_ones_wait_behind_it(
     update = in_background(timed, "update", lambda: httpx.post(f"{url}/update_weights_from_disk", timeout=120, json={
         "model_path": str(copy), "weight_version": "B"}))
     time.sleep(0.3)
-    second = in_background(timed, "second", lambda: httpx.post(f"{url}/generate", json={**body, "sampling_params": GREEDY},
-                                                                timeout=120))
+    second = in_background(timed, "second", lambda: httpx.post(
+        f"{url}/generate", json={**body, "sampling_params": GREEDY}, timeout=120))
     a, u, b = first().json(), update(), second().json()
     assert a["meta_info"]["finish_reason"]["type"] == "length" and a["meta_info"]["weight_version"] == "A"
     assert u.status_code == 200 and check_post_json(u)["success"] is True

@@ -223,7 +223,8 @@ def test_echo_gives_the_prompt_with_its_logprobs_as_loglikelihood_scoring_asks(c
     alone = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, logprobs=0, temperature=0).choices[0]
     assert both.choices[0].text == prompt + alone.text
     assert both.choices[0].logprobs.token_logprobs == lp.token_logprobs + alone.logprobs.token_logprobs
-    assert both.choices[0].logprobs.text_offset[len(lp.tokens):] == [len(prompt) + o for o in alone.logprobs.text_offset]
+    offsets = both.choices[0].logprobs.text_offset
+    assert offsets[len(lp.tokens):] == [len(prompt) + o for o in alone.logprobs.text_offset]
     chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=4, echo=True, temperature=0,
                                             stream=True))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == both.choices[0].text

@@ -24,6 +24,7 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from tpfleet.engine.llm_engine import PAUSE_MODES, EngineSnapshot, LLMEngine, StepOutput
 from tpfleet.engine.sequence import InvalidRequest, OutputOptions, SamplingParams, Sequence
@@ -265,7 +266,8 @@ class AsyncEngine:
 
     # --- caller side --------------------------------------------------------------------------
 
-    async def run_on_engine(self, fn: Callable[[], object], update: str | None = None) -> object:
+    async def run_on_engine(self, fn: Callable[[], object],
+                            update: Literal["quiet", "aborting"] | None = None) -> object:
         """Run `fn` on the engine thread, between steps, and return its result. An `update` ("quiet" or
         "aborting") runs after every update before it, and only once no request is in flight or generation is
         paused, requests arriving meanwhile waiting behind it; except one "aborting" (it aborts every request

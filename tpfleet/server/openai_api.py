@@ -184,7 +184,8 @@ def openai_router() -> APIRouter:
         try:
             params = req.to_params(default_max)
             if params.max_new_tokens < least_tokens:  # 0 only for an echoed prompt: a prefill-only call
-                raise InvalidRequest("max_tokens", f"must be an integer >= {least_tokens}, got {params.max_new_tokens!r}")
+                raise InvalidRequest("max_tokens",
+                                     f"must be an integer >= {least_tokens}, got {params.max_new_tokens!r}")
             limits.check_stop(params.stop, "stop")
             for i, ids in enumerate(prompts):
                 aengine.engine.validate(ids, params, field if len(prompts) == 1 else f"{field}[{i}]", options)
