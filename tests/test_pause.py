@@ -140,3 +140,37 @@ def test_async_engine_pause_abort_and_continue(tiny_model):
         asyncio.run(scenario())
     finally:
         aengine.shutdown()
+
+
+def test_calls_waiting_on_the_engine_fail_with_it_and_a_new_version_name_waits_its_turn(tiny_model):
+    from tpfleet.server.async_engine import EngineDead
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), kv_cache_tokens=4096))
+    aengine = AsyncEngine(engine)
+
+    async def scenario():
+        long = SamplingParams(max_new_tokens=3000, temperature=0.0, ignore_eos=True)
+        stream = aengine.generate([5, 6, 7], long, rid="long")
+        await stream.__anext__()
+        update = asyncio.ensure_future(aengine.run_on_engine(lambda: "updated", update="quiet"))
+        label = asyncio.ensure_future(aengine.run_on_engine(lambda: engine.set_weight_version("v9"), update="label"))
+        await asyncio.sleep(0.3)
+        assert not update.done() and not label.done() and engine.weight_version != "v9"  # both behind the request
+        aengine.abort("long")
+        assert await update == "updated"
+        await label
+        assert engine.weight_version == "v9"
+        assert [out async for out in stream][-1].weight_version != "v9"  # made by the weights before
+
+        stream = aengine.generate([5, 6, 7], long, rid="long-again")
+        await stream.__anext__()
+        waiting = asyncio.ensure_future(aengine.run_on_engine(lambda: "never", update="quiet"))
+        await asyncio.sleep(0.3)
+        aengine._fail_all("rank 1 died")  # as the watchdog does when a rank dies
+        with pytest.raises(EngineDead):
+            await asyncio.wait_for(waiting, 5)  # a 503 for the caller, not a connection cut by the exit
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        aengine.shutdown()

@@ -227,13 +227,19 @@ class Fleet:
         return {u: self.gpu_baseline[u] for u in handle.placement.uuids if u in self.gpu_baseline}
 
     def broadcast(self, path: str, body: dict | None = None, timeout: float = 300) -> list[dict]:
-        """POST to every serving engine; returns each engine's JSON answer (or its error)."""
+        """POST to every serving engine; returns each engine's JSON answer with its `http_status`, or the
+        `error` that kept it from answering (an engine that died meanwhile): one engine's failure never
+        keeps the others from being posted to."""
         out = []
         for handle in self.healthy():
-            response = httpx.post(f"{handle.url}{path}", json=body or {}, timeout=timeout)
+            try:
+                response = httpx.post(f"{handle.url}{path}", json=body or {}, timeout=timeout)
+            except httpx.HTTPError as error:
+                out.append({"engine": handle.engine, "error": f"{type(error).__name__}: {error}"})
+                continue
             is_json = response.headers.get("content-type", "").startswith("application/json")
-            out.append({"engine": handle.engine, "status": response.status_code,
-                        **(response.json() if is_json else {})})
+            out.append({"engine": handle.engine, **(response.json() if is_json else {}),
+                        "http_status": response.status_code})
         return out
 
     # --- stop -------------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def create_app(aengine: AsyncEngine, server_args: dict, on_ready: Callable[[], N
     async def update_weight_version(req: WeightVersionRequest):
         if req.abort_all_requests:
             aengine.abort_all()
-        await aengine.run_on_engine(lambda: engine.set_weight_version(req.new_version))
+        await aengine.run_on_engine(lambda: engine.set_weight_version(req.new_version), update="label")
         return {"success": True, "message": f"weight version set to {req.new_version!r}",
                 "new_version": req.new_version}
 

@@ -101,8 +101,9 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, Stream] = {}
         # Engine thread only: weight updates waiting for no request in flight, and the requests held behind them
-        self._quiet_calls: list[Callable[[BaseException | None], None]] = []
+        self._quiet_calls: list[Callable[[], None]] = []
         self._held: dict[str, Callable[[], None]] = {}
+        self._calls: set[Callable[[BaseException], None]] = set()  # how to fail each run_on_engine caller waiting
         self._last_token_time: dict[str, float] = {}
         self._running = True
         self._stopped = False
@@ -175,37 +176,34 @@ class AsyncEngine:
             error = traceback.format_exc()
             log.critical("engine loop failed; failing every request:\n%s", error)
             self._fail_all(error)
-            self._fail_quiet_calls(error)
             return
         self.abort_all_now()
-        self._fail_all("the server is shutting down")  # requests posted but never added
-        self._fail_quiet_calls("the server is shutting down")
+        self._fail_all("the server is shutting down")  # requests posted but never added, calls never run
 
     def _run_quiet_calls(self) -> None:
         """The weight updates that waited, then the requests held behind them."""
         calls, self._quiet_calls = self._quiet_calls, []
         for call in calls:
             self._busy = (time.monotonic(), *self._call)
-            call(None)
+            call()
             self._busy = None
         held, self._held = self._held, {}
         for add in held.values():
             add()
 
-    def _fail_quiet_calls(self, error: str) -> None:
-        calls, self._quiet_calls = self._quiet_calls, []
-        for call in calls:
-            call(EngineDead(error.strip().splitlines()[-1]))
-
     def _fail_all(self, error: str) -> None:
-        """End every stream with EngineDead; from any thread (the watchdog's too), so each stream is
-        taken with one atomic `pop`. The engine takes no request after."""
+        """End every stream, and fail every call waiting on the engine thread, with EngineDead; from any
+        thread (the watchdog's too), so each stream is taken with one atomic `pop`. The engine takes no
+        request after."""
         if self.error is None:
             self.error = error
+        dead = EngineDead(error.strip().splitlines()[-1])
         for rid in list(self._streams):
             target = self._streams.pop(rid, None)
             if target is not None:
-                target.send(EngineDead(error.strip().splitlines()[-1]))
+                target.send(dead)
+        for fail in list(self._calls):
+            fail(dead)
 
     def _publish(self, outputs) -> None:
         """Hand a step's outputs to their streams: one cross-thread call per event loop per step, and
@@ -267,40 +265,43 @@ class AsyncEngine:
     # --- caller side --------------------------------------------------------------------------
 
     async def run_on_engine(self, fn: Callable[[], object],
-                            update: Literal["quiet", "aborting"] | None = None) -> object:
-        """Run `fn` on the engine thread, between steps, and return its result. An `update` ("quiet" or
-        "aborting") runs after every update before it, and only once no request is in flight or generation is
-        paused, requests arriving meanwhile waiting behind it; except one "aborting" (it aborts every request
-        itself) with none waiting before it, which runs at once. Behind a waiting update, an aborting one aborts
-        the requests in flight at once, so that both run, in order."""
+                            update: Literal["quiet", "aborting", "label"] | None = None) -> object:
+        """Run `fn` on the engine thread, between steps, and return its result. An `update` runs after every
+        update before it: a "quiet" one (new weights) only once no request is in flight or generation is paused,
+        requests arriving meanwhile waiting behind it; an "aborting" one (new weights, every request aborted) or
+        a "label" (a new name for the weights loaded) at once when no update waits, else in turn, an aborting
+        one aborting the requests in flight at once so that the updates before it can run. If the engine dies
+        first, the caller gets EngineDead (a 503), not a cut connection."""
         if not self.alive:
             raise EngineDead(self.error or "engine stopped")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
         def settle(result=None, error: BaseException | None = None) -> None:
+            self._calls.discard(fail)
             if not fut.done():
                 fut.set_result(result) if error is None else fut.set_exception(error)
 
-        def job(failed: BaseException | None = None) -> None:
-            if failed is not None:
-                loop.call_soon_threadsafe(settle, None, failed)
-                return
+        def fail(error: BaseException) -> None:
+            loop.call_soon_threadsafe(settle, None, error)
+
+        def job() -> None:
             try:
                 result = fn()
             except Exception as e:  # noqa: BLE001 - handed to the caller
-                loop.call_soon_threadsafe(settle, None, e)
+                fail(e)
             else:
                 loop.call_soon_threadsafe(settle, result)
 
         def enqueue() -> None:
+            if update != "quiet" and not self._quiet_calls:
+                job()
+                return
             if update == "aborting":
-                if not self._quiet_calls:
-                    job()
-                    return
                 self.abort_all_now()
             self._quiet_calls.append(job)
 
+        self._calls.add(fail)
         self._post(job if update is None else enqueue)
         return await fut
 
