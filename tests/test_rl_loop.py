@@ -77,6 +77,38 @@ def test_an_engine_refusing_a_collective_fails_the_trainer_at_once():
         release.set()
 
 
+def test_a_refused_push_leaves_nothing_for_the_next_to_take(tiny_model):
+    """The refused update's broadcast stays in its group: the pusher drops the group on every side, so the next
+    push, over a new one, loads its own tensors, not the refused update's zeros."""
+    from transformers import AutoModelForCausalLM
+
+    from tpfleet.fleet import Fleet, FleetConfig
+
+    trainer = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    named = [(name, param.detach()) for name, param in trainer.named_parameters()]
+    zeros = [(name, torch.zeros_like(tensor)) for name, tensor in named] + [("v_head.weight", torch.zeros(2, 2))]
+    fleet = Fleet(FleetConfig(model=str(tiny_model), engines=1, tp_size=1, device="cpu",
+                              engine={"kv_cache_tokens": 2048, "dtype": "float32"}))
+    with ThreadPoolExecutor(8) as pool, httpx.Client(timeout=120) as client:
+        fleet.start()
+        try:
+            pusher = WeightPusher(fleet, "cpu", pool, client)
+            with pytest.raises(RuntimeError, match="v_head"):
+                pusher.push_distributed(zeros, "refused")
+            assert pusher.group is None
+            pusher.push_distributed(named, "real")
+            answer = client.post(f"{fleet.healthy()[0].url}/generate", json={
+                "input_ids": [5, 6, 7], "return_logprob": True,
+                "sampling_params": {"max_new_tokens": 1, "temperature": 0}}).json()
+            pusher.leave_group()
+        finally:
+            fleet.stop()
+    [[logprob, token, _]] = answer["meta_info"]["output_token_logprobs"]
+    with torch.no_grad():
+        expected = trainer(input_ids=torch.tensor([[5, 6, 7]])).logits[0, -1].log_softmax(-1)[token].item()
+    assert answer["meta_info"]["weight_version"] == "real" and logprob == pytest.approx(expected, abs=1e-4)
+
+
 def test_rl_loop_raises_the_reward_with_matching_logprobs(tiny_model):
     """Two engines of TP 2 on CPU, both weight-sync routes alternating: gloo broadcast on even steps,
     shared memory on odd ones. The rewards are measured on the engines' rollouts, so they rise only if

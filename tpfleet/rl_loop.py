@@ -168,8 +168,21 @@ class WeightPusher:
             self.join_group()
         path = "/update_weights_from_distributed"
         body = update_weights_from_distributed_request(named, GROUP_NAME, version)
-        self._alongside(path, self._post_all(path, [body] * len(self.handles)),
-                        lambda: broadcast_weights(self.group, named))
+        try:
+            self._alongside(path, self._post_all(path, [body] * len(self.handles)),
+                            lambda: broadcast_weights(self.group, named))
+        except Exception:
+            self._abandon_group()
+            raise
+
+    def _abandon_group(self) -> None:
+        """After a failed update: its broadcast, refused by an engine, stays in the group, where the next
+        update would take its tensors for its own. The group goes on every side, whatever each answers, and the
+        next push joins a new one."""
+        group, self.group = self.group, None
+        for future in self._post_all("/destroy_weights_update_group", [{"group_name": GROUP_NAME}] * len(self.handles)):
+            future.exception()
+        group.destroy()
 
     def push_tensor(self, named: list[tuple[str, torch.Tensor]], version: str) -> None:
         """One payload per TP rank, its buffers on the rank's own GPU (CPU engines share one)."""
