@@ -1,8 +1,9 @@
 """New weights for a running engine, from disk, from a colocated trainer's shared buffers, or by
 broadcast over a collective group (the trainer's side is tpfleet.weight_sync).
 
-Every update is atomic: it is checked in full on the driver (names, shapes and dtypes against the
-model's own checkpoint, completeness, paths), then every rank stages it (checks it again, opens its
+Every update is atomic: it is checked in full on the driver (names and shapes against the model's own
+checkpoint, dtypes among those it converts from, a checkpoint directory's completeness, paths; buckets and
+broadcasts may carry any subset of the tensors), then every rank stages it (checks it again, opens its
 buffers or receives its tensors, without touching a parameter), and only when every rank staged
 it does any rank commit, writing in place through the parameters' weight loaders (each keeps its
 shard; fused qkv and gate_up included). A rejected update leaves the old weights serving and the
