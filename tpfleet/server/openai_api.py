@@ -152,20 +152,19 @@ class LogprobFormat:
         string) counts too. The token itself is always among its top logprobs, as OpenAI's are."""
         decoder = self.decoders.setdefault(rid, codecs.getincrementaldecoder("utf-8")("replace"))
         offset = self.offsets.get(rid, 0)
+        padded = [logprobs[i] if i < len(logprobs) else None for i in range(len(ids))]  # a prefill cut short
         tokens, offsets, top_dicts = [], [], []
         for i, token_id in enumerate(ids):
             text, raw = self.piece(token_id)
             tokens.append(text)
             offsets.append(offset)
             offset += len(decoder.decode(raw))
-            if i < len(logprobs) and logprobs[i] is not None:
+            top = None
+            if padded[i] is not None:
                 top = {self.piece(tid)[0]: lp for lp, tid in (tops[i] if i < len(tops) else [])}
-                top.setdefault(text, logprobs[i])
-                top_dicts.append(top)
-            else:
-                top_dicts.append(None)
+                top.setdefault(text, padded[i])
+            top_dicts.append(top)
         self.offsets[rid] = offset
-        padded = [logprobs[i] if i < len(logprobs) else None for i in range(len(ids))]  # a prefill cut short
         return {"tokens": tokens, "token_logprobs": padded, "top_logprobs": top_dicts, "text_offset": offsets}
 
 
