@@ -254,9 +254,10 @@ class AsyncEngine:
         return replace(snap, num_waiting_reqs=snap.num_waiting_reqs + len(self._held))
 
     def loads(self) -> dict:
-        """The engine's /v1/loads entry, with the held requests counted as waiting."""
-        loads, held = self.engine.loads(), len(self._held)
-        return {**loads, "num_waiting_reqs": loads["num_waiting_reqs"] + held, "num_reqs": loads["num_reqs"] + held}
+        """The /v1/loads entry, from `snapshot`."""
+        snap = self.snapshot()
+        return {"num_running_reqs": snap.num_running_reqs, "num_waiting_reqs": snap.num_waiting_reqs,
+                "num_reqs": snap.num_running_reqs + snap.num_waiting_reqs}
 
     def _post(self, fn: Callable[[], None]) -> None:
         self._inbox.put(fn)
